@@ -1,0 +1,33 @@
+# drplan: `make run` brings the local sandbox up and runs the DR checks against it; `make test` runs the suite.
+# The virtualenv is built on a system interpreter the PostgreSQL OS user can execute (barman-cloud runs
+# from archive_command as that user; a pyenv Python under /root is unreadable to it, see DESIGN.md §5).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/bin/python3) python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PLAN   ?= plans/sandbox.yaml
+
+.PHONY: run test lint sandbox-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/drplan sandbox up --plan $(PLAN)
+	$(BIN)/drplan verify-rpo --plan $(PLAN)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+sandbox-down: $(STAMP)
+	$(BIN)/drplan sandbox down --plan $(PLAN)
+
+clean:
+	-test -x $(BIN)/drplan && $(BIN)/drplan sandbox down --plan $(PLAN) --purge
+	rm -rf $(VENV)

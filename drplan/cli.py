@@ -1,0 +1,136 @@
+"""The `drplan` command line. Exit codes: 0 success / objectives met, 1 objectives breached, 2 error."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from drplan.errors import DrplanError  # noqa: E402
+from drplan.plan import PlanError, load_plan  # noqa: E402
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
+plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
+sandbox_app = typer.Typer(no_args_is_help=True, help="The local sandbox: moto, PostgreSQL, Kubernetes API, app.")
+app.add_typer(plan_app, name="plan")
+app.add_typer(sandbox_app, name="sandbox")
+
+out = Console(width=None if sys.stdout.isatty() else 160)  # reports stay readable when piped or in CI logs
+err = Console(stderr=True)
+
+PlanOption = typer.Option("plans/sandbox.yaml", "--plan", "-p", help="Plan file, or a name under plans/.")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(plan: str):
+    try:
+        return load_plan(plan)
+    except PlanError as exc:
+        for problem in exc.problems:
+            err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@plan_app.command("validate")
+def plan_validate(file: Path = typer.Argument(..., help="The plan YAML file.")) -> None:
+    """Validate a plan: exit 0, or exit 2 with one line per problem naming the field and the fix."""
+    plan = _load(str(file))
+    out.print(
+        f"{file}: valid ({len(plan.databases)} databases, {len(plan.buckets)} buckets, "
+        f"{len(plan.clusters)} clusters, {len(plan.services)} services)",
+        highlight=False,
+    )
+
+
+@app.command("verify-rpo")
+def verify_rpo(
+    plan: str = PlanOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Measure data age of every database, bucket and configuration against the RPO objectives."""
+    _load(plan)  # a broken plan is refused before anything runs
+    from drplan.rpo import RpoReport
+    from flows.rpo_verification import rpo_verification
+
+    with err.status("verifying RPO (databases, buckets, configuration)..."):
+        state = rpo_verification(plan=plan, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if not isinstance(result, RpoReport):
+        raise fail(f"RPO verification did not complete: {result}")
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        show_rpo(result)
+    raise typer.Exit(result.exit_code)
+
+
+def show_rpo(report) -> None:
+    table = Table(title=f"RPO verification: {report.plan}", title_justify="left")
+    for column in ("resource", "class", "measure", "newest", "age", "objective", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    colours = {"met": "green", "breached": "red", "error": "yellow"}
+    for m in report.measurements:
+        row = m.row
+        row["status"] = f"[{colours[row['status']]}]{row['status']}[/]"
+        table.add_row(*row.values())
+    out.print(table)
+    out.print(report.summary)
+
+
+@sandbox_app.command("up")
+def sandbox_up(plan: str = PlanOption) -> None:
+    """Start (or complete) the sandbox the plan describes. Idempotent."""
+    from drplan.sandbox import stack
+
+    try:
+        stack.up(_load(plan), out)
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    _show_status(stack.status(_load(plan)))
+
+
+@sandbox_app.command("status")
+def sandbox_status(plan: str = PlanOption) -> None:
+    """Every sandbox component, its address and whether it is healthy (exit 1 if any is not)."""
+    from drplan.sandbox import stack
+
+    components = stack.status(_load(plan))
+    _show_status(components)
+    raise typer.Exit(0 if all(c.healthy for c in components) else 1)
+
+
+@sandbox_app.command("down")
+def sandbox_down(
+    plan: str = PlanOption,
+    purge: bool = typer.Option(False, "--purge", help="Also delete the sandbox's state directory."),
+) -> None:
+    """Stop every process the sandbox started; with --purge delete its state."""
+    from drplan.sandbox import stack
+
+    for line in stack.down(_load(plan), purge=purge):
+        out.print(line, highlight=False)
+
+
+def _show_status(components) -> None:
+    table = Table(title="sandbox", title_justify="left")
+    for column in ("component", "address", "pid", "state"):
+        table.add_column(column)
+    for c in components:
+        state = f"[green]{c.detail}[/]" if c.healthy else f"[red]{c.detail}[/]"
+        table.add_row(c.name, c.address, str(c.pid or "-"), state)
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()

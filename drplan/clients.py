@@ -1,0 +1,187 @@
+"""Client factories: boto3, Kubernetes and PostgreSQL, built from the plan. Credentials are resolved here,
+from a prefect-aws block, AWS Secrets Manager or a Prefect Secret block, and never come from parameters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import SecretStr
+
+from drplan.errors import DrplanError
+from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan
+
+
+def botocore_config(aws: AwsSettings) -> Config:
+    """Standard retry mode; for non-AWS endpoints only the checksums S3-compatible stores accept."""
+    options: dict[str, Any] = {
+        "retries": {"mode": "standard", "max_attempts": 5},
+        "connect_timeout": 5,
+        "read_timeout": 60,
+    }
+    if aws.endpoint_url:
+        options["request_checksum_calculation"] = "when_required"
+        options["response_checksum_validation"] = "when_required"
+    return Config(**options)
+
+
+def boto3_session(aws: AwsSettings) -> boto3.Session:
+    """The prefect-aws block when the plan names one, else the default chain. A loopback endpoint (the
+    sandbox's moto) accepts any key, so there a missing chain falls back to placeholder keys."""
+    if aws.credentials_block:
+        from prefect_aws import AwsCredentials
+
+        return AwsCredentials.load(aws.credentials_block).get_boto3_session()
+    session = boto3.Session()
+    if session.get_credentials() is None and aws.is_loopback:
+        session = boto3.Session(aws_access_key_id="sandbox", aws_secret_access_key="sandbox")
+    return session
+
+
+def aws_client(plan: Plan, service: str, region: str | None = None) -> Any:
+    """A boto3 client for `service` in `region` (default: the plan's primary region)."""
+    return _cached_client(plan.aws, service, region or plan.aws.region)
+
+
+@lru_cache(maxsize=64)
+def _cached_client(aws: AwsSettings, service: str, region: str) -> Any:
+    return boto3_session(aws).client(
+        service, region_name=region, endpoint_url=aws.endpoint_url, config=botocore_config(aws)
+    )
+
+
+def kube_client(plan: Plan, cluster: Cluster) -> Any:
+    """A Kubernetes ApiClient from the cluster's kubeconfig (default ~/.kube/config) and context."""
+    from kubernetes import config as kube_config
+
+    path = plan.resolve_path(cluster.kubeconfig) if cluster.kubeconfig else Path("~/.kube/config").expanduser()
+    if not path.is_file():
+        raise DrplanError(f"cluster {cluster.name}: kubeconfig {path} not found; set clusters[].kubeconfig")
+    try:
+        return kube_config.new_client_from_config(config_file=str(path), context=cluster.context)
+    except kube_config.ConfigException as exc:
+        raise DrplanError(f"cluster {cluster.name}: {exc}; check clusters[].context") from None
+
+
+@dataclass(frozen=True)
+class DbCredentials:
+    username: str
+    password: SecretStr = field(repr=False)
+
+
+def read_secret(plan: Plan, ref: str) -> str:
+    """The value of a secret reference: `prefect:NAME` (Prefect Secret block) or a Secrets Manager id."""
+    if ref.startswith("prefect:"):
+        from prefect.blocks.system import Secret
+
+        try:
+            value = Secret.load(ref.removeprefix("prefect:")).get()
+        except ValueError:
+            raise DrplanError(f"secret {ref}: no such Prefect Secret block; create it first") from None
+        return value if isinstance(value, str) else json.dumps(value)
+    try:
+        return aws_client(plan, "secretsmanager").get_secret_value(SecretId=ref)["SecretString"]
+    except ClientError as exc:
+        code = exc.response["Error"]["Code"]
+        if code == "ResourceNotFoundException":
+            raise DrplanError(f"secret {ref}: not found in Secrets Manager ({plan.aws.region}); create it") from None
+        raise DrplanError(f"secret {ref}: {code}: {exc.response['Error'].get('Message', '')}") from None
+    except BotoCoreError as exc:
+        raise DrplanError(f"secret {ref}: {exc}") from None
+
+
+def db_credentials(plan: Plan, db: Database) -> DbCredentials:
+    raw = read_secret(plan, db.credentials_secret)
+    try:
+        data = json.loads(raw)
+        return DbCredentials(data["username"], SecretStr(data["password"]))
+    except (ValueError, KeyError, TypeError):
+        raise DrplanError(
+            f"secret {db.credentials_secret}: expected JSON with username and password"
+        ) from None
+
+
+@dataclass(frozen=True)
+class PgTarget:
+    """Where and as whom to connect to one member of a database. The password never leaves this object."""
+
+    label: str
+    host: str
+    port: int
+    dbname: str
+    credentials: DbCredentials = field(repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}/{self.dbname}"
+
+    def connect(self, timeout: int = 5, **kwargs: Any) -> psycopg.Connection:
+        try:
+            return psycopg.connect(
+                host=self.host,
+                port=self.port,
+                dbname=self.dbname,
+                user=self.credentials.username,
+                password=self.credentials.password.get_secret_value(),
+                connect_timeout=timeout,
+                application_name="drplan",
+                **kwargs,
+            )
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DrplanError(
+                f"{self.label} ({self.address}): cannot connect: {reason}; check that it is up and reachable"
+            ) from None
+
+
+def member_endpoint(plan: Plan, db: Database, role: str) -> tuple[str, int]:
+    """host, port of a member: the plan's endpoint override, else (rds) the address RDS reports."""
+    identifier = db.members[role]
+    if identifier in db.endpoints:
+        host, _, port = db.endpoints[identifier].rpartition(":")
+        return host, int(port)
+    if db.kind is not DatabaseKind.rds:
+        raise DrplanError(f"{db.name}: no endpoint for {identifier}; add it under endpoints")
+    region = db.dr_replica.region if role == "dr_replica" and db.dr_replica else plan.aws.region
+    try:
+        instance = aws_client(plan, "rds", region).describe_db_instances(DBInstanceIdentifier=identifier)
+    except ClientError as exc:
+        raise DrplanError(f"{db.name}: RDS instance {identifier}: {exc.response['Error']['Code']}") from None
+    endpoint = instance["DBInstances"][0].get("Endpoint") or {}
+    if "Address" not in endpoint:
+        raise DrplanError(f"{db.name}: RDS instance {identifier} has no endpoint yet (still creating?)")
+    return endpoint["Address"], int(endpoint["Port"])
+
+
+def pg_target(plan: Plan, db: Database, role: str, credentials: DbCredentials) -> PgTarget:
+    host, port = member_endpoint(plan, db, role)
+    return PgTarget(f"{db.name}/{role}", host, port, db.dbname, credentials)
+
+
+def child_aws_env(plan: Plan) -> dict[str, str]:
+    """AWS settings for child processes (barman-cloud) as environment variables, never argv."""
+    credentials = boto3_session(plan.aws).get_credentials()
+    if credentials is None:
+        raise DrplanError("no AWS credentials found; configure the default chain or aws.credentials_block")
+    frozen = credentials.get_frozen_credentials()
+    env = {
+        "AWS_ACCESS_KEY_ID": frozen.access_key,
+        "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
+        "AWS_DEFAULT_REGION": plan.aws.region,
+    }
+    if frozen.token:
+        env["AWS_SESSION_TOKEN"] = frozen.token
+    if plan.aws.endpoint_url:
+        env |= {
+            "AWS_ENDPOINT_URL": plan.aws.endpoint_url,
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+        }
+    return env

@@ -1,0 +1,452 @@
+"""The DR plan: one YAML file, validated here, that says what is protected and what the objectives are.
+
+A broken plan fails at load with one line per problem, naming the field path and what to write instead.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from drplan.errors import DrplanError
+from drplan.timeutil import parse_duration
+
+PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class PlanError(DrplanError):
+    """A plan that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _s3_uri(value: str) -> str:
+    if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?", value):
+        raise ValueError(f"{value!r} is not an S3 URI; write s3://bucket-name/optional/prefix/")
+    return value if value.endswith("/") else value + "/"
+
+
+def _endpoint(value: str) -> str:
+    match = re.fullmatch(r"([A-Za-z0-9.\-\[\]:]+):(\d{1,5})", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"{value!r} is not host:port; write e.g. 127.0.0.1:5432")
+    return value
+
+
+def _secret_ref(value: str) -> str:
+    if not re.fullmatch(r"(prefect:)?[A-Za-z0-9/_+=.@\-]+", value):
+        raise ValueError(
+            f"{value!r} is not a secret reference; write a Secrets Manager name (devonn/db/admin) "
+            "or prefect:BLOCK-NAME for a Prefect Secret block"
+        )
+    return value
+
+
+S3Uri = Annotated[str, AfterValidator(_s3_uri)]
+Endpoint = Annotated[str, AfterValidator(_endpoint)]
+SecretRef = Annotated[str, AfterValidator(_secret_ref)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=63)]
+
+
+class Tier(StrEnum):
+    critical = "critical"
+    secondary = "secondary"
+    tertiary = "tertiary"
+
+
+class DatabaseKind(StrEnum):
+    rds = "rds"
+    postgres = "postgres"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RtoObjectives(_Model):
+    critical: Duration = timedelta(hours=1)
+    secondary: Duration = timedelta(hours=4)
+    tertiary: Duration = timedelta(hours=24)
+
+
+class RpoObjectives(_Model):
+    database: Duration = timedelta(minutes=5)
+    file_storage: Duration = timedelta(minutes=15)
+    configuration: Duration = timedelta(hours=1)
+
+
+class Objectives(_Model):
+    rto: RtoObjectives = RtoObjectives()
+    rpo: RpoObjectives = RpoObjectives()
+
+    def rto_for(self, tier: Tier) -> timedelta:
+        return getattr(self.rto, tier.value)
+
+
+class AwsSettings(_Model):
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    dr_region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/@]+(:\d+)?/?$")
+    credentials_block: str | None = None
+    """Name of a prefect-aws AwsCredentials block; when unset, boto3's default credential chain is used."""
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when the endpoint is a local stand-in (the sandbox), never AWS."""
+        host = (self.endpoint_url or "").split("://", 1)[-1].rsplit(":", 1)[0].strip("[]/")
+        return host in ("localhost", "::1") or host.startswith("127.")
+
+    @model_validator(mode="after")
+    def _regions_differ(self) -> AwsSettings:
+        if self.region == self.dr_region:
+            raise ValueError("dr_region must differ from region; the DR region is where a region failover goes")
+        return self
+
+
+class DrReplica(_Model):
+    identifier: Name
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+
+
+class Integrity(_Model):
+    tables: list[Name] = []
+    heartbeat_table: Name = "drplan_heartbeat"
+
+
+class BarmanBackup(_Model):
+    """Where barman-cloud keeps WAL and base backups of a self-managed PostgreSQL."""
+
+    destination: S3Uri
+    server_name: Name
+
+
+class Database(_Model):
+    name: Name
+    tier: Tier
+    kind: DatabaseKind
+    primary: Name
+    replica: Name | None = None
+    dr_replica: DrReplica | None = None
+    dbname: Name = "postgres"
+    credentials_secret: SecretRef
+    """Secrets Manager secret (JSON with username and password) or prefect:BLOCK for a Prefect Secret block."""
+    integrity: Integrity = Integrity()
+    endpoints: dict[Name, Endpoint] = {}
+    """Data-plane address per member (host:port). Required for `postgres`; for `rds` it overrides the
+    address RDS reports (a tunnel or proxy; the sandbox points it at real PostgreSQL)."""
+    backup: BarmanBackup | None = None
+    base_backup_max_age: Duration = timedelta(hours=25)
+
+    @property
+    def members(self) -> dict[str, str]:
+        """Role -> identifier for every member the plan names."""
+        roles = {"primary": self.primary}
+        if self.replica:
+            roles["replica"] = self.replica
+        if self.dr_replica:
+            roles["dr_replica"] = self.dr_replica.identifier
+        return roles
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> Database:
+        members = list(self.members.values())
+        if len(set(members)) != len(members):
+            raise ValueError("primary, replica and dr_replica must be different instances")
+        unknown = sorted(set(self.endpoints) - set(members))
+        if unknown:
+            raise ValueError(
+                f"endpoints names {', '.join(unknown)}, which is not a member; "
+                f"use one of: {', '.join(members)}"
+            )
+        if self.kind is DatabaseKind.postgres:
+            missing = [m for m in members if m not in self.endpoints]
+            if missing:
+                raise ValueError(
+                    f"kind postgres needs an endpoint for every member; add endpoints: "
+                    f"{{{missing[0]}: host:port}} for {', '.join(missing)}"
+                )
+            if self.backup is None:
+                raise ValueError(
+                    "kind postgres needs backup: {destination: s3://bucket/prefix/, server_name: NAME} "
+                    "(barman-cloud WAL archive and base backups)"
+                )
+        return self
+
+
+class Bucket(_Model):
+    name: Name
+    live: S3Uri
+    backup: S3Uri
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Bucket:
+        if self.backup.startswith(self.live) or self.live.startswith(self.backup):
+            raise ValueError("backup and live must not contain each other; use separate buckets or prefixes")
+        return self
+
+
+class Nodegroup(_Model):
+    min: int = Field(ge=0)
+    desired: int = Field(ge=0)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Nodegroup:
+        if not self.min <= self.desired <= self.max:
+            raise ValueError(f"need min <= desired <= max, got {self.min}/{self.desired}/{self.max}")
+        return self
+
+
+class Cluster(_Model):
+    name: Name
+    region: str | None = None
+    context: str
+    kubeconfig: str | None = None
+    namespace: Name = "default"
+    nodegroups: dict[Name, Nodegroup] = {}
+    manifests: str | None = None
+    deployments: list[Name] = []
+
+
+class Dns(_Model):
+    zone: str = Field(pattern=r"^([a-z0-9\-]+\.)+[a-z]{2,}\.?$")
+    records: list[str] = []
+    ttl: int = Field(default=60, ge=1, le=300)
+
+
+class ServiceEndpoint(_Model):
+    path: str = Field(pattern=r"^/")
+    expect_status: int = 200
+    expect_contains: str | None = None
+    auth: bool = False
+
+
+class Service(_Model):
+    name: Name
+    tier: Tier
+    health: str = Field(pattern=r"^https?://[^\s@]+$")
+    database: Name | None = None
+    cluster: Name | None = None
+    token_secret: SecretRef | None = None
+    endpoints: list[ServiceEndpoint] = []
+
+
+class ConfigurationBackup(_Model):
+    """Where configuration backups (cluster manifests, parameter exports) land; their age is the config RPO."""
+
+    backup: S3Uri
+
+
+class Notifications(_Model):
+    slack_webhook_block: str | None = None
+
+
+class SandboxSettings(_Model):
+    """Only for the local sandbox: where its state lives and on which loopback ports its parts listen."""
+
+    state_dir: str = "../.sandbox"
+    os_user: Name = "drplan-pg"
+    kube_api: Endpoint = "127.0.0.1:45980"
+    app: Endpoint = "127.0.0.1:45990"
+    demo_rows: int = Field(default=100_000, ge=100)
+    heartbeat_interval: Duration = timedelta(seconds=5)
+    archive_timeout: Duration = timedelta(seconds=60)
+
+
+class Plan(_Model):
+    name: Name = "drplan"
+    objectives: Objectives = Objectives()
+    aws: AwsSettings
+    databases: list[Database] = []
+    buckets: list[Bucket] = []
+    clusters: list[Cluster] = []
+    dns: Dns | None = None
+    services: list[Service] = []
+    configuration: ConfigurationBackup | None = None
+    notifications: Notifications = Notifications()
+    sandbox: SandboxSettings | None = None
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    def resolve_path(self, value: str) -> Path:
+        """Paths in a plan are relative to the plan file."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+    @model_validator(mode="after")
+    def _references(self) -> Plan:
+        for attr in ("databases", "buckets", "clusters", "services"):
+            names = [item.name for item in getattr(self, attr)]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{attr} names must be unique; {', '.join(dupes)} appears more than once")
+        dbs = {d.name for d in self.databases}
+        clusters = {c.name for c in self.clusters}
+        for service in self.services:
+            if service.database and service.database not in dbs:
+                raise ValueError(
+                    f"service {service.name} names database {service.database!r}, which the plan does "
+                    f"not define; use one of: {', '.join(sorted(dbs)) or '(none defined)'}"
+                )
+            if service.cluster and service.cluster not in clusters:
+                raise ValueError(
+                    f"service {service.name} names cluster {service.cluster!r}, which the plan does "
+                    f"not define; use one of: {', '.join(sorted(clusters)) or '(none defined)'}"
+                )
+        return self
+
+    def database(self, name: str) -> Database:
+        return _lookup(self.databases, name, "database")
+
+    def bucket(self, name: str) -> Bucket:
+        return _lookup(self.buckets, name, "bucket")
+
+    def cluster(self, name: str) -> Cluster:
+        return _lookup(self.clusters, name, "cluster")
+
+
+def _lookup(items: list[Any], name: str, what: str) -> Any:
+    for item in items:
+        if item.name == name:
+            return item
+    known = ", ".join(i.name for i in items) or "(none defined)"
+    raise PlanError("plan", [f"unknown {what} {name!r}; the plan defines: {known}"])
+
+
+# Keys whose literal value in a plan would be a credential. A plan holds references, never secrets.
+_SECRET_KEYS = re.compile(r"(pass(word|wd)?|secret(_key)?|token|api_key|private_key|credentials?)$", re.I)
+_REFERENCE_KEYS = {"credentials_secret", "token_secret", "credentials_block", "slack_webhook_block"}
+_URL_WITH_PASSWORD = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/\s:@]+:[^/\s@]+@", re.I)
+
+
+def _inline_secrets(node: Any, path: str = "") -> list[str]:
+    problems: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            if (
+                isinstance(key, str)
+                and _SECRET_KEYS.search(key)
+                and key not in _REFERENCE_KEYS
+                and not isinstance(value, dict | list)
+                and value not in (None, "")
+            ):
+                problems.append(
+                    f"{child}: inline secrets are not allowed in a plan; store it in AWS Secrets Manager "
+                    "or a Prefect Secret block and reference it with credentials_secret / token_secret"
+                )
+            else:
+                problems.extend(_inline_secrets(value, child))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            problems.extend(_inline_secrets(value, f"{path}[{index}]"))
+    elif isinstance(node, str) and _URL_WITH_PASSWORD.match(node):
+        problems.append(
+            f"{path}: this URL carries a password; remove user:password@ and reference the credentials "
+            "with credentials_secret"
+        )
+    return problems
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "lax-")):  # pydantic's validator wrappers
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _error_line(error: dict[str, Any], fields_at: dict[str, list[str]]) -> str:
+    loc = _location(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = re.sub(r"\[\d+\]", "", loc).rpartition(".")[0]
+        allowed = fields_at.get(parent)
+        hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+        return f"{loc}: unknown field{hint}"
+    if kind == "missing":
+        return f"{loc}: required field is missing; add it"
+    if kind == "enum":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{loc}: {error['input']!r} is not allowed; write one of: {expected.replace(' or ', ', ')}"
+    if kind == "string_pattern_mismatch":
+        return f"{loc}: {error['input']!r} has the wrong form (expected pattern {error['ctx']['pattern']})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{loc}: {message}"
+
+
+def _fields_by_path(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
+    """Map a (list-index-free) field path to the field names allowed there, for 'unknown field' hints."""
+    out = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        for sub in _models_in(field.annotation):
+            out.update(_fields_by_path(sub, f"{prefix}.{name}" if prefix else name))
+    return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
+def parse_plan(data: Any, source: str = "plan") -> Plan:
+    """Validate plan data (already parsed from YAML). Raises PlanError listing every problem."""
+    if not isinstance(data, dict):
+        raise PlanError(source, ["(top level): a plan is a YAML mapping with aws:, databases:, ... keys"])
+    problems = _inline_secrets(data)
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        fields = _fields_by_path(Plan)
+        problems.extend(_error_line(error, fields) for error in exc.errors())
+        raise PlanError(source, problems) from None
+    if problems:
+        raise PlanError(source, problems)
+    return plan
+
+
+def resolve_plan_path(ref: str | Path) -> Path:
+    """A plan reference is a file path, or a bare name looked up as plans/NAME.yaml."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    named = PLANS_DIR / f"{ref}.yaml"
+    if not path.suffix and named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in PLANS_DIR.glob("*.yaml")))
+    raise PlanError(str(ref), [f"no such plan file; pass a path to a YAML plan or one of: {known}"])
+
+
+def load_plan(ref: str | Path) -> Plan:
+    path = resolve_plan_path(ref)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "somewhere"
+        raise PlanError(str(path), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    plan = parse_plan(data, str(path))
+    plan._base_dir = path.resolve().parent
+    return plan

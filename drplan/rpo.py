@@ -1,0 +1,146 @@
+"""RPO arithmetic and the verification report: how old is the newest recoverable data, against the objective."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from drplan.timeutil import format_duration
+
+DataClass = Literal["database", "file_storage", "configuration"]
+
+
+class Status(StrEnum):
+    met = "met"
+    breached = "breached"
+    error = "error"
+
+
+class Measurement(BaseModel):
+    """One measured age of one resource, compared with its objective."""
+
+    resource: str
+    data_class: DataClass
+    measure: str
+    newest: datetime | None = None
+    age: timedelta | None = None
+    objective: timedelta
+    status: Status
+    detail: str = ""
+
+    @property
+    def row(self) -> dict[str, str]:
+        return {
+            "resource": self.resource,
+            "class": self.data_class,
+            "measure": self.measure,
+            "newest": self.newest.strftime("%Y-%m-%d %H:%M:%SZ") if self.newest else "-",
+            "age": format_duration(self.age),
+            "objective": format_duration(self.objective),
+            "status": self.status.value,
+            "detail": self.detail,
+        }
+
+
+def age_of(
+    resource: str,
+    data_class: DataClass,
+    measure: str,
+    newest: datetime | None,
+    objective: timedelta,
+    now: datetime,
+    detail: str = "",
+    missing: str = "nothing found",
+) -> Measurement:
+    """Age = now - newest; met when age <= objective. Nothing found at all is a breach, not an error:
+    a missing backup is exactly what verification exists to catch."""
+    if newest is None:
+        return Measurement(
+            resource=resource, data_class=data_class, measure=measure, objective=objective,
+            status=Status.breached, detail=_join(missing, detail),
+        )
+    if newest.tzinfo is None:
+        raise ValueError(f"{resource} {measure}: naive timestamp {newest.isoformat()}; times must be UTC-aware")
+    age = now - newest
+    if age < timedelta(0):  # the source's clock runs ahead of ours: report it, count the age as zero
+        detail = _join(detail, f"clock skew {format_duration(-age)}")
+        age = timedelta(0)
+    status = Status.met if age <= objective else Status.breached
+    return Measurement(
+        resource=resource, data_class=data_class, measure=measure, newest=newest, age=age,
+        objective=objective, status=status, detail=detail,
+    )
+
+
+def exposure(
+    resource: str,
+    data_class: DataClass,
+    measure: str,
+    newest_backup: datetime | None,
+    newest_change: datetime | None,
+    objective: timedelta,
+    now: datetime,
+) -> Measurement:
+    """How far a copy trails its source: zero while nothing changed after the newest copy, else the age
+    of that copy (every change since it would be lost)."""
+    if newest_backup is not None and (newest_change is None or newest_change <= newest_backup):
+        return Measurement(
+            resource=resource, data_class=data_class, measure=measure, newest=newest_backup,
+            age=timedelta(0), objective=objective, status=Status.met,
+            detail="no change since the newest backup",
+        )
+    return age_of(resource, data_class, measure, newest_backup, objective, now, missing="no backup found")
+
+
+def error(resource: str, data_class: DataClass, measure: str, objective: timedelta, exc: BaseException) -> Measurement:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return Measurement(
+        resource=resource, data_class=data_class, measure=measure, objective=objective,
+        status=Status.error, detail=message,
+    )
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+class RpoReport(BaseModel):
+    plan: str
+    started_at: datetime
+    finished_at: datetime
+    measurements: list[Measurement] = Field(default_factory=list)
+
+    @property
+    def breaches(self) -> list[Measurement]:
+        return [m for m in self.measurements if m.status is Status.breached]
+
+    @property
+    def errors(self) -> list[Measurement]:
+        return [m for m in self.measurements if m.status is Status.error]
+
+    @property
+    def exit_code(self) -> int:
+        """0 every objective met, 1 a breach, 2 a measurement could not be taken (verification incomplete)."""
+        if self.errors:
+            return 2
+        return 1 if self.breaches else 0
+
+    @property
+    def summary(self) -> str:
+        met = len(self.measurements) - len(self.breaches) - len(self.errors)
+        return f"{met} met, {len(self.breaches)} breached, {len(self.errors)} errors"
+
+    def markdown(self) -> str:
+        lines = [
+            f"# RPO verification: {self.plan}",
+            f"{self.started_at:%Y-%m-%d %H:%M:%SZ}, {self.summary}",
+            "",
+            "| resource | class | measure | newest | age | objective | status | detail |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for m in self.measurements:
+            lines.append("| " + " | ".join(v.replace("|", "/") for v in m.row.values()) + " |")
+        return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Seed the sandbox's AWS (moto_server) with the resources the plan names, idempotently."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from drplan.clients import aws_client
+from drplan.plan import DatabaseKind, Plan
+from drplan.timeutil import utcnow
+from tasks.s3 import back_up_prefix, split_uri
+
+ADMIN_USER = "devonn_admin"
+
+
+def _exists(call, *args, missing: tuple[str, ...], **kwargs) -> bool:
+    try:
+        call(*args, **kwargs)
+        return True
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in missing:
+            return False
+        raise
+
+
+def ensure_buckets(plan: Plan) -> list[str]:
+    s3 = aws_client(plan, "s3")
+    uris = [b.live for b in plan.buckets] + [b.backup for b in plan.buckets]
+    uris += [d.backup.destination for d in plan.databases if d.backup]
+    if plan.configuration:
+        uris.append(plan.configuration.backup)
+    names = sorted({split_uri(u)[0] for u in uris})
+    for name in names:
+        if not _exists(s3.head_bucket, Bucket=name, missing=("404", "NoSuchBucket")):
+            s3.create_bucket(Bucket=name)
+            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return names
+
+
+def ensure_secret(plan: Plan, name: str, value: dict[str, Any]) -> None:
+    sm = aws_client(plan, "secretsmanager")
+    if _exists(sm.describe_secret, SecretId=name, missing=("ResourceNotFoundException",)):
+        sm.put_secret_value(SecretId=name, SecretString=json.dumps(value))
+    else:
+        sm.create_secret(Name=name, SecretString=json.dumps(value))
+
+
+def seed_live_objects(plan: Plan, count: int = 200) -> None:
+    """Demo application files in every live bucket (skipped when the bucket already holds data)."""
+    s3 = aws_client(plan, "s3")
+    for bucket in plan.buckets:
+        name, prefix = split_uri(bucket.live)
+        if s3.list_objects_v2(Bucket=name, Prefix=prefix, MaxKeys=1).get("KeyCount"):
+            continue
+        for i in range(count):
+            body = f"devonn upload {i}\n".encode() * (1 + i % 16)
+            s3.put_object(Bucket=name, Key=f"{prefix}uploads/{i // 50:03d}/file-{i:05d}.txt", Body=body)
+
+
+def back_up_buckets(plan: Plan) -> None:
+    s3 = aws_client(plan, "s3")
+    now = utcnow()
+    for bucket in plan.buckets:
+        back_up_prefix(s3, bucket.live, bucket.backup, now)
+
+
+def ensure_rds(plan: Plan) -> None:
+    """For every rds-kind database: Multi-AZ primary, read replica, cross-region DR replica, a snapshot."""
+    for db in plan.databases:
+        if db.kind is not DatabaseKind.rds:
+            continue
+        rds = aws_client(plan, "rds")
+        tags = [{"Key": "drplan:plan", "Value": plan.name}, {"Key": "drplan:database", "Value": db.name}]
+        if not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.primary, missing=("DBInstanceNotFound",)):
+            rds.create_db_instance(
+                DBInstanceIdentifier=db.primary, DBInstanceClass="db.r6g.large", Engine="postgres",
+                EngineVersion="16.4", AllocatedStorage=100, MasterUsername=ADMIN_USER,
+                ManageMasterUserPassword=True, DBName=db.dbname, MultiAZ=True, BackupRetentionPeriod=7,
+                Tags=tags,
+            )
+        primary_arn = rds.describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0]["DBInstanceArn"]
+        if db.replica and not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.replica,
+                                      missing=("DBInstanceNotFound",)):
+            rds.create_db_instance_read_replica(
+                DBInstanceIdentifier=db.replica, SourceDBInstanceIdentifier=db.primary, Tags=tags)
+        if db.dr_replica:
+            dr = aws_client(plan, "rds", db.dr_replica.region)
+            if not _exists(dr.describe_db_instances, DBInstanceIdentifier=db.dr_replica.identifier,
+                           missing=("DBInstanceNotFound",)):
+                dr.create_db_instance_read_replica(
+                    DBInstanceIdentifier=db.dr_replica.identifier, SourceDBInstanceIdentifier=primary_arn,
+                    SourceRegion=plan.aws.region, Tags=tags)
+        snapshots = rds.describe_db_snapshots(DBInstanceIdentifier=db.primary)["DBSnapshots"]
+        if not snapshots:
+            rds.create_db_snapshot(DBSnapshotIdentifier=f"{db.primary}-seed", DBInstanceIdentifier=db.primary)
+
+
+def ensure_eks(plan: Plan) -> None:
+    for cluster in plan.clusters:
+        eks = aws_client(plan, "eks", cluster.region)
+        if cluster.name not in eks.list_clusters()["clusters"]:
+            eks.create_cluster(
+                name=cluster.name, roleArn="arn:aws:iam::123456789012:role/drplan-sandbox-eks",
+                resourcesVpcConfig={"subnetIds": ["subnet-sandbox-a", "subnet-sandbox-b"]},
+            )
+        existing = eks.list_nodegroups(clusterName=cluster.name)["nodegroups"]
+        for name, group in cluster.nodegroups.items():
+            if name not in existing:
+                eks.create_nodegroup(
+                    clusterName=cluster.name, nodegroupName=name,
+                    nodeRole="arn:aws:iam::123456789012:role/drplan-sandbox-nodes",
+                    subnets=["subnet-sandbox-a", "subnet-sandbox-b"],
+                    scalingConfig={"minSize": group.min, "desiredSize": group.desired, "maxSize": group.max},
+                )
+
+
+def ensure_dns(plan: Plan) -> None:
+    if plan.dns is None:
+        return
+    r53 = aws_client(plan, "route53")
+    zone_name = plan.dns.zone.rstrip(".") + "."
+    zones = [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == zone_name]
+    zone_id = zones[0]["Id"] if zones else r53.create_hosted_zone(
+        Name=zone_name, CallerReference=f"drplan-sandbox-{plan.name}")["HostedZone"]["Id"]
+    changes = [{
+        "Action": "UPSERT",
+        "ResourceRecordSet": {"Name": record, "Type": "CNAME", "TTL": plan.dns.ttl,
+                              "ResourceRecords": [{"Value": f"primary.{plan.aws.region}.{plan.dns.zone}"}]},
+    } for record in plan.dns.records]
+    if changes:
+        r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+
+
+def seed(plan: Plan, db_password: str, api_token: str) -> None:
+    """Everything the plan names, in the sandbox's AWS. Safe to run again."""
+    ensure_buckets(plan)
+    for secret in {d.credentials_secret for d in plan.databases if not d.credentials_secret.startswith("prefect:")}:
+        ensure_secret(plan, secret, {"username": ADMIN_USER, "password": db_password})
+    for secret in {s.token_secret for s in plan.services if s.token_secret}:
+        ensure_secret(plan, secret, {"token": api_token})
+    seed_live_objects(plan)
+    ensure_rds(plan)
+    ensure_eks(plan)
+    ensure_dns(plan)

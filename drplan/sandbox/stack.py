@@ -1,0 +1,296 @@
+"""`drplan sandbox up | status | down`: every local stand-in the plan needs, in one state directory.
+
+Order of `up`: moto (AWS) -> seed AWS -> PostgreSQL primary, demo data, base backup, replicas, heartbeat ->
+Kubernetes API and its objects -> the demo app -> a first bucket and configuration backup. Each step finds
+what is already there and only completes what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+from rich.console import Console
+
+from drplan.clients import child_aws_env, kube_client
+from drplan.errors import DrplanError
+from drplan.plan import Cluster, Database, DatabaseKind, Plan
+from drplan.sandbox import aws_seed, processes
+from drplan.sandbox.kube_api import write_kubeconfig
+from drplan.sandbox.postgres import PostgresError, PostgresSandbox, ensure_os_user
+from flows.config_backup import export_configuration
+
+PYTHON = sys.executable
+MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
+DB_SECRET = "devonn-api-db"
+TOKEN_SECRET = "devonn-api-token"
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    address: str
+    pid: int | None
+    healthy: bool
+    detail: str
+
+
+def state_dir(plan: Plan) -> Path:
+    if plan.sandbox is None:
+        raise DrplanError(f"plan {plan.name} has no sandbox: section; use plans/sandbox.yaml or add one")
+    return Path(os.environ.get("DRPLAN_SANDBOX_DIR") or plan.resolve_path(plan.sandbox.state_dir))
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host, int(port)
+
+
+def moto_address(plan: Plan) -> tuple[str, int]:
+    if not plan.aws.is_loopback:
+        raise DrplanError("the sandbox needs aws.endpoint_url on loopback (e.g. http://127.0.0.1:45900)")
+    return _host_port(plan.aws.endpoint_url.split("://", 1)[1].rstrip("/"))
+
+
+def _wait(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.2)
+    raise DrplanError(f"{what} did not come up within {timeout:.0f}s; see the logs under the sandbox state dir")
+
+
+def _http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2).status_code < 500
+
+
+def sandbox_secrets(directory: Path) -> dict[str, str]:
+    """The sandbox's generated database password and API token (0600 file, created once)."""
+    path = directory / "secrets.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    values = {"db_password": secrets.token_urlsafe(24), "api_token": secrets.token_urlsafe(24)}
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(values, out)
+    return values
+
+
+def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> PostgresSandbox:
+    assert plan.sandbox is not None and db.backup is not None
+    return PostgresSandbox(
+        directory, os_user=plan.sandbox.os_user, superuser=aws_seed.ADMIN_USER, password=password,
+        dbname=db.dbname, endpoint_url=plan.aws.endpoint_url, aws_env=child_aws_env(plan),
+        destination=db.backup.destination, server_name=db.backup.server_name,
+        archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
+        ports={m: _host_port(e)[1] for m, e in db.endpoints.items()},
+    )
+
+
+def _postgres_databases(plan: Plan) -> list[Database]:
+    return [d for d in plan.databases if d.kind is DatabaseKind.postgres]
+
+
+def up_postgres(plan: Plan, db: Database, pg: PostgresSandbox, console: Console) -> None:
+    assert plan.sandbox is not None
+    primary, port = db.primary, _host_port(db.endpoints[db.primary])[1]
+    console.print(f"  postgres {primary} on :{port}")
+    pg.up_primary(primary, port)
+    if pg.create_database_and_demo(primary, plan.sandbox.demo_rows):
+        console.print(f"  loaded demo data ({plan.sandbox.demo_rows} users, {2 * plan.sandbox.demo_rows} orders)")
+    pg.start_heartbeat(primary, interval=plan.sandbox.heartbeat_interval.total_seconds(),
+                       table=db.integrity.heartbeat_table)
+    if not [b for b in pg.list_backups() if b.status == "DONE"]:
+        console.print("  base backup (barman-cloud) ...")
+        console.print(f"  base backup {pg.base_backup(primary)} done")
+    for role in ("replica", "dr_replica"):
+        member = db.members.get(role)
+        if member:
+            console.print(f"  postgres {role} {member} on :{pg.ports[member]}")
+            pg.up_replica(member, pg.ports[member], port)
+
+
+def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[str, str]) -> None:
+    """The cluster's API on loopback with Ready nodes, its deployments and the app's Secrets."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    assert plan.sandbox is not None
+    host, port = _host_port(plan.sandbox.kube_api)
+    processes.start(directory, "kube-api", [PYTHON, "-m", "drplan.sandbox.kube_api", "--listen", f"{host}:{port}"])
+    _wait("Kubernetes API", lambda: _http_ok(f"http://{host}:{port}/version"))
+    write_kubeconfig(plan.resolve_path(cluster.kubeconfig or str(directory / "kubeconfig")),
+                     f"http://{host}:{port}", cluster.context)
+    api = kube_client(plan, cluster)
+    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+
+    def create(call, *args) -> None:
+        try:
+            call(*args)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    create(core.create_namespace, {"metadata": {"name": cluster.namespace}})
+    nodes = max((g.desired for g in cluster.nodegroups.values()), default=1)
+    for group in cluster.nodegroups or {"default": None}:
+        for i in range(nodes):
+            create(core.create_node, {
+                "metadata": {"name": f"{group}-{i}", "labels": {"eks.amazonaws.com/nodegroup": group}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+            })
+    service = next((s for s in plan.services if s.cluster == cluster.name), None)
+    if service and service.database:
+        db = plan.database(service.database)
+        host_db, port_db = _host_port(db.endpoints.get(db.primary, "127.0.0.1:5432"))
+        url = (f"postgresql://{aws_seed.ADMIN_USER}:{quote(values['db_password'], safe='')}"
+               f"@{host_db}:{port_db}/{db.dbname}")
+        for name, data in ((DB_SECRET, {"DATABASE_URL": url}), (TOKEN_SECRET, {"token": values["api_token"]})):
+            create(core.create_namespaced_secret, cluster.namespace, {
+                "metadata": {"name": name},
+                "type": "Opaque",
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+            })
+    for name in cluster.deployments:
+        create(apps.create_namespaced_deployment, cluster.namespace, _deployment(name))
+
+
+def _deployment(name: str) -> dict:
+    """The app's deployment: its database URL comes from a Secret (never a plain env value)."""
+    container = {"name": name, "image": f"registry.example/devonn/{name}:1.0"}
+    if name == "devonn-api":
+        container["env"] = [{"name": "DATABASE_URL",
+                             "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": "DATABASE_URL"}}}]
+    return {
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": 3 if name == "devonn-api" else 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [container]}},
+        },
+    }
+
+
+def up_app(plan: Plan, directory: Path) -> None:
+    assert plan.sandbox is not None
+    service = next((s for s in plan.services if s.cluster), None)
+    if service is None:
+        return
+    cluster = plan.cluster(service.cluster)
+    kubeconfig = plan.resolve_path(cluster.kubeconfig or str(directory / "kubeconfig"))
+    processes.start(directory, service.name, [
+        PYTHON, "-m", "drplan.sandbox.demo_app", "--listen", plan.sandbox.app, "--kubeconfig", str(kubeconfig),
+        "--context", cluster.context, "--namespace", cluster.namespace,
+        "--db-secret", DB_SECRET, "--token-secret", TOKEN_SECRET,
+    ])
+    _wait(service.name, lambda: httpx.get(service.health, timeout=2).status_code == 200, timeout=30)
+
+
+def up(plan: Plan, console: Console) -> None:
+    directory = state_dir(plan)
+    directory.mkdir(parents=True, exist_ok=True)
+    values = sandbox_secrets(directory)
+    host, port = moto_address(plan)
+    console.print(f"[bold]sandbox[/] state in {directory}")
+    console.print(f"  moto (AWS) on {host}:{port}")
+    processes.start(directory, "moto", [MOTO_SERVER, "-H", host, "-p", str(port)])
+    _wait("moto_server", lambda: _http_ok(f"http://{host}:{port}/moto-api/"))
+    aws_seed.seed(plan, values["db_password"], values["api_token"])
+    if _postgres_databases(plan):
+        ensure_os_user(plan.sandbox.os_user)
+        directory.chmod(0o755)
+    for db in _postgres_databases(plan):
+        try:
+            up_postgres(plan, db, postgres_of(plan, db, directory, values["db_password"]), console)
+        except PostgresError as exc:
+            raise DrplanError(str(exc)) from None
+    for cluster in plan.clusters:
+        console.print(f"  Kubernetes API for {cluster.name} on {plan.sandbox.kube_api}")
+        up_kubernetes(plan, cluster, directory, values)
+    console.print(f"  demo app on {plan.sandbox.app}")
+    up_app(plan, directory)
+    console.print("  first bucket and configuration backups")
+    aws_seed.back_up_buckets(plan)
+    export_configuration(plan)
+
+
+def status(plan: Plan) -> list[Component]:
+    directory = state_dir(plan)
+    components = []
+
+    def tracked(name: str, address: str, check: Callable[[], str]) -> None:
+        proc = processes.running(directory, name)
+        if proc is None:
+            components.append(Component(name, address, None, False, "not running"))
+            return
+        try:
+            components.append(Component(name, address, proc.pid, True, check()))
+        except Exception as exc:  # noqa: BLE001 - a status line, not a crash
+            components.append(Component(name, address, proc.pid, False, str(exc).splitlines()[0][:80]))
+
+    def http_check(url: str) -> Callable[[], str]:
+        def check() -> str:
+            response = httpx.get(url, timeout=3)
+            if response.status_code >= 400:
+                raise RuntimeError(f"HTTP {response.status_code}")
+            return "healthy"
+        return check
+
+    host, port = moto_address(plan)
+    tracked("moto", f"{host}:{port}", http_check(f"http://{host}:{port}/moto-api/"))
+    values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
+    for db in _postgres_databases(plan):
+        pg = postgres_of(plan, db, directory, values["db_password"]) if values else None
+        for member in db.members.values():
+            def check(member: str = member, pg: PostgresSandbox | None = pg) -> str:
+                st = pg.status(member)
+                if st.in_recovery is None:
+                    raise RuntimeError("not answering")
+                return "standby, streaming" if st.in_recovery else "primary"
+            tracked(member, db.endpoints[member], check)
+        tracked(f"heartbeat-{db.primary}", db.endpoints[db.primary], lambda: "writing")
+    if plan.sandbox and plan.clusters:
+        tracked("kube-api", plan.sandbox.kube_api, http_check(f"http://{plan.sandbox.kube_api}/version"))
+    for service in plan.services:
+        if service.cluster:
+            tracked(service.name, plan.sandbox.app, http_check(service.health))
+    return components
+
+
+def down(plan: Plan, purge: bool = False) -> list[str]:
+    """Stop every process the sandbox started (app, heartbeats, PostgreSQL, Kubernetes API, moto)."""
+    directory = state_dir(plan)
+    lines = []
+    values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
+    for service in plan.services:
+        if processes.stop(directory, service.name):
+            lines.append(f"stopped {service.name}")
+    for db in _postgres_databases(plan):
+        pg = postgres_of(plan, db, directory, values["db_password"]) if values else None
+        if pg and pg.stop_heartbeat(db.primary):
+            lines.append(f"stopped heartbeat-{db.primary}")
+        for member in reversed(list(db.members.values())):
+            if pg and pg.stop(member):
+                lines.append(f"stopped postgres {member}")
+    for name in processes.tracked_names(directory) if directory.is_dir() else []:
+        if processes.stop(directory, name):
+            lines.append(f"stopped {name}")
+    if purge and directory.is_dir():
+        shutil.rmtree(directory)
+        lines.append(f"deleted {directory}")
+    return lines or ["nothing was running"]

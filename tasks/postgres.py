@@ -1,0 +1,59 @@
+"""PostgreSQL tasks: read what a server knows about its own recoverability."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from psycopg import sql
+from pydantic import BaseModel
+
+from drplan.clients import PgTarget
+from drplan.errors import DrplanError
+from drplan.logs import run_logger
+
+
+class ArchiverStatus(BaseModel):
+    last_archived_wal: str | None
+    last_archived_time: datetime | None
+    failed_count: int
+    last_failed_wal: str | None
+    last_failed_time: datetime | None
+
+    @property
+    def failing(self) -> bool:
+        """The newest attempt failed: archiving is stuck until someone fixes it."""
+        return self.last_failed_time is not None and (
+            self.last_archived_time is None or self.last_failed_time > self.last_archived_time
+        )
+
+
+@task(retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def read_newest_heartbeat(target: PgTarget, table: str) -> datetime | None:
+    """Newest heartbeat row in `table`: the age of the newest data this copy holds."""
+    with target.connect() as conn:
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+        if not exists:
+            raise DrplanError(f"{target.label}: heartbeat table {table} does not exist; create it or fix "
+                              "databases[].integrity.heartbeat_table")
+        newest = conn.execute(sql.SQL("SELECT max(ts) FROM {}").format(sql.Identifier(table))).fetchone()[0]
+    run_logger().info("%s newest heartbeat %s", target.label, newest)
+    return newest
+
+
+@task(retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def read_archiver_status(target: PgTarget) -> ArchiverStatus:
+    """pg_stat_archiver of the primary: what it archived last and whether archiving is failing."""
+    with target.connect() as conn:
+        row = conn.execute(
+            "SELECT last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time"
+            " FROM pg_stat_archiver"
+        ).fetchone()
+    status = ArchiverStatus(
+        last_archived_wal=row[0], last_archived_time=row[1], failed_count=row[2],
+        last_failed_wal=row[3], last_failed_time=row[4],
+    )
+    run_logger().info("%s archiver: last %s at %s, failing=%s", target.label,
+                          status.last_archived_wal, status.last_archived_time, status.failing)
+    return status
