@@ -292,28 +292,6 @@ class Plan(_Model):
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self._base_dir / path).resolve()
 
-    @model_validator(mode="after")
-    def _references(self) -> Plan:
-        for attr in ("databases", "buckets", "clusters", "services"):
-            names = [item.name for item in getattr(self, attr)]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise ValueError(f"{attr} names must be unique; {', '.join(dupes)} appears more than once")
-        dbs = {d.name for d in self.databases}
-        clusters = {c.name for c in self.clusters}
-        for service in self.services:
-            if service.database and service.database not in dbs:
-                raise ValueError(
-                    f"service {service.name} names database {service.database!r}, which the plan does "
-                    f"not define; use one of: {', '.join(sorted(dbs)) or '(none defined)'}"
-                )
-            if service.cluster and service.cluster not in clusters:
-                raise ValueError(
-                    f"service {service.name} names cluster {service.cluster!r}, which the plan does "
-                    f"not define; use one of: {', '.join(sorted(clusters)) or '(none defined)'}"
-                )
-        return self
-
     def database(self, name: str) -> Database:
         return _lookup(self.databases, name, "database")
 
@@ -390,6 +368,10 @@ def _error_line(error: dict[str, Any], fields_at: dict[str, list[str]]) -> str:
     if kind == "enum":
         expected = error.get("ctx", {}).get("expected", "")
         return f"{loc}: {error['input']!r} is not allowed; write one of: {expected.replace(' or ', ', ')}"
+    if kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
+        bound = next(iter(error["ctx"].values()))
+        op = {"less_than_equal": "<=", "greater_than_equal": ">=", "less_than": "<", "greater_than": ">"}[kind]
+        return f"{loc}: {error['input']!r} is out of range; write a number {op} {bound}"
     if kind == "string_pattern_mismatch":
         return f"{loc}: {error['input']!r} has the wrong form (expected pattern {error['ctx']['pattern']})"
     message = error["msg"].removeprefix("Value error, ")
@@ -411,17 +393,40 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
 
 
+def _cross_references(plan: Plan) -> list[str]:
+    """Unique names, and services that name a database or cluster the plan defines."""
+    problems = []
+    for attr in ("databases", "buckets", "clusters", "services"):
+        first: dict[str, int] = {}
+        for index, item in enumerate(getattr(plan, attr)):
+            if item.name in first:
+                problems.append(f"{attr}[{index}].name: {item.name!r} is already used by {attr}[{first[item.name]}]; "
+                                "names must be unique")
+            first.setdefault(item.name, index)
+    for index, service in enumerate(plan.services):
+        for attr, known in (("database", plan.databases), ("cluster", plan.clusters)):
+            wanted = getattr(service, attr)
+            names = [item.name for item in known]
+            if wanted and wanted not in names:
+                problems.append(f"services[{index}].{attr}: {wanted!r} is not a {attr} of this plan; "
+                                f"use one of: {', '.join(names) or f'(no {attr}s defined)'}")
+    return problems
+
+
 def parse_plan(data: Any, source: str = "plan") -> Plan:
     """Validate plan data (already parsed from YAML). Raises PlanError listing every problem."""
     if not isinstance(data, dict):
         raise PlanError(source, ["(top level): a plan is a YAML mapping with aws:, databases:, ... keys"])
     problems = _inline_secrets(data)
+    flagged = {line.split(":", 1)[0] for line in problems}
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
         fields = _fields_by_path(Plan)
-        problems.extend(_error_line(error, fields) for error in exc.errors())
+        lines = (_error_line(error, fields) for error in exc.errors())
+        problems.extend(line for line in lines if line.split(":", 1)[0] not in flagged)
         raise PlanError(source, problems) from None
+    problems.extend(_cross_references(plan))
     if problems:
         raise PlanError(source, problems)
     return plan

@@ -1,0 +1,108 @@
+"""Session fixtures: one Prefect test server, and one real sandbox (moto, PostgreSQL primary + 2 streaming
+replicas + barman-cloud archive, Kubernetes API, demo app) on free loopback ports with short objectives."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noqa: F401 - fixture re-export
+from rich.console import Console
+
+from drplan.plan import PLANS_DIR, Plan, load_plan
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+# Short objectives so that a stopped heartbeat or archiver breaches within seconds, not minutes.
+TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def world_traversable_dir(prefix: str) -> Path:
+    """A temp dir the PostgreSQL OS user can reach (pytest's own tmp dirs are 0700 under root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def sandbox_plan_data(state_dir: Path) -> dict:
+    data = yaml.safe_load((PLANS_DIR / "sandbox.yaml").read_text())
+    moto, pg1, pg2, pg3, kube, app = free_ports(6)
+    data["name"] = "test-sandbox"
+    data["objectives"]["rpo"] = dict(TEST_RPO)
+    data["aws"]["endpoint_url"] = f"http://127.0.0.1:{moto}"
+    for db in data["databases"]:
+        db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in (pg1, pg2, pg3)), strict=True))
+    data["clusters"][0]["kubeconfig"] = str(state_dir / "kubeconfig")
+    data["services"][0]["health"] = f"http://127.0.0.1:{app}/health"
+    data["sandbox"] = {
+        "state_dir": str(state_dir), "kube_api": f"127.0.0.1:{kube}", "app": f"127.0.0.1:{app}",
+        "demo_rows": 2000, "heartbeat_interval": "1s", "archive_timeout": "5s",
+    }
+    return data
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sandbox_dir() -> Path:
+    return world_traversable_dir("drplan-test-sandbox-")
+
+
+@pytest.fixture(scope="session")
+def sandbox_plan_path(sandbox_dir: Path) -> Path:
+    path = sandbox_dir / "plan.yaml"
+    path.write_text(yaml.safe_dump(sandbox_plan_data(sandbox_dir), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sandbox(sandbox_plan_path: Path) -> Iterator[Plan]:
+    """The sandbox, up for the whole session; torn down (processes stopped, state deleted) at the end."""
+    from drplan.sandbox import processes, stack
+
+    plan = load_plan(sandbox_plan_path)
+    try:
+        stack.up(plan, Console(quiet=True))
+        yield plan
+    finally:
+        stack.down(plan)
+        directory = stack.state_dir(plan)
+        leftovers = [n for n in processes.tracked_names(directory) if processes.running(directory, n)]
+        stack.down(plan, purge=True)
+        assert not leftovers, f"sandbox processes left running: {leftovers}"
+
+
+@pytest.fixture
+def plan_variant(sandbox_plan_path: Path, tmp_path: Path) -> Callable[[Callable[[dict], None]], Path]:
+    """Write a copy of the sandbox plan with one change applied (for fault injection via the plan)."""
+    def make(change: Callable[[dict], None]) -> Path:
+        data = copy.deepcopy(yaml.safe_load(sandbox_plan_path.read_text()))
+        change(data)
+        path = tmp_path / "variant.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+    return make

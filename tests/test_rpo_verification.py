@@ -1,0 +1,140 @@
+"""RPO verification end to end on the real sandbox: all met, breaches when the heartbeat or the WAL archiver
+stops, one-line errors (exit 2) for a refusing database, a missing secret, an unknown instance."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from drplan import rpo
+from drplan.cli import app
+from drplan.sandbox import stack
+from flows.rpo_verification import rpo_verification
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+runner = CliRunner()
+
+
+def run_report(plan_path) -> tuple[object, rpo.RpoReport]:
+    state = rpo_verification(plan=str(plan_path), return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+def by_measure(report: rpo.RpoReport) -> dict[tuple[str, str], rpo.Measurement]:
+    return {(m.resource, m.measure): m for m in report.measurements}
+
+
+def test_every_objective_met_on_a_healthy_sandbox(sandbox, sandbox_plan_path):
+    state, report = run_report(sandbox_plan_path)
+    assert state.is_completed(), state.message
+    assert report.exit_code == 0, report.markdown()
+    measured = by_measure(report)
+    for db in ("devonn-postgres", "devonn-rds"):
+        for role in ("primary", "replica", "dr_replica"):
+            m = measured[(db, f"{role} newest heartbeat")]
+            assert m.age is not None and m.age.total_seconds() < 20
+    assert measured[("devonn-postgres", "WAL archive")].status is rpo.Status.met
+    assert measured[("devonn-postgres", "base backup")].status is rpo.Status.met
+    assert measured[("devonn-rds", "latest restorable time")].status is rpo.Status.met
+    assert measured[("devonn-rds", "snapshot")].status is rpo.Status.met
+    assert measured[("data", "backup trails live")].status is rpo.Status.met
+    assert measured[("configuration", "newest configuration backup")].status is rpo.Status.met
+
+
+def test_cli_json_report_and_exit_code(sandbox, sandbox_plan_path):
+    result = runner.invoke(app, ["verify-rpo", "--plan", str(sandbox_plan_path), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["plan"] == "test-sandbox" and len(document["measurements"]) == 12
+    assert {m["status"] for m in document["measurements"]} == {"met"}
+
+
+def test_stopped_heartbeat_and_archiver_are_breaches(
+    sandbox, sandbox_plan_path, sandbox_dir, asserting_and_emitting_events_worker
+):
+    db = sandbox.database("devonn-postgres")
+    pg = stack.postgres_of(sandbox, db, sandbox_dir, stack.sandbox_secrets(sandbox_dir)["db_password"])
+    with pg.connect(db.primary) as conn:
+        conn.execute("ALTER SYSTEM SET archive_command = '/bin/false'")
+        conn.execute("SELECT pg_reload_conf()")
+    pg.stop_heartbeat(db.primary)
+    try:
+        with pg.connect(db.primary) as conn:  # keep WAL flowing so the archiver has something to fail on
+            for _ in range(26):
+                conn.execute("CREATE TABLE IF NOT EXISTS churn (n int); INSERT INTO churn VALUES (1)")
+                time.sleep(1)
+        state, report = run_report(sandbox_plan_path)
+    finally:
+        with pg.connect(db.primary) as conn:
+            conn.execute("ALTER SYSTEM RESET archive_command")
+            conn.execute("SELECT pg_reload_conf()")
+        pg.start_heartbeat(db.primary, interval=1, table=db.integrity.heartbeat_table)
+
+    assert state.is_failed() and "breached" in state.message
+    assert report.exit_code == 1, report.markdown()
+    measured = by_measure(report)
+    heartbeat = measured[("devonn-postgres", "primary newest heartbeat")]
+    assert heartbeat.status is rpo.Status.breached and heartbeat.age.total_seconds() > 20
+    wal = measured[("devonn-postgres", "WAL archive")]
+    assert wal.status is rpo.Status.breached and "archiver failing since" in wal.detail
+    assert not report.errors
+
+    asserting_and_emitting_events_worker.drain()
+    events = [e for e in asserting_and_emitting_events_worker._client.events if e.event == "drplan.rpo.breached"]
+    breached = {(e.resource.get("prefect.resource.name"), e.resource.get("drplan.measure")) for e in events}
+    assert ("devonn-postgres", "WAL archive") in breached
+    assert ("devonn-postgres", "primary newest heartbeat") in breached
+
+
+def test_refusing_database_is_an_error_not_a_crash(sandbox, plan_variant):
+    from tests.conftest import free_ports
+
+    closed = free_ports(1)[0]
+    path = plan_variant(lambda d: d["databases"][0]["endpoints"].update(
+        {"devonn-postgres-dr-production": f"127.0.0.1:{closed}"}))
+    result = runner.invoke(app, ["verify-rpo", "--plan", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "devonn-postgres/dr_replica (127.0.0.1" in result.stdout and "cannot connect" in result.stdout
+
+
+def test_missing_secret_is_an_error(sandbox, plan_variant):
+    path = plan_variant(lambda d: d["databases"][1].update(credentials_secret="devonn/db/missing"))
+    result = runner.invoke(app, ["verify-rpo", "--plan", str(path), "--json"])
+    assert result.exit_code == 2
+    errors = [m for m in json.loads(result.stdout)["measurements"] if m["status"] == "error"]
+    assert errors and all(m["resource"] == "devonn-rds" for m in errors)
+    assert "secret devonn/db/missing: not found in Secrets Manager" in errors[0]["detail"]
+
+
+def test_unknown_rds_instance_is_an_error(sandbox, plan_variant):
+    def rename(d):
+        d["databases"][1]["primary"] = "devonn-rds-nope"
+        d["databases"][1]["endpoints"]["devonn-rds-nope"] = d["databases"][1]["endpoints"].pop("devonn-rds-production")
+    result = runner.invoke(app, ["verify-rpo", "--plan", str(plan_variant(rename)), "--json"])
+    assert result.exit_code == 2
+    details = [m["detail"] for m in json.loads(result.stdout)["measurements"] if m["status"] == "error"]
+    assert any("RDS instance devonn-rds-nope not found" in d for d in details), details
+
+
+def test_broken_plan_is_refused_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("aws: {region: us-east-1, dr_region: us-west-2}\ndatabases: [{name: x, kind: mysql}]\n")
+    result = runner.invoke(app, ["verify-rpo", "--plan", str(bad)])
+    assert result.exit_code == 2
+    assert f"{bad}: databases[0].kind: 'mysql' is not allowed" in result.stderr
+
+
+def test_plan_validate_cli(tmp_path):
+    ok = runner.invoke(app, ["plan", "validate", "plans/devonn.yaml"])
+    assert ok.exit_code == 0 and "valid (1 databases" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("aws: {region: us-east-1, dr_region: us-west-2, password: hunter2}\n")
+    result = runner.invoke(app, ["plan", "validate", str(bad)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"{bad}: aws.password: inline secrets are not allowed in a plan; store it in AWS Secrets Manager or a "
+        "Prefect Secret block and reference it with credentials_secret / token_secret"
+    ]
