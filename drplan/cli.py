@@ -86,6 +86,9 @@ def show_rpo(report) -> None:
         table.add_row(*row.values())
     out.print(table)
     out.print(report.summary)
+    for m in report.errors + report.breaches:
+        err.print(f"{m.status.value}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",
+                  highlight=False, soft_wrap=True)
 
 
 @sandbox_app.command("up")

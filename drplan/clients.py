@@ -135,7 +135,8 @@ class PgTarget:
                 **kwargs,
             )
         except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = first.rpartition("failed: ")[2].strip()  # libpq: 'connection to server at ... failed: X'
             raise DrplanError(
                 f"{self.label} ({self.address}): cannot connect: {reason}; check that it is up and reachable"
             ) from None

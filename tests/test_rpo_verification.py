@@ -27,6 +27,16 @@ def by_measure(report: rpo.RpoReport) -> dict[tuple[str, str], rpo.Measurement]:
     return {(m.resource, m.measure): m for m in report.measurements}
 
 
+def wait_until_archiving(pg, member: str, timeout: float = 120) -> None:
+    """Leave the sandbox as found: the archiver has caught up and archives again."""
+    deadline = time.monotonic() + timeout
+    with pg.connect(member) as conn:
+        conn.execute("SELECT pg_switch_wal()")
+        while pg.archiver_problem(member) is not None:
+            assert time.monotonic() < deadline, pg.archiver_problem(member)
+            time.sleep(1)
+
+
 def test_every_objective_met_on_a_healthy_sandbox(sandbox, sandbox_plan_path):
     state, report = run_report(sandbox_plan_path)
     assert state.is_completed(), state.message
@@ -72,6 +82,7 @@ def test_stopped_heartbeat_and_archiver_are_breaches(
             conn.execute("ALTER SYSTEM RESET archive_command")
             conn.execute("SELECT pg_reload_conf()")
         pg.start_heartbeat(db.primary, interval=1, table=db.integrity.heartbeat_table)
+        wait_until_archiving(pg, db.primary)
 
     assert state.is_failed() and "breached" in state.message
     assert report.exit_code == 1, report.markdown()
@@ -97,7 +108,9 @@ def test_refusing_database_is_an_error_not_a_crash(sandbox, plan_variant):
         {"devonn-postgres-dr-production": f"127.0.0.1:{closed}"}))
     result = runner.invoke(app, ["verify-rpo", "--plan", str(path)])
     assert result.exit_code == 2, result.output
-    assert "devonn-postgres/dr_replica (127.0.0.1" in result.stdout and "cannot connect" in result.stdout
+    assert (f"error: devonn-postgres dr_replica newest heartbeat: devonn-postgres/dr_replica "
+            f"(127.0.0.1:{closed}/devonn): cannot connect: Connection refused; check that it is up and reachable"
+            ) in result.stderr
 
 
 def test_missing_secret_is_an_error(sandbox, plan_variant):

@@ -29,5 +29,6 @@ def test_parse_utc_requires_a_zone():
 
 
 def test_format_duration():
-    assert [format_duration(timedelta(seconds=s)) for s in (4.2, 187, 7500, 273600)] == ["4.2s", "3m07s", "2h05m", "3d04h"]
+    formatted = [format_duration(timedelta(seconds=s)) for s in (4.2, 187, 7500, 273600)]
+    assert formatted == ["4.2s", "3m07s", "2h05m", "3d04h"]
     assert format_duration(None) == "-"

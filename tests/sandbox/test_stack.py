@@ -1,0 +1,74 @@
+"""The assembled sandbox: idempotent `up`, truthful `status`, the app wired through its Kubernetes Secret,
+and no secret in any process's arguments."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+from kubernetes import client as k8s
+from rich.console import Console
+
+from drplan.clients import aws_client, kube_client
+from drplan.sandbox import processes, stack
+
+
+def test_status_reports_every_component_healthy(sandbox):
+    components = stack.status(sandbox)
+    assert all(c.healthy for c in components), [(c.name, c.detail) for c in components if not c.healthy]
+    names = {c.name: c.detail for c in components}
+    assert names["devonn-postgres-production"] == "primary"
+    assert names["devonn-postgres-replica-production"] == "standby, streaming"
+    assert names["devonn-postgres-dr-production"] == "standby, streaming"
+    assert {"moto", "kube-api", "devonn-api", "heartbeat-devonn-postgres-production"} <= set(names)
+
+
+def test_up_again_changes_nothing(sandbox, sandbox_dir):
+    before = {n: processes.get(sandbox_dir, n) for n in processes.tracked_names(sandbox_dir)}
+    db = sandbox.database("devonn-postgres")
+    pg = stack.postgres_of(sandbox, db, sandbox_dir, stack.sandbox_secrets(sandbox_dir)["db_password"])
+    backups = pg.list_backups()
+    stack.up(sandbox, Console(quiet=True))
+    after = {n: processes.get(sandbox_dir, n) for n in processes.tracked_names(sandbox_dir)}
+    assert after == before
+    assert pg.list_backups() == backups
+    rds = aws_client(sandbox, "rds").describe_db_instances()["DBInstances"]
+    assert sorted(i["DBInstanceIdentifier"] for i in rds) == ["devonn-rds-production", "devonn-rds-replica-production"]
+
+
+def test_app_takes_its_database_from_the_kubernetes_secret(sandbox):
+    cluster = sandbox.cluster("devonn-eks-sandbox")
+    api = kube_client(sandbox, cluster)
+    deployment = k8s.AppsV1Api(api).read_namespaced_deployment("devonn-api", cluster.namespace)
+    env = deployment.spec.template.spec.containers[0].env
+    assert [(e.name, e.value, e.value_from.secret_key_ref.name) for e in env] == [
+        ("DATABASE_URL", None, stack.DB_SECRET)
+    ]
+    secret = k8s.CoreV1Api(api).read_namespaced_secret(stack.DB_SECRET, cluster.namespace)
+    url = base64.b64decode(secret.data["DATABASE_URL"]).decode()
+    assert url.endswith(f"@{sandbox.database('devonn-postgres').endpoints['devonn-postgres-production']}/devonn")
+    service = sandbox.services[0]
+    base = service.health.removesuffix("/health")
+    assert httpx.get(service.health, timeout=5).status_code == 200
+    assert httpx.get(f"{base}/api/stats", timeout=5).json()["users"] == sandbox.sandbox.demo_rows
+    assert httpx.get(f"{base}/api/me", timeout=5).status_code == 401
+    token = stack.sandbox_secrets(Path(stack.state_dir(sandbox)))["api_token"]
+    assert httpx.get(f"{base}/api/me", headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
+
+
+def test_no_secret_in_any_process_arguments(sandbox, sandbox_dir):
+    values = stack.sandbox_secrets(sandbox_dir)
+    leaks = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if values["db_password"] in args or values["api_token"] in args:
+            leaks.append(cmdline.parent.name)
+    assert not leaks, f"processes with a secret in argv: {leaks}"
+
+
+def test_secrets_file_is_private(sandbox, sandbox_dir):
+    assert (sandbox_dir / "secrets.json").stat().st_mode & 0o777 == 0o600
