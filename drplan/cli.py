@@ -67,7 +67,7 @@ def verify_rpo(
         state = rpo_verification(plan=plan, return_state=True)
     result = state.result(raise_on_failure=False)
     if not isinstance(result, RpoReport):
-        raise fail(f"RPO verification did not complete: {result}")
+        raise fail(f"RPO verification did not complete: {str(result).strip().splitlines()[0]}")
     if as_json:
         out.print_json(result.model_dump_json())
     else:

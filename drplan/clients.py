@@ -12,7 +12,7 @@ from typing import Any
 import boto3
 import psycopg
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from pydantic import SecretStr
 
 from drplan.errors import DrplanError
@@ -55,6 +55,20 @@ def _cached_client(aws: AwsSettings, service: str, region: str) -> Any:
     return boto3_session(aws).client(
         service, region_name=region, endpoint_url=aws.endpoint_url, config=botocore_config(aws)
     )
+
+
+def check_aws_access(plan: Plan) -> str:
+    """Preflight: the endpoint answers and the credentials are valid (STS GetCallerIdentity). Returns the ARN."""
+    where = plan.aws.endpoint_url or f"AWS ({plan.aws.region})"
+    try:
+        return aws_client(plan, "sts").get_caller_identity()["Arn"]
+    except EndpointConnectionError:
+        hint = "is the sandbox up? (drplan sandbox up)" if plan.aws.is_loopback else "check network and region"
+        raise DrplanError(f"{where} is unreachable; {hint}") from None
+    except NoCredentialsError:
+        raise DrplanError("no AWS credentials found; configure the default chain or aws.credentials_block") from None
+    except ClientError as exc:
+        raise DrplanError(f"{where} refused the credentials: {exc.response['Error']['Code']}") from None
 
 
 def kube_client(plan: Plan, cluster: Cluster) -> Any:

@@ -21,7 +21,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from drplan import rpo
-from drplan.clients import aws_client, db_credentials, pg_target
+from drplan.clients import aws_client, check_aws_access, db_credentials, pg_target
 from drplan.plan import Database, DatabaseKind, Plan, load_plan
 from drplan.timeutil import utcnow
 from tasks import barman, postgres, rds, s3
@@ -188,6 +188,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     """Measure the age of the newest recoverable copy of everything in the plan against its RPO."""
     dr_plan = load_plan(plan)
     logger = get_run_logger()
+    logger.info("AWS access as %s", check_aws_access(dr_plan))
     started = utcnow()
     pending = [
         *(check for db in dr_plan.databases for check in database_checks(dr_plan, db)),

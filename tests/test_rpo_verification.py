@@ -151,3 +151,16 @@ def test_plan_validate_cli(tmp_path):
         f"{bad}: aws.password: inline secrets are not allowed in a plan; store it in AWS Secrets Manager or a "
         "Prefect Secret block and reference it with credentials_secret / token_secret"
     ]
+
+
+def test_unreachable_aws_endpoint_is_one_line(plan_variant):
+    from tests.conftest import free_ports
+
+    closed = free_ports(1)[0]
+    path = plan_variant(lambda d: d["aws"].update(endpoint_url=f"http://127.0.0.1:{closed}"))
+    result = runner.invoke(app, ["verify-rpo", "--plan", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: RPO verification did not complete: http://127.0.0.1:{closed} is unreachable; "
+        "is the sandbox up? (drplan sandbox up)"
+    )
