@@ -52,6 +52,20 @@ def test_every_objective_met_on_a_healthy_sandbox(sandbox, sandbox_plan_path):
     assert measured[("devonn-rds", "snapshot")].status is rpo.Status.met
     assert measured[("data", "backup trails live")].status is rpo.Status.met
     assert measured[("configuration", "newest configuration backup")].status is rpo.Status.met
+    artifact = run_artifact(state.state_details.flow_run_id)
+    assert artifact.type == "table" and "12 met, 0 breached, 0 errors" in artifact.description
+    rows = json.loads(artifact.data)  # stored as JSON text
+    assert len(rows) == 12 and {row["status"] for row in rows} == {"met"}
+
+
+def run_artifact(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["rpo-verification"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return artifact
 
 
 def test_cli_json_report_and_exit_code(sandbox, sandbox_plan_path):

@@ -432,7 +432,7 @@ class PostgresSandbox:
     ) -> processes.Tracked:
         """Start the heartbeat writer against `member` as tracked process `heartbeat-<member>`."""
         argv = [
-            sys.executable, "-m", "drplan.sandbox.heartbeat", "--host", HOST, "--port", str(self._port(member)),
+            sys.executable, "-m", "drplan.heartbeat", "--host", HOST, "--port", str(self._port(member)),
             "--dbname", self.dbname, "--user", self.superuser, "--table", table, "--interval", str(interval),
             "--source", source or member,
         ]  # fmt: skip

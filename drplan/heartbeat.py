@@ -1,6 +1,6 @@
 """Heartbeat writer: one row into the heartbeat table every interval; the newest row in a copy measures RPO.
 
-    python -m drplan.sandbox.heartbeat --host H --port P --dbname D --user U --source NAME
+    python -m drplan.heartbeat --host H --port P --dbname D --user U --source NAME
 
 The password comes from PGPASSWORD in the environment, never from argv. Reconnects after any failure
 (one log line each) and exits cleanly on SIGTERM.
@@ -21,7 +21,7 @@ log = logging.getLogger("drplan.heartbeat")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drplan.sandbox.heartbeat", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m drplan.heartbeat", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dbname", required=True)
