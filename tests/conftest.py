@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noq
 from rich.console import Console
 
 from drplan.plan import PLANS_DIR, Plan, load_plan
+from tests.helpers import free_ports, world_traversable_dir
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -24,22 +23,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
-def world_traversable_dir(prefix: str) -> Path:
-    """A temp dir the PostgreSQL OS user can reach (pytest's own tmp dirs are 0700 under root)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
 
 
 def sandbox_plan_data(state_dir: Path) -> dict:

@@ -13,6 +13,7 @@ from drplan import rpo
 from drplan.cli import app
 from drplan.sandbox import stack
 from flows.rpo_verification import rpo_verification
+from tests.helpers import free_ports
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
@@ -115,8 +116,6 @@ def test_stopped_heartbeat_and_archiver_are_breaches(
 
 
 def test_refusing_database_is_an_error_not_a_crash(sandbox, plan_variant):
-    from tests.conftest import free_ports
-
     closed = free_ports(1)[0]
     path = plan_variant(lambda d: d["databases"][0]["endpoints"].update(
         {"devonn-postgres-dr-production": f"127.0.0.1:{closed}"}))
@@ -168,8 +167,6 @@ def test_plan_validate_cli(tmp_path):
 
 
 def test_unreachable_aws_endpoint_is_one_line(plan_variant):
-    from tests.conftest import free_ports
-
     closed = free_ports(1)[0]
     path = plan_variant(lambda d: d["aws"].update(endpoint_url=f"http://127.0.0.1:{closed}"))
     result = runner.invoke(app, ["verify-rpo", "--plan", str(path)])

