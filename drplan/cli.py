@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
 from drplan.errors import DrplanError  # noqa: E402
-from drplan.plan import PlanError, load_plan  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
 plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
@@ -22,30 +20,11 @@ sandbox_app = typer.Typer(no_args_is_help=True, help="The local sandbox: moto, P
 app.add_typer(plan_app, name="plan")
 app.add_typer(sandbox_app, name="sandbox")
 
-out = Console(width=None if sys.stdout.isatty() else 160)  # reports stay readable when piped or in CI logs
-err = Console(stderr=True)
-
-PlanOption = typer.Option("plans/sandbox.yaml", "--plan", "-p", help="Plan file, or a name under plans/.")
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _load(plan: str):
-    try:
-        return load_plan(plan)
-    except PlanError as exc:
-        for problem in exc.problems:
-            err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
 
 @plan_app.command("validate")
 def plan_validate(file: Path = typer.Argument(..., help="The plan YAML file.")) -> None:
     """Validate a plan: exit 0, or exit 2 with one line per problem naming the field and the fix."""
-    plan = _load(str(file))
+    plan = plan_or_exit(str(file))
     out.print(
         f"{file}: valid ({len(plan.databases)} databases, {len(plan.buckets)} buckets, "
         f"{len(plan.clusters)} clusters, {len(plan.services)} services)",
@@ -59,7 +38,7 @@ def verify_rpo(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Measure data age of every database, bucket and configuration against the RPO objectives."""
-    _load(plan)  # a broken plan is refused before anything runs
+    plan_or_exit(plan)  # a broken plan is refused before anything runs
     from drplan.rpo import RpoReport
     from flows.rpo_verification import rpo_verification
 
@@ -97,10 +76,10 @@ def sandbox_up(plan: str = PlanOption) -> None:
     from drplan.sandbox import stack
 
     try:
-        stack.up(_load(plan), out)
+        stack.up(plan_or_exit(plan), out)
     except DrplanError as exc:
         raise fail(str(exc)) from None
-    _show_status(stack.status(_load(plan)))
+    _show_status(stack.status(plan_or_exit(plan)))
 
 
 @sandbox_app.command("status")
@@ -108,7 +87,7 @@ def sandbox_status(plan: str = PlanOption) -> None:
     """Every sandbox component, its address and whether it is healthy (exit 1 if any is not)."""
     from drplan.sandbox import stack
 
-    components = stack.status(_load(plan))
+    components = stack.status(plan_or_exit(plan))
     _show_status(components)
     raise typer.Exit(0 if all(c.healthy for c in components) else 1)
 
@@ -121,7 +100,7 @@ def sandbox_down(
     """Stop every process the sandbox started; with --purge delete its state."""
     from drplan.sandbox import stack
 
-    for line in stack.down(_load(plan), purge=purge):
+    for line in stack.down(plan_or_exit(plan), purge=purge):
         out.print(line, highlight=False)
 
 

@@ -129,8 +129,14 @@ class DrReplica(_Model):
 
 
 class Integrity(_Model):
+    """What a restored copy is checked for (checks/): these tables, against the source."""
+
     tables: list[Name] = []
     heartbeat_table: Name = "drplan_heartbeat"
+    row_count_tolerance: float = Field(default=0.05, ge=0, le=1)
+    """Allowed relative difference of row counts between the restored copy and the source."""
+    timestamp_column: Name = "updated_at"
+    """Per-row change time; a restored row newer than the target time means the restore overshot."""
 
 
 class BarmanBackup(_Model):

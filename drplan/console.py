@@ -1,0 +1,32 @@
+"""Shared pieces of the CLI: consoles, the one-line error exit, loading a plan or exiting 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from drplan.plan import Plan, PlanError, load_plan
+
+out = Console(width=None if sys.stdout.isatty() else 160)  # reports stay readable when piped or in CI logs
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: message` on stderr and return the Exit to raise (exit 2 unless told otherwise)."""
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def plan_or_exit(ref: str) -> Plan:
+    """Load a plan; a broken one prints one line per problem and exits 2 before anything runs."""
+    try:
+        return load_plan(ref)
+    except PlanError as exc:
+        for problem in exc.problems:
+            err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+PlanOption = typer.Option("plans/sandbox.yaml", "--plan", "-p", help="Plan file, or a name under plans/.")
