@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import typer  # noqa: E402
+from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
@@ -68,6 +70,37 @@ def show_rpo(report) -> None:
     for m in report.errors + report.breaches:
         err.print(f"{m.status.value}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",
                   highlight=False, soft_wrap=True)
+
+
+@app.command("drill")
+def drill(
+    plan: str = PlanOption,
+    database: str = typer.Option(None, "--database", "-d", help="One database of the plan (default: all)."),
+    target_time: str = typer.Option(None, "--target-time", help="ISO 8601 time with a zone, or 'latest'."),
+    random_within: str = typer.Option(None, "--random-within", help="A random target time in this span, e.g. 24h."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the scratch copy for inspection."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
+) -> None:
+    """Restore to a scratch copy, check it, measure RTO/RPO, clean up. Exit 0 pass, 1 checks failed, 2 error."""
+    from flows.restore_drill import restore_drill, validate_request
+
+    plan_or_exit(plan)
+    try:
+        validate_request(plan, database, target_time, random_within)  # refused before anything runs
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    with err.status("restore drill: restoring a scratch copy, checking it, cleaning up..."):
+        state = restore_drill(plan=plan, database=database, target_time=target_time,
+                              random_within=random_within, keep=keep, return_state=True)
+    reports = state.result(raise_on_failure=False)
+    if not isinstance(reports, list):
+        raise fail(f"restore drill did not complete: {str(reports).strip().splitlines()[0]}")
+    if as_json:
+        out.print_json(data=[json.loads(r.model_dump_json()) for r in reports])
+    else:
+        for report in reports:
+            out.print(Markdown(report.markdown()))
+    raise typer.Exit(max(r.exit_code for r in reports))
 
 
 @sandbox_app.command("up")

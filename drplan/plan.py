@@ -267,6 +267,21 @@ class Notifications(_Model):
     slack_webhook_block: str | None = None
 
 
+class DrillSettings(_Model):
+    """Restore drills: where scratch copies go, how long they may take, which target time by default."""
+
+    work_dir: str = "/var/tmp/drplan-drills"
+    """postgres kind: scratch restores live here (the OS user must be able to reach it)."""
+    os_user: Name = "drplan-pg"
+    restore_timeout: Duration = timedelta(hours=1)
+    target_margin: Duration = timedelta(minutes=1)
+    """Default target time: the latest restorable time minus this margin."""
+    sweep_after: Duration = timedelta(hours=2)
+    """Leftovers of earlier drills (crashed runs) older than this are removed before each drill."""
+    report_dir: str = "../reports"
+    """Where drill reports (JSON) are written, relative to the plan file."""
+
+
 class SandboxSettings(_Model):
     """Only for the local sandbox: where its state lives and on which loopback ports its parts listen."""
 
@@ -290,6 +305,7 @@ class Plan(_Model):
     services: list[Service] = []
     configuration: ConfigurationBackup | None = None
     notifications: Notifications = Notifications()
+    drill: DrillSettings = DrillSettings()
     sandbox: SandboxSettings | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 

@@ -1,12 +1,12 @@
-"""S3 tasks (boto3): find the newest data and backups, write bucket backups with a manifest.
+"""S3 tasks (boto3): find the newest data and backups, back up a bucket prefix with a manifest, verify a backup,
+restore one.
 
-Bucket backup layout: `<backup>/<YYYYMMDDTHHMMSSZ>/<key>` for the copies, and, written last, the manifest
-`<backup>/<YYYYMMDDTHHMMSSZ>.manifest.json`. A backup without its manifest is incomplete.
+Bucket backup layout (drplan/s3manifest.py): `<backup>/<YYYYMMDDTHHMMSSZ>/<key>` for the copies, and, written
+last, the manifest `<backup>/<YYYYMMDDTHHMMSSZ>.manifest.json`. A backup without its manifest is incomplete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -14,20 +14,26 @@ from datetime import UTC, datetime
 from botocore.exceptions import ClientError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import AwareDatetime, BaseModel
 
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
-
-STAMP = "%Y%m%dT%H%M%SZ"
-_MANIFEST = re.compile(r"(\d{8}T\d{6}Z)\.manifest\.json$")
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """s3://bucket/prefix/ -> (bucket, 'prefix/')."""
-    if not uri.startswith("s3://"):
-        raise DrplanError(f"{uri!r} is not an S3 URI; write s3://bucket/prefix/")
-    bucket, _, prefix = uri[5:].partition("/")
-    return bucket, prefix
+from drplan.plan import Bucket
+from drplan.progress import ArtifactProgress, Reporter
+from drplan.s3manifest import (
+    STAMP,
+    Manifest,
+    ManifestEntry,
+    Verification,
+    backups,
+    compare,
+    read_manifest,
+    write_manifest,
+)
+from drplan.s3store import list_objects, parse_prefix
+from drplan.s3store import parse_uri as split_uri
+from drplan.s3sync import DEFAULTS, SyncOptions, SyncReport, restore, sync
+from drplan.timeutil import utcnow
 
 
 def _objects(s3, uri: str):
@@ -55,44 +61,82 @@ def find_newest_object(s3, uri: str) -> datetime | None:
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def find_newest_backup(s3, backup_uri: str) -> datetime | None:
     """Time of the newest complete (manifest written) bucket backup under `backup_uri`."""
-    bucket, prefix = split_uri(backup_uri)
-    stamps = []
-    try:
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        for page in pages:
-            for obj in page.get("Contents", []):
-                match = _MANIFEST.search(obj["Key"])
-                if match:
-                    stamps.append(datetime.strptime(match.group(1), STAMP).replace(tzinfo=UTC))
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] == "NoSuchBucket":
-            raise DrplanError(f"{backup_uri}: bucket {bucket} does not exist; check buckets[].backup") from None
-        raise
-    newest = max(stamps, default=None)
+    complete, _ = backups(s3, backup_uri)
+    newest = datetime.strptime(complete[-1], STAMP).replace(tzinfo=UTC) if complete else None
     run_logger().info("%s newest complete backup %s", backup_uri, newest)
     return newest
 
 
-def back_up_prefix(s3, live_uri: str, backup_uri: str, at: datetime) -> dict:
-    """Server-side copy of every object under `live_uri` into `<backup>/<stamp>/`, then the manifest."""
-    src_bucket, src_prefix = split_uri(live_uri)
-    dst_bucket, dst_prefix = split_uri(backup_uri)
-    stamp = at.astimezone(UTC).strftime(STAMP)
-    entries = []
-    for obj in _objects(s3, live_uri):
-        key = obj["Key"][len(src_prefix):]
-        s3.copy_object(
-            Bucket=dst_bucket, Key=f"{dst_prefix}{stamp}/{key}",
-            CopySource={"Bucket": src_bucket, "Key": obj["Key"]},
-        )
-        entries.append({"key": key, "size": obj["Size"], "etag": obj["ETag"].strip('"')})
-    body = {"source": live_uri, "taken_at": at.astimezone(UTC).isoformat(), "objects": entries}
-    raw = json.dumps(body, sort_keys=True).encode()
-    s3.put_object(
-        Bucket=dst_bucket, Key=f"{dst_prefix}{stamp}.manifest.json", Body=raw,
-        ContentType="application/json", Metadata={"sha256": hashlib.sha256(raw).hexdigest()},
+class BackupResult(BaseModel):
+    source: str
+    backup: str
+    manifest: str
+    taken_at: AwareDatetime
+    objects: int
+    bytes: int
+    copied: int
+    throttled: int
+    duration_s: float
+
+
+def back_up_prefix(s3, live_uri: str, backup_uri: str, at: datetime, options: SyncOptions = DEFAULTS,
+                   progress: Reporter | None = None) -> BackupResult:
+    """Server-side copy of every object under `live_uri` into `<backup>/<stamp>/`, verified, then the manifest.
+    A rerun for the same `at` resumes. Raises DrplanError (and writes no manifest) when anything failed."""
+    bucket, prefix = parse_prefix(backup_uri)
+    target = f"s3://{bucket}/{prefix}{at.astimezone(UTC).strftime(STAMP)}/"
+    result = sync(s3, live_uri, target, options.model_copy(update={"delete": True, "dry_run": False}),
+                  progress=progress)
+    report = result.report
+    if not report.complete:
+        first = report.failures[0] if report.failures else None
+        reason = f"{report.failed.objects} failed, first {first.key}: {first.error}" if first else \
+            report.verification.summary
+        raise DrplanError(f"backup {target} incomplete, no manifest written ({reason}); rerun to resume")
+    manifest = Manifest(
+        source=live_uri, backup=target, taken_at=at.astimezone(UTC), completed_at=utcnow(),
+        objects=[ManifestEntry(key=key, size=obj.size, etag=obj.etag,
+                               checksum=result.copies[key].checksum if key in result.copies else None)
+                 for key, obj in sorted(result.target.items())],
     )
-    return body
+    location = write_manifest(s3, target, manifest)
+    run_logger().info("backup %s: %d objects, manifest %s", target, len(manifest.objects), location)
+    return BackupResult(source=live_uri, backup=target, manifest=location, taken_at=manifest.taken_at,
+                        objects=len(manifest.objects), bytes=manifest.bytes, copied=report.copied.objects,
+                        throttled=report.throttled, duration_s=report.duration_s)
+
+
+@task(cache_policy=NO_CACHE)
+def back_up_bucket(s3, bucket: Bucket, at: datetime, options: SyncOptions = DEFAULTS) -> BackupResult:
+    """Back up one plan bucket (live -> backup), with a progress artifact."""
+    key = re.sub(r"[^a-z0-9-]", "-", f"s3-backup-{bucket.name}".lower())  # artifact keys: a-z, 0-9, -
+    progress = ArtifactProgress(key, f"backup of {bucket.live}")
+    return back_up_prefix(s3, bucket.live, bucket.backup, at, options, progress)
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def verify_backup(s3, backup_dir: str) -> Verification:
+    """One backup (…/<stamp>/) against its manifest: missing, corrupt (size or ETag differs) and extra keys.
+    Without a usable manifest only the listing is reported, flagged unverified."""
+    actual = list_objects(s3, backup_dir)
+    try:
+        manifest = read_manifest(s3, backup_dir)
+        note = "" if manifest else "no manifest: the backup is incomplete; only its listing was checked"
+    except DrplanError as exc:
+        manifest, note = None, str(exc)
+    if manifest is None:
+        checked = Verification(location=backup_dir, verified=False, objects=len(actual),
+                               bytes=sum(obj.size for obj in actual.values()), note=note)
+    else:
+        checked = compare(backup_dir, manifest.expected(), actual)
+    run_logger().info("%s", checked.summary)
+    return checked
+
+
+@task(cache_policy=NO_CACHE)
+def restore_backup(s3, source: str, target: str, options: SyncOptions) -> SyncReport:
+    """Sync a bucket backup onto the live prefix (see drplan.s3sync.restore), with a progress artifact."""
+    return restore(s3, source, target, options, progress=ArtifactProgress("s3-recovery", f"{source} -> {target}"))
 
 
 def put_json(s3, uri: str, document: dict) -> None:

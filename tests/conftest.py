@@ -37,6 +37,8 @@ def sandbox_plan_data(state_dir: Path) -> dict:
         db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in (pg1, pg2, pg3)), strict=True))
     data["clusters"][0]["kubeconfig"] = str(state_dir / "kubeconfig")
     data["services"][0]["health"] = f"http://127.0.0.1:{app}/health"
+    data["drill"] = {"work_dir": str(state_dir / "drills"), "report_dir": str(state_dir / "reports"),
+                     "target_margin": "10s", "sweep_after": "30m", "restore_timeout": "5m"}
     data["sandbox"] = {
         "state_dir": str(state_dir), "kube_api": f"127.0.0.1:{kube}", "app": f"127.0.0.1:{app}",
         "demo_rows": 2000, "heartbeat_interval": "1s", "archive_timeout": "5s",
@@ -67,7 +69,8 @@ def sandbox_plan_path(sandbox_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def sandbox(sandbox_plan_path: Path) -> Iterator[Plan]:
     """The sandbox, up for the whole session; torn down (processes stopped, state deleted) at the end."""
-    from drplan.sandbox import processes, stack
+    from drplan import processes
+    from drplan.sandbox import stack
 
     plan = load_plan(sandbox_plan_path)
     try:

@@ -66,11 +66,35 @@ def back_up_buckets(plan: Plan) -> None:
         back_up_prefix(s3, bucket.live, bucket.backup, now)
 
 
+def ensure_rds_network(plan: Plan, region: str) -> dict[str, Any]:
+    """A VPC with two subnets, a DB subnet group, a security group and a parameter group in `region` (moto
+    records them; no traffic goes anywhere), so that restores can be checked to carry the source's settings."""
+    ec2, rds = aws_client(plan, "ec2", region), aws_client(plan, "rds", region)
+    names = {"DBSubnetGroupName": "devonn-db-subnets", "DBParameterGroupName": "devonn-postgres16"}
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:Name", "Values": ["drplan-sandbox"]}])["Vpcs"]
+    if vpcs:
+        vpc_id = vpcs[0]["VpcId"]
+        group_id = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": ["devonn-db"]}])[
+            "SecurityGroups"][0]["GroupId"]
+        return {**names, "VpcSecurityGroupIds": [group_id]}
+    vpc_id = ec2.create_vpc(CidrBlock="10.42.0.0/16", TagSpecifications=[
+        {"ResourceType": "vpc", "Tags": [{"Key": "Name", "Value": "drplan-sandbox"}]}])["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc_id, CidrBlock=f"10.42.{i}.0/24",
+                                 AvailabilityZone=f"{region}{zone}")["Subnet"]["SubnetId"]
+               for i, zone in enumerate("ab")]
+    group_id = ec2.create_security_group(GroupName="devonn-db", Description="devonn databases", VpcId=vpc_id)["GroupId"]
+    rds.create_db_subnet_group(DBSubnetGroupName=names["DBSubnetGroupName"], SubnetIds=subnets,
+                               DBSubnetGroupDescription="devonn databases")
+    rds.create_db_parameter_group(DBParameterGroupName=names["DBParameterGroupName"],
+                                  DBParameterGroupFamily="postgres16", Description="devonn postgres 16")
+    return {**names, "VpcSecurityGroupIds": [group_id]}
+
+
 def ensure_rds(plan: Plan) -> None:
     """For every rds-kind database: Multi-AZ primary, read replica, cross-region DR replica, a snapshot."""
-    for db in plan.databases:
-        if db.kind is not DatabaseKind.rds:
-            continue
+    rds_databases = [db for db in plan.databases if db.kind is DatabaseKind.rds]
+    network = ensure_rds_network(plan, plan.aws.region) if rds_databases else {}
+    for db in rds_databases:
         rds = aws_client(plan, "rds")
         tags = [{"Key": "drplan:plan", "Value": plan.name}, {"Key": "drplan:database", "Value": db.name}]
         if not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.primary, missing=("DBInstanceNotFound",)):
@@ -78,7 +102,7 @@ def ensure_rds(plan: Plan) -> None:
                 DBInstanceIdentifier=db.primary, DBInstanceClass="db.r6g.large", Engine="postgres",
                 EngineVersion="16.4", AllocatedStorage=100, MasterUsername=ADMIN_USER,
                 ManageMasterUserPassword=True, DBName=db.dbname, MultiAZ=True, BackupRetentionPeriod=7,
-                Tags=tags,
+                Tags=tags, **network,
             )
         primary_arn = rds.describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0]["DBInstanceArn"]
         if db.replica and not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.replica,
@@ -89,9 +113,11 @@ def ensure_rds(plan: Plan) -> None:
             dr = aws_client(plan, "rds", db.dr_replica.region)
             if not _exists(dr.describe_db_instances, DBInstanceIdentifier=db.dr_replica.identifier,
                            missing=("DBInstanceNotFound",)):
+                dr_network = ensure_rds_network(plan, db.dr_replica.region)
                 dr.create_db_instance_read_replica(
                     DBInstanceIdentifier=db.dr_replica.identifier, SourceDBInstanceIdentifier=primary_arn,
-                    SourceRegion=plan.aws.region, Tags=tags)
+                    SourceRegion=plan.aws.region, Tags=tags, DBSubnetGroupName=dr_network["DBSubnetGroupName"],
+                    VpcSecurityGroupIds=dr_network["VpcSecurityGroupIds"])
         snapshots = rds.describe_db_snapshots(DBInstanceIdentifier=db.primary)["DBSnapshots"]
         if not snapshots:
             rds.create_db_snapshot(DBSnapshotIdentifier=f"{db.primary}-seed", DBInstanceIdentifier=db.primary)

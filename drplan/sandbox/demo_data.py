@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import psycopg
+from psycopg import sql
+
+if TYPE_CHECKING:
+    from drplan.postgres_local import LocalPostgres
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -53,3 +59,12 @@ def load(conn: psycopg.Connection, rows: int) -> bool:
         conn.execute(LOAD_ORDERS, {"rows": rows})
     conn.execute("ANALYZE users, orders")
     return True
+
+
+def create_and_load(pg: LocalPostgres, member: str, rows: int) -> bool:
+    """Create the database if missing and load the demo data unless loaded. Returns whether it loaded."""
+    with pg.connect(member, "postgres") as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (pg.dbname,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg.dbname)))
+    with pg.connect(member) as conn:
+        return load(conn, rows)

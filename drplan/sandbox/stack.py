@@ -22,12 +22,13 @@ from urllib.parse import quote
 import httpx
 from rich.console import Console
 
+from drplan import processes
 from drplan.clients import child_aws_env, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Cluster, Database, DatabaseKind, Plan
-from drplan.sandbox import aws_seed, processes
+from drplan.postgres_local import LocalPostgres, PostgresError, ensure_os_user
+from drplan.sandbox import aws_seed, demo_data
 from drplan.sandbox.kube_api import write_kubeconfig
-from drplan.sandbox.postgres import PostgresError, PostgresSandbox, ensure_os_user
 from flows.config_backup import export_configuration
 
 PYTHON = sys.executable
@@ -91,9 +92,9 @@ def sandbox_secrets(directory: Path) -> dict[str, str]:
     return values
 
 
-def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> PostgresSandbox:
+def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> LocalPostgres:
     assert plan.sandbox is not None and db.backup is not None
-    return PostgresSandbox(
+    return LocalPostgres(
         directory, os_user=plan.sandbox.os_user, superuser=aws_seed.ADMIN_USER, password=password,
         dbname=db.dbname, endpoint_url=plan.aws.endpoint_url, aws_env=child_aws_env(plan),
         destination=db.backup.destination, server_name=db.backup.server_name,
@@ -106,12 +107,12 @@ def _postgres_databases(plan: Plan) -> list[Database]:
     return [d for d in plan.databases if d.kind is DatabaseKind.postgres]
 
 
-def up_postgres(plan: Plan, db: Database, pg: PostgresSandbox, console: Console) -> None:
+def up_postgres(plan: Plan, db: Database, pg: LocalPostgres, console: Console) -> None:
     assert plan.sandbox is not None
     primary, port = db.primary, _host_port(db.endpoints[db.primary])[1]
     console.print(f"  postgres {primary} on :{port}")
     pg.up_primary(primary, port)
-    if pg.create_database_and_demo(primary, plan.sandbox.demo_rows):
+    if demo_data.create_and_load(pg, primary, plan.sandbox.demo_rows):
         console.print(f"  loaded demo data ({plan.sandbox.demo_rows} users, {2 * plan.sandbox.demo_rows} orders)")
     pg.start_heartbeat(primary, interval=plan.sandbox.heartbeat_interval.total_seconds(),
                        table=db.integrity.heartbeat_table)
@@ -257,7 +258,7 @@ def status(plan: Plan) -> list[Component]:
     for db in _postgres_databases(plan):
         pg = postgres_of(plan, db, directory, values["db_password"]) if values else None
         for member in db.members.values():
-            def check(member: str = member, pg: PostgresSandbox | None = pg) -> str:
+            def check(member: str = member, pg: LocalPostgres | None = pg) -> str:
                 st = pg.status(member)
                 if st.in_recovery is None:
                     raise RuntimeError("not answering")

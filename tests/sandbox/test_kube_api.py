@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
 
-from drplan.sandbox import processes
+from drplan import processes
 from drplan.sandbox.kube_api import write_kubeconfig
 from tests.helpers import free_port, wait_for
 

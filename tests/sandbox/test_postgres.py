@@ -21,8 +21,9 @@ import psycopg
 import pytest
 from botocore.config import Config
 
-from drplan.sandbox import processes
-from drplan.sandbox.postgres import VENV_BIN, PostgresError, PostgresSandbox
+from drplan import processes
+from drplan.postgres_local import VENV_BIN, LocalPostgres, PostgresError
+from drplan.sandbox import demo_data
 from tests.helpers import free_port, wait_for
 
 pytestmark = [
@@ -66,7 +67,7 @@ def cmdlines_with_password() -> list[str]:
     return hits
 
 
-def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> PostgresSandbox:
+def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> LocalPostgres:
     kwargs = dict(
         superuser="drplan_admin",
         password=PASSWORD,
@@ -77,7 +78,7 @@ def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> Postgr
         server_name=SERVER,
         archive_timeout=60,
     )
-    return PostgresSandbox(state_dir, **{**kwargs, **overrides})
+    return LocalPostgres(state_dir, **{**kwargs, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +137,15 @@ def replicas(pg):
     return pg
 
 
-def scalar(pg: PostgresSandbox, member: str, query: str, params: tuple = (), dbname: str | None = None) -> Any:
+def scalar(pg: LocalPostgres, member: str, query: str, params: tuple = (), dbname: str | None = None) -> Any:
     with pg.connect(member, dbname) as conn:
         return conn.execute(query, params).fetchone()[0]
 
 
 def test_primary_up_with_demo_data(pg):
     assert pg.status(PRIMARY).running and pg.status(PRIMARY).in_recovery is False
-    assert pg.create_database_and_demo(PRIMARY, ROWS) is True
-    assert pg.create_database_and_demo(PRIMARY, ROWS) is False  # already loaded: skipped
+    assert demo_data.create_and_load(pg, PRIMARY, ROWS) is True
+    assert demo_data.create_and_load(pg, PRIMARY, ROWS) is False  # already loaded: skipped
     assert scalar(pg, PRIMARY, "SELECT count(*) FROM users") == ROWS
     assert scalar(pg, PRIMARY, "SELECT count(*) FROM orders") == 2 * ROWS
     assert scalar(pg, PRIMARY, "SELECT count(*) FROM orders o LEFT JOIN users u ON u.id = o.user_id "
@@ -308,7 +309,7 @@ def test_failing_archive_is_an_error_not_a_hang(pg, s3):
 def test_100k_demo_rows_load_fast(pg):
     bulk = make_sandbox(pg.state_dir, pg.endpoint_url, dbname="bulk", ports=pg.ports)
     started = time.monotonic()
-    assert bulk.create_database_and_demo(PRIMARY, 100_000) is True
+    assert demo_data.create_and_load(bulk, PRIMARY, 100_000) is True
     elapsed = time.monotonic() - started
     assert elapsed < 30, f"100k demo rows took {elapsed:.1f}s"
     assert scalar(bulk, PRIMARY, "SELECT count(*) FROM users") == 100_000

@@ -10,8 +10,9 @@ import httpx
 from kubernetes import client as k8s
 from rich.console import Console
 
+from drplan import processes
 from drplan.clients import aws_client, kube_client
-from drplan.sandbox import processes, stack
+from drplan.sandbox import stack
 
 
 def test_status_reports_every_component_healthy(sandbox):

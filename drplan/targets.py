@@ -1,0 +1,261 @@
+"""Database targets: one interface, two implementations, for what restores and drills need.
+
+- `PostgresArchive` (kind postgres): barman-cloud base backups and WAL in S3, restored on this machine as the
+  unprivileged OS user with `LocalPostgres.restore` (a scratch server on a free loopback port).
+- `RdsInstance` (kind rds): `restore_db_instance_to_point_in_time` with the source's network and parameter
+  settings passed explicitly (RDS would otherwise use the defaults), drill tags, and our own wait.
+Scratch copies are named `<database>-drill-<YYYYMMDDTHHMMSSZ>` and labelled so a later drill can sweep them.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime, timedelta
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel
+
+from drplan.clients import DbCredentials, PgTarget, aws_client, child_aws_env
+from drplan.errors import DrplanError
+from drplan.plan import Database, DatabaseKind, Plan
+from drplan.postgres_local import HOST, LocalPostgres, PostgresError
+from drplan.timeutil import utcnow
+from tasks.barman import find_newest_wal
+from tasks.s3 import STAMP
+
+DRILL_TAG = "drplan:drill"
+
+
+class RestorableWindow(BaseModel):
+    earliest: datetime
+    latest: datetime
+
+    def check(self, when: datetime) -> None:
+        """Refuse a target time outside the window, with the window in the message."""
+        if when.tzinfo is None:
+            raise DrplanError(f"target time {when.isoformat()} has no time zone; add one, e.g. Z")
+        if not self.earliest <= when <= self.latest:
+            raise DrplanError(
+                f"target time {when:%Y-%m-%dT%H:%M:%SZ} is outside the restorable window "
+                f"[{self.earliest:%Y-%m-%dT%H:%M:%SZ}, {self.latest:%Y-%m-%dT%H:%M:%SZ}]; choose a time inside it"
+            )
+
+
+class Scratch(BaseModel):
+    """A restored scratch copy."""
+
+    name: str
+    host: str
+    port: int
+    created_at: datetime
+    backup_id: str | None = None
+
+    def target(self, db: Database, credentials: DbCredentials) -> PgTarget:
+        return PgTarget(f"{db.name}/scratch {self.name}", self.host, self.port, db.dbname, credentials)
+
+
+class Leftover(BaseModel):
+    name: str
+    created_at: datetime | None
+
+
+def scratch_name(db: Database, now: datetime) -> str:
+    return f"{db.name}-drill-{now.astimezone(UTC).strftime(STAMP).lower()}"
+
+
+class RestoreTarget(ABC):
+    def __init__(self, plan: Plan, db: Database):
+        self.plan, self.db = plan, db
+
+    @abstractmethod
+    def window(self) -> RestorableWindow:
+        """The times this database can be restored to right now."""
+
+    @abstractmethod
+    def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+        """Restore to a scratch copy `name` as of `target_time`; a rerun finds an existing copy and returns it."""
+
+    @abstractmethod
+    def drop(self, name: str) -> bool:
+        """Delete scratch copy `name`; returns whether there was one."""
+
+    @abstractmethod
+    def leftovers(self) -> list[Leftover]:
+        """Scratch copies of this database that earlier drills left behind."""
+
+
+class PostgresArchive(RestoreTarget):
+    def __init__(self, plan: Plan, db: Database):
+        super().__init__(plan, db)
+        self.work_dir = plan.resolve_path(plan.drill.work_dir)
+        self.markers = self.work_dir / "drills"
+
+    def _local(self, credentials: DbCredentials | None = None) -> LocalPostgres:
+        assert self.db.backup is not None
+        return LocalPostgres(
+            self.work_dir, os_user=self.plan.drill.os_user,
+            superuser=credentials.username if credentials else "postgres",
+            password=credentials.password.get_secret_value() if credentials else "",
+            dbname=self.db.dbname, endpoint_url=self.plan.aws.endpoint_url, aws_env=child_aws_env(self.plan),
+            destination=self.db.backup.destination, server_name=self.db.backup.server_name,
+        )
+
+    def window(self) -> RestorableWindow:
+        assert self.db.backup is not None
+        done = [b for b in self._local().list_backups() if b.status == "DONE" and b.end_time]
+        if not done:
+            raise DrplanError(f"{self.db.name}: no completed base backup in {self.db.backup.destination}; "
+                              "nothing can be restored until one exists")
+        newest_wal = find_newest_wal.fn(aws_client(self.plan, "s3"), self.db.backup)
+        latest = max(newest_wal or done[-1].end_time, done[-1].end_time)
+        return RestorableWindow(earliest=done[0].end_time, latest=latest)
+
+    def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+        local = self._local(credentials)
+        marker = self.markers / f"{name}.json"
+        if marker.is_file():
+            scratch = Scratch.model_validate_json(marker.read_text())
+        else:
+            backup = local.backup_for(target_time)
+            scratch = Scratch(name=name, host=HOST, port=_free_port(), created_at=utcnow(), backup_id=backup.id)
+            self.markers.mkdir(parents=True, exist_ok=True)
+            marker.write_text(scratch.model_dump_json())  # written first: a crash leaves something to sweep
+        backup = next(b for b in local.list_backups() if b.id == scratch.backup_id)
+        try:
+            local.restore(name, scratch.port, target_time, backup,
+                          timeout=self.plan.drill.restore_timeout.total_seconds())
+        except PostgresError as exc:
+            raise DrplanError(str(exc)) from None
+        return scratch
+
+    def drop(self, name: str) -> bool:
+        existed = self._local().remove(name)
+        marker = self.markers / f"{name}.json"
+        existed = existed or marker.is_file()
+        marker.unlink(missing_ok=True)
+        return existed
+
+    def leftovers(self) -> list[Leftover]:
+        prefix = f"{self.db.name}-drill-"
+        return [
+            Leftover(name=m.stem, created_at=Scratch.model_validate_json(m.read_text()).created_at)
+            for m in sorted(self.markers.glob(f"{prefix}*.json"))
+        ]
+
+
+class RdsInstance(RestoreTarget):
+    poll_seconds = 10.0
+
+    def __init__(self, plan: Plan, db: Database):
+        super().__init__(plan, db)
+        self.rds = aws_client(plan, "rds")
+
+    def _describe(self, identifier: str) -> dict | None:
+        try:
+            return self.rds.describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"][0]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "DBInstanceNotFound":
+                return None
+            raise
+
+    def _source(self) -> dict:
+        source = self._describe(self.db.primary)
+        if source is None:
+            raise DrplanError(f"{self.db.name}: RDS instance {self.db.primary} not found in {self.plan.aws.region}")
+        return source
+
+    def window(self) -> RestorableWindow:
+        source = self._source()
+        latest = source.get("LatestRestorableTime")
+        if latest is None:
+            raise DrplanError(f"{self.db.name}: {self.db.primary} reports no LatestRestorableTime; "
+                              "enable automated backups (BackupRetentionPeriod > 0)")
+        earliest = source["InstanceCreateTime"]
+        backups = self.rds.describe_db_instance_automated_backups(
+            DBInstanceIdentifier=self.db.primary).get("DBInstanceAutomatedBackups", [])
+        window = next((b["RestoreWindow"] for b in backups if b.get("RestoreWindow", {}).get("EarliestTime")), None)
+        if window:
+            earliest = window["EarliestTime"]
+        return RestorableWindow(earliest=earliest.astimezone(UTC), latest=latest.astimezone(UTC))
+
+    def restore_request(self, name: str, target_time: datetime) -> dict:
+        """The restore call's arguments: the source's network and parameter settings, and the drill tags."""
+        source = self._source()
+        request = {
+            "SourceDBInstanceIdentifier": self.db.primary,
+            "TargetDBInstanceIdentifier": name,
+            "RestoreTime": target_time,
+            "DBInstanceClass": source["DBInstanceClass"],
+            "MultiAZ": False,
+            "PubliclyAccessible": False,
+            "VpcSecurityGroupIds": [g["VpcSecurityGroupId"] for g in source.get("VpcSecurityGroups", [])],
+            "Tags": [{"Key": DRILL_TAG, "Value": "true"}, {"Key": "drplan:database", "Value": self.db.name},
+                     {"Key": "drplan:created", "Value": utcnow().isoformat()}],
+        }
+        if source.get("DBSubnetGroup"):
+            request["DBSubnetGroupName"] = source["DBSubnetGroup"]["DBSubnetGroupName"]
+        if source.get("DBParameterGroups"):
+            request["DBParameterGroupName"] = source["DBParameterGroups"][0]["DBParameterGroupName"]
+        return request
+
+    def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+        instance = self._describe(name)
+        if instance is None:
+            self.rds.restore_db_instance_to_point_in_time(**self.restore_request(name, target_time))
+        instance = self._wait_available(name, self.plan.drill.restore_timeout)
+        endpoint = instance.get("Endpoint") or {}
+        if name in self.db.endpoints:
+            host, _, port = self.db.endpoints[name].rpartition(":")
+            endpoint = {"Address": host, "Port": int(port)}
+        return Scratch(name=name, host=endpoint["Address"], port=int(endpoint["Port"]),
+                       created_at=_created(instance) or utcnow())
+
+    def _wait_available(self, name: str, timeout: timedelta) -> dict:
+        """Our own wait: botocore's waiter gives up after 30 minutes, large restores take longer."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            instance = self._describe(name)
+            status = instance["DBInstanceStatus"] if instance else "missing"
+            if status == "available":
+                return instance
+            if status in ("failed", "incompatible-restore", "incompatible-parameters", "missing"):
+                raise DrplanError(f"{self.db.name}: scratch instance {name} is {status}")
+            if time.monotonic() > deadline:
+                raise DrplanError(f"{self.db.name}: scratch instance {name} not available after "
+                                  f"{timeout}; still {status}")
+            time.sleep(self.poll_seconds)
+
+    def drop(self, name: str) -> bool:
+        if self._describe(name) is None:
+            return False
+        self.rds.delete_db_instance(DBInstanceIdentifier=name, SkipFinalSnapshot=True, DeleteAutomatedBackups=True)
+        return True
+
+    def leftovers(self) -> list[Leftover]:
+        found = []
+        for page in self.rds.get_paginator("describe_db_instances").paginate():
+            for instance in page["DBInstances"]:
+                if _tag(instance, DRILL_TAG) == "true" and _tag(instance, "drplan:database") == self.db.name:
+                    found.append(Leftover(name=instance["DBInstanceIdentifier"], created_at=_created(instance)))
+        return found
+
+
+def _tag(instance: dict, key: str) -> str | None:
+    return next((t["Value"] for t in instance.get("TagList", []) if t["Key"] == key), None)
+
+
+def _created(instance: dict) -> datetime | None:
+    value = _tag(instance, "drplan:created")
+    return datetime.fromisoformat(value) if value else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def restore_target(plan: Plan, db: Database) -> RestoreTarget:
+    return PostgresArchive(plan, db) if db.kind is DatabaseKind.postgres else RdsInstance(plan, db)

@@ -1,0 +1,152 @@
+"""Restore drill: prove a backup by restoring it. The runbook's "Backup Restoration: test restoring from backups".
+
+For each database: choose a target time inside the restorable window -> sweep leftovers of earlier drills ->
+restore a scratch copy as of that time -> check the copy against the source (integrity suites) -> measure RTO
+(drill start to a checked, connectable copy) and RPO (target time minus the newest heartbeat in the copy) ->
+always remove the scratch copy (unless kept) -> report (markdown artifact, JSON file, event).
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.states import Failed
+
+from drplan.clients import check_aws_access, db_credentials, pg_target
+from drplan.drill_report import CheckStatus, DrillReport, Measured
+from drplan.errors import DrplanError
+from drplan.plan import Database, Plan, load_plan
+from drplan.targets import RestorableWindow, restore_target, scratch_name
+from drplan.timeutil import parse_duration, parse_utc, utcnow
+from tasks.database import check_restored_copy, drop_scratch, find_restorable_window, restore_scratch, sweep_leftovers
+from tasks.postgres import read_newest_heartbeat
+
+DEFAULT_PLAN = "plans/devonn.yaml"
+
+
+def choose_target_time(
+    window: RestorableWindow, target_time: datetime | None, random_within: timedelta | None, margin: timedelta
+) -> datetime:
+    """Explicit time (validated against the window), a random time in the last `random_within`, or the latest
+    restorable time minus `margin`."""
+    if target_time is not None:
+        window.check(target_time)
+        return target_time
+    latest = window.latest - margin
+    if latest < window.earliest:
+        raise DrplanError(f"the restorable window [{window.earliest:%H:%M:%SZ}, {window.latest:%H:%M:%SZ}] is "
+                          f"shorter than the target margin {margin}; wait, or pass an explicit target time")
+    if random_within is None:
+        return latest
+    earliest = max(window.earliest, latest - random_within)
+    return earliest + (latest - earliest) * random.random()
+
+
+def validate_request(plan: str, database: str | None, target_time: str | None, random_within: str | None):
+    """Every user-typed parameter, before the first side effect. Raises DrplanError with the fix."""
+    dr_plan = load_plan(plan)
+    databases = [dr_plan.database(database)] if database else list(dr_plan.databases)
+    if not databases:
+        raise DrplanError(f"plan {dr_plan.name} defines no databases to drill")
+    if target_time and random_within:
+        raise DrplanError("pass either target_time or random_within, not both")
+    try:
+        when = parse_utc(target_time) if target_time and target_time != "latest" else None
+        spread = parse_duration(random_within) if random_within else None
+    except ValueError as exc:
+        raise DrplanError(str(exc)) from None
+    if when and when > utcnow():
+        raise DrplanError(f"target time {when:%Y-%m-%dT%H:%M:%SZ} is in the future; choose a past time")
+    return dr_plan, databases, when, spread
+
+
+def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: timedelta | None,
+                   keep: bool) -> DrillReport:
+    logger = get_run_logger()
+    started = utcnow()
+    target = restore_target(dr_plan, db)
+    name = scratch_name(db, started)
+    report = DrillReport(plan=dr_plan.name, database=db.name, kind=db.kind.value, scratch=name, started_at=started)
+    restore_started = False
+    try:
+        window = find_restorable_window(target)
+        report.target_time = choose_target_time(window, when, spread, dr_plan.drill.target_margin)
+        report.nominal_rpo = Measured(measured=started - window.latest, objective=dr_plan.objectives.rpo.database)
+        report.swept = sweep_leftovers(target, dr_plan.drill.sweep_after)
+        credentials = db_credentials(dr_plan, db)
+        restore_started = True
+        scratch = restore_scratch(target, name, report.target_time, credentials)
+        report.backup_id = scratch.backup_id
+        report.restore_duration = utcnow() - started
+        copy = scratch.target(db, credentials)
+        report.checks = check_restored_copy(pg_target(dr_plan, db, "primary", credentials), copy, db.integrity,
+                                            report.target_time)
+        report.rto = Measured(measured=utcnow() - started, objective=dr_plan.objectives.rto_for(db.tier))
+        newest = read_newest_heartbeat(copy, db.integrity.heartbeat_table)
+        report.rpo = Measured(measured=report.target_time - newest if newest else None,
+                              objective=dr_plan.objectives.rpo.database)
+    except Exception as exc:  # the report must say what failed; cleanup below still runs
+        report.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.error("drill of %s failed: %s", db.name, report.error)
+    finally:
+        if keep and restore_started:
+            report.cleanup = f"kept for inspection: {name} (a later drill sweeps it after drill.sweep_after)"
+        elif restore_started:
+            try:
+                report.cleanup = "removed" if drop_scratch(target, name) else "nothing to remove"
+            except Exception as exc:  # noqa: BLE001 - reported, and the next drill's sweep retries
+                report.cleanup = f"FAILED: {exc}; the next drill sweeps it"
+        else:
+            report.cleanup = "nothing restored"
+        report.finished_at = utcnow()
+    return report
+
+
+def publish(dr_plan: Plan, report: DrillReport) -> Path:
+    create_markdown_artifact(key=f"restore-drill-{report.database}".lower(), markdown=report.markdown(),
+                             description=f"restore drill of {report.database}: {report.status.value}")
+    directory = dr_plan.resolve_path(dr_plan.drill.report_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"drill-{report.scratch}.json"
+    path.write_text(report.model_dump_json(indent=2))
+    emit_event(
+        event=f"drplan.drill.{report.status.value}",
+        resource={"prefect.resource.id": f"drplan.database.{report.database}",
+                  "prefect.resource.name": report.database},
+        payload={"report": str(path), "error": report.error,
+                 "failed_checks": [c.name for c in report.checks if c.status is not CheckStatus.passed]},
+    )
+    return path
+
+
+@flow(name="restore-drill")
+def restore_drill(
+    plan: str = DEFAULT_PLAN,
+    database: str | None = None,
+    target_time: str | None = None,
+    random_within: str | None = None,
+    keep: bool = False,
+) -> list[DrillReport]:
+    """Restore each database (or one) to a scratch copy, check it, measure RTO/RPO, clean up, report.
+
+    target_time: ISO 8601 with a zone, or "latest" (default: latest restorable minus the plan's margin);
+    random_within: e.g. "24h" picks a random target time in that span; keep: leave the scratch copy running.
+    """
+    dr_plan, databases, when, spread = validate_request(plan, database, target_time, random_within)
+    check_aws_access(dr_plan)
+    reports = []
+    for db in databases:
+        report = drill_database(dr_plan, db, when, spread, keep)
+        path = publish(dr_plan, report)
+        get_run_logger().info("drill of %s: %s (report %s)", db.name, report.status.value, path)
+        reports.append(report)
+    worst = max(r.exit_code for r in reports)
+    if worst:
+        summary = ", ".join(f"{r.database} {r.status.value}" for r in reports)
+        return Failed(message=f"restore drill: {summary}", data=reports)
+    return reports

@@ -1,0 +1,66 @@
+"""Restore tasks against a database target (drplan.targets): window, restore, drop, sweep."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from drplan.clients import DbCredentials, PgTarget
+from drplan.drill_report import CheckStatus, DrillCheck
+from drplan.logs import run_logger
+from drplan.plan import Integrity
+from drplan.targets import RestorableWindow, RestoreTarget, Scratch
+from drplan.timeutil import utcnow
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def find_restorable_window(target: RestoreTarget) -> RestorableWindow:
+    window = target.window()
+    run_logger().info("%s restorable from %s to %s", target.db.name, window.earliest, window.latest)
+    return window
+
+
+@task(cache_policy=NO_CACHE)
+def restore_scratch(target: RestoreTarget, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+    """Restore to a scratch copy (no retries: a failed restore is the finding, and it is cleaned up)."""
+    run_logger().info("restoring %s to %s as of %s", target.db.name, name, target_time.isoformat())
+    scratch = target.restore(name, target_time, credentials)
+    run_logger().info("scratch copy %s accepting connections on %s:%s", name, scratch.host, scratch.port)
+    return scratch
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def drop_scratch(target: RestoreTarget, name: str) -> bool:
+    dropped = target.drop(name)
+    run_logger().info("scratch copy %s %s", name, "removed" if dropped else "was already gone")
+    return dropped
+
+
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def sweep_leftovers(target: RestoreTarget, older_than: timedelta) -> list[str]:
+    """Remove scratch copies earlier drills left behind (crashed runs) once older than `older_than`."""
+    cutoff = utcnow() - older_than
+    swept = []
+    for leftover in target.leftovers():
+        if leftover.created_at is None or leftover.created_at <= cutoff:
+            target.drop(leftover.name)
+            swept.append(leftover.name)
+    if swept:
+        run_logger().warning("swept leftovers of earlier drills: %s", ", ".join(swept))
+    return swept
+
+
+@task(cache_policy=NO_CACHE)
+def check_restored_copy(source: PgTarget, restored: PgTarget, integrity: Integrity, target_time: datetime
+                        ) -> list[DrillCheck]:
+    """The integrity suites (checks/) of a restored copy against its source, one result per check."""
+    from checks import run_integrity_checks
+
+    report = run_integrity_checks(source, restored, integrity, target_time)
+    results = [DrillCheck(name=c.name, status=CheckStatus(c.status), expectation=c.expectation, observed=c.observed)
+               for c in report.checks]
+    failed = [c.name for c in results if c.status is not CheckStatus.passed]
+    run_logger().info("%d checks, not passed: %s", len(results), ", ".join(failed) or "none")
+    return results
