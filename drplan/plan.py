@@ -137,6 +137,8 @@ class Integrity(_Model):
     """Allowed relative difference of row counts between the restored copy and the source."""
     timestamp_column: Name = "updated_at"
     """Per-row change time; a restored row newer than the target time means the restore overshot."""
+    fingerprint: bool = True
+    """Drills also compare the rows unchanged since T (timestamp column <= T) between source and copy."""
 
 
 class BarmanBackup(_Model):

@@ -23,7 +23,14 @@ from drplan.errors import DrplanError
 from drplan.plan import Database, Plan, load_plan
 from drplan.targets import RestorableWindow, restore_target, scratch_name
 from drplan.timeutil import parse_duration, parse_utc, utcnow
-from tasks.database import check_restored_copy, drop_scratch, find_restorable_window, restore_scratch, sweep_leftovers
+from tasks.database import (
+    check_restored_copy,
+    compare_fingerprints,
+    drop_scratch,
+    find_restorable_window,
+    restore_scratch,
+    sweep_leftovers,
+)
 from tasks.postgres import read_newest_heartbeat
 
 DEFAULT_PLAN = "plans/devonn.yaml"
@@ -84,10 +91,15 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
         report.backup_id = scratch.backup_id
         report.restore_duration = utcnow() - started
         copy = scratch.target(db, credentials)
-        report.checks = check_restored_copy(pg_target(dr_plan, db, "primary", credentials), copy, db.integrity,
-                                            report.target_time)
+        source = pg_target(dr_plan, db, "primary", credentials)
+        report.checks = check_restored_copy(source, copy, db.integrity, report.target_time)
+        if db.integrity.fingerprint:
+            report.checks += compare_fingerprints(source, copy, db.integrity, report.target_time)
         report.rto = Measured(measured=utcnow() - started, objective=dr_plan.objectives.rto_for(db.tier))
-        newest = read_newest_heartbeat(copy, db.integrity.heartbeat_table)
+        try:
+            newest = read_newest_heartbeat(copy, db.integrity.heartbeat_table)
+        except DrplanError:  # no heartbeat table in the copy: already a failed check; RPO unmeasurable
+            newest = None
         report.rpo = Measured(measured=report.target_time - newest if newest else None,
                               objective=dr_plan.objectives.rpo.database)
     except Exception as exc:  # the report must say what failed; cleanup below still runs

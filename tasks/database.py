@@ -61,6 +61,33 @@ def check_restored_copy(source: PgTarget, restored: PgTarget, integrity: Integri
     report = run_integrity_checks(source, restored, integrity, target_time)
     results = [DrillCheck(name=c.name, status=CheckStatus(c.status), expectation=c.expectation, observed=c.observed)
                for c in report.checks]
+    if report.errors and not results:  # the run could not start (e.g. the copy refuses connections)
+        results = [DrillCheck(name="integrity checks", status=CheckStatus.error, observed=report.errors[0])]
     failed = [c.name for c in results if c.status is not CheckStatus.passed]
     run_logger().info("%d checks, not passed: %s", len(results), ", ".join(failed) or "none")
+    return results
+
+
+@task(cache_policy=NO_CACHE)
+def compare_fingerprints(source: PgTarget, restored: PgTarget, integrity: Integrity, target_time: datetime
+                         ) -> list[DrillCheck]:
+    """Rows the source has not changed since T (timestamp column <= T) must be identical in the copy.
+    Rows only in the copy are rows changed or deleted in the source since T: reported, not a failure."""
+    from checks import fingerprint_diff
+
+    results = []
+    for table in integrity.tables:
+        diff = fingerprint_diff(source, restored, table, predicate=(integrity.timestamp_column, "<=", target_time))
+        if diff.errors:
+            status, observed = CheckStatus.error, "; ".join(diff.errors)
+        else:
+            lost = [f"{d.key} ({d.kind})" for d in diff.keys if d.kind != "extra"][:10]
+            status = CheckStatus.failed if diff.missing or diff.changed or diff.unresolved_rows else CheckStatus.passed
+            observed = (f"{diff.rows_source} rows compared; {diff.missing} missing, {diff.changed} changed"
+                        + (f" ({', '.join(lost)})" if lost else "")
+                        + f"; {diff.extra} changed or deleted in the source since T")
+        results.append(DrillCheck(
+            name=f"{table}: fingerprint", status=status, observed=observed,
+            expectation=f"rows with {integrity.timestamp_column} <= T identical in source and copy",
+        ))
     return results

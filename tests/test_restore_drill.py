@@ -3,6 +3,7 @@ moto, checks that catch overshoot and corruption, measured RTO/RPO, cleanup afte
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,13 @@ from flows.restore_drill import choose_target_time, restore_drill
 pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_base_backup(sandbox, sandbox_dir):
+    """Drills replay WAL from the newest base backup: take one now so replay covers minutes, not the session."""
+    db, pg = primary(sandbox, sandbox_dir)
+    pg.base_backup(db.primary)
 
 
 def run_drill(plan_path, **params) -> list[DrillReport]:
@@ -117,3 +125,88 @@ def test_crashed_drill_leftover_is_swept_by_the_next_drill(sandbox, sandbox_plan
     assert leftover.name in report.swept
     assert target.leftovers() == [] and not target._local().data_dir(leftover.name).exists()
     assert report.cleanup == "removed"
+
+
+def snapshot_database(pg, member: str, name: str) -> None:
+    """A logical copy of users and orders, as they are now, in database `name` on the same server."""
+    from drplan.sandbox import demo_data
+
+    with pg.connect(member, "postgres") as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    with pg.connect(member) as src, pg.connect(member, name) as dst:
+        dst.execute(demo_data.SCHEMA)
+        for table in ("users", "orders"):
+            with src.cursor().copy(f"COPY {table} TO STDOUT") as out, \
+                    dst.cursor().copy(f"COPY {table} FROM STDIN") as into:
+                for chunk in out:
+                    into.write(chunk)
+
+
+def kept_scratch(plan, report: DrillReport):
+    db = plan.database(report.database)
+    credentials = db_credentials(plan, db)
+    scratch = PostgresArchive(plan, db).restore(report.scratch, report.target_time, credentials)  # running: no-op
+    return scratch.target(db, credentials)
+
+
+def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the_changes(sandbox, sandbox_dir):
+    from checks import fingerprint_diff
+    from drplan.clients import PgTarget
+
+    db, pg = primary(sandbox, sandbox_dir)
+    snapshot_database(pg, db.primary, "snapshot_t")
+    time.sleep(1)
+    at_t = datetime.now(UTC)
+    time.sleep(1)
+    with pg.connect(db.primary) as conn:
+        changed = [r[0] for r in conn.execute(
+            "UPDATE users SET name = name || ' (edited)', updated_at = now() WHERE id % 97 = 0 RETURNING id")]
+        deleted = [r[0] for r in conn.execute("DELETE FROM orders WHERE id % 89 = 0 RETURNING id")]
+        conn.execute("SELECT pg_switch_wal()")
+    time.sleep(12)  # archive_timeout 5s: the changes reach the archive, and the margin passes
+    snapshot = PgTarget("snapshot at T", "127.0.0.1", pg.ports[db.primary], "snapshot_t",
+                        db_credentials(sandbox, db))
+    at_t_text = at_t.isoformat()
+    (report,) = run_drill(sandbox_dir / "plan.yaml", database="devonn-postgres", target_time=at_t_text, keep=True)
+    (later,) = run_drill(sandbox_dir / "plan.yaml", database="devonn-postgres", keep=True)
+    target = PostgresArchive(sandbox, db)
+    try:
+        assert report.status is CheckStatus.passed, report.markdown()
+        assert report.target_time == at_t and report.rpo.measured < timedelta(seconds=5)
+        copy_at_t, copy_later = kept_scratch(sandbox, report), kept_scratch(sandbox, later)
+        for table in ("users", "orders"):
+            assert fingerprint_diff(snapshot, copy_at_t, table).differing == 0
+        users = fingerprint_diff(snapshot, copy_later, "users")
+        orders = fingerprint_diff(snapshot, copy_later, "orders", max_keys=10_000)
+        assert sorted(d.key for d in users.keys) == changed and {d.kind for d in users.keys} == {"changed"}
+        assert sorted(d.key for d in orders.keys) == deleted and {d.kind for d in orders.keys} == {"missing"}
+    finally:
+        for r in (report, later):
+            target.drop(r.scratch)
+    assert target.leftovers() == []
+
+
+def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, sandbox_plan_path, monkeypatch):
+    real_restore = PostgresArchive.restore
+
+    def corrupted(self, name, target_time, credentials):
+        scratch = real_restore(self, name, target_time, credentials)
+        with scratch.target(self.db, credentials).connect(autocommit=True) as conn:
+            conn.execute("UPDATE users SET updated_at = %s WHERE id = 1", (target_time + timedelta(hours=1),))
+            conn.execute("ALTER TABLE orders DROP CONSTRAINT orders_user_id_fkey")
+            conn.execute("INSERT INTO orders SELECT 999999, 424242, 1, 'x', now() - interval '1 day', "
+                         "now() - interval '1 day'")
+            conn.execute("DROP TABLE drplan_heartbeat")
+        return scratch
+
+    monkeypatch.setattr(PostgresArchive, "restore", corrupted)
+    result = runner.invoke(app, ["drill", "--plan", str(sandbox_plan_path), "--database", "devonn-postgres", "--json"])
+    (report,) = json.loads(result.stdout)
+    not_passed = {c["name"]: c["status"] for c in report["checks"] if c["status"] != "passed"}
+    assert not_passed["users: no rows after target time: updated_at"] == "failed"
+    assert not_passed["orders: foreign key orders_user_id_fkey"] == "failed"
+    assert not_passed["drplan_heartbeat: table exists"] == "failed"
+    assert report["cleanup"] == "removed"
+    assert report["rpo"]["measured"] is None  # no heartbeat table: RPO not measurable, so not met
+    assert result.exit_code == 1
