@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PLAN   ?= plans/sandbox.yaml
 
-.PHONY: run test lint sandbox-down clean
+.PHONY: run test lint ui ui-down sandbox-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+ui: $(STAMP)
+	$(BIN)/drplan sandbox up --plan $(PLAN)
+	$(BIN)/drplan serve --plan $(PLAN)
+
+ui-down: $(STAMP)
+	$(BIN)/drplan serve --stop --plan $(PLAN)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 sandbox-down: $(STAMP)
+	$(BIN)/drplan serve --stop --plan $(PLAN)
 	$(BIN)/drplan sandbox down --plan $(PLAN)
 
 clean:
+	-test -x $(BIN)/drplan && $(BIN)/drplan serve --stop --plan $(PLAN)
 	-test -x $(BIN)/drplan && $(BIN)/drplan sandbox down --plan $(PLAN) --purge
 	rm -rf $(VENV)

@@ -13,6 +13,7 @@ import typer  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from drplan import cli_platform  # noqa: E402
 from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
 from drplan.errors import DrplanError  # noqa: E402
 
@@ -21,6 +22,8 @@ plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="The local sandbox: moto, PostgreSQL, Kubernetes API, app.")
 app.add_typer(plan_app, name="plan")
 app.add_typer(sandbox_app, name="sandbox")
+app.command("serve")(cli_platform.serve)
+app.command("trigger")(cli_platform.trigger)
 
 
 @plan_app.command("validate")

@@ -1,0 +1,129 @@
+"""Automations that notify the plan's channel (the notification block named by `notifications.slack_webhook_block`):
+an RPO objective breached or not measurable, a restore drill run failed, a recovery run failed or waits for
+approval. `ensure()` creates each by name or updates it in place, so running it again creates no duplicates.
+
+    PREFECT_API_URL=... PREFECT_API_AUTH_STRING=... python -m deployments.automations plans/devonn.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from uuid import UUID
+
+from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import BlockDocument
+
+from drplan.errors import DrplanError
+from drplan.plan import load_plan
+
+RECOVERY_TAG = "drplan-recovery"
+"""Recovery deployments carry this tag (prefect.yaml); their flow runs inherit it."""
+
+RPO_REMINDER = timedelta(minutes=15)
+"""A measurement that stays breached is re-notified at most this often."""
+
+_RUN_BODY = ("{{ flow_run.state.message or '' }}\n"
+             "Run {{ flow_run.name }} ({{ flow_run.id }}), parameters {{ flow_run.parameters }}\n"
+             "{{ flow_run|ui_url }}")
+
+
+def find_notification_block(name: str) -> BlockDocument | None:
+    """The notification block (any type that can notify) named `name`, or None. Secrets are not read."""
+    with get_client(sync_client=True) as client:
+        found = [d for d in client.read_block_documents(include_secrets=False)
+                 if d.name == name and "notify" in (d.block_schema.capabilities if d.block_schema else [])]
+    if len(found) > 1:
+        kinds = ", ".join(d.block_type.slug for d in found if d.block_type)
+        raise DrplanError(f"{len(found)} notification blocks are named {name!r} ({kinds}); delete all but one")
+    return found[0] if found else None
+
+
+def _flow_runs(name: str, description: str, related: dict, states: list[str], subject: str,
+               channel: UUID) -> AutomationCore:
+    """Notify once per flow run of the `related` flow or tag that enters one of `states`."""
+    return AutomationCore(
+        name=name, description=description,
+        trigger=EventTrigger(
+            expect={f"prefect.flow-run.{state}" for state in states},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related=related,
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive, threshold=1, within=timedelta(0),
+        ),
+        actions=[SendNotification(block_document_id=channel, subject=subject, body=_RUN_BODY)],
+    )
+
+
+def automations(channel: UUID) -> list[AutomationCore]:
+    """Every drplan automation, each notifying the block `channel`."""
+    return [
+        AutomationCore(
+            name="drplan: RPO breached",
+            description="A drplan.rpo.breached or drplan.rpo.unverified event (flows/rpo_verification.py).",
+            trigger=EventTrigger(
+                expect={"drplan.rpo.breached", "drplan.rpo.unverified"},
+                match={"prefect.resource.id": "drplan.*"},
+                for_each={"prefect.resource.id", "drplan.measure"},
+                posture=Posture.Reactive, threshold=1, within=RPO_REMINDER,
+            ),
+            actions=[SendNotification(
+                block_document_id=channel,
+                subject="drplan: RPO {{ 'breached' if event.event == 'drplan.rpo.breached' else 'not verified' }}: "
+                        "{{ event.resource.name }}",
+                body="{{ event.resource.name }} {{ event.resource['drplan.measure'] }}: "
+                     "age {{ event.payload.age_seconds }} s, objective {{ event.payload.objective_seconds }} s. "
+                     "{{ event.payload.detail }}",
+            )],
+        ),
+        _flow_runs(
+            "drplan: restore drill failed",
+            "A restore-drill run ended Failed, Crashed or TimedOut (a check failed, a restore errored, or the run "
+            "never got to drill). The per-database drplan.drill.* events carry the details.",
+            {"prefect.resource.role": "flow", "prefect.resource.name": "restore-drill"},
+            ["Failed", "Crashed", "TimedOut"],
+            "drplan: restore drill {{ flow_run.state.name }}", channel,
+        ),
+        _flow_runs(
+            "drplan: recovery needs attention",
+            f"A run tagged {RECOVERY_TAG} failed, or paused waiting for approval (resume it in the UI or through "
+            "POST /api/flow_runs/<id>/resume with the approval input).",
+            {"prefect.resource.id": f"prefect.tag.{RECOVERY_TAG}"},
+            ["Failed", "Crashed", "TimedOut", "Paused", "Suspended"],
+            "drplan: recovery {{ flow.name }} {{ flow_run.state.name }}", channel,
+        ),
+    ]
+
+
+def ensure(block_name: str) -> list[str]:
+    """Create or update every automation, notifying block `block_name`. Returns one line per automation."""
+    block = find_notification_block(block_name)
+    if block is None:
+        raise DrplanError(f"no notification block named {block_name!r}; create it first, e.g. "
+                          f"SlackWebhook(url=...).save({block_name!r}) (deployments/README.md)")
+    lines = []
+    with get_client(sync_client=True) as client:
+        for automation in automations(block.id):
+            existing = client.read_automations_by_name(automation.name)
+            for duplicate in existing[1:]:
+                client.delete_automation(duplicate.id)
+            if existing:
+                client.update_automation(existing[0].id, automation)
+                lines.append(f"updated automation {automation.name!r}")
+            else:
+                client.create_automation(automation)
+                lines.append(f"created automation {automation.name!r}")
+    return lines
+
+
+def main(plan_ref: str) -> None:
+    block_name = load_plan(plan_ref).notifications.slack_webhook_block
+    if not block_name:
+        raise SystemExit(f"{plan_ref}: set notifications.slack_webhook_block to the channel's block name")
+    for line in ensure(block_name):
+        print(line)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

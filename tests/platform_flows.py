@@ -1,0 +1,37 @@
+"""Cheap flows that tests/test_platform.py deploys next to prefect.yaml's: an approval gate shaped like a recovery's,
+and a synthetic RPO breach published by the real `flows.rpo_verification.publish`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from prefect import flow, pause_flow_run
+from prefect.input import RunInput
+
+from drplan.rpo import Measurement, RpoReport, Status
+from drplan.timeutil import utcnow
+from flows.rpo_verification import publish
+
+
+class Approval(RunInput):
+    approved: bool
+    approver: str
+
+
+@flow(name="platform-approval-probe")
+def approval_probe(change: str = "promote the replica") -> str:
+    """Pause until someone answers with an Approval; fail when they refuse."""
+    answer = pause_flow_run(wait_for_input=Approval, timeout=120, poll_interval=2)  # default 10 s: slow tests
+    if not answer.approved:
+        raise RuntimeError(f"{change}: refused by {answer.approver}")
+    return f"{change}: approved by {answer.approver}"
+
+
+@flow(name="platform-breach-probe")
+def breach_probe(resource: str = "probe-db", age_s: int = 600) -> None:
+    """Publish an RPO report with one breached database measurement (emits drplan.rpo.breached)."""
+    now = utcnow()
+    age = timedelta(seconds=age_s)
+    publish(RpoReport(plan="platform-test", started_at=now, finished_at=now, measurements=[Measurement(
+        resource=resource, data_class="database", measure="primary newest heartbeat", newest=now - age, age=age,
+        objective=timedelta(minutes=5), status=Status.breached)]))

@@ -1,0 +1,215 @@
+"""The Prefect platform surface against a real `prefect server start` with API auth, started by `drplan serve`
+(drplan/serve.py) into a temp dir: prefect.yaml deployed against a test plan, REST-triggered runs executed by the
+process worker, a paused run approved through the REST resume endpoint, automations notifying the local webhook
+receiver, 401 without credentials, `drplan trigger`, `drplan serve` idempotent and leaving no process behind.
+
+The server's scheduler is off (runs happen only when a test asks) and the worker polls every second. The test plan
+points at free loopback ports where nothing listens, so prefect.yaml's own flows fail fast and touch nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import typer
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.flows import load_flow_from_entrypoint
+from rich.console import Console
+from typer.testing import CliRunner
+
+from deployments import automations, receiver
+from drplan import cli_platform, processes, serve
+from drplan.plan import load_plan
+from tests.conftest import sandbox_plan_data
+from tests.helpers import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+PROBE = "probe"  # deployment name of the flows in tests/platform_flows.py
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serve.Platform]:
+    directory = tmp_path_factory.mktemp("platform")
+    plan_path = directory / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(sandbox_plan_data(directory), sort_keys=False))
+    plan = load_plan(plan_path)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DRPLAN_SANDBOX_DIR", raising=False)
+        env.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")
+        env.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
+        try:
+            platform = serve.up(str(plan_path), Console(quiet=True), port=free_port())
+            with platform.client_settings():
+                deploy_probes()
+            yield platform
+        finally:
+            serve.down(plan)
+            directory = serve.platform_of(plan).directory
+            leftovers = [n for n in processes.tracked_names(directory) if processes.running(directory, n)]
+            leftovers += processes_with_env("PREFECT_HOME", str(serve.platform_of(plan).home))  # flow runs too
+            assert not leftovers, f"processes left running: {leftovers}"
+
+
+def deploy_probes() -> None:
+    from prefect import Flow
+
+    for name, tags in (("approval_probe", [automations.RECOVERY_TAG]), ("breach_probe", [])):
+        Flow.from_source(source=str(ROOT), entrypoint=f"tests/platform_flows.py:{name}").deploy(
+            PROBE, work_pool_name=serve.POOL, tags=tags, print_next_steps=False, ignore_warnings=True)
+
+
+def processes_with_env(key: str, value: str) -> list[str]:
+    needle = f"{key}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{proc.name}: {command[:120]}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def api(platform: serve.Platform) -> Iterator[httpx.Client]:
+    user, _, password = platform.auth().partition(":")
+    with httpx.Client(base_url=platform.api_url(), auth=(user, password), timeout=10) as client:
+        yield client
+
+
+def run_deployment(api: httpx.Client, name: str, parameters: dict | None = None) -> str:
+    """What an SRE's script does: look the deployment up, create a run with parameters. Returns the run id."""
+    found = api.get(f"/deployments/name/{name}")
+    assert found.status_code == 200, found.text
+    created = api.post(f"/deployments/{found.json()['id']}/create_flow_run", json={"parameters": parameters or {}})
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def wait_for_state(api: httpx.Client, run_id: str, types: set[str], timeout: float = 90) -> dict:
+    def state() -> dict | None:
+        current = api.get(f"/flow_runs/{run_id}").json()["state"]
+        return current if current and current["type"] in types else None
+    return wait_for(state, timeout, f"flow run {run_id} to reach {types}", interval=0.5)
+
+
+def notification(platform: serve.Platform, *fragments: str, timeout: float = 60) -> str:
+    def find() -> str | None:
+        texts = [r["text"] for r in receiver.received(platform.notifications)]
+        return next((t for t in texts if all(f in t for f in fragments)), None)
+    return wait_for(find, timeout, f"a notification containing {fragments}", interval=0.5)
+
+
+def test_requests_without_credentials_are_refused(platform: serve.Platform) -> None:
+    url = f"{platform.api_url()}/deployments/name/rpo-verification/rpo-verification"
+    wrong = base64.b64encode(b"admin:wrong").decode()
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    assert httpx.get(url, auth=tuple(platform.auth().split(":", 1))).status_code == 200
+    assert httpx.get(f"{platform.api_url()}/health").status_code == 200  # liveness stays open for probes
+    assert platform.auth_file.stat().st_mode & 0o777 == 0o600
+    secret = platform.auth().encode()
+    in_args = [p.name for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, secret)]
+    assert not in_args, f"the auth string is on the command line of processes {in_args}"
+
+
+def _cmdline_has(proc: Path, secret: bytes) -> bool:
+    try:
+        return secret in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_prefect_yaml_is_deployed_against_the_plan(platform: serve.Platform, api: httpx.Client) -> None:
+    plan_path = str(platform.directory.parent / "plan.yaml")
+    for spec in DEPLOYMENTS:
+        flow_name = load_flow_from_entrypoint(str(ROOT / spec["entrypoint"])).name
+        deployed = api.get(f"/deployments/name/{flow_name}/{spec['name']}").json()
+        assert deployed["parameters"] == {"plan": plan_path}, spec["name"]
+        assert deployed["enforce_parameter_schema"] is True
+        assert deployed["work_pool_name"] == serve.POOL
+        assert [s["schedule"]["cron"] for s in deployed["schedules"]] == [s["cron"] for s in spec.get("schedules", [])]
+        assert deployed["global_concurrency_limit"]["limit"] == spec["concurrency_limit"]["limit"]
+        assert deployed["concurrency_options"]["collision_strategy"] == spec["concurrency_limit"]["collision_strategy"]
+
+
+def test_a_prefect_yaml_flow_runs_on_the_worker_with_the_plan(platform: serve.Platform, api: httpx.Client) -> None:
+    run_id = run_deployment(api, "rpo-verification/rpo-verification")
+    state = wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "FAILED"  # the plan's AWS endpoint is a closed port: the preflight says so
+    assert "unreachable" in state["message"], state["message"]
+
+
+def test_failed_restore_drill_notifies_the_channel(platform: serve.Platform, api: httpx.Client) -> None:
+    run_id = run_deployment(api, "restore-drill/restore-drill")
+    assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "FAILED"
+    assert "unreachable" in notification(platform, "restore drill Failed", run_id)
+
+
+def test_paused_recovery_is_announced_and_approved_through_rest(platform: serve.Platform, api: httpx.Client) -> None:
+    run_id = run_deployment(api, f"platform-approval-probe/{PROBE}", {"change": "fail over devonn-postgres"})
+    wait_for_state(api, run_id, {"PAUSED"})
+    announced = notification(platform, "recovery platform-approval-probe Paused", run_id)
+    assert "fail over devonn-postgres" in announced
+
+    refused = api.post(f"/flow_runs/{run_id}/resume", json={"run_input": {"approved": "maybe"}}).json()
+    assert refused["status"] == "REJECT", refused  # the input is validated against the RunInput schema
+    accepted = api.post(f"/flow_runs/{run_id}/resume",
+                        json={"run_input": {"approved": True, "approver": "sre-on-call"}}).json()
+    assert accepted["status"] == "ACCEPT", accepted
+    assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
+
+
+def test_rpo_breach_event_notifies_the_channel(platform: serve.Platform, api: httpx.Client) -> None:
+    resource = f"db-{uuid.uuid4().hex[:8]}"
+    run_id = run_deployment(api, f"platform-breach-probe/{PROBE}", {"resource": resource, "age_s": 900})
+    assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
+    text = notification(platform, f"RPO breached: {resource}")
+    assert "primary newest heartbeat: age 900.0 s, objective 300.0 s" in text
+
+
+def test_trigger_command(platform: serve.Platform) -> None:
+    app = typer.Typer()
+    app.command()(cli_platform.trigger)
+    runner = CliRunner()
+    with platform.client_settings():
+        ok = runner.invoke(app, [f"platform-breach-probe/{PROBE}", "--param", "age_s=30", "--wait"])
+        bad_type = runner.invoke(app, [f"platform-breach-probe/{PROBE}", "--param", "age_s=soon"])
+        unknown = runner.invoke(app, [f"platform-breach-probe/{PROBE}", "--param", "colour=red"])
+        missing = runner.invoke(app, ["platform-breach-probe/nope"])
+    assert ok.exit_code == 0, ok.output
+    assert "Completed" in ok.output
+    assert bad_type.exit_code == 2 and "not valid JSON" in bad_type.output
+    assert unknown.exit_code == 2 and "takes resource, age_s" in unknown.output
+    assert missing.exit_code == 2 and "no deployment" in missing.output
+
+
+def test_serve_again_changes_nothing(platform: serve.Platform, api: httpx.Client) -> None:
+    pids = {name: processes.running(platform.directory, name).pid
+            for name in (serve.SERVER, serve.WORKER, serve.RECEIVER)}
+    deployments = sorted(d["name"] for d in api.post("/deployments/filter", json={}).json())
+    with platform.client_settings(), get_client(sync_client=True) as client:  # a duplicate, as if made by hand
+        client.create_automation(automations.automations(automations.find_notification_block("dr-response").id)[0])
+    serve.up(str(platform.directory.parent / "plan.yaml"), Console(quiet=True))
+    assert {name: processes.running(platform.directory, name).pid for name in pids} == pids
+    assert sorted(d["name"] for d in api.post("/deployments/filter", json={}).json()) == deployments
+    names = sorted(a["name"] for a in api.post("/automations/filter", json={}).json())
+    assert names == sorted(a.name for a in automations.automations(uuid.uuid4()))
+    blocks = [b for b in api.post("/block_documents/filter", json={}).json() if b["name"] == "dr-response"]
+    assert len(blocks) == 1
+
+
+def test_the_auth_string_stays_out_of_logs_and_this_process(platform: serve.Platform) -> None:
+    logs = "".join(p.read_text(errors="replace") for p in (platform.directory / "logs").glob("*.log"))
+    assert platform.auth().split(":", 1)[1] not in logs
+    assert "PREFECT_SERVER_API_AUTH_STRING" not in os.environ and "PREFECT_API_AUTH_STRING" not in os.environ
