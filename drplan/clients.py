@@ -4,6 +4,7 @@ from a prefect-aws block, AWS Secrets Manager or a Prefect Secret block, and nev
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,11 @@ from pydantic import SecretStr
 
 from drplan.errors import DrplanError
 from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan
+
+# botocore logs request parameters and response bodies at DEBUG, Secrets Manager values included: never let
+# those two loggers below INFO, whatever level the caller configures.
+for _name in ("botocore.endpoint", "botocore.parsers"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 
 
 def botocore_config(aws: AwsSettings) -> Config:

@@ -39,3 +39,8 @@ def world_traversable_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o755)
     return path
+
+
+def logged_text(caplog) -> str:
+    """Every log message pytest captured, as one text (to assert that no secret was logged)."""
+    return "\n".join(r.getMessage() for r in caplog.records)

@@ -1,0 +1,161 @@
+"""Recovery validation: is a service really back? One separate, timed check per aspect, driven by the plan.
+
+Checks for a service: its health URL answers 200; `SELECT 1` on its database's primary; each `endpoints[]`
+entry answers its expected status and text (auth endpoints with the token from `token_secret`, and refused
+without it); for an `rds` database, CloudWatch CPUUtilization and DatabaseConnections within bounds, where
+"no datapoints" is its own status (`no data`), not a pass. The token is never logged nor reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from enum import StrEnum
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, computed_field
+
+from drplan.clients import aws_client, db_credentials, pg_target, read_secret
+from drplan.errors import DrplanError
+from drplan.logs import run_logger
+from drplan.plan import Database, DatabaseKind, Plan, Service
+from drplan.timeutil import utcnow
+
+TIMEOUT = 5.0
+METRIC_WINDOW = timedelta(minutes=10)
+RDS_METRIC_BOUNDS = {"CPUUtilization": (0.0, 90.0), "DatabaseConnections": (1.0, math.inf)}
+"""metric -> (low, high): CPU below 90 %, and at least one connection (the application is connected)."""
+
+
+class CheckStatus(StrEnum):
+    passed = "passed"
+    failed = "failed"
+    no_data = "no data"
+
+
+class CheckResult(BaseModel):
+    name: str
+    status: CheckStatus
+    observed: str
+    expected: str
+    duration_s: float
+
+    @computed_field
+    @property
+    def passed(self) -> bool:
+        return self.status is CheckStatus.passed
+
+
+class ServiceValidation(BaseModel):
+    service: str
+    checks: list[CheckResult]
+
+    @computed_field
+    @property
+    def passed(self) -> bool:
+        """Every check passed (`no data` is not a pass)."""
+        return all(check.passed for check in self.checks)
+
+
+Probe = Callable[[], tuple[bool | CheckStatus, str]]
+
+
+def _run(name: str, expected: str, probe: Probe) -> CheckResult:
+    """Time one check; an exception fails it with the error's first line as what was observed."""
+    start = time.monotonic()
+    try:
+        outcome, observed = probe()
+    except Exception as exc:  # a check reports, it does not crash the validation
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        outcome, observed = False, f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    status = outcome if isinstance(outcome, CheckStatus) else CheckStatus.passed if outcome else CheckStatus.failed
+    result = CheckResult(name=name, status=status, observed=observed, expected=expected,
+                         duration_s=round(time.monotonic() - start, 3))
+    run_logger().info("check %s: %s (observed %s, expected %s)", name, status.value, observed, expected)
+    return result
+
+
+def _api_token(plan: Plan, service: Service) -> str:
+    if not service.token_secret:
+        raise DrplanError(f"service {service.name} has auth endpoints but no token_secret; set services[].token_secret")
+    try:
+        return json.loads(read_secret(plan, service.token_secret))["token"]
+    except (ValueError, KeyError, TypeError):
+        raise DrplanError(f"secret {service.token_secret}: expected JSON with token") from None
+
+
+def _http_probe(http: httpx.Client, url: httpx.URL, statuses: set[int], contains: str | None = None,
+                token: Callable[[], str] | None = None) -> Probe:
+    """GET `url` (with the bearer token when `token` is given); pass on one of `statuses` and, if set, `contains`."""
+    def probe() -> tuple[bool, str]:
+        response = http.get(url, headers={"Authorization": f"Bearer {token()}"} if token else {})
+        observed = f"HTTP {response.status_code}"
+        if response.status_code in statuses and contains and contains not in response.text:
+            return False, f"{observed}, body without {contains!r}"
+        return response.status_code in statuses, observed
+    return probe
+
+
+def _database_probe(plan: Plan, db: Database) -> Probe:
+    def probe() -> tuple[bool, str]:
+        target = pg_target(plan, db, "primary", db_credentials(plan, db))
+        with target.connect(timeout=int(TIMEOUT)) as conn:
+            value = conn.execute("SELECT 1").fetchone()[0]
+        return value == 1, f"SELECT 1 -> {value} on {target.address}"
+    return probe
+
+
+def _metric_probe(plan: Plan, identifier: str, metric: str) -> Probe:
+    low, high = RDS_METRIC_BOUNDS[metric]
+
+    def probe() -> tuple[CheckStatus, str]:
+        now = utcnow()
+        points = aws_client(plan, "cloudwatch").get_metric_statistics(
+            Namespace="AWS/RDS", MetricName=metric, StartTime=now - METRIC_WINDOW, EndTime=now, Period=60,
+            Dimensions=[{"Name": "DBInstanceIdentifier", "Value": identifier}], Statistics=["Average"],
+        )["Datapoints"]
+        if not points:
+            return CheckStatus.no_data, f"no datapoints in the last {METRIC_WINDOW.total_seconds() / 60:g} min"
+        latest = max(points, key=lambda p: p["Timestamp"])["Average"]
+        ok = low <= latest <= high
+        return CheckStatus.passed if ok else CheckStatus.failed, f"{latest:g} (latest average)"
+    return probe
+
+
+def validate_service(plan: Plan, service: Service) -> ServiceValidation:
+    """Run every check the plan implies for `service`; each is reported separately, none stops the others."""
+    checks = []
+    with httpx.Client(timeout=TIMEOUT) as http:
+        checks.append(_run("health", "HTTP 200", _http_probe(http, httpx.URL(service.health), {200})))
+        if service.database:
+            db = plan.database(service.database)
+            checks.append(_run("database", "SELECT 1 -> 1 on the primary", _database_probe(plan, db)))
+            if db.kind is DatabaseKind.rds:
+                for metric, (low, high) in RDS_METRIC_BOUNDS.items():
+                    checks.append(_run(f"cloudwatch {metric}", f"{low:g} <= average <= {high:g}",
+                                       _metric_probe(plan, db.primary, metric)))
+        for endpoint in service.endpoints:
+            url = httpx.URL(service.health).join(endpoint.path)
+            expected = f"HTTP {endpoint.expect_status}" + (
+                f" containing {endpoint.expect_contains!r}" if endpoint.expect_contains else "")
+            probe = _http_probe(http, url, {endpoint.expect_status}, endpoint.expect_contains,
+                                (lambda: _api_token(plan, service)) if endpoint.auth else None)
+            checks.append(_run(f"GET {endpoint.path}" + (" with token" if endpoint.auth else ""), expected, probe))
+            if endpoint.auth:
+                checks.append(_run(f"GET {endpoint.path} without token", "HTTP 401 or 403",
+                                   _http_probe(http, url, {401, 403})))
+    return ServiceValidation(service=service.name, checks=checks)
+
+
+@task(name="validate-service", cache_policy=NO_CACHE)
+def validate_service_task(plan: Plan, service: Service) -> ServiceValidation:
+    """Prefect task around `validate_service`; the result says which checks failed, the task does not fail."""
+    result = validate_service(plan, service)
+    failed = [c.name for c in result.checks if not c.passed]
+    run_logger().info("service %s: %s", service.name, f"not validated ({', '.join(failed)})" if failed else "validated")
+    return result
