@@ -119,7 +119,7 @@ class PostgresArchive(RestoreTarget):
             scratch = Scratch.model_validate_json(marker.read_text())
         else:
             backup = local.backup_for(target_time)
-            scratch = Scratch(name=name, host=HOST, port=_free_port(), created_at=utcnow(), backup_id=backup.id)
+            scratch = Scratch(name=name, host=HOST, port=free_port(), created_at=utcnow(), backup_id=backup.id)
             self.markers.mkdir(parents=True, exist_ok=True)
             marker.write_text(scratch.model_dump_json())  # written first: a crash leaves something to sweep
         backup = next(b for b in local.list_backups() if b.id == scratch.backup_id)
@@ -251,7 +251,7 @@ def _created(instance: dict) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
