@@ -112,8 +112,9 @@ def write_secret_value(api_client, namespace: str, secret: str, key: str, value:
 
 
 def restart_deployment(api_client, namespace: str, deployment: str) -> str:
-    """Roll the deployment's pods, like `kubectl rollout restart`; returns the restartedAt timestamp."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Roll the deployment's pods, like `kubectl rollout restart`; returns the restartedAt timestamp. Microseconds:
+    two restarts within one second (cut over, then roll back) must still change the pod template."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
     try:
         k8s.AppsV1Api(api_client).patch_namespaced_deployment(deployment, namespace, patch)
