@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/drplan sandbox up --plan $(PLAN)
 	$(BIN)/drplan verify-rpo --plan $(PLAN)
+	$(BIN)/drplan s3-verify --plan $(PLAN)
 	$(BIN)/drplan drill --plan $(PLAN) --database devonn-postgres
 
 test: $(STAMP)

@@ -14,6 +14,7 @@ from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from drplan import cli_platform  # noqa: E402
+from drplan.cli_s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
 from drplan.errors import DrplanError  # noqa: E402
 
@@ -24,6 +25,9 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(sandbox_app, name="sandbox")
 app.command("serve")(cli_platform.serve)
 app.command("trigger")(cli_platform.trigger)
+app.command("s3-backup")(s3_backup)
+app.command("s3-restore")(s3_restore)
+app.command("s3-verify")(s3_verify)
 
 
 @plan_app.command("validate")

@@ -94,3 +94,28 @@ def show_sync(report: SyncReport) -> None:
         err.print(f"warning: {report.source} has no manifest; the restore is unverified", highlight=False)
     for failure in report.failures[:SAMPLE]:
         err.print(f"failed: {failure.key}: {failure.error}", highlight=False, soft_wrap=True)
+
+
+def s3_verify(
+    plan: str = PlanOption,
+    bucket: str | None = typer.Option(None, "--bucket", help="Only this bucket of the plan (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Check each bucket's newest backup against its manifest: missing, corrupt, extra keys. Exit 0 all verified."""
+    from drplan.clients import aws_client
+    from drplan.s3manifest import resolve_backup
+    from tasks.s3 import verify_backup
+
+    dr_plan = plan_or_exit(plan)
+    try:
+        buckets = [dr_plan.bucket(bucket)] if bucket else dr_plan.buckets
+        s3 = aws_client(dr_plan, "s3")
+        results = [verify_backup.fn(s3, resolve_backup(s3, b.backup)) for b in buckets]
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        out.print_json(data=[r.model_dump(mode="json") for r in results])
+    else:
+        for r in results:
+            out.print(r.summary, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)

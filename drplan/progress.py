@@ -1,11 +1,11 @@
-"""Progress of a long transfer: nowhere, as a Prefect progress artifact (flow runs), or a rich bar (CLI)."""
+"""Progress of a long transfer: nowhere, as a Prefect progress artifact (flow runs), or a rich bar (CLI).
+Prefect is imported only when an artifact is made, so that the CLI starts fast."""
 
 from __future__ import annotations
 
 import time
 from typing import Protocol
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
@@ -59,6 +59,8 @@ class ArtifactProgress(_ByBytes):
         self._last = 0.0
 
     def start(self, objects: int, size: int) -> None:
+        from prefect.artifacts import create_progress_artifact
+
         super().start(objects, size)
         self._id = create_progress_artifact(progress=0.0, key=self.key, description=self.description)
         self._last = time.monotonic()
@@ -73,6 +75,8 @@ class ArtifactProgress(_ByBytes):
             self._update()
 
     def _update(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
         update_progress_artifact(self._id, progress=round(self.percent, 1))
         self._last = time.monotonic()
 

@@ -94,6 +94,8 @@ class Verification(BaseModel):
     missing: list[str] = []
     corrupt: list[str] = []
     extra: list[str] = []
+    unconfirmed: list[str] = []
+    """Copied, but the store returned nothing comparable (ETag kinds differ and no checksum): size-only."""
     note: str = ""
 
     @property
@@ -103,10 +105,12 @@ class Verification(BaseModel):
     @property
     def summary(self) -> str:
         if self.ok:
-            return f"{self.location}: verified, {self.objects} objects, {self.bytes} bytes"
+            size_only = f" ({len(self.unconfirmed)} by size only)" if self.unconfirmed else ""
+            return f"{self.location}: verified, {self.objects} objects, {self.bytes} bytes{size_only}"
         status = "does not match its manifest" if self.verified else "UNVERIFIED"
         parts = [f"{len(keys)} {name} ({_sample(keys)})" for name, keys in
-                 (("missing", self.missing), ("corrupt", self.corrupt), ("extra", self.extra)) if keys]
+                 (("missing", self.missing), ("corrupt", self.corrupt), ("extra", self.extra),
+                  ("unconfirmed", self.unconfirmed)) if keys]
         detail = "; ".join(parts + ([self.note] if self.note else []))
         return f"{self.location}: {status}" + (f": {detail}" if detail else "")
 

@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from drplan.clients import boto3_session, botocore_config
 from drplan.errors import DrplanError
 from drplan.plan import Plan
+from drplan.s3fastcopy import FastCopy
 
 MIB = 1024 * 1024
 COPY_OBJECT_LIMIT = 5 * 1024 * MIB
@@ -60,7 +61,8 @@ def parse_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/prefix -> ('bucket', 'some/prefix'); a malformed URI is a one-line DrplanError."""
     match = _URI.fullmatch(uri.strip()) if isinstance(uri, str) else None
     if not match or ".." in match["bucket"]:
-        raise DrplanError(f"{uri!r} is not an S3 URI; write s3://bucket-name/optional/prefix/")
+        raise DrplanError(f"{uri!r} is not an S3 URI; write s3://bucket-name/optional/prefix/ (bucket names: 3-63 "
+                          "lowercase letters, digits, '.' and '-')")
     return match["bucket"], match["prefix"] or ""
 
 
@@ -112,16 +114,33 @@ def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + part_size, size) - 1) for start in range(0, size, part_size)]
 
 
-def copy_object(s3, source: tuple[str, str], target: tuple[str, str], size: int, threshold: int,
-                part_size: int) -> Copied:
-    """Server-side copy of one object (bucket, key) -> (bucket, key): CopyObject up to `threshold` bytes,
-    UploadPartCopy above it. Content type and metadata travel with the object either way."""
+def source_layout(s3, copy_source: dict, obj: S3Object) -> list[tuple[int, int]] | None:
+    """The byte ranges of a multipart source's own parts (one HEAD ?partNumber=n per part), None if the
+    object is single-part or the sizes do not add up."""
+    if "-" not in obj.etag:
+        return None
+    count = int(obj.etag.rsplit("-", 1)[1])
+    ranges, start = [], 0
+    for number in range(1, count + 1):
+        length = s3.head_object(**copy_source, PartNumber=number)["ContentLength"]
+        ranges.append((start, start + length - 1))
+        start += length
+    return ranges if start == obj.size else None
+
+
+def copy_object(s3, source: tuple[str, str], target: tuple[str, str], obj: S3Object, threshold: int,
+                part_size: int, fast: FastCopy | None = None) -> Copied:
+    """Server-side copy of one listed object (bucket, key) -> (bucket, key): CopyObject up to `threshold`
+    bytes (through `fast` when given and it succeeds), UploadPartCopy above it. Content type and metadata
+    travel with the object either way."""
     copy_source = {"Bucket": source[0], "Key": source[1]}
-    if size <= min(threshold, COPY_OBJECT_LIMIT):
+    if obj.size <= min(threshold, COPY_OBJECT_LIMIT):
+        if fast and (quick := fast.copy(source, target)):
+            return Copied(*quick)
         result = s3.copy_object(Bucket=target[0], Key=target[1], CopySource=copy_source,
                                 ChecksumAlgorithm=CHECKSUM_ALGORITHM)["CopyObjectResult"]
         return Copied(result["ETag"].strip('"'), _checksum(result))
-    return _multipart_copy(s3, copy_source, target, size, part_size)
+    return _multipart_copy(s3, copy_source, target, obj, part_size)
 
 
 def _checksum(result: dict) -> str | None:
@@ -131,18 +150,21 @@ def _checksum(result: dict) -> str | None:
     return None
 
 
-def _multipart_copy(s3, copy_source: dict, target: tuple[str, str], size: int, part_size: int) -> Copied:
+def _multipart_copy(s3, copy_source: dict, target: tuple[str, str], obj: S3Object, part_size: int) -> Copied:
+    """A multipart source is copied part for part in its own layout, so the copy's ETag equals the source's
+    (a check of the content and, next time, a match); a single-part one in parts of `part_size`. Any failure
+    aborts the upload, so no invisible half-copy is left behind."""
     head = s3.head_object(**copy_source)
+    ranges = source_layout(s3, copy_source, obj) or part_ranges(obj.size, part_size)
     carried = {name: head[name] for name in ("ContentType", "ContentEncoding", "ContentDisposition",
                                               "ContentLanguage", "CacheControl", "Metadata") if head.get(name)}
     upload_id = s3.create_multipart_upload(Bucket=target[0], Key=target[1], **carried)["UploadId"]
     try:
         parts = []
-        for number, (first, last) in enumerate(part_ranges(size, part_size), start=1):
+        for number, (first, last) in enumerate(ranges, start=1):
             result = s3.upload_part_copy(
                 Bucket=target[0], Key=target[1], UploadId=upload_id, PartNumber=number,
-                CopySource=copy_source, CopySourceRange=f"bytes={first}-{last}",
-                CopySourceIfMatch=head["ETag"],
+                CopySource=copy_source, CopySourceRange=f"bytes={first}-{last}", CopySourceIfMatch=f'"{obj.etag}"',
             ).get("CopyPartResult", {})
             if "ETag" not in result:
                 raise DrplanError(f"copying to s3://{target[0]}/{target[1]}: the store does not implement "

@@ -4,6 +4,8 @@ Both sides are listed once; a key is copied when it is missing or its size or ET
 so a same-size rewrite is caught), server-side, by a pool of workers sharing one client; with `delete`, keys
 absent from the source are removed afterwards. A rerun copies only what still differs. With a manifest the
 source is checked against it before anything is copied; the target is checked after.
+
+No Prefect import here: the CLI path stays fast to start. Callers log the report's summary.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, computed_field
 from rich.filesize import decimal
 
 from drplan.errors import DrplanError
-from drplan.logs import run_logger
 from drplan.progress import Reporter, Silent
+from drplan.s3fastcopy import FastCopy
 from drplan.s3manifest import Manifest, Verification, compare, manifest_uri, read_manifest, resolve_backup
 from drplan.s3store import (
+    CHECKSUM_ALGORITHM,
     COPY_OBJECT_LIMIT,
     MIB,
     Copied,
@@ -45,6 +48,8 @@ class SyncOptions(BaseModel):
     multipart_threshold: int = Field(COPY_OBJECT_LIMIT, ge=5 * MIB, le=COPY_OBJECT_LIMIT)
     """Objects larger than this are copied with UploadPartCopy (at most 5 GiB: CopyObject's limit)."""
     part_size: int = Field(512 * MIB, ge=5 * MIB, le=COPY_OBJECT_LIMIT)
+    fast_copy: bool = True
+    """CopyObject as one signed request, botocore only as the fallback (drplan/s3fastcopy.py)."""
 
 
 DEFAULTS = SyncOptions()
@@ -125,7 +130,7 @@ class SyncReport(BaseModel):
 class SyncResult:
     report: SyncReport
     target: dict[str, S3Object] = field(default_factory=dict)
-    """The target's listing at the end (at the start, on a dry run)."""
+    """The target as the run left it: its listing at the start, updated with the copies and deletions."""
     copies: dict[str, Copied] = field(default_factory=dict)
 
 
@@ -166,11 +171,13 @@ def sync(s3, source: str, target: str, options: SyncOptions = DEFAULTS, *, progr
                 _delete_all(s3, dst_bucket, dst_prefix, {key: dst[key] for key in deletes}, report, progress)
             finally:
                 progress.finish()
-            result.target = list_objects(s3, target)
-            report.verification = _verify(target, src, result, manifest, options.delete)
-        report.throttled = throttle.count
+            failed = {f.key for f in report.failures}
+            result.target = {key: obj for key, obj in dst.items() if key not in deletes or key in failed}
+            result.target |= {key: S3Object(src[key].size, c.etag) for key, c in result.copies.items()}
+            report.verification = _verify(target, src, result.copies, failed, manifest,
+                                          extra=[key for key in deletes if key in failed])
+        report.throttled += throttle.count
     report.finished_at = utcnow()
-    run_logger().info("%s -> %s: %s", source, target, report.summary)
     return result
 
 
@@ -181,9 +188,10 @@ def _copy_all(s3, copies: list[tuple[str, S3Object]], src: tuple[str, str], dst:
     stop: DrplanError | None = None
 
     def copy(key: str, obj: S3Object) -> Copied:
-        return copy_object(s3, (src[0], src[1] + key), (dst[0], dst[1] + key), obj.size,
-                           options.multipart_threshold, options.part_size)
+        return copy_object(s3, (src[0], src[1] + key), (dst[0], dst[1] + key), obj, options.multipart_threshold,
+                           options.part_size, fast)
 
+    fast = FastCopy(s3, options.workers + 2, CHECKSUM_ALGORITHM) if options.fast_copy else None
     queue = iter(copies)
     with ThreadPoolExecutor(options.workers, thread_name_prefix="s3sync") as pool:
         pending: dict = {}
@@ -204,6 +212,7 @@ def _copy_all(s3, copies: list[tuple[str, S3Object]], src: tuple[str, str], dst:
                     report.failed.add(obj.size)
                     report.failures.append(Failure(key=key, error=describe(exc)))
                 progress.advance(1, obj.size)
+    report.throttled += fast.throttled if fast else 0
     if stop is not None:
         raise DrplanError(f"{stop}; stopped after copying {report.copied.objects} of {len(copies)} objects "
                           f"({report.failed.objects} failed, nothing deleted); rerun to resume")
@@ -228,21 +237,31 @@ def _delete_all(s3, bucket: str, prefix: str, doomed: dict[str, S3Object], repor
     progress.advance(len(doomed), 0)
 
 
-def _verify(target: str, src: dict[str, S3Object], result: SyncResult, manifest: Manifest | None,
-            delete: bool) -> Verification:
-    """The target against the source: copied keys must carry the ETag the store returned for the copy (and
-    the manifest's checksum, where the store returned one of the same algorithm), the others the source's."""
-    expected = {key: S3Object(obj.size, result.copies[key].etag) if key in result.copies else obj
-                for key, obj in src.items()}
-    checked = compare(target, expected, result.target, verified=manifest is not None, ignore_extra=not delete,
-                      note="" if manifest else "no manifest: checked against the source listing only")
+def _verify(target: str, src: dict[str, S3Object], copies: dict[str, Copied], failed: set[str],
+            manifest: Manifest | None, extra: list[str]) -> Verification:
+    """The target against the source (and manifest) without another listing: unchanged keys matched at the
+    start; a copied key is confirmed by the ETag the store computed for the copy (equal to the source's when
+    both are single-part MD5s or both multipart in the same layout) or else by the store's checksum against
+    the manifest's."""
     recorded = manifest.checksums() if manifest else {}
-    for key, copied in result.copies.items():
-        want = recorded.get(key)
-        if want and copied.checksum and want.split(":")[0] == copied.checksum.split(":")[0] \
-                and want != copied.checksum and key not in checked.corrupt:
-            checked.corrupt.append(key)
-    return checked
+    verdicts = {key: _agree(src[key].etag, c.etag, recorded.get(key), c.checksum) for key, c in copies.items()}
+    missing = sorted(failed & src.keys())
+    return Verification(
+        location=target, verified=manifest is not None, objects=len(src) - len(missing),
+        bytes=sum(obj.size for key, obj in src.items() if key not in failed), missing=missing,
+        corrupt=sorted(key for key, same in verdicts.items() if same is False),
+        unconfirmed=sorted(key for key, same in verdicts.items() if same is None), extra=extra,
+        note="" if manifest else "no manifest: checked against the source listing only",
+    )
+
+
+def _agree(source_etag: str, copy_etag: str, recorded: str | None, checksum: str | None) -> bool | None:
+    """Whether a copy holds the source's content: True, False, or None when nothing comparable was returned."""
+    if ("-" in source_etag) == ("-" in copy_etag):
+        return source_etag == copy_etag
+    if recorded and checksum and recorded.split(":")[0] == checksum.split(":")[0]:
+        return recorded == checksum
+    return None
 
 
 def restore(s3, source: str, target: str, options: SyncOptions = DEFAULTS, *,

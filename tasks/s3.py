@@ -83,6 +83,8 @@ def back_up_prefix(s3, live_uri: str, backup_uri: str, at: datetime, options: Sy
                    progress: Reporter | None = None) -> BackupResult:
     """Server-side copy of every object under `live_uri` into `<backup>/<stamp>/`, verified, then the manifest.
     A rerun for the same `at` resumes. Raises DrplanError (and writes no manifest) when anything failed."""
+    if at.tzinfo is None:
+        raise DrplanError(f"backup time {at.isoformat()} has no time zone; pass an aware UTC time")
     bucket, prefix = parse_prefix(backup_uri)
     target = f"s3://{bucket}/{prefix}{at.astimezone(UTC).strftime(STAMP)}/"
     result = sync(s3, live_uri, target, options.model_copy(update={"delete": True, "dry_run": False}),
@@ -136,7 +138,9 @@ def verify_backup(s3, backup_dir: str) -> Verification:
 @task(cache_policy=NO_CACHE)
 def restore_backup(s3, source: str, target: str, options: SyncOptions) -> SyncReport:
     """Sync a bucket backup onto the live prefix (see drplan.s3sync.restore), with a progress artifact."""
-    return restore(s3, source, target, options, progress=ArtifactProgress("s3-recovery", f"{source} -> {target}"))
+    report = restore(s3, source, target, options, progress=ArtifactProgress("s3-recovery", f"{source} -> {target}"))
+    run_logger().info("%s -> %s: %s", report.source, report.target, report.summary)
+    return report
 
 
 def put_json(s3, uri: str, document: dict) -> None:

@@ -187,7 +187,8 @@ def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the
     assert target.leftovers() == []
 
 
-def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, sandbox_plan_path, monkeypatch):
+def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, sandbox_plan_path, sandbox_dir,
+                                                                    monkeypatch):
     real_restore = PostgresArchive.restore
 
     def corrupted(self, name, target_time, credentials):
@@ -210,3 +211,5 @@ def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, san
     assert report["cleanup"] == "removed"
     assert report["rpo"]["measured"] is None  # no heartbeat table: RPO not measurable, so not met
     assert result.exit_code == 1
+    evidence = json.loads((sandbox_dir / "reports" / f"drill-{report['scratch']}.json").read_text())
+    assert evidence["checks"] == report["checks"] and evidence["cleanup"] == "removed"
