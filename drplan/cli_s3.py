@@ -9,11 +9,15 @@ from rich.table import Table
 
 from drplan.console import PlanOption, err, fail, out, plan_or_exit
 from drplan.errors import DrplanError
+from drplan.plan import Bucket, Plan
 from drplan.progress import RichProgress
 from drplan.s3manifest import SAMPLE
 from drplan.s3store import parse_prefix, transfer_client
 from drplan.s3sync import SyncOptions, SyncReport, restore
 from drplan.timeutil import utcnow
+
+BucketOption = typer.Option(None, "--bucket", help="Only this bucket of the plan (default: all).")
+JsonOption = typer.Option(False, "--json", help="Print the results as JSON.")
 
 
 def s3_restore(
@@ -48,17 +52,15 @@ def s3_restore(
 
 def s3_backup(
     plan: str = PlanOption,
-    bucket: str | None = typer.Option(None, "--bucket", help="Only this bucket of the plan (default: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    bucket: str | None = BucketOption,
+    as_json: bool = JsonOption,
 ) -> None:
     """Back up the plan's buckets: server-side copies into <backup>/<stamp>/, verified, then the manifest."""
     from tasks.s3 import back_up_prefix
 
     dr_plan = plan_or_exit(plan)
     try:
-        buckets = [dr_plan.bucket(bucket)] if bucket else dr_plan.buckets
-        if not buckets:
-            raise DrplanError(f"plan {dr_plan.name} has no buckets; add buckets: [{{name, live, backup}}]")
+        buckets = plan_buckets(dr_plan, bucket)
         s3 = transfer_client(dr_plan, SyncOptions().workers)
         at = utcnow()
         results = [back_up_prefix(s3, b.live, b.backup, at, progress=RichProgress(err, f"backing up {b.name}"))
@@ -71,6 +73,14 @@ def s3_backup(
     for r in results:
         out.print(f"{r.source} -> {r.backup}: {r.objects} objects ({r.copied} copied), manifest {r.manifest}, "
                   f"{r.duration_s:.1f}s", highlight=False, soft_wrap=True)
+
+
+def plan_buckets(dr_plan: Plan, bucket: str | None) -> list[Bucket]:
+    """One named bucket of the plan, or all of them; an unknown name or a plan without buckets is an error."""
+    buckets = [dr_plan.bucket(bucket)] if bucket else dr_plan.buckets
+    if not buckets:
+        raise DrplanError(f"plan {dr_plan.name} has no buckets; add buckets: [{{name, live, backup}}]")
+    return buckets
 
 
 def show_sync(report: SyncReport) -> None:
@@ -98,8 +108,8 @@ def show_sync(report: SyncReport) -> None:
 
 def s3_verify(
     plan: str = PlanOption,
-    bucket: str | None = typer.Option(None, "--bucket", help="Only this bucket of the plan (default: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    bucket: str | None = BucketOption,
+    as_json: bool = JsonOption,
 ) -> None:
     """Check each bucket's newest backup against its manifest: missing, corrupt, extra keys. Exit 0 all verified."""
     from drplan.clients import aws_client
@@ -108,7 +118,7 @@ def s3_verify(
 
     dr_plan = plan_or_exit(plan)
     try:
-        buckets = [dr_plan.bucket(bucket)] if bucket else dr_plan.buckets
+        buckets = plan_buckets(dr_plan, bucket)
         s3 = aws_client(dr_plan, "s3")
         results = [verify_backup.fn(s3, resolve_backup(s3, b.backup)) for b in buckets]
     except DrplanError as exc:
