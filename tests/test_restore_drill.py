@@ -28,6 +28,7 @@ def fresh_base_backup(sandbox, sandbox_dir):
     """Drills replay WAL from the newest base backup: take one now so replay covers minutes, not the session."""
     db, pg = primary(sandbox, sandbox_dir)
     pg.base_backup(db.primary)
+    stack.wait_until_drillable(sandbox, db, pg)
 
 
 def run_drill(plan_path, **params) -> list[DrillReport]:

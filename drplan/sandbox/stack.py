@@ -29,6 +29,7 @@ from drplan.plan import Cluster, Database, DatabaseKind, Plan
 from drplan.postgres_local import LocalPostgres, PostgresError, ensure_os_user
 from drplan.sandbox import aws_seed, demo_data
 from drplan.sandbox.kube_api import write_kubeconfig
+from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
 
 PYTHON = sys.executable
@@ -124,6 +125,19 @@ def up_postgres(plan: Plan, db: Database, pg: LocalPostgres, console: Console) -
         if member:
             console.print(f"  postgres {role} {member} on :{pg.ports[member]}")
             pg.up_replica(member, pg.ports[member], port)
+
+
+def wait_until_drillable(plan: Plan, db: Database, pg: LocalPostgres, timeout: float = 120) -> None:
+    """Leave the archive restorable past the newest base backup by the drill's margin: wait out the margin plus
+    two heartbeats, then switch WAL and wait until that segment is archived."""
+    assert plan.sandbox is not None
+    backup_end = max(b.end_time for b in pg.list_backups() if b.status == "DONE" and b.end_time)
+    ready_at = backup_end + plan.drill.target_margin + 2 * plan.sandbox.heartbeat_interval
+    time.sleep(max(0.0, (ready_at - utcnow()).total_seconds()))
+    with pg.connect(db.primary) as conn:
+        segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        _wait(f"archiving of WAL segment {segment}", lambda: conn.execute(
+            "SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0], timeout=timeout)
 
 
 def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[str, str]) -> None:
@@ -228,6 +242,9 @@ def up(plan: Plan, console: Console) -> None:
     console.print("  first bucket and configuration backups")
     aws_seed.back_up_buckets(plan)
     export_configuration(plan)
+    for db in _postgres_databases(plan):
+        console.print(f"  WAL archive of {db.name} restorable past its newest base backup")
+        wait_until_drillable(plan, db, postgres_of(plan, db, directory, values["db_password"]))
 
 
 def status(plan: Plan) -> list[Component]:
