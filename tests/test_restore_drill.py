@@ -161,9 +161,9 @@ def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the
     at_t = datetime.now(UTC)
     time.sleep(1)
     with pg.connect(db.primary) as conn:
-        changed = [r[0] for r in conn.execute(
-            "UPDATE users SET name = name || ' (edited)', updated_at = now() WHERE id % 97 = 0 RETURNING id")]
-        deleted = [r[0] for r in conn.execute("DELETE FROM orders WHERE id % 89 = 0 RETURNING id")]
+        changed = sorted(r[0] for r in conn.execute(  # RETURNING comes in heap order, the diff in key order
+            "UPDATE users SET name = name || ' (edited)', updated_at = now() WHERE id % 97 = 0 RETURNING id"))
+        deleted = sorted(r[0] for r in conn.execute("DELETE FROM orders WHERE id % 89 = 0 RETURNING id"))
         conn.execute("SELECT pg_switch_wal()")
     time.sleep(12)  # archive_timeout 5s: the changes reach the archive, and the margin passes
     snapshot = PgTarget("snapshot at T", "127.0.0.1", pg.ports[db.primary], "snapshot_t",
