@@ -32,7 +32,7 @@ from psycopg import IsolationLevel, sql
 from checks.catalog import INTEGER_TYPES, Column, TableSchema, read_table
 from checks.report import CheckStatus, DiffReport, KeyDiff
 from drplan.clients import PgTarget
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 
 SESSION = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
@@ -314,7 +314,7 @@ def fingerprint_diff(
         report.status = CheckStatus.failed if found or report.unresolved_rows else CheckStatus.passed
     except (DrplanError, psycopg.Error) as exc:
         report.status = CheckStatus.error
-        report.errors.append(str(exc).strip().splitlines()[0])
+        report.errors.append(first_line(exc))
     finally:
         for side in sides:
             side.close()

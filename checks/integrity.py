@@ -14,7 +14,7 @@ from checks.catalog import ForeignKey, TableSchema, count_rows, read_table
 from checks.gx_suite import Planned, gx_datasource, run_suite, scrub
 from checks.report import CheckResult, CheckStatus, IntegrityReport
 from drplan.clients import PgTarget
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Integrity
 
@@ -135,7 +135,7 @@ def run_integrity_checks(source: PgTarget, restored: PgTarget, integrity: Integr
             for catalog, table, planned in tables:
                 report.checks += catalog + (run_suite(datasource, restored, table, planned) if table else [])
     except (DrplanError, psycopg.Error) as exc:
-        stopped = str(exc).strip().splitlines()[0]
+        stopped = first_line(exc)
     except Exception as exc:  # GX failing to build its context or data source
         stopped = f"Great Expectations: {type(exc).__name__}: {exc}".splitlines()[0]
     else:

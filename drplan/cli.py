@@ -16,7 +16,7 @@ from rich.table import Table  # noqa: E402
 from drplan import cli_platform  # noqa: E402
 from drplan.cli_s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
-from drplan.errors import DrplanError  # noqa: E402
+from drplan.errors import DrplanError, first_line  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
 plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
@@ -55,7 +55,7 @@ def verify_rpo(
         state = rpo_verification(plan=plan, return_state=True)
     result = state.result(raise_on_failure=False)
     if not isinstance(result, RpoReport):
-        raise fail(f"RPO verification did not complete: {str(result).strip().splitlines()[0]}")
+        raise fail(f"RPO verification did not complete: {first_line(result)}")
     if as_json:
         out.print_json(result.model_dump_json())
     else:
@@ -101,7 +101,7 @@ def drill(
                               random_within=random_within, keep=keep, return_state=True)
     reports = state.result(raise_on_failure=False)
     if not isinstance(reports, list):
-        raise fail(f"restore drill did not complete: {str(reports).strip().splitlines()[0]}")
+        raise fail(f"restore drill did not complete: {first_line(reports)}")
     if as_json:
         out.print_json(data=[json.loads(r.model_dump_json()) for r in reports])
     else:
@@ -115,11 +115,12 @@ def sandbox_up(plan: str = PlanOption) -> None:
     """Start (or complete) the sandbox the plan describes. Idempotent."""
     from drplan.sandbox import stack
 
+    dr_plan = plan_or_exit(plan)
     try:
-        stack.up(plan_or_exit(plan), out)
+        stack.up(dr_plan, out)
     except DrplanError as exc:
         raise fail(str(exc)) from None
-    _show_status(stack.status(plan_or_exit(plan)))
+    _show_status(stack.status(dr_plan))
 
 
 @sandbox_app.command("status")

@@ -16,8 +16,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from pydantic import SecretStr
 
-from drplan.errors import DrplanError
-from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan
+from drplan.errors import DrplanError, first_line
+from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan, host_port
 
 # botocore logs request parameters and response bodies at DEBUG, Secrets Manager values included: never let
 # those two loggers below INFO, whatever level the caller configures.
@@ -155,8 +155,7 @@ class PgTarget:
                 **kwargs,
             )
         except psycopg.OperationalError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            reason = first.rpartition("failed: ")[2].strip()  # libpq: 'connection to server at ... failed: X'
+            reason = first_line(exc).rpartition("failed: ")[2].strip()  # libpq: 'connection to server at ... failed: X'
             raise DrplanError(
                 f"{self.label} ({self.address}): cannot connect: {reason}; check that it is up and reachable"
             ) from None
@@ -166,8 +165,7 @@ def member_endpoint(plan: Plan, db: Database, role: str) -> tuple[str, int]:
     """host, port of a member: the plan's endpoint override, else (rds) the address RDS reports."""
     identifier = db.members[role]
     if identifier in db.endpoints:
-        host, _, port = db.endpoints[identifier].rpartition(":")
-        return host, int(port)
+        return host_port(db.endpoints[identifier])
     if db.kind is not DatabaseKind.rds:
         raise DrplanError(f"{db.name}: no endpoint for {identifier}; add it under endpoints")
     region = db.dr_replica.region if role == "dr_replica" and db.dr_replica else plan.aws.region

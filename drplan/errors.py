@@ -3,3 +3,8 @@
 
 class DrplanError(Exception):
     """An error the user can act on; str(error) is the one-line message."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a report or message: its first line, or its type when it has no text."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

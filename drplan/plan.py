@@ -62,6 +62,12 @@ def _secret_ref(value: str) -> str:
     return value
 
 
+def host_port(endpoint: str) -> tuple[str, int]:
+    """A validated `host:port` endpoint as (host, port)."""
+    host, _, port = endpoint.rpartition(":")
+    return host, int(port)
+
+
 S3Uri = Annotated[str, AfterValidator(_s3_uri)]
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
 SecretRef = Annotated[str, AfterValidator(_secret_ref)]

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from drplan.errors import first_line
 from drplan.timeutil import format_duration
 
 DataClass = Literal["database", "file_storage", "configuration"]
@@ -96,10 +97,9 @@ def exposure(
 
 
 def error(resource: str, data_class: DataClass, measure: str, objective: timedelta, exc: BaseException) -> Measurement:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return Measurement(
         resource=resource, data_class=data_class, measure=measure, objective=objective,
-        status=Status.error, detail=message,
+        status=Status.error, detail=first_line(exc),
     )
 
 

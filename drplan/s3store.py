@@ -16,7 +16,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from drplan.clients import boto3_session, botocore_config
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan
 from drplan.s3fastcopy import FastCopy
 
@@ -92,7 +92,7 @@ def describe(exc: Exception) -> str:
     if isinstance(exc, ClientError):
         message = exc.response.get("Error", {}).get("Message") or ""
         return f"{error_code(exc)}: {message}".strip(": ")
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first_line(exc)
 
 
 def list_objects(s3, uri: str) -> dict[str, S3Object]:

@@ -61,8 +61,9 @@ class Leftover(BaseModel):
     created_at: datetime | None
 
 
-def scratch_name(db: Database, now: datetime) -> str:
-    return f"{db.name}-drill-{now.astimezone(UTC).strftime(STAMP).lower()}"
+def scratch_name(db: Database, when: datetime, purpose: str = "drill") -> str:
+    """`<database>-<purpose>-<stamp>`: drills sweep only their own (`-drill-`) copies."""
+    return f"{db.name}-{purpose}-{when.astimezone(UTC).strftime(STAMP).lower()}"
 
 
 class RestoreTarget(ABC):
@@ -115,14 +116,14 @@ class PostgresArchive(RestoreTarget):
     def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
         local = self._local(credentials)
         marker = self.markers / f"{name}.json"
-        if marker.is_file():
+        if marker.is_file():  # a rerun: the same backup and port as the first attempt
             scratch = Scratch.model_validate_json(marker.read_text())
+            backup = next(b for b in local.list_backups() if b.id == scratch.backup_id)
         else:
             backup = local.backup_for(target_time)
             scratch = Scratch(name=name, host=HOST, port=free_port(), created_at=utcnow(), backup_id=backup.id)
             self.markers.mkdir(parents=True, exist_ok=True)
             marker.write_text(scratch.model_dump_json())  # written first: a crash leaves something to sweep
-        backup = next(b for b in local.list_backups() if b.id == scratch.backup_id)
         try:
             local.restore(name, scratch.port, target_time, backup,
                           timeout=self.plan.drill.restore_timeout.total_seconds())
@@ -206,9 +207,6 @@ class RdsInstance(RestoreTarget):
             self.rds.restore_db_instance_to_point_in_time(**self.restore_request(name, target_time))
         instance = self._wait_available(name, self.plan.drill.restore_timeout)
         endpoint = instance.get("Endpoint") or {}
-        if name in self.db.endpoints:
-            host, _, port = self.db.endpoints[name].rpartition(":")
-            endpoint = {"Address": host, "Port": int(port)}
         return Scratch(name=name, host=endpoint["Address"], port=int(endpoint["Port"]),
                        created_at=_created(instance) or utcnow())
 

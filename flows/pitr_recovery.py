@@ -22,15 +22,14 @@ from pydantic import BaseModel, Field
 
 from drplan.clients import DbCredentials, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.drill_report import CheckStatus, DrillCheck
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.plan import Database, Plan, Service
-from drplan.targets import RestoreTarget, Scratch, restore_target
+from drplan.targets import RestoreTarget, Scratch, restore_target, scratch_name
 from drplan.timeutil import utcnow
 from flows.restore_drill import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
 from tasks.health import ServiceValidation, validate_service_task
 from tasks.k8s import cut_over, find_database_secret, roll_back
-from tasks.s3 import STAMP
 
 DEFAULT_PLAN = "plans/devonn.yaml"
 
@@ -133,7 +132,7 @@ def pitr_recovery(
     target: RestoreTarget = restore_target(dr_plan, db)
     window = find_restorable_window(target)
     report.target_time = choose_target_time(window, when, None, dr_plan.drill.target_margin)
-    report.recovery_copy = f"{db.name}-recovery-{report.target_time.strftime(STAMP).lower()}"
+    report.recovery_copy = scratch_name(db, report.target_time, "recovery")
     if dry_run:
         report.record("would restore", report.recovery_copy, f"as of {report.target_time.isoformat()}")
         report.record("would check", report.recovery_copy, "integrity suites against the source")
@@ -146,7 +145,7 @@ def pitr_recovery(
     try:
         recover(dr_plan, db, service, target, report, approve)
     except Exception as exc:
-        report.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        report.error = first_line(exc)
         report.outcome = "failed"
     finally:
         create_markdown_artifact(key=f"pitr-recovery-{db.name}".lower(), markdown=report.markdown())

@@ -19,7 +19,7 @@ from prefect.states import Failed
 
 from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.drill_report import CheckStatus, DrillReport, Measured
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.plan import Database, Plan, load_plan
 from drplan.targets import RestorableWindow, restore_target, scratch_name
 from drplan.timeutil import parse_duration, parse_utc, utcnow
@@ -103,7 +103,7 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
         report.rpo = Measured(measured=report.target_time - newest if newest else None,
                               objective=dr_plan.objectives.rpo.database)
     except Exception as exc:  # the report must say what failed; cleanup below still runs
-        report.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        report.error = first_line(exc)
         logger.error("drill of %s failed: %s", db.name, report.error)
     finally:
         if keep and restore_started:

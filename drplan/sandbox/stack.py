@@ -25,7 +25,7 @@ from rich.console import Console
 from drplan import processes
 from drplan.clients import child_aws_env, kube_client
 from drplan.errors import DrplanError
-from drplan.plan import Cluster, Database, DatabaseKind, Plan
+from drplan.plan import Cluster, Database, DatabaseKind, Plan, host_port
 from drplan.postgres_local import LocalPostgres, PostgresError, ensure_os_user
 from drplan.sandbox import aws_seed, demo_data
 from drplan.sandbox.kube_api import write_kubeconfig
@@ -53,15 +53,10 @@ def state_dir(plan: Plan) -> Path:
     return Path(os.environ.get("DRPLAN_SANDBOX_DIR") or plan.resolve_path(plan.sandbox.state_dir))
 
 
-def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host, int(port)
-
-
 def moto_address(plan: Plan) -> tuple[str, int]:
     if not plan.aws.is_loopback:
         raise DrplanError("the sandbox needs aws.endpoint_url on loopback (e.g. http://127.0.0.1:45900)")
-    return _host_port(plan.aws.endpoint_url.split("://", 1)[1].rstrip("/"))
+    return host_port(plan.aws.endpoint_url.split("://", 1)[1].rstrip("/"))
 
 
 def _wait(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -100,7 +95,7 @@ def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> Loc
         dbname=db.dbname, endpoint_url=plan.aws.endpoint_url, aws_env=child_aws_env(plan),
         destination=db.backup.destination, server_name=db.backup.server_name,
         archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
-        ports={m: _host_port(e)[1] for m, e in db.endpoints.items()},
+        ports={m: host_port(e)[1] for m, e in db.endpoints.items()},
     )
 
 
@@ -110,7 +105,7 @@ def _postgres_databases(plan: Plan) -> list[Database]:
 
 def up_postgres(plan: Plan, db: Database, pg: LocalPostgres, console: Console) -> None:
     assert plan.sandbox is not None
-    primary, port = db.primary, _host_port(db.endpoints[db.primary])[1]
+    primary, port = db.primary, host_port(db.endpoints[db.primary])[1]
     console.print(f"  postgres {primary} on :{port}")
     pg.up_primary(primary, port)
     if demo_data.create_and_load(pg, primary, plan.sandbox.demo_rows):
@@ -146,7 +141,7 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
     from kubernetes.client.exceptions import ApiException
 
     assert plan.sandbox is not None
-    host, port = _host_port(plan.sandbox.kube_api)
+    host, port = host_port(plan.sandbox.kube_api)
     processes.start(directory, "kube-api", [PYTHON, "-m", "drplan.sandbox.kube_api", "--listen", f"{host}:{port}"])
     _wait("Kubernetes API", lambda: _http_ok(f"http://{host}:{port}/version"))
     write_kubeconfig(plan.resolve_path(cluster.kubeconfig or str(directory / "kubeconfig")),
@@ -172,7 +167,7 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
     service = next((s for s in plan.services if s.cluster == cluster.name), None)
     if service and service.database:
         db = plan.database(service.database)
-        host_db, port_db = _host_port(db.endpoints.get(db.primary, "127.0.0.1:5432"))
+        host_db, port_db = host_port(db.endpoints.get(db.primary, "127.0.0.1:5432"))
         url = (f"postgresql://{aws_seed.ADMIN_USER}:{quote(values['db_password'], safe='')}"
                f"@{host_db}:{port_db}/{db.dbname}")
         for name, data in ((DB_SECRET, {"DATABASE_URL": url}), (TOKEN_SECRET, {"token": values["api_token"]})):
