@@ -13,7 +13,7 @@ import typer  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from drplan import cli_platform  # noqa: E402
+from drplan import cli_platform, cli_recovery  # noqa: E402
 from drplan.cli_s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
 from drplan.errors import DrplanError, first_line  # noqa: E402
@@ -25,6 +25,8 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(sandbox_app, name="sandbox")
 app.command("serve")(cli_platform.serve)
 app.command("trigger")(cli_platform.trigger)
+app.command("recover")(cli_recovery.recover)
+app.command("failover")(cli_recovery.failover)
 app.command("s3-backup")(s3_backup)
 app.command("s3-restore")(s3_restore)
 app.command("s3-verify")(s3_verify)

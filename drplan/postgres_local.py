@@ -433,14 +433,18 @@ class LocalPostgres:
                                 f"{target_time:%Y-%m-%dT%H:%M:%SZ}; {hint}")
         return usable[-1]
 
-    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800) -> None:
+    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800) -> bool:
         """Restore `backup`, replay archived WAL up to `target_time`, promote, and leave `member` running on
-        `port`, accepting writes. A member already running is left alone (a rerun after a crash)."""
+        `port`, accepting writes. Returns False when an earlier run already did it (a rerun after a crash): a
+        running member is left alone, a finished but stopped one (no recovery.signal left) is started as it is."""
         self.ports[member] = port
         if self._pid(member):
-            return
+            return False
         self._prepare()
         data = self.data_dir(member)
+        if (data / "PG_VERSION").exists() and not (data / "recovery.signal").exists():
+            self._start(member, port, recovery={}, timeout=timeout)
+            return False
         if data.exists():  # a half-done restore from a crashed run: start it over
             shutil.rmtree(data)
         self._run(
@@ -468,6 +472,7 @@ class LocalPostgres:
                 raise PostgresError(f"{member} did not finish recovery to {target_time:%Y-%m-%dT%H:%M:%SZ}: "
                                     f"{self._last_log_line(member)}")
             time.sleep(0.2)
+        return True
 
     def remove(self, member: str) -> bool:
         """Stop `member` and delete its data and log. Returns whether anything was there."""

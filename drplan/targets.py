@@ -10,11 +10,9 @@ Scratch copies are named `<database>-drill-<YYYYMMDDTHHMMSSZ>` and labelled so a
 from __future__ import annotations
 
 import socket
-import time
 from abc import ABC, abstractmethod
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, child_aws_env
@@ -23,6 +21,7 @@ from drplan.plan import Database, DatabaseKind, Plan
 from drplan.postgres_local import HOST, LocalPostgres, PostgresError
 from drplan.timeutil import utcnow
 from tasks.barman import find_newest_wal
+from tasks.rds import find_instance, wait_instance_available
 from tasks.s3 import STAMP
 
 DRILL_TAG = "drplan:drill"
@@ -51,6 +50,8 @@ class Scratch(BaseModel):
     port: int
     created_at: datetime
     backup_id: str | None = None
+    reused: bool = False
+    """An earlier run had already restored it (a rerun after a crash): nothing was restored this time."""
 
     def target(self, db: Database, credentials: DbCredentials) -> PgTarget:
         return PgTarget(f"{db.name}/scratch {self.name}", self.host, self.port, db.dbname, credentials)
@@ -125,11 +126,11 @@ class PostgresArchive(RestoreTarget):
             self.markers.mkdir(parents=True, exist_ok=True)
             marker.write_text(scratch.model_dump_json())  # written first: a crash leaves something to sweep
         try:
-            local.restore(name, scratch.port, target_time, backup,
-                          timeout=self.plan.drill.restore_timeout.total_seconds())
+            restored = local.restore(name, scratch.port, target_time, backup,
+                                     timeout=self.plan.drill.restore_timeout.total_seconds())
         except PostgresError as exc:
             raise DrplanError(str(exc)) from None
-        return scratch
+        return scratch.model_copy(update={"reused": not restored})
 
     def drop(self, name: str) -> bool:
         existed = self._local().remove(name)
@@ -153,16 +154,8 @@ class RdsInstance(RestoreTarget):
         super().__init__(plan, db)
         self.rds = aws_client(plan, "rds")
 
-    def _describe(self, identifier: str) -> dict | None:
-        try:
-            return self.rds.describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"][0]
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "DBInstanceNotFound":
-                return None
-            raise
-
     def _source(self) -> dict:
-        source = self._describe(self.db.primary)
+        source = find_instance(self.rds, self.db.primary)
         if source is None:
             raise DrplanError(f"{self.db.name}: RDS instance {self.db.primary} not found in {self.plan.aws.region}")
         return source
@@ -202,31 +195,16 @@ class RdsInstance(RestoreTarget):
         return request
 
     def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
-        instance = self._describe(name)
-        if instance is None:
+        reused = find_instance(self.rds, name) is not None
+        if not reused:
             self.rds.restore_db_instance_to_point_in_time(**self.restore_request(name, target_time))
-        instance = self._wait_available(name, self.plan.drill.restore_timeout)
+        instance = wait_instance_available(self.rds, name, self.plan.drill.restore_timeout, self.poll_seconds)
         endpoint = instance.get("Endpoint") or {}
         return Scratch(name=name, host=endpoint["Address"], port=int(endpoint["Port"]),
-                       created_at=_created(instance) or utcnow())
-
-    def _wait_available(self, name: str, timeout: timedelta) -> dict:
-        """Our own wait: botocore's waiter gives up after 30 minutes, large restores take longer."""
-        deadline = time.monotonic() + timeout.total_seconds()
-        while True:
-            instance = self._describe(name)
-            status = instance["DBInstanceStatus"] if instance else "missing"
-            if status == "available":
-                return instance
-            if status in ("failed", "incompatible-restore", "incompatible-parameters", "missing"):
-                raise DrplanError(f"{self.db.name}: scratch instance {name} is {status}")
-            if time.monotonic() > deadline:
-                raise DrplanError(f"{self.db.name}: scratch instance {name} not available after "
-                                  f"{timeout}; still {status}")
-            time.sleep(self.poll_seconds)
+                       created_at=_created(instance) or utcnow(), reused=reused)
 
     def drop(self, name: str) -> bool:
-        if self._describe(name) is None:
+        if find_instance(self.rds, name) is None:
             return False
         self.rds.delete_db_instance(DBInstanceIdentifier=name, SkipFinalSnapshot=True, DeleteAutomatedBackups=True)
         return True

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, computed_field
 
-from drplan.clients import aws_client, db_credentials, pg_target, read_secret
+from drplan.clients import PgTarget, aws_client, db_credentials, pg_target, read_secret
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
 from drplan.plan import Database, DatabaseKind, Plan, Service
@@ -28,6 +28,8 @@ from drplan.timeutil import utcnow
 
 TIMEOUT = 5.0
 METRIC_WINDOW = timedelta(minutes=10)
+PERIOD = timedelta(minutes=1)
+"""CloudWatch period; queries end one period after now so that the current minute's datapoints count."""
 RDS_METRIC_BOUNDS = {"CPUUtilization": (0.0, 90.0), "DatabaseConnections": (1.0, math.inf)}
 """metric -> (low, high): CPU below 90 %, and at least one connection (the application is connected)."""
 
@@ -101,22 +103,23 @@ def _http_probe(http: httpx.Client, url: httpx.URL, statuses: set[int], contains
     return probe
 
 
-def _database_probe(plan: Plan, db: Database) -> Probe:
+def _database_probe(plan: Plan, db: Database, target: PgTarget | None) -> Probe:
     def probe() -> tuple[bool, str]:
-        target = pg_target(plan, db, "primary", db_credentials(plan, db))
+        nonlocal target
+        target = target or pg_target(plan, db, "primary", db_credentials(plan, db))
         with target.connect(timeout=int(TIMEOUT)) as conn:
             value = conn.execute("SELECT 1").fetchone()[0]
         return value == 1, f"SELECT 1 -> {value} on {target.address}"
     return probe
 
 
-def _metric_probe(plan: Plan, identifier: str, metric: str) -> Probe:
+def _metric_probe(plan: Plan, region: str, identifier: str, metric: str) -> Probe:
     low, high = RDS_METRIC_BOUNDS[metric]
 
     def probe() -> tuple[CheckStatus, str]:
         now = utcnow()
-        points = aws_client(plan, "cloudwatch").get_metric_statistics(
-            Namespace="AWS/RDS", MetricName=metric, StartTime=now - METRIC_WINDOW, EndTime=now, Period=60,
+        points = aws_client(plan, "cloudwatch", region).get_metric_statistics(
+            Namespace="AWS/RDS", MetricName=metric, StartTime=now - METRIC_WINDOW, EndTime=now + PERIOD, Period=60,
             Dimensions=[{"Name": "DBInstanceIdentifier", "Value": identifier}], Statistics=["Average"],
         )["Datapoints"]
         if not points:
@@ -127,18 +130,27 @@ def _metric_probe(plan: Plan, identifier: str, metric: str) -> Probe:
     return probe
 
 
-def validate_service(plan: Plan, service: Service) -> ServiceValidation:
-    """Run every check the plan implies for `service`; each is reported separately, none stops the others."""
+def _database_checks(plan: Plan, db: Database, database: PgTarget | None,
+                     metrics_instance: tuple[str, str] | None) -> list[CheckResult]:
+    checks = [_run("database", "SELECT 1 -> 1", _database_probe(plan, db, database))]
+    if db.kind is DatabaseKind.rds:
+        region, instance = metrics_instance or (plan.aws.region, db.primary)
+        for metric, (low, high) in RDS_METRIC_BOUNDS.items():
+            checks.append(_run(f"cloudwatch {metric}", f"{low:g} <= average <= {high:g} for {instance}",
+                               _metric_probe(plan, region, instance, metric)))
+    return checks
+
+
+def validate_service(plan: Plan, service: Service, database: PgTarget | None = None,
+                     metrics_instance: tuple[str, str] | None = None) -> ServiceValidation:
+    """Run every check the plan implies for `service`; each is reported separately, none stops the others.
+    After a cutover, `database` is what the service now uses and `metrics_instance` its (region, RDS instance);
+    by default the plan's primary."""
     checks = []
     with httpx.Client(timeout=TIMEOUT) as http:
         checks.append(_run("health", "HTTP 200", _http_probe(http, httpx.URL(service.health), {200})))
         if service.database:
-            db = plan.database(service.database)
-            checks.append(_run("database", "SELECT 1 -> 1 on the primary", _database_probe(plan, db)))
-            if db.kind is DatabaseKind.rds:
-                for metric, (low, high) in RDS_METRIC_BOUNDS.items():
-                    checks.append(_run(f"cloudwatch {metric}", f"{low:g} <= average <= {high:g}",
-                                       _metric_probe(plan, db.primary, metric)))
+            checks += _database_checks(plan, plan.database(service.database), database, metrics_instance)
         for endpoint in service.endpoints:
             url = httpx.URL(service.health).join(endpoint.path)
             expected = f"HTTP {endpoint.expect_status}" + (
@@ -152,10 +164,19 @@ def validate_service(plan: Plan, service: Service) -> ServiceValidation:
     return ServiceValidation(service=service.name, checks=checks)
 
 
+@task(name="validate-database", cache_policy=NO_CACHE)
+def validate_database_task(plan: Plan, db: Database, database: PgTarget | None = None,
+                           metrics_instance: tuple[str, str] | None = None) -> ServiceValidation:
+    """The database part of recovery validation alone (no service uses the database)."""
+    return ServiceValidation(service=f"database {db.name}",
+                             checks=_database_checks(plan, db, database, metrics_instance))
+
+
 @task(name="validate-service", cache_policy=NO_CACHE)
-def validate_service_task(plan: Plan, service: Service) -> ServiceValidation:
+def validate_service_task(plan: Plan, service: Service, database: PgTarget | None = None,
+                          metrics_instance: tuple[str, str] | None = None) -> ServiceValidation:
     """Prefect task around `validate_service`; the result says which checks failed, the task does not fail."""
-    result = validate_service(plan, service)
+    result = validate_service(plan, service, database, metrics_instance)
     failed = [c.name for c in result.checks if not c.passed]
     run_logger().info("service %s: %s", service.name, f"not validated ({', '.join(failed)})" if failed else "validated")
     return result

@@ -11,7 +11,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from drplan.clients import kube_client
 from drplan.errors import DrplanError
@@ -189,9 +189,11 @@ def _set_database_url(plan: Plan, cluster: Cluster, deployment: str, url: str, k
     return result
 
 
-def cut_over(plan: Plan, cluster: Cluster, deployment: str, new_url: str, timeout: float = 300) -> CutoverResult:
+def cut_over(plan: Plan, cluster: Cluster, deployment: str, new_url: SecretStr, timeout: float = 300
+             ) -> CutoverResult:
     """Move the deployment to the database at `new_url` through its Secret; the old URL is kept for roll_back."""
-    return _set_database_url(plan, cluster, deployment, new_url, keep_previous=True, timeout=timeout)
+    return _set_database_url(plan, cluster, deployment, new_url.get_secret_value(), keep_previous=True,
+                             timeout=timeout)
 
 
 def roll_back(plan: Plan, cluster: Cluster, deployment: str, timeout: float = 300) -> CutoverResult:

@@ -57,3 +57,23 @@ def read_archiver_status(target: PgTarget) -> ArchiverStatus:
     run_logger().info("%s archiver: last %s at %s, failing=%s", target.label,
                           status.last_archived_wal, status.last_archived_time, status.failing)
     return status
+
+
+@task(retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def is_in_recovery(target: PgTarget) -> bool:
+    """True for a standby (streaming replica), False for a primary."""
+    with target.connect() as conn:
+        return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+
+
+@task(cache_policy=NO_CACHE)
+def promote_standby(target: PgTarget, wait_seconds: int = 60) -> bool:
+    """`pg_promote()` a streaming replica and wait until it accepts writes; False if it already is a primary."""
+    with target.connect(autocommit=True) as conn:
+        if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+            run_logger().info("%s is already a primary; not promoting", target.label)
+            return False
+        if not conn.execute("SELECT pg_promote(true, %s)", (wait_seconds,)).fetchone()[0]:
+            raise DrplanError(f"{target.label}: pg_promote did not finish within {wait_seconds}s; check its server log")
+    run_logger().warning("%s promoted to primary", target.label)
+    return True

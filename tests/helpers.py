@@ -44,3 +44,31 @@ def world_traversable_dir(prefix: str) -> Path:
 def logged_text(caplog) -> str:
     """Every log message pytest captured, as one text (to assert that no secret was logged)."""
     return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def stack_snapshot(plan, database: str) -> dict:
+    """What a dry run must leave exactly as it was: the cluster namespace (deployments with their status and
+    resourceVersion, services, config maps, Secret names and data), every RDS instance of both regions, and each
+    PostgreSQL member's role."""
+    from kubernetes import client as k8s
+
+    from drplan.clients import aws_client, db_credentials, kube_client, pg_target
+    from tasks.k8s import export_namespace
+
+    snapshot: dict[str, Any] = {}
+    for cluster in plan.clusters:
+        api = kube_client(plan, cluster)
+        snapshot[cluster.name] = export_namespace(api, cluster.namespace)
+        snapshot[f"{cluster.name} secrets"] = {
+            s.metadata.name: (s.metadata.resource_version, s.data)
+            for s in k8s.CoreV1Api(api).list_namespaced_secret(cluster.namespace).items}
+    for region in {plan.aws.region, plan.aws.dr_region} - {None}:
+        snapshot[f"rds {region}"] = sorted(
+            (i["DBInstanceIdentifier"], i["DBInstanceStatus"], i.get("ReadReplicaSourceDBInstanceIdentifier"))
+            for i in aws_client(plan, "rds", region).describe_db_instances()["DBInstances"])
+    db = plan.database(database)
+    if db.kind.value == "postgres":
+        for role in db.members:
+            with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
+                snapshot[f"postgres {role}"] = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    return snapshot

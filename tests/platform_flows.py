@@ -1,30 +1,26 @@
-"""Cheap flows that tests/test_platform.py deploys next to prefect.yaml's: an approval gate shaped like a recovery's,
-and a synthetic RPO breach published by the real `flows.rpo_verification.publish`."""
+"""Cheap flows that tests/test_platform.py deploys next to prefect.yaml's: the recovery flows' approval gate (the
+same RunInput) without a restore before it, and a synthetic RPO breach published by the real
+`flows.rpo_verification.publish`."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 from prefect import flow, pause_flow_run
-from prefect.input import RunInput
 
+from drplan.recovery import Approval
 from drplan.rpo import Measurement, RpoReport, Status
 from drplan.timeutil import utcnow
 from flows.rpo_verification import publish
-
-
-class Approval(RunInput):
-    approved: bool
-    approver: str
 
 
 @flow(name="platform-approval-probe")
 def approval_probe(change: str = "promote the replica") -> str:
     """Pause until someone answers with an Approval; fail when they refuse."""
     answer = pause_flow_run(wait_for_input=Approval, timeout=120, poll_interval=2)  # default 10 s: slow tests
-    if not answer.approved:
-        raise RuntimeError(f"{change}: refused by {answer.approver}")
-    return f"{change}: approved by {answer.approver}"
+    if not answer.approve:
+        raise RuntimeError(f"{change}: refused ({answer.reason})")
+    return f"{change}: approved ({answer.reason})"
 
 
 @flow(name="platform-breach-probe")

@@ -8,14 +8,15 @@ import base64
 import dataclasses
 import logging
 from collections.abc import Iterator
-from urllib.parse import quote
 
 import httpx
 import pytest
 from kubernetes import client as k8s
+from pydantic import SecretStr
 
 from drplan.clients import db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
+from drplan.recovery import database_url
 from drplan.sandbox import demo_data, stack
 from drplan.sandbox.kube_api import UNAVAILABLE_ANNOTATION
 from tasks.k8s import (
@@ -61,7 +62,7 @@ def restored_app_secret(api, namespace) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
-def target_url(sandbox) -> Iterator[str]:
+def target_url(sandbox) -> Iterator[SecretStr]:
     """URL of database cutover_target on the sandbox primary, with the demo schema and TARGET_ROWS users."""
     db = sandbox.database("devonn-postgres")
     credentials = db_credentials(sandbox, db)
@@ -74,8 +75,7 @@ def target_url(sandbox) -> Iterator[str]:
     try:
         with dataclasses.replace(primary, dbname=TARGET_DB).connect() as conn:
             demo_data.load(conn, TARGET_ROWS)
-        password = quote(credentials.password.get_secret_value(), safe="")
-        yield f"postgresql://{credentials.username}:{password}@{primary.host}:{primary.port}/{TARGET_DB}"
+        yield database_url(credentials, primary.host, primary.port, TARGET_DB)
     finally:
         with admin.connect(autocommit=True) as conn:
             conn.execute(drop)
@@ -111,7 +111,7 @@ def test_cut_over_moves_the_app_and_roll_back_returns_it(sandbox, sandbox_dir, a
     assert "kubectl.kubernetes.io/restartedAt" in deployment.spec.template.metadata.annotations
     current = k8s.CoreV1Api(api).read_namespaced_secret(stack.DB_SECRET, namespace).data
     assert current == restored_app_secret  # the kept previous value is gone after the roll back
-    encoded = [*restored_app_secret.values(), base64.b64encode(target_url.encode()).decode()]
+    encoded = [*restored_app_secret.values(), base64.b64encode(target_url.get_secret_value().encode()).decode()]
     for text in (logged_text(caplog), *(r.model_dump_json() for r in (moved, again, back))):
         assert password not in text
         assert not any(value in text for value in encoded)  # nor the Secret's base64 form
@@ -144,7 +144,7 @@ def test_finds_the_secret_behind_database_url(api, namespace):
 
 def test_missing_deployment_or_reference_is_one_clear_line(sandbox, api, namespace):
     with pytest.raises(DrplanError) as missing:
-        cut_over(sandbox, sandbox.cluster(CLUSTER), "no-such-app", "postgresql://x@127.0.0.1/db")
+        cut_over(sandbox, sandbox.cluster(CLUSTER), "no-such-app", SecretStr("postgresql://x@127.0.0.1/db"))
     assert str(missing.value) == (f"deployment no-such-app in namespace {namespace} does not exist; "
                                   "check clusters[].deployments")
     with pytest.raises(DrplanError, match=r"^deployment devonn-worker in namespace \S+ has no DATABASE_URL from a "

@@ -3,23 +3,40 @@ serving the rows as they were at T; dry run changes nothing; failed validation r
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
+from kubernetes import client as k8s
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
 from prefect.flow_runs import resume_flow_run
+from prefect.settings import PREFECT_API_URL
+from typer.testing import CliRunner
 
+from drplan import processes
+from drplan.cli import app
 from drplan.clients import db_credentials, kube_client
+from drplan.recovery import lock_name
 from drplan.sandbox import stack
 from drplan.targets import PostgresArchive
 from flows.pitr_recovery import pitr_recovery
-from tasks.k8s import find_database_secret, read_secret_value
-from tests.helpers import wait_for
+from tasks.k8s import find_database_secret, read_secret_value, roll_back
+from tests.helpers import logged_text, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def app_secret(plan) -> str:
@@ -65,13 +82,13 @@ def point_in_time(sandbox, sandbox_dir):
 
 def test_dry_run_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
     at_t, _ = point_in_time
-    before = app_secret(sandbox)
+    before, snapshot = app_secret(sandbox), stack_snapshot(sandbox, "devonn-postgres")
     report = pitr_recovery(plan=str(sandbox_plan_path), database="devonn-postgres", target_time=at_t.isoformat(),
                            promote=True, dry_run=True)
     assert report.outcome == "planned (dry run)"
     assert [s.action for s in report.steps] == ["found", "would restore", "would check", "would ask approval",
                                                 "would rewrite", "would restart"]
-    assert app_secret(sandbox) == before
+    assert app_secret(sandbox) == before and stack_snapshot(sandbox, "devonn-postgres") == snapshot
     assert not list(PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers.glob("*recovery*"))
 
 
@@ -90,8 +107,6 @@ def test_recover_to_t_and_promote_moves_the_app_to_the_rows_at_t(sandbox, sandbo
         password = db_credentials(sandbox, sandbox.database("devonn-postgres")).password.get_secret_value()
         assert password not in report.model_dump_json()
     finally:
-        from tasks.k8s import roll_back
-
         roll_back(sandbox, sandbox.cluster("devonn-eks-sandbox"), "devonn-api")
     assert app_secret(sandbox) == before
 
@@ -120,4 +135,119 @@ def test_refused_approval_changes_nothing(sandbox, sandbox_plan_path, point_in_t
     report = result["state"].result()
     assert report.outcome == "refused: nothing changed"
     assert report.steps[-1].detail == "approve=False wrong target time"
+    assert app_secret(sandbox) == before
+
+
+def test_failed_validation_rolls_the_secret_back(sandbox, plan_variant, point_in_time):
+    at_t, orders_at_t = point_in_time
+
+    def impossible_expectation(data: dict) -> None:
+        data["services"][0]["endpoints"][1]["expect_contains"] = "a-field-no-database-has"
+
+    before, orders_now = app_secret(sandbox), stats(sandbox)["orders"]
+    state = pitr_recovery(plan=str(plan_variant(impossible_expectation)), database="devonn-postgres",
+                          target_time=at_t.isoformat(), promote=True, approve=True, return_state=True)
+    assert state.is_failed()
+    report = state.result(raise_on_failure=False)
+    assert report.outcome == "validation failed: rolled back"
+    assert [s.action for s in report.steps][-2:] == ["cut over", "rolled back"]
+    assert [c.name for c in report.validation.checks if not c.passed] == ["GET /api/stats"]
+    assert app_secret(sandbox) == before
+    assert wait_for(lambda: stats(sandbox)["orders"] == orders_now != orders_at_t, 15, "the app on the old database")
+    assert httpx.get(sandbox.services[0].health, timeout=5).status_code == 200
+
+
+def test_killed_after_restore_rerun_completes_without_a_second_restore(sandbox, sandbox_plan_path, point_in_time,
+                                                                     caplog):
+    """One run restores and waits for approval; a second recovery of the database is refused at once; the first is
+    killed (SIGKILL); after its lock is freed, a rerun finds the restored copy and completes. The database password
+    is in no process argument, flow run parameter, log or plain container env value throughout."""
+    at_t, orders_at_t = point_in_time
+    db = sandbox.database("devonn-postgres")
+    password = db_credentials(sandbox, db).password.get_secret_value()
+    name = f"killed-recovery-{uuid.uuid4().hex[:8]}"
+    script = ("import sys; from flows.pitr_recovery import pitr_recovery; pitr_recovery.with_options("
+              "flow_run_name=sys.argv[1])(plan=sys.argv[2], database='devonn-postgres', target_time=sys.argv[3], "
+              "promote=True)")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    first = subprocess.Popen([sys.executable, "-c", script, name, str(sandbox_plan_path), at_t.isoformat()],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with get_client(sync_client=True) as client:
+            paused = wait_for(lambda: next((r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[name]))) if r.state and r.state.is_paused()), None),
+                180, "the first recovery to restore and pause for approval", interval=0.5)
+        target = PostgresArchive(sandbox, db)
+        copy = next(target.markers.glob("devonn-postgres-recovery-*.json")).stem
+        restored_pid = processes.running(target.work_dir, copy).pid
+        assert_no_canary(sandbox, password, paused.id)
+
+        second = pitr_recovery(plan=str(sandbox_plan_path), database="devonn-postgres", target_time=at_t.isoformat(),
+                               promote=True, approve=True, return_state=True)
+        assert second.is_failed()
+        assert second.result(raise_on_failure=False).error.startswith(
+            "another recovery of devonn-postgres is in progress (Prefect concurrency limit drplan-recovery-")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    with get_client(sync_client=True) as client:  # what the operator does once the other run is known dead
+        client.update_global_concurrency_limit(lock_name(db), GlobalConcurrencyLimitUpdate(active_slots=0))
+    try:
+        with caplog.at_level(logging.DEBUG):
+            report = pitr_recovery(plan=str(sandbox_plan_path), database="devonn-postgres",
+                                   target_time=at_t.isoformat(), promote=True, approve=True)
+        assert report.outcome == "promoted", report.markdown()
+        actions = [s.action for s in report.steps]
+        assert "found restored" in actions and "restored" not in actions
+        assert processes.running(target.work_dir, copy).pid == restored_pid  # the same server: not restored again
+        assert wait_for(lambda: stats(sandbox)["orders"] == orders_at_t, 15, "the app serving the rows at T")
+        assert password not in logged_text(caplog)
+        assert_no_canary(sandbox, password, paused.id)
+    finally:
+        roll_back(sandbox, sandbox.cluster("devonn-eks-sandbox"), "devonn-api")
+
+
+def assert_no_canary(plan, password: str, flow_run_id) -> None:
+    """The password is in no process's arguments, no flow run's parameters or logs, no plain container env."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert password.encode() not in cmdline.read_bytes(), f"password in the arguments of {cmdline.parent}"
+        except OSError:
+            continue  # the process ended meanwhile
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        assert password not in json.dumps([r.parameters for r in runs], default=str)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        assert password not in "\n".join(entry.message for entry in logs)
+    cluster = plan.cluster("devonn-eks-sandbox")
+    deployment = k8s.AppsV1Api(kube_client(plan, cluster)).read_namespaced_deployment("devonn-api", cluster.namespace)
+    env = [e for c in deployment.spec.template.spec.containers for e in (c.env or [])]
+    assert all(password not in (e.value or "") for e in env)
+    assert next(e for e in env if e.name == "DATABASE_URL").value_from.secret_key_ref is not None
+
+
+def test_cli_refuses_bad_input_in_one_line_before_anything_runs(sandbox, sandbox_plan_path):
+    cases = {
+        ("recover", "--to", "2026-11-26T03:00:00"): "has no time zone",
+        ("recover", "--to", "2999-01-01T00:00:00Z"): "in the future",
+        ("failover", "--mode", "sideways"): "mode 'sideways' is not one of: multi-az, promote-replica",
+    }
+    for args, message in cases.items():
+        result = CliRunner().invoke(app, [args[0], "--plan", str(sandbox_plan_path), "--database", "devonn-postgres",
+                                          *args[1:]])
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    unknown = CliRunner().invoke(app, ["recover", "--plan", str(sandbox_plan_path), "--database", "nope", "--to",
+                                       "latest"])
+    assert unknown.exit_code == 2 and "nope" in unknown.stderr
+
+
+def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
+    at_t, _ = point_in_time
+    before = app_secret(sandbox)
+    result = CliRunner().invoke(app, ["recover", "--plan", str(sandbox_plan_path), "--database", "devonn-postgres",
+                                      "--to", at_t.isoformat(), "--promote"], input="n\nwrong target time\n")
+    assert result.exit_code == 1, result.output
+    assert "Approve PITR recovery of devonn-postgres?" in result.stderr
+    assert "refused: nothing changed" in result.stdout and "approve=False wrong target time" in result.stdout
     assert app_secret(sandbox) == before

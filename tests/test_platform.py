@@ -162,10 +162,10 @@ def test_paused_recovery_is_announced_and_approved_through_rest(platform: serve.
     announced = notification(platform, "recovery platform-approval-probe Paused", run_id)
     assert "fail over devonn-postgres" in announced
 
-    refused = api.post(f"/flow_runs/{run_id}/resume", json={"run_input": {"approved": "maybe"}}).json()
+    refused = api.post(f"/flow_runs/{run_id}/resume", json={"run_input": {"approve": "maybe"}}).json()
     assert refused["status"] == "REJECT", refused  # the input is validated against the RunInput schema
     accepted = api.post(f"/flow_runs/{run_id}/resume",
-                        json={"run_input": {"approved": True, "approver": "sre-on-call"}}).json()
+                        json={"run_input": {"approve": True, "reason": "sre-on-call: checked the plan"}}).json()
     assert accepted["status"] == "ACCEPT", accepted
     assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
 

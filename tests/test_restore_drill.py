@@ -17,6 +17,7 @@ from drplan.errors import DrplanError
 from drplan.sandbox import stack
 from drplan.targets import DRILL_TAG, PostgresArchive, RdsInstance, RestorableWindow
 from flows.restore_drill import choose_target_time, restore_drill
+from tasks.rds import find_instance
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
@@ -84,7 +85,7 @@ def test_rds_restore_carries_source_settings_and_drill_tags(sandbox):
     target.poll_seconds = 0.2
     scratch = target.restore("devonn-rds-drill-settings", when, db_credentials(sandbox, target.db))
     try:
-        restored = target._describe(scratch.name)
+        restored = find_instance(target.rds, scratch.name)
         assert restored["DBSubnetGroup"]["DBSubnetGroupName"] == "devonn-db-subnets"
         assert restored["DBParameterGroups"][0]["DBParameterGroupName"] == "devonn-postgres16"
         assert any(t["Key"] == DRILL_TAG for t in restored["TagList"])

@@ -33,7 +33,6 @@ from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
 
 PYTHON = sys.executable
-MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
 DB_SECRET = "devonn-api-db"
 TOKEN_SECRET = "devonn-api-token"
 
@@ -97,6 +96,12 @@ def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> Loc
         archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
         ports={m: host_port(e)[1] for m, e in db.endpoints.items()},
     )
+
+
+def sandbox_postgres(plan: Plan, db: Database) -> LocalPostgres:
+    """The sandbox's servers of `db` (for a flow that stops or starts one, e.g. a Multi-AZ failover test)."""
+    directory = state_dir(plan)
+    return postgres_of(plan, db, directory, sandbox_secrets(directory)["db_password"])
 
 
 def _postgres_databases(plan: Plan) -> list[Database]:
@@ -218,7 +223,7 @@ def up(plan: Plan, console: Console) -> None:
     host, port = moto_address(plan)
     console.print(f"[bold]sandbox[/] state in {directory}")
     console.print(f"  moto (AWS) on {host}:{port}")
-    processes.start(directory, "moto", [MOTO_SERVER, "-H", host, "-p", str(port)])
+    processes.start(directory, "moto", [PYTHON, "-m", "drplan.sandbox.moto_server", "-H", host, "-p", str(port)])
     _wait("moto_server", lambda: _http_ok(f"http://{host}:{port}/moto-api/"))
     aws_seed.seed(plan, values["db_password"], values["api_token"])
     if _postgres_databases(plan):

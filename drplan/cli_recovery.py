@@ -1,0 +1,135 @@
+"""`drplan recover` and `drplan failover`: the recovery flows from a terminal.
+
+The flow runs in this process against the Prefect API in the environment (a server with the UI when
+PREFECT_API_URL is set, else a temporary local one). Without --yes the run pauses for approval like it does from
+the UI: this command then shows the summary and asks on the terminal, and an approval given in the UI or through
+the API resumes it just as well (without an answer on stdin, only those). Exit 0 done, 1 refused or validation failed
+(rolled back), 2 error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+from uuid import uuid4
+
+import click
+import typer
+from rich.markdown import Markdown
+
+from drplan.console import PlanOption, err, fail, out, plan_or_exit
+from drplan.errors import DrplanError, first_line
+
+POLL_SECONDS = 1.0
+
+
+def recover(
+    plan: str = PlanOption,
+    database: str = typer.Option(..., "--database", "-d", help="The database to recover."),
+    to: str = typer.Option(..., "--to", help="Target time: ISO 8601 with a zone (2026-11-26T03:00:00Z) or 'latest'."),
+    promote: bool = typer.Option(False, "--promote", help="Cut the application over to the recovered copy."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+) -> None:
+    """Point-in-time recovery to <database>-recovery-<T>; with --promote, cut the app over after approval."""
+    from flows.pitr_recovery import pitr_recovery
+    from flows.restore_drill import validate_request
+
+    plan_or_exit(plan)
+    try:
+        validate_request(plan, database, to, None)  # refused before anything runs
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    run(pitr_recovery, f"recover-{database}", dict(plan=plan, database=database, target_time=to, promote=promote,
+                                                   dry_run=dry_run, approve=yes))
+
+
+def failover(
+    plan: str = PlanOption,
+    database: str = typer.Option(..., "--database", "-d", help="The database to fail over."),
+    mode: str = typer.Option(..., "--mode", help="multi-az (test the standby) or promote-replica."),
+    member: str = typer.Option(None, "--member", help="replica or dr_replica (default: dr_replica if the plan "
+                                                     "has one, for promote-replica)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the replica lags beyond the RPO."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+) -> None:
+    """Multi-AZ failover test, or promote a replica (lag guard), cut the app over, validate."""
+    from flows.db_failover import Request, db_failover
+
+    plan_or_exit(plan)
+    try:
+        Request(plan, database, mode, member)  # refused before anything runs
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
+                                                  dry_run=dry_run, force=force, approve=yes))
+
+
+def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
+    """Run the flow in a thread; answer its approval pause from the terminal; print the report; exit."""
+    name = f"{label}-{uuid4().hex[:8]}"
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["state"] = flow_fn.with_options(flow_run_name=name)(**parameters, return_state=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below, the thread must not die silently
+            result["error"] = exc
+
+    worker = threading.Thread(target=target, name=name, daemon=True)
+    worker.start()
+    err.print(f"{name}: running", highlight=False)
+    asked = set()
+    while worker.is_alive():
+        worker.join(POLL_SECONDS)
+        paused = _paused_run(name) if worker.is_alive() else None
+        if paused and paused.id not in asked:
+            asked.add(paused.id)
+            _ask(paused.id)
+    if "error" in result:
+        raise fail(f"{name}: {first_line(result['error'])}")
+    report = result["state"].result(raise_on_failure=False)
+    if not hasattr(report, "markdown"):
+        raise fail(f"{name}: {first_line(report)}")
+    out.print(Markdown(report.markdown()))
+    if report.error:
+        raise fail(report.error)
+    raise typer.Exit(1 if report.failed or report.outcome.startswith("refused") else 0)
+
+
+def _paused_run(name: str) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+    return next((r for r in runs if r.state and r.state.is_paused()), None)
+
+
+def _ask(flow_run_id: Any) -> None:
+    """Show what the approval would change and, on a terminal, ask; resume the run with the answer."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.flow_runs import resume_flow_run
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    summary = next((a for a in artifacts if a.key and "approval" in a.key), None)
+    if summary is not None:
+        err.print(Markdown(str(summary.data)))
+    err.print(f"flow run {flow_run_id} is waiting for approval (UI, API: deployments/README.md, or here)")
+    try:
+        approve = typer.confirm("Approve?", default=False, err=True)
+        reason = typer.prompt("Reason (for the timeline)", default="approved at the terminal" if approve
+                              else "refused at the terminal", err=True)
+    except (click.exceptions.Abort, EOFError):  # no terminal to answer from: the UI or the API will
+        err.print("no answer from the terminal; waiting for the approval in the UI or through the API")
+        return
+    try:
+        resume_flow_run(flow_run_id, run_input={"approve": approve, "reason": reason})
+    except Exception as exc:  # approved elsewhere in the meantime
+        err.print(f"not resumed from here: {first_line(exc)}")
+    time.sleep(POLL_SECONDS)

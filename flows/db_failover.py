@@ -1,0 +1,290 @@
+"""Database failover: the runbook's "RDS Multi-AZ Failover" test and "Promote to Primary" (cross-region).
+
+multi-az:
+  rds       check the instance is Multi-AZ -> approval -> reboot with forced failover -> wait available ->
+            validate (connectivity, CloudWatch, the service). The endpoint name does not change: no cutover.
+  postgres  lag guard on the streaming replica -> approval -> stop the primary -> pg_promote() the replica ->
+            point the app at it -> validate -> roll the Secret back if validation fails.
+promote-replica (the DR replica by default):
+  lag guard (newest heartbeat on the replica for postgres, CloudWatch ReplicaLag for rds; refuse beyond the
+  database RPO unless force) -> approval -> promote (pg_promote() / promote_read_replica, wait) -> point the
+  app at it -> validate -> roll back on failure.
+Every step is rerun-safe: a stopped primary stays stopped, a promoted replica is not promoted again, a Secret
+already set is left alone. Dry run reports each step and resource and changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
+
+from drplan.clients import DbCredentials, PgTarget, aws_client, check_aws_access, db_credentials, pg_target
+from drplan.errors import DrplanError, first_line
+from drplan.plan import Database, DatabaseKind, Plan, Service, load_plan
+from drplan.recovery import (
+    RecoveryReport,
+    cut_over_and_validate,
+    database_url,
+    find_app_secret,
+    recovery_lock,
+    request_approval,
+)
+from drplan.timeutil import format_duration, utcnow
+from tasks.health import validate_database_task, validate_service_task
+from tasks.postgres import is_in_recovery, promote_standby, read_newest_heartbeat
+from tasks.rds import (
+    describe_instance,
+    promote_read_replica,
+    read_replica_lag,
+    reboot_with_failover,
+    wait_instance_available,
+)
+
+DEFAULT_PLAN = "plans/devonn.yaml"
+RDS_POLL_SECONDS = 10.0
+
+
+class Mode(StrEnum):
+    multi_az = "multi-az"
+    promote_replica = "promote-replica"
+
+
+class FailoverReport(RecoveryReport):
+    mode: Mode
+    member: str
+    """Role of the member that becomes the primary (`replica` / `dr_replica`), or `primary` for rds multi-az."""
+    lag_seconds: float | None = None
+    forced: bool = False
+
+    def markdown(self) -> str:
+        lag = "-" if self.lag_seconds is None else format_duration(timedelta(seconds=self.lag_seconds))
+        lines = [f"# {self.mode} failover of {self.database}: **{self.outcome}**", "",
+                 f"- new primary: {self.member}; replica lag {lag}{' (forced past the guard)' if self.forced else ''}"]
+        if self.error:
+            lines.append(f"- **error**: {self.error}")
+        return "\n".join([*lines, "", self.timeline(), self.validation_table()])
+
+
+class Request:
+    """A validated failover request: every check here runs before the first side effect."""
+
+    def __init__(self, plan: str, database: str, mode: str, member: str | None):
+        self.plan: Plan = load_plan(plan)
+        if not database:
+            raise DrplanError("name the database to fail over: database=NAME")
+        self.db: Database = self.plan.database(database)
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise DrplanError(f"mode {mode!r} is not one of: multi-az, promote-replica") from None
+        rds_multi_az = self.mode is Mode.multi_az and self.db.kind is DatabaseKind.rds
+        self.member = "primary" if rds_multi_az else member or (
+            "replica" if self.mode is Mode.multi_az else "dr_replica" if self.db.dr_replica else "replica")
+        if self.member not in self.db.members:
+            raise DrplanError(f"{self.db.name} has no {self.member} in the plan; add databases[].{self.member} or "
+                              f"choose member= one of: {', '.join(r for r in self.db.members if r != 'primary')}")
+        if self.member == "primary" and not rds_multi_az:
+            raise DrplanError("member=primary makes no sense for a promotion; choose replica or dr_replica")
+        self.service: Service | None = next(
+            (s for s in self.plan.services if s.database == self.db.name and s.cluster), None)
+        if self.mode is Mode.multi_az and self.db.kind is DatabaseKind.postgres and self.plan.sandbox is None:
+            raise DrplanError(f"{self.db.name}: drplan can stop only a PostgreSQL primary it runs (the sandbox); "
+                              "stop it yourself, then run mode=promote-replica member=replica")
+
+    @property
+    def region(self) -> str:
+        dr = self.db.dr_replica
+        return dr.region if self.member == "dr_replica" and dr else self.plan.aws.region
+
+    @property
+    def identifier(self) -> str:
+        return self.db.members[self.member]
+
+
+@flow(name="db-failover")
+def db_failover(
+    plan: str = DEFAULT_PLAN,
+    database: str = "",
+    mode: str = "promote-replica",
+    member: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    approve: bool = False,
+) -> FailoverReport:
+    """Fail a database over to a replica (or test RDS Multi-AZ failover), cut the app over, validate."""
+    request = Request(plan, database, mode, member)
+    report = FailoverReport(flow="db-failover", plan=request.plan.name, database=request.db.name, dry_run=dry_run,
+                            mode=request.mode, member=request.member, forced=force)
+    if request.service and not (request.mode is Mode.multi_az and request.db.kind is DatabaseKind.rds):
+        report.record("found", find_app_secret(request.plan, request.service),
+                      f"used by deployment {request.service.name}")
+    check_aws_access(request.plan)
+    credentials = db_credentials(request.plan, request.db)
+    try:
+        with recovery_lock(request.db):
+            fail_over(request, report, credentials, dry_run, force, approve)
+    except Exception as exc:
+        report.error = first_line(exc)
+        report.outcome = "failed"
+    finally:
+        create_markdown_artifact(key=f"db-failover-{request.db.name}".lower(), markdown=report.markdown())
+    if report.failed:
+        return Failed(message=f"{request.mode} failover of {request.db.name}: {report.outcome}: "
+                              f"{report.error or ''}".rstrip(": "), data=report)
+    return report
+
+
+def fail_over(request: Request, report: FailoverReport, credentials: DbCredentials, dry_run: bool, force: bool,
+              approve: bool) -> None:
+    if request.db.kind is DatabaseKind.rds and request.mode is Mode.multi_az:
+        rds_multi_az(request, report, dry_run, approve)
+        return
+    new_primary = pg_target(request.plan, request.db, request.member, credentials)
+    already = request.db.kind is DatabaseKind.postgres and not is_in_recovery(new_primary)
+    if request.db.kind is DatabaseKind.rds:
+        already = not describe_instance(aws_client(request.plan, "rds", request.region),
+                                        request.identifier).get("ReadReplicaSourceDBInstanceIdentifier")
+    if already:
+        report.record("found promoted", request.identifier, "promoted by an earlier run; no lag guard, no promotion")
+    else:
+        lag_guard(request, report, credentials, force)
+    if dry_run:
+        plan_steps(request, report, already)
+        return
+    if not already:
+        decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(),
+                                    approval_summary(request, report), approve)
+        if not decision.approve:
+            report.outcome = "refused: nothing changed"
+            return
+        promote(request, report, new_primary)
+    report.outcome = "failed over"
+    if request.service is None:
+        report.record("no cutover", request.db.name, "no service of the plan uses this database in a cluster")
+        report.validation = validate_database_task(request.plan, request.db, new_primary, metrics(request))
+        if not report.validation.passed:
+            report.outcome = "validation failed: database checks"
+        return
+    url = database_url(credentials, new_primary.host, new_primary.port, request.db.dbname)
+    cut_over_and_validate(request.plan, report, request.service, url, new_primary, metrics(request))
+
+
+def metrics(request: Request) -> tuple[str, str] | None:
+    return (request.region, request.identifier) if request.db.kind is DatabaseKind.rds else None
+
+
+def lag_guard(request: Request, report: FailoverReport, credentials: DbCredentials, force: bool) -> None:
+    """Refuse to promote a replica whose data is older than the database RPO (unless forced). For postgres the
+    lag is the primary's newest heartbeat minus the replica's (now, if the primary does not answer); for rds the
+    ReplicaLag metric, where no data is a refusal too."""
+    objective = request.plan.objectives.rpo.database
+    if request.db.kind is DatabaseKind.rds:
+        lag = read_replica_lag(aws_client(request.plan, "cloudwatch", request.region), request.identifier)
+        basis = "CloudWatch ReplicaLag"
+    else:
+        table = request.db.integrity.heartbeat_table
+        replica = read_newest_heartbeat(pg_target(request.plan, request.db, request.member, credentials), table)
+        try:
+            primary = read_newest_heartbeat(pg_target(request.plan, request.db, "primary", credentials), table)
+            basis = "newest heartbeat on the primary minus on the replica"
+        except Exception:  # the primary is down: the lag bound is the replica's heartbeat age
+            primary, basis = utcnow(), "heartbeat age on the replica (the primary does not answer)"
+        lag = None if replica is None else max(0.0, (primary - replica).total_seconds())
+    report.lag_seconds = lag
+    shown = "unknown" if lag is None else format_duration(timedelta(seconds=lag))
+    detail = f"lag {shown} ({basis}); objective {format_duration(objective)}"
+    if lag is not None and lag <= objective.total_seconds():
+        report.record("lag guard passed", request.identifier, detail)
+        return
+    if not force:
+        raise DrplanError(f"{request.identifier}: {detail}; promoting would lose more than the RPO allows. "
+                          "Wait for the replica to catch up, or force (--force) to accept the loss")
+    report.record("lag guard overridden", request.identifier, f"{detail}; forced", mutating=True)
+
+
+def plan_steps(request: Request, report: FailoverReport, already: bool) -> None:
+    """The dry run: every step and resource, nothing changed."""
+    if request.mode is Mode.multi_az:
+        report.record("would stop", request.db.primary, "fast shutdown of the primary")
+    if not already:
+        report.record("would ask approval", request.db.name)
+        report.record("would promote", request.identifier,
+                      "pg_promote()" if request.db.kind is DatabaseKind.postgres else "promote_read_replica")
+    if request.service:
+        report.record("would rewrite", f"Secret of {request.service.name}", f"DATABASE_URL -> {request.identifier}")
+        report.record("would restart", f"deployment {request.service.name}", "and validate; roll back on failure")
+    else:
+        report.record("would validate", request.identifier, "connectivity")
+    report.outcome = "planned (dry run)"
+
+
+def approval_summary(request: Request, report: FailoverReport) -> str:
+    lines = [f"## Approve {request.mode} failover of {request.db.name}?", ""]
+    if request.mode is Mode.multi_az:
+        lines.append(f"- the primary **{request.db.primary}** is stopped (fast shutdown)")
+    lines.append(f"- **{request.identifier}** ({request.member}, {request.region}) is promoted to a standalone "
+                 f"primary; replica lag {report.lag_seconds}s. This cannot be undone: the old primary must be "
+                 "rebuilt from it to replicate again")
+    if request.mode is Mode.promote_replica:
+        lines.append(f"- the old primary **{request.db.primary}** is not stopped: fence it (stop writes) yourself")
+    if request.service:
+        lines.append(f"- the application **{request.service.name}** is pointed at it (Kubernetes Secret "
+                     "rewritten, deployment restarted), validated, and rolled back if validation fails")
+    return "\n".join(lines)
+
+
+def promote(request: Request, report: FailoverReport, new_primary: PgTarget) -> None:
+    if request.db.kind is DatabaseKind.rds:
+        rds = aws_client(request.plan, "rds", request.region)
+        if promote_read_replica(rds, request.identifier):
+            report.record("promoted", request.identifier, "promote_read_replica", before="read replica",
+                          after="standalone", mutating=True)
+        wait_instance_available(rds, request.identifier, request.plan.drill.restore_timeout, RDS_POLL_SECONDS,
+                                done=lambda i: not i.get("ReadReplicaSourceDBInstanceIdentifier"))
+        return
+    if request.mode is Mode.multi_az:
+        from drplan.sandbox.stack import sandbox_postgres
+
+        if sandbox_postgres(request.plan, request.db).stop(request.db.primary):
+            report.record("stopped", request.db.primary, "fast shutdown", before="running", after="stopped",
+                          mutating=True)
+    if promote_standby(new_primary):
+        report.record("promoted", request.identifier, "pg_promote()", before="standby", after="primary",
+                      mutating=True)
+
+
+def rds_multi_az(request: Request, report: FailoverReport, dry_run: bool, approve: bool) -> None:
+    """Reboot with forced failover, wait, then validate; the endpoint is unchanged, so there is no cutover."""
+    rds = aws_client(request.plan, "rds")
+    instance = describe_instance(rds, request.db.primary)
+    if not instance.get("MultiAZ"):
+        raise DrplanError(f"{request.db.primary} is not Multi-AZ; there is no standby to fail over to "
+                          "(modify it with MultiAZ=true first)")
+    zones = f"{instance.get('AvailabilityZone')} / standby {instance.get('SecondaryAvailabilityZone')}"
+    if dry_run:
+        report.record("would ask approval", request.db.name)
+        report.record("would reboot", request.db.primary, f"ForceFailover=True ({zones})")
+        report.record("would validate", request.db.primary, "connectivity and CloudWatch metrics")
+        report.outcome = "planned (dry run)"
+        return
+    if instance["DBInstanceStatus"] != "rebooting":
+        summary = (f"## Approve a Multi-AZ failover test of {request.db.name}?\n\n**{request.db.primary}** "
+                   f"({zones}) reboots with ForceFailover: connections drop for about a minute.")
+        decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(), summary, approve)
+        if not decision.approve:
+            report.outcome = "refused: nothing changed"
+            return
+    if reboot_with_failover(rds, request.db.primary):
+        report.record("rebooted", request.db.primary, "ForceFailover=True", before=zones, mutating=True)
+    after = wait_instance_available(rds, request.db.primary, request.plan.drill.restore_timeout, RDS_POLL_SECONDS)
+    report.record("available", request.db.primary,
+                  f"{after.get('AvailabilityZone')} / standby {after.get('SecondaryAvailabilityZone')}")
+    credentials = db_credentials(request.plan, request.db)
+    target = pg_target(request.plan, request.db, "primary", credentials)
+    report.validation = (validate_service_task(request.plan, request.service, target)
+                         if request.service else validate_database_task(request.plan, request.db, target))
+    report.outcome = "failed over" if report.validation.passed else "validation failed"
