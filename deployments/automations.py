@@ -1,6 +1,7 @@
 """Automations that notify the plan's channel (the notification block named by `notifications.slack_webhook_block`):
-an RPO objective breached or not measurable, a restore drill run failed, a recovery run failed or waits for
-approval. `ensure()` creates each by name or updates it in place, so running it again creates no duplicates.
+an RPO objective breached or not measurable, the DR region not ready, a restore drill run failed, a recovery run
+failed or waits for approval. `ensure()` creates each by name or updates it in place, so running it again creates
+no duplicates.
 
     PREFECT_API_URL=... PREFECT_API_AUTH_STRING=... python -m deployments.automations plans/devonn.yaml
 """
@@ -23,6 +24,7 @@ RECOVERY_TAG = "drplan-recovery"
 
 RPO_REMINDER = timedelta(minutes=15)
 """A measurement that stays breached is re-notified at most this often."""
+READINESS_REMINDER = timedelta(minutes=30)
 
 _RUN_BODY = ("{{ flow_run.state.message or '' }}\n"
              "Run {{ flow_run.name }} ({{ flow_run.id }}), parameters {{ flow_run.parameters }}\n"
@@ -75,6 +77,22 @@ def automations(channel: UUID) -> list[AutomationCore]:
                 body="{{ event.resource.name }} {{ event.resource['drplan.measure'] }}: "
                      "age {{ event.payload.age_seconds }} s, objective {{ event.payload.objective_seconds }} s. "
                      "{{ event.payload.detail }}",
+            )],
+        ),
+        AutomationCore(
+            name="drplan: DR region not ready",
+            description="A drplan.readiness.unready event (flows/dr_readiness.py): the DR region could not take over "
+                        "right now. Re-notified at most every 30 minutes while it lasts.",
+            trigger=EventTrigger(
+                expect={"drplan.readiness.unready"},
+                match={"prefect.resource.id": "drplan.region.*"},
+                for_each={"prefect.resource.id"},
+                posture=Posture.Reactive, threshold=1, within=READINESS_REMINDER,
+            ),
+            actions=[SendNotification(
+                block_document_id=channel,
+                subject="drplan: region {{ event.resource.name }} not ready to take over",
+                body="{{ event.payload.unready | join('\n') }}",
             )],
         ),
         _flow_runs(

@@ -1,4 +1,4 @@
-"""`drplan recover` and `drplan failover`: the recovery flows from a terminal.
+"""`drplan recover`, `drplan failover` and `drplan region-failover`: the recovery flows from a terminal.
 
 The flow runs in this process against the Prefect API in the environment (a server with the UI when
 PREFECT_API_URL is set, else a temporary local one). Without --yes the run pauses for approval like it does from
@@ -65,6 +65,27 @@ def failover(
         raise fail(str(exc)) from None
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
                                                   dry_run=dry_run, force=force, approve=yes))
+
+
+def region_failover(
+    plan: str = PlanOption,
+    to: str = typer.Option(None, "--to", help="The region to serve from (default: aws.dr_region; aws.region to "
+                                              "fail back)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every step and resource; change nothing."),
+    force: bool = typer.Option(False, "--force", help="Fail over even if readiness or the lag guard says no."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+) -> None:
+    """Move the services to another region: readiness, approval, promote, Secret, deploy, scale, validate, DNS."""
+    from drplan.regions import placements
+    from flows.region_failover import region_failover as flow_fn
+
+    dr_plan = plan_or_exit(plan)
+    try:
+        placements(dr_plan, to or dr_plan.aws.dr_region)  # refused before anything runs
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    run(flow_fn, f"region-failover-{to or dr_plan.aws.dr_region}",
+        dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
 
 
 def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:

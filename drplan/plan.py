@@ -231,14 +231,26 @@ class Nodegroup(_Model):
         return self
 
 
+class ManifestOverrides(_Model):
+    """Per-environment changes applied to the manifests when they are deployed into this cluster."""
+
+    replicas: dict[Name, int] = {}
+    """deployment -> replicas (e.g. fewer in a pilot-light DR region)."""
+    image_registry: dict[str, str] = {}
+    """registry prefix -> replacement (e.g. the DR region's ECR)."""
+
+
 class Cluster(_Model):
     name: Name
     region: str | None = None
+    """Default: aws.region."""
     context: str
     kubeconfig: str | None = None
     namespace: Name = "default"
     nodegroups: dict[Name, Nodegroup] = {}
     manifests: str | None = None
+    """Folder of YAML manifests the EKS recovery and region failover apply (relative to the plan)."""
+    overrides: ManifestOverrides = ManifestOverrides()
     deployments: list[Name] = []
 
 
@@ -246,6 +258,8 @@ class Dns(_Model):
     zone: str = Field(pattern=r"^([a-z0-9\-]+\.)+[a-z]{2,}\.?$")
     records: list[str] = []
     ttl: int = Field(default=60, ge=1, le=300)
+    targets: dict[str, str] = {}
+    """region -> the name the records point at (CNAME) while that region serves, e.g. its load balancer."""
 
 
 class ServiceEndpoint(_Model):
@@ -253,6 +267,13 @@ class ServiceEndpoint(_Model):
     expect_status: int = 200
     expect_contains: str | None = None
     auth: bool = False
+
+
+class ServiceDr(_Model):
+    """Where the service runs in the DR region (its health URL there, before DNS moves to it)."""
+
+    cluster: Name
+    health: str = Field(pattern=r"^https?://[^\s@]+$")
 
 
 class Service(_Model):
@@ -263,6 +284,18 @@ class Service(_Model):
     cluster: Name | None = None
     token_secret: SecretRef | None = None
     endpoints: list[ServiceEndpoint] = []
+    dr: ServiceDr | None = None
+
+
+class RegionFailover(_Model):
+    """What the region taking over needs (runbook "Full Region Recovery")."""
+
+    nodes: dict[Name, int] = {}
+    """node group -> nodes to run while the region serves."""
+    scale: dict[Name, int] = {}
+    """deployment -> replicas while the region serves (e.g. devonn-api 3, devonn-worker 5)."""
+    min_ready_nodes: int = Field(default=1, ge=0)
+    """Readiness: the standby cluster needs at least this many Ready nodes before a failover."""
 
 
 class ConfigurationBackup(_Model):
@@ -295,8 +328,11 @@ class SandboxSettings(_Model):
 
     state_dir: str = "../.sandbox"
     os_user: Name = "drplan-pg"
-    kube_api: Endpoint = "127.0.0.1:45980"
-    app: Endpoint = "127.0.0.1:45990"
+    kube_api: Endpoint = "127.0.0.1:15980"
+    kube_api_dr: Endpoint = "127.0.0.1:15981"
+    """The Kubernetes API of the cluster in aws.dr_region."""
+    app: Endpoint = "127.0.0.1:15990"
+    app_dr: Endpoint = "127.0.0.1:15991"
     demo_rows: int = Field(default=100_000, ge=100)
     heartbeat_interval: Duration = timedelta(seconds=5)
     archive_timeout: Duration = timedelta(seconds=60)
@@ -311,6 +347,7 @@ class Plan(_Model):
     clusters: list[Cluster] = []
     dns: Dns | None = None
     services: list[Service] = []
+    failover: RegionFailover = RegionFailover()
     configuration: ConfigurationBackup | None = None
     notifications: Notifications = Notifications()
     drill: DrillSettings = DrillSettings()
@@ -330,6 +367,9 @@ class Plan(_Model):
 
     def cluster(self, name: str) -> Cluster:
         return _lookup(self.clusters, name, "cluster")
+
+    def region_of(self, cluster: Cluster) -> str:
+        return cluster.region or self.aws.region
 
 
 def _lookup(items: list[Any], name: str, what: str) -> Any:
@@ -440,6 +480,13 @@ def _cross_references(plan: Plan) -> list[str]:
             if wanted and wanted not in names:
                 problems.append(f"services[{index}].{attr}: {wanted!r} is not a {attr} of this plan; "
                                 f"use one of: {', '.join(names) or f'(no {attr}s defined)'}")
+        clusters = [c.name for c in plan.clusters]
+        if service.dr and service.dr.cluster not in clusters:
+            problems.append(f"services[{index}].dr.cluster: {service.dr.cluster!r} is not a cluster of this plan; "
+                            f"use one of: {', '.join(clusters) or '(no clusters defined)'}")
+    regions = {plan.aws.region, plan.aws.dr_region} - {None}
+    for region in sorted(set(plan.dns.targets) - regions if plan.dns else set()):
+        problems.append(f"dns.targets.{region}: not a region of this plan; use {' or '.join(sorted(regions))}")
     return problems
 
 

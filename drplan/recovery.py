@@ -57,7 +57,9 @@ class Step(BaseModel):
 class RecoveryReport(BaseModel):
     flow: str
     plan: str
-    database: str
+    subject: str
+    """What the run recovers: a database, a cluster, a region."""
+    kind: str = "database"
     dry_run: bool
     outcome: str = "started"
     steps: list[Step] = Field(default_factory=list)
@@ -78,7 +80,7 @@ class RecoveryReport(BaseModel):
         if mutating:
             emit_event(
                 event=f"drplan.recovery.{action.replace(' ', '-')}",
-                resource={"prefect.resource.id": f"drplan.database.{self.database}", "drplan.target": resource},
+                resource={"prefect.resource.id": f"drplan.{self.kind}.{self.subject}", "drplan.target": resource},
                 payload={"action": action, "resource": resource, "detail": detail, "before": before,
                          "after": after, "actor": actor(self.flow)},
             )
@@ -144,7 +146,7 @@ def request_approval(report: RecoveryReport, key: str, summary: str, approve: bo
     else:
         create_markdown_artifact(key=key, markdown=f"{summary}\n\n## Timeline so far\n\n{report.timeline()}")
         decision = pause_flow_run(wait_for_input=Approval, timeout=APPROVAL_TIMEOUT_SECONDS, poll_interval=2)
-    report.record("approval", report.database, f"approve={decision.approve} {decision.reason}".strip())
+    report.record("approval", report.subject, f"approve={decision.approve} {decision.reason}".strip())
     return decision
 
 

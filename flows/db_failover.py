@@ -62,7 +62,7 @@ class FailoverReport(RecoveryReport):
 
     def markdown(self) -> str:
         lag = "-" if self.lag_seconds is None else format_duration(timedelta(seconds=self.lag_seconds))
-        lines = [f"# {self.mode} failover of {self.database}: **{self.outcome}**", "",
+        lines = [f"# {self.mode} failover of {self.subject}: **{self.outcome}**", "",
                  f"- new primary: {self.member}; replica lag {lag}{' (forced past the guard)' if self.forced else ''}"]
         if self.error:
             lines.append(f"- **error**: {self.error}")
@@ -72,8 +72,8 @@ class FailoverReport(RecoveryReport):
 class Request:
     """A validated failover request: every check here runs before the first side effect."""
 
-    def __init__(self, plan: str, database: str, mode: str, member: str | None):
-        self.plan: Plan = load_plan(plan)
+    def __init__(self, plan: str | Plan, database: str, mode: str, member: str | None):
+        self.plan: Plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if not database:
             raise DrplanError("name the database to fail over: database=NAME")
         self.db: Database = self.plan.database(database)
@@ -117,7 +117,7 @@ def db_failover(
 ) -> FailoverReport:
     """Fail a database over to a replica (or test RDS Multi-AZ failover), cut the app over, validate."""
     request = Request(plan, database, mode, member)
-    report = FailoverReport(flow="db-failover", plan=request.plan.name, database=request.db.name, dry_run=dry_run,
+    report = FailoverReport(flow="db-failover", plan=request.plan.name, subject=request.db.name, dry_run=dry_run,
                             mode=request.mode, member=request.member, forced=force)
     if request.service and not (request.mode is Mode.multi_az and request.db.kind is DatabaseKind.rds):
         report.record("found", find_app_secret(request.plan, request.service),
@@ -151,7 +151,7 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
     if already:
         report.record("found promoted", request.identifier, "promoted by an earlier run; no lag guard, no promotion")
     else:
-        lag_guard(request, report, credentials, force)
+        report.lag_seconds = lag_guard(request, report, credentials, force)
     if dry_run:
         plan_steps(request, report, already)
         return
@@ -177,33 +177,38 @@ def metrics(request: Request) -> tuple[str, str] | None:
     return (request.region, request.identifier) if request.db.kind is DatabaseKind.rds else None
 
 
-def lag_guard(request: Request, report: FailoverReport, credentials: DbCredentials, force: bool) -> None:
-    """Refuse to promote a replica whose data is older than the database RPO (unless forced). For postgres the
-    lag is the primary's newest heartbeat minus the replica's (now, if the primary does not answer); for rds the
-    ReplicaLag metric, where no data is a refusal too."""
-    objective = request.plan.objectives.rpo.database
+def measure_lag(request: Request, credentials: DbCredentials) -> tuple[float | None, str]:
+    """(seconds the replica is behind, how it was measured); None when it cannot be known. For postgres the
+    primary's newest heartbeat minus the replica's (now, if the primary does not answer); for rds the
+    ReplicaLag metric."""
     if request.db.kind is DatabaseKind.rds:
         lag = read_replica_lag(aws_client(request.plan, "cloudwatch", request.region), request.identifier)
-        basis = "CloudWatch ReplicaLag"
-    else:
-        table = request.db.integrity.heartbeat_table
-        replica = read_newest_heartbeat(pg_target(request.plan, request.db, request.member, credentials), table)
-        try:
-            primary = read_newest_heartbeat(pg_target(request.plan, request.db, "primary", credentials), table)
-            basis = "newest heartbeat on the primary minus on the replica"
-        except Exception:  # the primary is down: the lag bound is the replica's heartbeat age
-            primary, basis = utcnow(), "heartbeat age on the replica (the primary does not answer)"
-        lag = None if replica is None else max(0.0, (primary - replica).total_seconds())
-    report.lag_seconds = lag
+        return lag, "CloudWatch ReplicaLag"
+    table = request.db.integrity.heartbeat_table
+    replica = read_newest_heartbeat(pg_target(request.plan, request.db, request.member, credentials), table)
+    try:
+        primary = read_newest_heartbeat(pg_target(request.plan, request.db, "primary", credentials), table)
+        basis = "newest heartbeat on the primary minus on the replica"
+    except Exception:  # the primary is down: the lag bound is the replica's heartbeat age
+        primary, basis = utcnow(), "heartbeat age on the replica (the primary does not answer)"
+    return (None if replica is None else max(0.0, (primary - replica).total_seconds())), basis
+
+
+def lag_guard(request: Request, report: RecoveryReport, credentials: DbCredentials, force: bool) -> float | None:
+    """Refuse to promote a replica whose data is older than the database RPO (unless forced); unknown lag is
+    refused too. Returns the lag."""
+    objective = request.plan.objectives.rpo.database
+    lag, basis = measure_lag(request, credentials)
     shown = "unknown" if lag is None else format_duration(timedelta(seconds=lag))
     detail = f"lag {shown} ({basis}); objective {format_duration(objective)}"
     if lag is not None and lag <= objective.total_seconds():
         report.record("lag guard passed", request.identifier, detail)
-        return
+        return lag
     if not force:
         raise DrplanError(f"{request.identifier}: {detail}; promoting would lose more than the RPO allows. "
                           "Wait for the replica to catch up, or force (--force) to accept the loss")
     report.record("lag guard overridden", request.identifier, f"{detail}; forced", mutating=True)
+    return lag
 
 
 def plan_steps(request: Request, report: FailoverReport, already: bool) -> None:

@@ -41,7 +41,7 @@ class PitrReport(RecoveryReport):
     checks: list[DrillCheck] = []
 
     def markdown(self) -> str:
-        lines = [f"# PITR recovery of {self.database}: **{self.outcome}**", "",
+        lines = [f"# PITR recovery of {self.subject}: **{self.outcome}**", "",
                  f"- target time {self.target_time or '-'}; recovery copy `{self.recovery_copy or '-'}`"]
         if self.error:
             lines.append(f"- **error**: {self.error}")
@@ -62,7 +62,7 @@ def pitr_recovery(
     if len(databases) != 1:
         raise DrplanError("name the database to recover: database=NAME")
     db = databases[0]
-    report = PitrReport(flow="pitr-recovery", plan=dr_plan.name, database=db.name, dry_run=dry_run,
+    report = PitrReport(flow="pitr-recovery", plan=dr_plan.name, subject=db.name, dry_run=dry_run,
                         promote=promote)
     service = service_of(dr_plan, db) if promote else None
     if service:

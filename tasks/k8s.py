@@ -111,6 +111,16 @@ def write_secret_value(api_client, namespace: str, secret: str, key: str, value:
     return previous
 
 
+def deployment_exists(api_client, namespace: str, deployment: str) -> bool:
+    try:
+        k8s.AppsV1Api(api_client).read_namespaced_deployment(deployment, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise _api_error(exc, f"deployment {deployment} in namespace {namespace}") from None
+    return True
+
+
 def restart_deployment(api_client, namespace: str, deployment: str) -> str:
     """Roll the deployment's pods, like `kubectl rollout restart`; returns the restartedAt timestamp. Microseconds:
     two restarts within one second (cut over, then roll back) must still change the pod template."""

@@ -18,6 +18,7 @@ from tests.helpers import free_ports, world_traversable_dir
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks called directly by tests
 
 # Short objectives so that a stopped heartbeat or archiver breaches within seconds, not minutes.
 TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
@@ -29,18 +30,24 @@ TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 
 def sandbox_plan_data(state_dir: Path) -> dict:
     data = yaml.safe_load((PLANS_DIR / "sandbox.yaml").read_text())
-    moto, pg1, pg2, pg3, kube, app = free_ports(6)
+    moto, pg1, pg2, pg3, kube, kube_dr, app, app_dr = free_ports(8)
     data["name"] = "test-sandbox"
     data["objectives"]["rpo"] = dict(TEST_RPO)
     data["aws"]["endpoint_url"] = f"http://127.0.0.1:{moto}"
     for db in data["databases"]:
         db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in (pg1, pg2, pg3)), strict=True))
-    data["clusters"][0]["kubeconfig"] = str(state_dir / "kubeconfig")
+    for cluster in data["clusters"]:  # the DR cluster (in aws.dr_region) gets its own kubeconfig
+        dr = cluster.get("region") == data["aws"]["dr_region"]
+        cluster["kubeconfig"] = str(state_dir / ("kubeconfig-dr" if dr else "kubeconfig"))
+        if cluster.get("manifests"):  # relative to plans/, and this plan file lives in the state dir
+            cluster["manifests"] = str((PLANS_DIR / cluster["manifests"]).resolve())
     data["services"][0]["health"] = f"http://127.0.0.1:{app}/health"
+    data["services"][0]["dr"]["health"] = f"http://127.0.0.1:{app_dr}/health"
     data["drill"] = {"work_dir": str(state_dir / "drills"), "report_dir": str(state_dir / "reports"),
                      "target_margin": "10s", "sweep_after": "30m", "restore_timeout": "5m"}
     data["sandbox"] = {
-        "state_dir": str(state_dir), "kube_api": f"127.0.0.1:{kube}", "app": f"127.0.0.1:{app}",
+        "state_dir": str(state_dir), "kube_api": f"127.0.0.1:{kube}", "kube_api_dr": f"127.0.0.1:{kube_dr}",
+        "app": f"127.0.0.1:{app}", "app_dr": f"127.0.0.1:{app_dr}",
         "demo_rows": 2000, "heartbeat_interval": "1s", "archive_timeout": "5s",
     }
     return data

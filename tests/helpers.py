@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,9 @@ def logged_text(caplog) -> str:
 
 
 def stack_snapshot(plan, database: str) -> dict:
-    """What a dry run must leave exactly as it was: the cluster namespace (deployments with their status and
-    resourceVersion, services, config maps, Secret names and data), every RDS instance of both regions, and each
-    PostgreSQL member's role."""
+    """What a dry run must leave exactly as it was: each cluster's namespace (deployments with their status and
+    resourceVersion, services, config maps, Secret names and data) and node group sizes, every RDS instance of both
+    regions, the Route 53 records, and each PostgreSQL member's role."""
     from kubernetes import client as k8s
 
     from drplan.clients import aws_client, db_credentials, kube_client, pg_target
@@ -66,9 +67,56 @@ def stack_snapshot(plan, database: str) -> dict:
         snapshot[f"rds {region}"] = sorted(
             (i["DBInstanceIdentifier"], i["DBInstanceStatus"], i.get("ReadReplicaSourceDBInstanceIdentifier"))
             for i in aws_client(plan, "rds", region).describe_db_instances()["DBInstances"])
+    for cluster in plan.clusters:
+        eks = aws_client(plan, "eks", plan.region_of(cluster))
+        snapshot[f"eks {cluster.name}"] = [
+            eks.describe_nodegroup(clusterName=cluster.name, nodegroupName=name)["nodegroup"]["scalingConfig"]
+            for name in cluster.nodegroups]
+    if plan.dns:
+        r53 = aws_client(plan, "route53")
+        for zone in r53.list_hosted_zones()["HostedZones"]:
+            snapshot[f"dns {zone['Name']}"] = r53.list_resource_record_sets(HostedZoneId=zone["Id"])[
+                "ResourceRecordSets"]
     db = plan.database(database)
     if db.kind.value == "postgres":
         for role in db.members:
             with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
                 snapshot[f"postgres {role}"] = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
     return snapshot
+
+
+@contextmanager
+def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: str, rpo: str = "5s"
+                          ) -> Iterator[Path]:
+    """A copy of the sandbox plan whose `database` is a new real primary + streaming replica + DR replica with
+    heartbeat (own WAL archive prefix, own state dir, database RPO `rpo`), for tests that promote or stop servers.
+    Yields the plan's path; stops every process and deletes the state afterwards."""
+    import shutil
+    import uuid
+
+    import yaml
+    from rich.console import Console
+
+    from drplan import processes
+    from drplan.plan import load_plan
+    from drplan.sandbox import stack
+
+    directory = world_traversable_dir("drplan-topology-")
+    shutil.copy2(sandbox_dir / "secrets.json", directory / "secrets.json")  # the password moto's secret holds
+    data = yaml.safe_load(sandbox_plan_path.read_text())
+    data["objectives"]["rpo"]["database"] = rpo
+    data["sandbox"]["state_dir"] = str(directory)
+    db = next(d for d in data["databases"] if d["name"] == database)
+    db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in free_ports(3)), strict=True))
+    db["backup"]["server_name"] = f"topology-{uuid.uuid4().hex[:8]}"
+    path = directory / "plan.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    plan = load_plan(path)
+    try:
+        stack.up_postgres(plan, plan.database(database), stack.sandbox_postgres(plan, plan.database(database)),
+                          Console(quiet=True))
+        yield path
+    finally:
+        for name in processes.tracked_names(directory):
+            processes.stop(directory, name)
+        shutil.rmtree(directory, ignore_errors=True)

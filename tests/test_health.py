@@ -71,7 +71,13 @@ def test_unmatchable_endpoint_expectations_fail_only_their_checks(sandbox, plan_
 
 
 def test_rds_database_reports_cloudwatch_no_data_as_its_own_status(sandbox, plan_variant):
-    result = _validate_variant(plan_variant, lambda d: d["services"][0].update(database="devonn-rds"))
+    def rds_without_metrics(data: dict) -> None:  # an instance name no other test published metrics for
+        data["services"][0]["database"] = "devonn-rds"
+        db = next(d for d in data["databases"] if d["name"] == "devonn-rds")
+        db["endpoints"]["devonn-rds-without-metrics"] = db["endpoints"].pop(db["primary"])
+        db["primary"] = "devonn-rds-without-metrics"
+
+    result = _validate_variant(plan_variant, rds_without_metrics)
     metrics = {c.name: c.status for c in result.checks if c.name.startswith("cloudwatch")}
     assert metrics == {"cloudwatch CPUUtilization": CheckStatus.no_data,
                        "cloudwatch DatabaseConnections": CheckStatus.no_data}

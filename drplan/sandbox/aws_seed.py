@@ -7,12 +7,28 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from drplan.clients import aws_client
+from drplan import clients
 from drplan.plan import DatabaseKind, Plan
 from drplan.timeutil import utcnow
 from tasks.s3 import back_up_prefix, split_uri
 
 ADMIN_USER = "devonn_admin"
+_used: set[Any] = set()  # the clients this module used, see close_connections()
+
+
+def aws_client(plan: Plan, service: str, region: str | None = None) -> Any:
+    client = clients.aws_client(plan, service, region)
+    _used.add(client)
+    return client
+
+
+def close_connections() -> None:
+    """Close the idle keep-alive connections of the clients used here (they reconnect when used again). Test
+    sandboxes take their ports from the kernel's ephemeral range (free ports): a connection kept open from local
+    port P to moto would make a later bind of P by PostgreSQL fail with 'Address already in use'. (plans/sandbox.yaml
+    uses ports below that range, 32768-60999, for the same reason.)"""
+    while _used:
+        _used.pop().close()
 
 
 def _exists(call, *args, missing: tuple[str, ...], **kwargs) -> bool:
@@ -124,8 +140,9 @@ def ensure_rds(plan: Plan) -> None:
 
 
 def ensure_eks(plan: Plan) -> None:
+    """Each cluster, in its own region (cluster.region, default aws.region), with its node groups."""
     for cluster in plan.clusters:
-        eks = aws_client(plan, "eks", cluster.region)
+        eks = aws_client(plan, "eks", plan.region_of(cluster))
         if cluster.name not in eks.list_clusters()["clusters"]:
             eks.create_cluster(
                 name=cluster.name, roleArn="arn:aws:iam::123456789012:role/drplan-sandbox-eks",
@@ -143,6 +160,8 @@ def ensure_eks(plan: Plan) -> None:
 
 
 def ensure_dns(plan: Plan) -> None:
+    """The hosted zone, its records (when missing) as CNAMEs to the primary region's target (dns.targets[aws.region],
+    else primary.<region>.<zone>), and an HTTPS health check on /health of every target."""
     if plan.dns is None:
         return
     r53 = aws_client(plan, "route53")
@@ -150,13 +169,24 @@ def ensure_dns(plan: Plan) -> None:
     zones = [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == zone_name]
     zone_id = zones[0]["Id"] if zones else r53.create_hosted_zone(
         Name=zone_name, CallerReference=f"drplan-sandbox-{plan.name}")["HostedZone"]["Id"]
-    changes = [{
-        "Action": "UPSERT",
+    target = plan.dns.targets.get(plan.aws.region) or f"primary.{plan.aws.region}.{plan.dns.zone}"
+    present = {(r["Name"], r["Type"]) for page in r53.get_paginator("list_resource_record_sets").paginate(
+        HostedZoneId=zone_id) for r in page["ResourceRecordSets"]}
+    changes = [{  # only the missing ones: a record a region failover switched stays switched
+        "Action": "CREATE",
         "ResourceRecordSet": {"Name": record, "Type": "CNAME", "TTL": plan.dns.ttl,
-                              "ResourceRecords": [{"Value": f"primary.{plan.aws.region}.{plan.dns.zone}"}]},
-    } for record in plan.dns.records]
+                              "ResourceRecords": [{"Value": target}]},
+    } for record in plan.dns.records if (record.rstrip(".") + ".", "CNAME") not in present]
     if changes:
         r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
+    existing = {c["CallerReference"] for page in r53.get_paginator("list_health_checks").paginate()
+                for c in page["HealthChecks"]}
+    for region, name in sorted(plan.dns.targets.items()):
+        reference = f"drplan-sandbox-{plan.name}-{region}"
+        if reference not in existing:
+            r53.create_health_check(CallerReference=reference, HealthCheckConfig={
+                "Type": "HTTPS", "FullyQualifiedDomainName": name, "Port": 443, "ResourcePath": "/health",
+                "RequestInterval": 30, "FailureThreshold": 3})
 
 
 def seed(plan: Plan, db_password: str, api_token: str) -> None:
@@ -170,3 +200,4 @@ def seed(plan: Plan, db_password: str, api_token: str) -> None:
     ensure_rds(plan)
     ensure_eks(plan)
     ensure_dns(plan)
+    close_connections()

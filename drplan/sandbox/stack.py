@@ -1,7 +1,10 @@
 """`drplan sandbox up | status | down`: every local stand-in the plan needs, in one state directory.
 
 Order of `up`: moto (AWS) -> seed AWS -> PostgreSQL primary, demo data, base backup, replicas, heartbeat ->
-Kubernetes API and its objects -> the demo app -> a first bucket and configuration backup. Each step finds
+per cluster a Kubernetes API (one for the primary region, one for the DR region), a node controller that keeps
+its Nodes in step with the EKS node groups in moto, the app's Secrets and (primary region only: the DR region is
+a pilot light) the deployments from its manifests -> the demo app, and its stand-in in the DR region (serving only
+once its Deployment exists there) -> a first bucket and configuration backup. Each step finds
 what is already there and only completes what is missing.
 """
 
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -25,9 +29,9 @@ from rich.console import Console
 from drplan import processes
 from drplan.clients import child_aws_env, kube_client
 from drplan.errors import DrplanError
-from drplan.plan import Cluster, Database, DatabaseKind, Plan, host_port
+from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service, host_port
 from drplan.postgres_local import LocalPostgres, PostgresError, ensure_os_user
-from drplan.sandbox import aws_seed, demo_data
+from drplan.sandbox import aws_seed, demo_data, node_controller
 from drplan.sandbox.kube_api import write_kubeconfig
 from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
@@ -54,7 +58,7 @@ def state_dir(plan: Plan) -> Path:
 
 def moto_address(plan: Plan) -> tuple[str, int]:
     if not plan.aws.is_loopback:
-        raise DrplanError("the sandbox needs aws.endpoint_url on loopback (e.g. http://127.0.0.1:45900)")
+        raise DrplanError("the sandbox needs aws.endpoint_url on loopback (e.g. http://127.0.0.1:15900)")
     return host_port(plan.aws.endpoint_url.split("://", 1)[1].rstrip("/"))
 
 
@@ -140,19 +144,77 @@ def wait_until_drillable(plan: Plan, db: Database, pg: LocalPostgres, timeout: f
             "SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0], timeout=timeout)
 
 
-def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[str, str]) -> None:
-    """The cluster's API on loopback with Ready nodes, its deployments and the app's Secrets."""
-    from kubernetes import client as k8s
-    from kubernetes.client.exceptions import ApiException
-
+def kube_api_of(plan: Plan, cluster: Cluster) -> tuple[str, str]:
+    """Process name and host:port of the cluster's Kubernetes API: one per region, the DR region on its own port."""
     assert plan.sandbox is not None
-    host, port = host_port(plan.sandbox.kube_api)
-    processes.start(directory, "kube-api", [PYTHON, "-m", "drplan.sandbox.kube_api", "--listen", f"{host}:{port}"])
-    _wait("Kubernetes API", lambda: _http_ok(f"http://{host}:{port}/version"))
-    write_kubeconfig(plan.resolve_path(cluster.kubeconfig or str(directory / "kubeconfig")),
-                     f"http://{host}:{port}", cluster.context)
+    if plan.region_of(cluster) == plan.aws.dr_region:
+        return "kube-api-dr", plan.sandbox.kube_api_dr
+    return "kube-api", plan.sandbox.kube_api
+
+
+def kubeconfig_of(plan: Plan, cluster: Cluster, directory: Path) -> Path:
+    return plan.resolve_path(cluster.kubeconfig or str(directory / "kubeconfig"))
+
+
+def is_pilot_light(plan: Plan, cluster: Cluster) -> bool:
+    """A cluster in the DR region: nodes and the app's Secrets, nothing deployed until a region failover."""
+    return plan.region_of(cluster) == plan.aws.dr_region
+
+
+def app_of(plan: Plan, cluster: Cluster) -> tuple[Service, str] | None:
+    """The service whose Secrets live in this cluster, and the database member it uses there (primary or the DR
+    replica)."""
+    for service in plan.services:
+        if service.cluster == cluster.name:
+            return service, "primary"
+        if service.dr and service.dr.cluster == cluster.name:
+            return service, "dr_replica"
+    return None
+
+
+def manifests_of(plan: Plan, cluster: Cluster) -> list[dict[str, Any]]:
+    """The objects of the cluster's manifests folder with its overrides, exactly as a deploy renders them."""
+    from tasks.manifests import load_manifests, with_overrides
+
+    if not cluster.manifests:
+        return []
+    return [with_overrides(obj, cluster.overrides) for obj in load_manifests(plan.resolve_path(cluster.manifests))]
+
+
+def _eks_desired(plan: Plan, cluster: Cluster) -> dict[str, int]:
+    eks = aws_seed.aws_client(plan, "eks", plan.region_of(cluster))
+    return {name: eks.describe_nodegroup(clusterName=cluster.name, nodegroupName=name)["nodegroup"]
+            ["scalingConfig"]["desiredSize"] for name in eks.list_nodegroups(clusterName=cluster.name)["nodegroups"]}
+
+
+def nodes_state(plan: Plan, cluster: Cluster, api: Any = None) -> tuple[bool, str]:
+    """Whether every node group has as many Ready nodes as EKS wants, and e.g. 'dev_nodes 3/3 Ready'."""
+    from kubernetes.client import CoreV1Api
+
+    desired = _eks_desired(plan, cluster)
+    ready = node_controller.ready_counts(CoreV1Api(api or kube_client(plan, cluster)))
+    parts = [f"{group} {ready.get(group, 0)}/{size} Ready" for group, size in sorted(desired.items())]
+    return all(ready.get(g, 0) == n for g, n in desired.items()), ", ".join(parts) or "no node groups"
+
+
+def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[str, str]) -> None:
+    """The cluster's API on loopback, its node groups' nodes, the app's Secrets and (not in the pilot-light DR
+    region) its deployments."""
+    from kubernetes.client import ApiException, CoreV1Api
+    from kubernetes.utils import FailToCreateError, create_from_dict
+
+    assert plan.aws.endpoint_url is not None
+    process, endpoint = kube_api_of(plan, cluster)
+    processes.start(directory, process, [PYTHON, "-m", "drplan.sandbox.kube_api", "--listen", endpoint])
+    _wait(f"Kubernetes API {process}", lambda: _http_ok(f"http://{endpoint}/version"))
+    kubeconfig = kubeconfig_of(plan, cluster, directory)
+    write_kubeconfig(kubeconfig, f"http://{endpoint}", cluster.context)
+    processes.start(directory, f"nodes-{cluster.name}", [
+        PYTHON, "-m", "drplan.sandbox.node_controller", "--kubeconfig", str(kubeconfig), "--context", cluster.context,
+        "--cluster", cluster.name, "--region", plan.region_of(cluster), "--endpoint-url", plan.aws.endpoint_url,
+    ], env={**os.environ, **child_aws_env(plan), "PYTHONUNBUFFERED": "1"})
     api = kube_client(plan, cluster)
-    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    core = CoreV1Api(api)
 
     def create(call, *args) -> None:
         try:
@@ -162,17 +224,12 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
                 raise
 
     create(core.create_namespace, {"metadata": {"name": cluster.namespace}})
-    nodes = max((g.desired for g in cluster.nodegroups.values()), default=1)
-    for group in cluster.nodegroups or {"default": None}:
-        for i in range(nodes):
-            create(core.create_node, {
-                "metadata": {"name": f"{group}-{i}", "labels": {"eks.amazonaws.com/nodegroup": group}},
-                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-            })
-    service = next((s for s in plan.services if s.cluster == cluster.name), None)
-    if service and service.database:
+    app = app_of(plan, cluster)
+    if app and app[0].database:
+        service, role = app
         db = plan.database(service.database)
-        host_db, port_db = host_port(db.endpoints.get(db.primary, "127.0.0.1:5432"))
+        member = db.members.get(role, db.primary)
+        host_db, port_db = host_port(db.endpoints.get(member, "127.0.0.1:5432"))
         url = (f"postgresql://{aws_seed.ADMIN_USER}:{quote(values['db_password'], safe='')}"
                f"@{host_db}:{port_db}/{db.dbname}")
         for name, data in ((DB_SECRET, {"DATABASE_URL": url}), (TOKEN_SECRET, {"token": values["api_token"]})):
@@ -181,39 +238,39 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
                 "type": "Opaque",
                 "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
             })
-    for name in cluster.deployments:
-        create(apps.create_namespaced_deployment, cluster.namespace, _deployment(name))
+    if not is_pilot_light(plan, cluster):
+        for obj in manifests_of(plan, cluster):
+            try:
+                create_from_dict(api, obj, namespace=cluster.namespace)
+            except FailToCreateError as exc:
+                if any(e.status != 409 for e in exc.api_exceptions):
+                    raise
+    _wait(f"the Ready nodes of {cluster.name}", lambda: nodes_state(plan, cluster, api)[0])
+    aws_seed.close_connections()  # before the apps bind their ports (see there)
 
 
-def _deployment(name: str) -> dict:
-    """The app's deployment: its database URL comes from a Secret (never a plain env value)."""
-    container = {"name": name, "image": f"registry.example/devonn/{name}:1.0"}
-    if name == "devonn-api":
-        container["env"] = [{"name": "DATABASE_URL",
-                             "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": "DATABASE_URL"}}}]
-    return {
-        "metadata": {"name": name, "labels": {"app": name}},
-        "spec": {
-            "replicas": 3 if name == "devonn-api" else 2,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [container]}},
-        },
-    }
+def _start_app(plan: Plan, directory: Path, name: str, listen: str, cluster: Cluster, deployment: str) -> None:
+    processes.start(directory, name, [
+        PYTHON, "-m", "drplan.sandbox.demo_app", "--listen", listen,
+        "--kubeconfig", str(kubeconfig_of(plan, cluster, directory)), "--context", cluster.context,
+        "--namespace", cluster.namespace, "--db-secret", DB_SECRET, "--token-secret", TOKEN_SECRET,
+        "--deployment", deployment,
+    ])
 
 
 def up_app(plan: Plan, directory: Path) -> None:
+    """The service's app in the primary cluster (healthy before this returns) and, when the service has a `dr`,
+    its stand-in in the DR cluster (only listening: it serves once a region failover deploys it)."""
     assert plan.sandbox is not None
     service = next((s for s in plan.services if s.cluster), None)
     if service is None:
         return
-    cluster = plan.cluster(service.cluster)
-    kubeconfig = plan.resolve_path(cluster.kubeconfig or str(directory / "kubeconfig"))
-    processes.start(directory, service.name, [
-        PYTHON, "-m", "drplan.sandbox.demo_app", "--listen", plan.sandbox.app, "--kubeconfig", str(kubeconfig),
-        "--context", cluster.context, "--namespace", cluster.namespace,
-        "--db-secret", DB_SECRET, "--token-secret", TOKEN_SECRET,
-    ])
+    _start_app(plan, directory, service.name, plan.sandbox.app, plan.cluster(service.cluster), service.name)
     _wait(service.name, lambda: httpx.get(service.health, timeout=2).status_code == 200, timeout=30)
+    if service.dr:
+        dr = service.dr
+        _start_app(plan, directory, f"{service.name}-dr", plan.sandbox.app_dr, plan.cluster(dr.cluster), service.name)
+        _wait(f"{service.name}-dr", lambda: httpx.get(dr.health, timeout=2).status_code > 0, timeout=30)
 
 
 def up(plan: Plan, console: Console) -> None:
@@ -235,9 +292,12 @@ def up(plan: Plan, console: Console) -> None:
         except PostgresError as exc:
             raise DrplanError(str(exc)) from None
     for cluster in plan.clusters:
-        console.print(f"  Kubernetes API for {cluster.name} on {plan.sandbox.kube_api}")
+        kind = " (pilot light)" if is_pilot_light(plan, cluster) else ""
+        console.print(f"  Kubernetes API for {cluster.name}{kind} on {kube_api_of(plan, cluster)[1]}, "
+                      f"nodes from its EKS node groups")
         up_kubernetes(plan, cluster, directory, values)
-    console.print(f"  demo app on {plan.sandbox.app}")
+    console.print(f"  demo app on {plan.sandbox.app}"
+                  + (f", DR stand-in on {plan.sandbox.app_dr}" if any(s.dr for s in plan.services) else ""))
     up_app(plan, directory)
     console.print("  first bucket and configuration backups")
     aws_seed.back_up_buckets(plan)
@@ -282,22 +342,50 @@ def status(plan: Plan) -> list[Component]:
                 return "standby, streaming" if st.in_recovery else "primary"
             tracked(member, db.endpoints[member], check)
         tracked(f"heartbeat-{db.primary}", db.endpoints[db.primary], lambda: "writing")
-    if plan.sandbox and plan.clusters:
-        tracked("kube-api", plan.sandbox.kube_api, http_check(f"http://{plan.sandbox.kube_api}/version"))
-    for service in plan.services:
-        if service.cluster:
-            tracked(service.name, plan.sandbox.app, http_check(service.health))
+    apis = dict(kube_api_of(plan, cluster) for cluster in plan.clusters) if plan.sandbox else {}
+    for name, endpoint in sorted(apis.items()):
+        tracked(name, endpoint, http_check(f"http://{endpoint}/version"))
+    for cluster in plan.clusters:
+        def nodes(cluster: Cluster = cluster) -> str:
+            ok, detail = nodes_state(plan, cluster)
+            if not ok:
+                raise RuntimeError(detail)
+            return detail
+        tracked(f"nodes-{cluster.name}", kube_api_of(plan, cluster)[1], nodes)
+    service = next((s for s in plan.services if s.cluster), None)
+    if service and plan.sandbox:
+        tracked(service.name, plan.sandbox.app, http_check(service.health))
+        if service.dr:
+            tracked(f"{service.name}-dr", plan.sandbox.app_dr, dr_app_check(service.dr.health))
     return components
 
 
+def dr_app_check(url: str) -> Callable[[], str]:
+    """Healthy when serving (after a region failover) or, in pilot light, when it says its deployment is absent."""
+    def check() -> str:
+        response = httpx.get(url, timeout=3)
+        if response.status_code == 200:
+            return "healthy (serving)"
+        reason = response.json().get("error", "") if response.status_code == 503 else ""
+        if reason.startswith("deployment ") and "not running" in reason:
+            return "pilot light (not deployed)"
+        raise RuntimeError(f"HTTP {response.status_code}" + (f": {reason}" if reason else ""))
+    return check
+
+
 def down(plan: Plan, purge: bool = False) -> list[str]:
-    """Stop every process the sandbox started (app, heartbeats, PostgreSQL, Kubernetes API, moto)."""
+    """Stop every process the sandbox started (apps, node controllers, heartbeats, PostgreSQL, Kubernetes APIs,
+    moto)."""
     directory = state_dir(plan)
     lines = []
     values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
     for service in plan.services:
-        if processes.stop(directory, service.name):
-            lines.append(f"stopped {service.name}")
+        for name in (service.name, f"{service.name}-dr"):
+            if processes.stop(directory, name):
+                lines.append(f"stopped {name}")
+    for cluster in plan.clusters:
+        if processes.stop(directory, f"nodes-{cluster.name}"):
+            lines.append(f"stopped nodes-{cluster.name}")
     for db in _postgres_databases(plan):
         pg = postgres_of(plan, db, directory, values["db_password"]) if values else None
         if pg and pg.stop_heartbeat(db.primary):

@@ -1,5 +1,6 @@
-"""The assembled sandbox: idempotent `up`, truthful `status`, the app wired through its Kubernetes Secret,
-and no secret in any process's arguments."""
+"""The assembled sandbox: idempotent `up`, truthful `status` (both regions), the app wired through its Kubernetes
+Secret, its deployments created from the manifests (applying them again changes nothing), and no secret in any
+process's arguments."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import base64
 from pathlib import Path
 
 import httpx
-from kubernetes import client as k8s
+from kubernetes.client import AppsV1Api, CoreV1Api
 from rich.console import Console
 
 from drplan import processes
 from drplan.clients import aws_client, kube_client
 from drplan.sandbox import stack
+from tasks.k8s import export_namespace
 
 
 def test_status_reports_every_component_healthy(sandbox):
@@ -23,6 +25,10 @@ def test_status_reports_every_component_healthy(sandbox):
     assert names["devonn-postgres-replica-production"] == "standby, streaming"
     assert names["devonn-postgres-dr-production"] == "standby, streaming"
     assert {"moto", "kube-api", "devonn-api", "heartbeat-devonn-postgres-production"} <= set(names)
+    assert names["kube-api-dr"] == "healthy"
+    assert names["nodes-devonn-eks-sandbox"] == "dev_nodes 3/3 Ready"
+    assert names["nodes-devonn-eks-dr-sandbox"] == "dev_nodes 1/1 Ready"
+    assert names["devonn-api-dr"] == "pilot light (not deployed)"
 
 
 def test_up_again_changes_nothing(sandbox, sandbox_dir):
@@ -30,10 +36,16 @@ def test_up_again_changes_nothing(sandbox, sandbox_dir):
     db = sandbox.database("devonn-postgres")
     pg = stack.postgres_of(sandbox, db, sandbox_dir, stack.sandbox_secrets(sandbox_dir)["db_password"])
     backups = pg.list_backups()
+    r53 = aws_client(sandbox, "route53")
+    checks = r53.list_health_checks()["HealthChecks"]
+    kube = {c.name: export_namespace.fn(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters}
     stack.up(sandbox, Console(quiet=True))
     after = {n: processes.get(sandbox_dir, n) for n in processes.tracked_names(sandbox_dir)}
     assert after == before
+    assert {f"nodes-{c.name}" for c in sandbox.clusters} | {"kube-api", "kube-api-dr", "devonn-api-dr"} <= set(after)
     assert pg.list_backups() == backups
+    assert r53.list_health_checks()["HealthChecks"] == checks
+    assert {c.name: export_namespace.fn(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters} == kube
     rds = aws_client(sandbox, "rds").describe_db_instances()["DBInstances"]
     assert sorted(i["DBInstanceIdentifier"] for i in rds) == ["devonn-rds-production", "devonn-rds-replica-production"]
 
@@ -41,12 +53,12 @@ def test_up_again_changes_nothing(sandbox, sandbox_dir):
 def test_app_takes_its_database_from_the_kubernetes_secret(sandbox):
     cluster = sandbox.cluster("devonn-eks-sandbox")
     api = kube_client(sandbox, cluster)
-    deployment = k8s.AppsV1Api(api).read_namespaced_deployment("devonn-api", cluster.namespace)
+    deployment = AppsV1Api(api).read_namespaced_deployment("devonn-api", cluster.namespace)
     env = deployment.spec.template.spec.containers[0].env
     assert [(e.name, e.value, e.value_from.secret_key_ref.name) for e in env] == [
-        ("DATABASE_URL", None, stack.DB_SECRET)
+        ("DATABASE_URL", None, stack.DB_SECRET), ("API_TOKEN", None, stack.TOKEN_SECRET)
     ]
-    secret = k8s.CoreV1Api(api).read_namespaced_secret(stack.DB_SECRET, cluster.namespace)
+    secret = CoreV1Api(api).read_namespaced_secret(stack.DB_SECRET, cluster.namespace)
     url = base64.b64decode(secret.data["DATABASE_URL"]).decode()
     assert url.endswith(f"@{sandbox.database('devonn-postgres').endpoints['devonn-postgres-production']}/devonn")
     service = sandbox.services[0]
@@ -73,3 +85,15 @@ def test_no_secret_in_any_process_arguments(sandbox, sandbox_dir):
 
 def test_secrets_file_is_private(sandbox, sandbox_dir):
     assert (sandbox_dir / "secrets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_deployments_come_from_the_manifests_and_applying_them_changes_nothing(sandbox):
+    from tasks.manifests import apply_manifest
+
+    cluster = sandbox.cluster("devonn-eks-sandbox")
+    api = kube_client(sandbox, cluster)
+    objects = stack.manifests_of(sandbox, cluster)
+    assert sorted(o["metadata"]["name"] for o in objects) == sorted(cluster.deployments)
+    before = export_namespace.fn(api, cluster.namespace)
+    assert [apply_manifest(api, cluster.namespace, o).action for o in objects] == ["unchanged"] * len(objects)
+    assert export_namespace.fn(api, cluster.namespace) == before

@@ -1,0 +1,179 @@
+"""DR readiness: could this region take over right now? (scheduled every 30 minutes, like Route 53 ARC's
+readiness checks). One finding per question, each ready or not with what was seen:
+
+- AWS credentials work (STS) and can read what the failover changes (RDS member, EKS cluster, the hosted zone);
+- the database member there: a replica within the database RPO (lag), or a primary that accepts writes;
+- the cluster is ACTIVE with at least `failover.min_ready_nodes` Ready nodes (a node group at zero is not ready);
+- its manifests load with the cluster's overrides, hold the deployments `failover.scale` names, and the Secrets
+  they reference exist in the namespace (the Kubernetes credentials can read them);
+- the DNS records exist, the region has a target, and a Route 53 health check watches it.
+An unready region emits `drplan.readiness.unready` (notified by deployments/automations.py); the run fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from kubernetes import client as k8s
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.states import Failed
+from pydantic import BaseModel, Field
+
+from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
+from drplan.errors import first_line
+from drplan.plan import DatabaseKind, Plan, load_plan
+from drplan.regions import Placement, placements
+from drplan.timeutil import format_duration, utcnow
+from flows.db_failover import Request, measure_lag
+from tasks.eks import cluster_status, nodegroup_state
+from tasks.manifests import load_manifests, secret_refs, with_overrides
+from tasks.rds import describe_instance
+from tasks.route53 import health_check_for, read_record, zone_id
+
+DEFAULT_PLAN = "plans/devonn.yaml"
+
+
+class Finding(BaseModel):
+    check: str
+    ready: bool
+    detail: str
+
+
+class ReadinessReport(BaseModel):
+    plan: str
+    region: str
+    checked_at: datetime
+    findings: list[Finding] = Field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return all(f.ready for f in self.findings)
+
+    @property
+    def unready(self) -> list[Finding]:
+        return [f for f in self.findings if not f.ready]
+
+    def markdown(self) -> str:
+        rows = [f"| {f.check} | {'ready' if f.ready else '**NOT READY**'} | {f.detail} |" for f in self.findings]
+        return "\n".join([f"# Region {self.region}: **{'ready' if self.ready else 'not ready'}** to take over", "",
+                          "| check | state | detail |", "|---|---|---|", *rows])
+
+
+def _finding(report: ReadinessReport, check: str, probe: Callable[[], tuple[bool, str]]) -> None:
+    """Run one check; an exception makes it not ready with the error's first line."""
+    try:
+        ready, detail = probe()
+    except Exception as exc:  # a check reports, it does not stop the others
+        ready, detail = False, first_line(exc)
+    report.findings.append(Finding(check=check, ready=ready, detail=detail))
+
+
+def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
+    def probe() -> tuple[bool, str]:
+        db = placement.database
+        credentials = db_credentials(plan, db)
+        target = pg_target(plan, db, placement.member, credentials)
+        with target.connect() as conn:
+            standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+        if db.kind is DatabaseKind.rds:
+            rds = aws_client(plan, "rds", region_of_member(plan, placement))
+            describe_instance.fn(rds, db.members[placement.member])  # the credentials can read the instance
+        if not standby:
+            return True, f"{target.label} is a primary (accepts writes)"
+        lag, basis = measure_lag(Request(plan, db.name, "promote-replica", placement.member), credentials)
+        objective = plan.objectives.rpo.database
+        shown = "unknown" if lag is None else format_duration(timedelta(seconds=lag))
+        return (lag is not None and lag <= objective.total_seconds(),
+                f"{target.label} replica lag {shown} ({basis}); objective {format_duration(objective)}")
+    return probe
+
+
+def region_of_member(plan: Plan, placement: Placement) -> str:
+    db = placement.database
+    return db.dr_replica.region if placement.member == "dr_replica" and db.dr_replica else plan.aws.region
+
+
+def capacity_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
+    def probe() -> tuple[bool, str]:
+        cluster = placement.cluster
+        eks, api = aws_client(plan, "eks", plan.region_of(cluster)), kube_client(plan, cluster)
+        status = cluster_status(eks, cluster.name)
+        groups = [nodegroup_state(eks, api, cluster.name, name) for name in cluster.nodegroups]
+        ready = sum(g.ready_nodes for g in groups)
+        need = plan.failover.min_ready_nodes
+        detail = (f"EKS {cluster.name} {status}; {ready} Ready nodes (need {need}); "
+                  + ", ".join(f"{g.name} desired {g.desired} ({g.min}-{g.max})" for g in groups))
+        return status == "ACTIVE" and ready >= need and all(g.desired > 0 for g in groups), detail
+    return probe
+
+
+def manifests_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
+    def probe() -> tuple[bool, str]:
+        cluster = placement.cluster
+        if not cluster.manifests:
+            return False, f"cluster {cluster.name} has no manifests folder (clusters[].manifests)"
+        objects = [with_overrides(o, cluster.overrides) for o in load_manifests(plan.resolve_path(cluster.manifests))]
+        deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+        missing = sorted(set(plan.failover.scale) - deployments)
+        secrets = {s.metadata.name for s in
+                   k8s.CoreV1Api(kube_client(plan, cluster)).list_namespaced_secret(cluster.namespace).items}
+        absent = sorted(secret_refs(objects) - secrets)
+        problems = ([f"failover.scale names {', '.join(missing)}, not in the manifests"] if missing else []) + (
+            [f"Secrets {', '.join(absent)} missing in {cluster.name}/{cluster.namespace}"] if absent else [])
+        return not problems, "; ".join(problems) or (
+            f"{len(objects)} manifests valid; Secrets {', '.join(sorted(secret_refs(objects)))} present")
+    return probe
+
+
+def dns_probe(plan: Plan, region: str) -> Callable[[], tuple[bool, str]]:
+    def probe() -> tuple[bool, str]:
+        if plan.dns is None or not plan.dns.records:
+            return False, "the plan has no dns records to switch"
+        target = plan.dns.targets.get(region)
+        if not target:
+            return False, f"dns.targets has no target for {region}"
+        r53 = aws_client(plan, "route53")
+        zone = zone_id(r53, plan.dns.zone)
+        missing = [name for name in plan.dns.records if read_record(r53, zone, name) is None]
+        check = health_check_for(r53, target)
+        problems = ([f"records {', '.join(missing)} missing"] if missing else []) + (
+            [] if check else [f"no Route 53 health check watches {target}"])
+        return not problems, "; ".join(problems) or f"records present; target {target} watched by check {check}"
+    return probe
+
+
+@task(cache_policy=NO_CACHE)
+def check_region(plan: Plan, region: str) -> ReadinessReport:
+    report = ReadinessReport(plan=plan.name, region=region, checked_at=utcnow())
+    _finding(report, "AWS credentials", lambda: (True, check_aws_access(plan)))
+    for placement in placements(plan, region):
+        name = placement.service.name
+        if placement.database:
+            _finding(report, f"{name}: database {placement.database.name} ({placement.member})",
+                     database_probe(plan, placement))
+        _finding(report, f"{name}: cluster capacity", capacity_probe(plan, placement))
+        _finding(report, f"{name}: manifests and Secrets", manifests_probe(plan, placement))
+    _finding(report, "DNS", dns_probe(plan, region))
+    return report
+
+
+@flow(name="dr-readiness")
+def dr_readiness(plan: str = DEFAULT_PLAN, region: str = "") -> ReadinessReport:
+    """Could `region` (default: the DR region) take over right now? Fails, with an event, when it could not."""
+    dr_plan = load_plan(plan)
+    region = region or dr_plan.aws.dr_region
+    placements(dr_plan, region)  # a wrong region or a plan without dr services is refused before any check
+    report = check_region(dr_plan, region)
+    create_markdown_artifact(key=f"dr-readiness-{region}", markdown=report.markdown())
+    emit_event(event=f"drplan.readiness.{'ready' if report.ready else 'unready'}",
+               resource={"prefect.resource.id": f"drplan.region.{region}", "prefect.resource.name": region},
+               payload={"plan": dr_plan.name,
+                        "unready": [f"{f.check}: {f.detail}" for f in report.unready]})
+    if not report.ready:
+        return Failed(message=f"region {region} not ready: " + "; ".join(f.check for f in report.unready),
+                      data=report)
+    return report

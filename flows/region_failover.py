@@ -1,0 +1,241 @@
+"""Full region failover (and failback): the runbook's "Full Region Recovery", step by step as the runbook has it.
+
+readiness (sub-flow dr-readiness; refuse an unready region unless forced) -> approval gate (summary of every
+change) -> promote the region's database member (lag guard; a primary is left alone) -> point the region's
+application Secret at it -> deploy the core services from the manifests, node capacity and scale (sub-flow
+eks-recovery) -> recovery validation -> switch the Route 53 records to the region (UPSERT, TTL <= 60 s, INSYNC)
+-> verify the records answer the new target -> report the measured RTO against the tier objective.
+
+Failback is the same flow with `to` = the primary region: its primary is not promoted (re-establishing
+replication from the DR region is out of scope, and impossible for an RDS replica once promoted: recreate it).
+Every step finds what an earlier, crashed run already did and continues from there. Dry run changes nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from datetime import timedelta
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
+
+from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
+from drplan.errors import DrplanError, first_line
+from drplan.plan import DatabaseKind, Plan, load_plan
+from drplan.recovery import RecoveryReport, database_url, recovery_lock, request_approval
+from drplan.regions import Placement, placements
+from drplan.timeutil import format_duration, utcnow
+from flows.db_failover import Request, lag_guard, promote
+from flows.dr_readiness import ReadinessReport, dr_readiness
+from flows.eks_recovery import eks_recovery
+from tasks.health import validate_service_task
+from tasks.k8s import (
+    DATABASE_ENV,
+    deployment_exists,
+    redact_url,
+    restart_deployment,
+    wait_deployment_available,
+    write_secret_value,
+)
+from tasks.manifests import env_secret_ref, load_manifests
+from tasks.postgres import is_in_recovery
+from tasks.route53 import MAX_TTL, read_record, switch_records, zone_id
+
+DEFAULT_PLAN = "plans/devonn.yaml"
+
+
+class RegionReport(RecoveryReport):
+    kind: str = "region"
+    from_region: str
+    readiness: ReadinessReport | None = None
+    rto_seconds: float | None = None
+    rto_objective_seconds: float | None = None
+
+    def markdown(self) -> str:
+        rto = "-" if self.rto_seconds is None else format_duration(timedelta(seconds=self.rto_seconds))
+        objective = format_duration(timedelta(seconds=self.rto_objective_seconds or 0))
+        lines = [f"# Region failover {self.from_region} -> {self.subject}: **{self.outcome}**", "",
+                 f"- measured RTO {rto} (objective {objective})"]
+        if self.error:
+            lines.append(f"- **error**: {self.error}")
+        if self.readiness:
+            lines += ["", self.readiness.markdown()]
+        return "\n".join([*lines, "", "## Timeline", self.timeline(), self.validation_table()])
+
+
+@flow(name="region-failover")
+def region_failover(
+    plan: str = DEFAULT_PLAN,
+    to: str = "",
+    dry_run: bool = False,
+    force: bool = False,
+    approve: bool = False,
+) -> RegionReport:
+    """Move every service with a `dr` section to region `to` (the DR region, or back to the primary)."""
+    started = utcnow()
+    dr_plan = load_plan(plan)
+    to = to or dr_plan.aws.dr_region
+    placed = placements(dr_plan, to)
+    if dr_plan.dns is None or to not in dr_plan.dns.targets:
+        raise DrplanError(f"dns.targets has no target for {to}; add the name the records point at in that region")
+    source = dr_plan.aws.region if to == dr_plan.aws.dr_region else dr_plan.aws.dr_region
+    report = RegionReport(flow="region-failover", plan=dr_plan.name, subject=to, from_region=source,
+                          dry_run=dry_run, rto_objective_seconds=min(
+                              getattr(dr_plan.objectives.rto, p.service.tier.value).total_seconds() for p in placed))
+    check_aws_access(dr_plan)
+    try:
+        with ExitStack() as locks:
+            if not dry_run:
+                for db in {p.database.name: p.database for p in placed if p.database}.values():
+                    locks.enter_context(recovery_lock(db))
+            fail_over_region(dr_plan, plan, to, placed, report, force, approve)
+        if not dry_run and not report.failed and report.outcome != "refused: nothing changed":
+            report.rto_seconds = (utcnow() - started).total_seconds()
+    except Exception as exc:
+        report.error, report.outcome = first_line(exc), "failed"
+    finally:
+        create_markdown_artifact(key=f"region-failover-{to}", markdown=report.markdown())
+    if report.failed:
+        return Failed(message=f"region failover to {to}: {report.outcome}: {report.error or ''}".rstrip(": "),
+                      data=report)
+    return report
+
+
+def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placement], report: RegionReport,
+                     force: bool, approve: bool) -> None:
+    readiness = dr_readiness(plan=plan_ref, region=to, return_state=True)
+    report.readiness = readiness.result(raise_on_failure=False)
+    if not isinstance(report.readiness, ReadinessReport):
+        raise DrplanError(f"readiness check of {to} did not complete: {first_line(report.readiness)}")
+    unready = [f.check for f in report.readiness.unready]
+    if unready and not force:
+        raise DrplanError(f"region {to} is not ready to take over ({'; '.join(unready)}); fix it, or force "
+                          "(--force) to fail over anyway")
+    report.record("readiness", to, "ready" if not unready else f"NOT READY, forced: {'; '.join(unready)}",
+                  mutating=bool(unready))
+    if report.dry_run:
+        plan_steps(dr_plan, plan_ref, to, placed, report)
+        return
+    decision = request_approval(report, f"region-failover-approval-{to}", approval_summary(dr_plan, to, placed),
+                                approve)
+    if not decision.approve:
+        report.outcome = "refused: nothing changed"
+        return
+    for placement in placed:
+        if placement.database:
+            promote_member(dr_plan, placement, report, force)
+            point_secret(dr_plan, placement, report)
+    for cluster in {p.cluster.name: p.cluster for p in placed}.values():
+        eks = eks_recovery(plan=plan_ref, cluster=cluster.name, nodes=dr_plan.failover.nodes,
+                           scale=dr_plan.failover.scale, return_state=True).result(raise_on_failure=False)
+        if not hasattr(eks, "applied"):
+            raise DrplanError(f"EKS recovery of {cluster.name} did not complete: {first_line(eks)}")
+        changed = [s.action + " " + s.resource for s in eks.steps if s.action in ("created", "updated", "scaled")]
+        report.record("deployed", cluster.name, ", ".join(changed) or "everything already in place",
+                      mutating=bool(changed))
+        if eks.failed:
+            raise DrplanError(f"EKS recovery of {cluster.name}: {eks.error}")
+    for placement in placed:
+        credentials = db_credentials(dr_plan, placement.database) if placement.database else None
+        target = pg_target(dr_plan, placement.database, placement.member, credentials) if credentials else None
+        report.validation = validate_service_task(dr_plan, placement.serving(), target)
+        if not report.validation.passed:
+            report.outcome = "validation failed: DNS not switched"
+            return
+    switch_dns(dr_plan, to, report)
+    report.outcome = f"serving from {to}"
+
+
+def promote_member(plan: Plan, placement: Placement, report: RegionReport, force: bool) -> None:
+    """Promote the DR replica (lag guard first); the primary region's primary needs nothing."""
+    db = placement.database
+    if placement.member == "primary":
+        report.record("kept", db.primary, "the primary region's primary; not promoted")
+        return
+    request = Request(plan, db.name, "promote-replica", placement.member)
+    credentials = db_credentials(plan, db)
+    new_primary = pg_target(plan, db, placement.member, credentials)
+    if db.kind is DatabaseKind.rds:
+        done = not aws_client(plan, "rds", request.region).describe_db_instances(
+            DBInstanceIdentifier=request.identifier)["DBInstances"][0].get("ReadReplicaSourceDBInstanceIdentifier")
+    else:
+        done = not is_in_recovery(new_primary)
+    if done:
+        report.record("found promoted", request.identifier, "promoted by an earlier run")
+        return
+    lag_guard(request, report, credentials, force)
+    promote(request, report, new_primary)
+
+
+def point_secret(plan: Plan, placement: Placement, report: RegionReport) -> None:
+    """Write the member's URL into the Secret the service's manifest references, in the region's cluster."""
+    cluster, db = placement.cluster, placement.database
+    objects = load_manifests(plan.resolve_path(cluster.manifests)) if cluster.manifests else []
+    secret, key = env_secret_ref(objects, placement.service.name, DATABASE_ENV)
+    credentials = db_credentials(plan, db)
+    target = pg_target(plan, db, placement.member, credentials)
+    url = database_url(credentials, target.host, target.port, db.dbname).get_secret_value()
+    api = kube_client(plan, cluster)
+    before = write_secret_value(api, cluster.namespace, secret, key, url)
+    if before == url:
+        report.record("already set", f"{cluster.name}/{secret}:{key}", redact_url(url))
+        return
+    report.record("rewrote", f"{cluster.name}/{secret}:{key}", before=None if before is None else redact_url(before),
+                  after=redact_url(url), mutating=True)
+    if deployment_exists(api, cluster.namespace, placement.service.name):  # else the manifests step creates it
+        restart_deployment(api, cluster.namespace, placement.service.name)
+        wait_deployment_available(api, cluster.namespace, placement.service.name)
+
+
+def switch_dns(plan: Plan, to: str, report: RegionReport) -> None:
+    r53, target = aws_client(plan, "route53"), plan.dns.targets[to]
+    before = {name: read_record(r53, zone_id(r53, plan.dns.zone), name) for name in plan.dns.records}
+    changed = switch_records(r53, plan.dns, target)
+    zone = zone_id(r53, plan.dns.zone)
+    answers = {name: read_record(r53, zone, name) for name in plan.dns.records}
+    wrong = [f"{name} -> {answer}" for name, answer in answers.items() if answer != (target, min(plan.dns.ttl,
+                                                                                                 MAX_TTL))]
+    if wrong:
+        raise DrplanError(f"Route 53 does not answer the new target {target}: {', '.join(wrong)}")
+    for name in plan.dns.records:
+        report.record("switched" if name in changed else "already switched", f"DNS {name}",
+                      f"CNAME {target}, TTL {min(plan.dns.ttl, MAX_TTL)}s, INSYNC",
+                      before=None if before[name] is None else before[name][0], after=target,
+                      mutating=name in changed)
+
+
+def approval_summary(plan: Plan, to: str, placed: list[Placement]) -> str:
+    lines = [f"## Approve the region failover to {to}?", ""]
+    for p in placed:
+        if p.database and p.member != "primary":
+            lines.append(f"- promote **{p.database.members[p.member]}** ({p.database.name}) to a standalone primary "
+                         "(irreversible: the old primary must be rebuilt from it)")
+        if p.database:
+            lines.append(f"- rewrite the database Secret of **{p.service.name}** in {p.cluster.name}")
+        lines.append(f"- deploy the manifests into **{p.cluster.name}**, node groups {plan.failover.nodes or '-'}, "
+                     f"scale {plan.failover.scale or '-'}; validate {p.health}")
+    lines.append(f"- switch DNS {', '.join(plan.dns.records)} to **{plan.dns.targets[to]}** (TTL "
+                 f"{min(plan.dns.ttl, MAX_TTL)}s)")
+    return "\n".join(lines)
+
+
+def plan_steps(plan: Plan, plan_ref: str, to: str, placed: list[Placement], report: RegionReport) -> None:
+    """The dry run: every step and resource a real run would touch, in order; nothing changes."""
+    report.record("would ask approval", to)
+    for p in placed:
+        if p.database and p.member != "primary":
+            report.record("would promote", p.database.members[p.member], "after the lag guard")
+        if p.database:
+            report.record("would rewrite", f"{p.cluster.name} Secret of {p.service.name}",
+                          f"DATABASE_URL -> {p.database.members[p.member]}")
+    for cluster in {p.cluster.name: p.cluster for p in placed}.values():
+        eks = eks_recovery(plan=plan_ref, cluster=cluster.name, nodes=plan.failover.nodes,
+                           scale=plan.failover.scale, dry_run=True)
+        for step in eks.steps[1:]:
+            report.record(step.action, f"{cluster.name}: {step.resource}", step.detail)
+    for p in placed:
+        report.record("would validate", p.service.name, p.health)
+    report.record("would switch", f"DNS {', '.join(plan.dns.records)}",
+                  f"UPSERT CNAME {plan.dns.targets[to]} TTL {min(plan.dns.ttl, MAX_TTL)}s, wait INSYNC, verify")
+    report.outcome = "planned (dry run)"

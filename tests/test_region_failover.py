@@ -1,0 +1,176 @@
+"""Readiness and full region failover on the sandbox: moto (EKS, Route 53, RDS), both Kubernetes API emulators
+(nodes follow the node groups), a real PostgreSQL topology of this module's own (its DR replica is promoted), the
+DR demo app. In order: readiness ready; unready (lagging replica, node group at zero) and the failover refused;
+dry run changes nothing; a forced failover killed after the promotion and rerun; failback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from kubernetes import client as k8s
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.settings import PREFECT_API_URL
+from typer.testing import CliRunner
+
+from drplan.cli import app
+from drplan.clients import aws_client, db_credentials, kube_client, pg_target
+from drplan.plan import load_plan
+from drplan.recovery import lock_name
+from flows.dr_readiness import dr_readiness
+from flows.region_failover import region_failover
+from tasks.eks import ready_nodes
+from tasks.k8s import find_database_secret, read_secret_value, write_secret_value
+from tasks.route53 import read_record, zone_id
+from tests.helpers import own_postgres_topology, stack_snapshot, wait_for
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+REPO = Path(__file__).resolve().parent.parent
+DB = "devonn-postgres"
+PRIMARY, DR = "devonn-eks-sandbox", "devonn-eks-dr-sandbox"
+
+
+@pytest.fixture(scope="module")
+def topology(sandbox, sandbox_plan_path, sandbox_dir):
+    """This module's PostgreSQL topology; afterwards the primary cluster's app Secret is as it was."""
+    cluster = sandbox.cluster(PRIMARY)
+    api = kube_client(sandbox, cluster)
+    secret, key = find_database_secret(api, cluster.namespace, "devonn-api")
+    original = read_secret_value(api, cluster.namespace, secret, key)
+    with own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as path:
+        try:
+            yield path
+        finally:
+            write_secret_value(api, cluster.namespace, secret, key, original)
+
+
+def dns_target(plan) -> str:
+    r53 = aws_client(plan, "route53")
+    return read_record(r53, zone_id(r53, plan.dns.zone), plan.dns.records[0])[0]
+
+
+def set_dr_nodes(plan, desired: int) -> None:
+    cluster = plan.cluster(DR)
+    aws_client(plan, "eks", cluster.region).update_nodegroup_config(
+        clusterName=DR, nodegroupName="dev_nodes", scalingConfig={"minSize": 0, "maxSize": 5, "desiredSize": desired})
+    wait_for(lambda: ready_nodes(kube_client(plan, cluster), "dev_nodes") == desired, 30,
+             f"{desired} Ready nodes in {DR}")
+
+
+def in_recovery(plan, role: str) -> bool:
+    db = plan.database(DB)
+    with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
+        return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+
+
+def test_readiness_of_a_ready_dr_region(topology):
+    report = dr_readiness(plan=str(topology))
+    assert report.ready, report.markdown()
+    assert [f.check for f in report.findings] == [
+        "AWS credentials", f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
+        "devonn-api: manifests and Secrets", "DNS"]
+
+
+def test_unready_region_is_reported_and_refused(topology, asserting_and_emitting_events_worker):
+    plan = load_plan(topology)
+    db = plan.database(DB)
+    dr_member = pg_target(plan, db, "dr_replica", db_credentials(plan, db))
+    with dr_member.connect() as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    set_dr_nodes(plan, 0)
+    try:
+        time.sleep(7)  # the paused replica falls behind the 5 s objective
+        state = dr_readiness(plan=str(topology), return_state=True)
+        assert state.is_failed()
+        report = state.result(raise_on_failure=False)
+        assert {f.check for f in report.unready} == {f"devonn-api: database {DB} (dr_replica)",
+                                                      "devonn-api: cluster capacity"}
+        assert "0 Ready nodes (need 1)" in next(f.detail for f in report.unready if "capacity" in f.check)
+        asserting_and_emitting_events_worker.drain()
+        unready = [e for e in asserting_and_emitting_events_worker._client.events
+                   if e.event == "drplan.readiness.unready"]
+        assert unready and unready[-1].resource.id == "drplan.region.us-west-2"
+
+        before = stack_snapshot(plan, DB)
+        refused = region_failover(plan=str(topology), approve=True, return_state=True)
+        assert refused.is_failed()
+        assert "is not ready to take over" in refused.result(raise_on_failure=False).error
+        assert stack_snapshot(plan, DB) == before
+    finally:
+        with dr_member.connect() as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+        set_dr_nodes(plan, 1)
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(topology):
+    plan = load_plan(topology)
+    before = stack_snapshot(plan, DB)
+    report = region_failover(plan=str(topology), dry_run=True)
+    assert report.outcome == "planned (dry run)", report.markdown()
+    actions = [(s.action, s.resource) for s in report.steps]
+    assert actions[:4] == [("readiness", "us-west-2"), ("would ask approval", "us-west-2"),
+                           ("would promote", "devonn-postgres-dr-production"),
+                           ("would rewrite", f"{DR} Secret of devonn-api")]
+    assert ("would create", f"{DR}: Deployment devonn-api") in actions
+    assert ("would switch", f"DNS {plan.dns.records[0]}") == actions[-1]
+    printed = CliRunner().invoke(app, ["region-failover", "--plan", str(topology), "--dry-run"])
+    assert printed.exit_code == 0, printed.output
+    for line in ("would promote", "devonn-postgres-dr-production", "would create", "would scale",
+                 "would validate", "UPSERT CNAME dr.us-west-2.devonn.test"):
+        assert line in printed.stdout
+    assert stack_snapshot(plan, DB) == before
+
+
+def test_failover_killed_after_promotion_resumes_without_a_second_promotion(topology):
+    plan = load_plan(topology)
+    set_dr_nodes(plan, 0)  # not ready: the failover must be forced (and scales the node group itself)
+    name = f"region-failover-{uuid.uuid4().hex[:8]}"
+    script = ("import sys; from flows.region_failover import region_failover; region_failover.with_options("
+              "flow_run_name=sys.argv[1])(plan=sys.argv[2], force=True, approve=True)")
+    first = subprocess.Popen([sys.executable, "-c", script, name, str(topology)], cwd=REPO,
+                             env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: not in_recovery(plan, "dr_replica"), 180, "the DR replica to be promoted", interval=0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    with get_client(sync_client=True) as client:  # the operator frees the dead run's lock
+        client.update_global_concurrency_limit(lock_name(plan.database(DB)),
+                                               GlobalConcurrencyLimitUpdate(active_slots=0))
+
+    report = region_failover(plan=str(topology), force=True, approve=True)
+    assert report.outcome == "serving from us-west-2", report.markdown()
+    actions = [s.action for s in report.steps]
+    assert "found promoted" in actions and "promoted" not in actions
+    assert report.validation.passed
+    assert dns_target(plan) == plan.dns.targets["us-west-2"]
+    assert report.rto_seconds and report.rto_seconds < report.rto_objective_seconds
+    dr = plan.cluster(DR)
+    api = kube_client(plan, dr)
+    secret, key = find_database_secret(api, dr.namespace, "devonn-api")
+    assert read_secret_value(api, dr.namespace, secret, key).endswith(
+        plan.database(DB).endpoints["devonn-postgres-dr-production"] + "/devonn")
+    apps = k8s.AppsV1Api(api)
+    assert {d: apps.read_namespaced_deployment(d, dr.namespace).status.available_replicas
+            for d in ("devonn-api", "devonn-worker")} == {"devonn-api": 3, "devonn-worker": 5}
+    assert ready_nodes(api, "dev_nodes") == 3
+    stats = httpx.get(plan.services[0].dr.health.removesuffix("/health") + "/api/stats", timeout=5).json()
+    assert stats["users"] == plan.sandbox.demo_rows  # the DR app serves from the promoted replica
+
+
+def test_failback_returns_dns_and_the_primary_cluster(topology):
+    plan = load_plan(topology)
+    report = region_failover(plan=str(topology), to=plan.aws.region, approve=True)
+    assert report.outcome == "serving from us-east-1", report.markdown()
+    assert ("kept", plan.database(DB).primary) in [(s.action, s.resource) for s in report.steps]
+    assert dns_target(plan) == plan.dns.targets["us-east-1"]
+    assert report.validation.passed
