@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/drplan sandbox up --plan $(PLAN)
 	$(BIN)/drplan verify-rpo --plan $(PLAN)
 	$(BIN)/drplan s3-verify --plan $(PLAN)
+	$(BIN)/drplan readiness --plan $(PLAN)
 	$(BIN)/drplan drill --plan $(PLAN) --database devonn-postgres
 
 test: $(STAMP)

@@ -113,6 +113,29 @@ def drill(
     raise typer.Exit(max(r.exit_code for r in reports))
 
 
+@app.command("readiness")
+def readiness(
+    plan: str = PlanOption,
+    region: str = typer.Option(None, "--region", help="The region to check (default: aws.dr_region)."),
+) -> None:
+    """Could the region take over right now? One finding per check. Exit 0 ready, 1 not ready, 2 error."""
+    from drplan.regions import placements
+    from flows.dr_readiness import ReadinessReport, dr_readiness
+
+    dr_plan = plan_or_exit(plan)
+    region = region or dr_plan.aws.dr_region
+    try:
+        placements(dr_plan, region)
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    with err.status(f"checking whether {region} could take over..."):
+        report = dr_readiness(plan=plan, region=region, return_state=True).result(raise_on_failure=False)
+    if not isinstance(report, ReadinessReport):
+        raise fail(f"readiness check did not complete: {first_line(report)}")
+    out.print(Markdown(report.markdown()))
+    raise typer.Exit(0 if report.ready else 1)
+
+
 @sandbox_app.command("up")
 def sandbox_up(plan: str = PlanOption) -> None:
     """Start (or complete) the sandbox the plan describes. Idempotent."""

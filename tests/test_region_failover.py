@@ -77,6 +77,10 @@ def test_readiness_of_a_ready_dr_region(topology):
     assert [f.check for f in report.findings] == [
         "AWS credentials", f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
         "devonn-api: manifests and Secrets", "DNS"]
+    shown = CliRunner().invoke(app, ["readiness", "--plan", str(topology)])
+    assert shown.exit_code == 0 and "Region us-west-2: ready to take over" in shown.stdout, shown.output
+    wrong = CliRunner().invoke(app, ["readiness", "--plan", str(topology), "--region", "eu-west-9"])
+    assert wrong.exit_code == 2 and wrong.stderr.strip().startswith("error: region eu-west-9 is neither")
 
 
 def test_unready_region_is_reported_and_refused(topology, asserting_and_emitting_events_worker):
