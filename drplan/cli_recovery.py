@@ -90,8 +90,12 @@ def region_failover(
 
 def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
     """Run the flow in a thread; answer its approval pause from the terminal; print the report; exit."""
+    from prefect.client.orchestration import get_client
+
     name = f"{label}-{uuid4().hex[:8]}"
     result: dict[str, Any] = {}
+    with get_client(sync_client=True) as client:  # start the API (a temporary server if none is configured) here,
+        client.api_healthcheck()  # once: the flow's thread and this one racing would each start their own
 
     def target() -> None:
         try:

@@ -285,6 +285,9 @@ class Service(_Model):
     token_secret: SecretRef | None = None
     endpoints: list[ServiceEndpoint] = []
     dr: ServiceDr | None = None
+    settle: Duration = timedelta(seconds=60)
+    """After a cutover, validation is repeated for up to this long before it counts as failed (pods restarting,
+    load balancer targets registering)."""
 
 
 class RegionFailover(_Model):

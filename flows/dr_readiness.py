@@ -82,14 +82,30 @@ def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool,
         if db.kind is DatabaseKind.rds:
             rds = aws_client(plan, "rds", region_of_member(plan, placement))
             describe_instance.fn(rds, db.members[placement.member])  # the credentials can read the instance
-        if not standby:
+        if not standby and placement.member == "primary":
             return True, f"{target.label} is a primary (accepts writes)"
+        if not standby:
+            return old_primary_gone(plan, placement, target.label, credentials)
         lag, basis = measure_lag(Request(plan, db.name, "promote-replica", placement.member), credentials)
         objective = plan.objectives.rpo.database
         shown = "unknown" if lag is None else format_duration(timedelta(seconds=lag))
         return (lag is not None and lag <= objective.total_seconds(),
                 f"{target.label} replica lag {shown} ({basis}); objective {format_duration(objective)}")
     return probe
+
+
+def old_primary_gone(plan: Plan, placement: Placement, label: str, credentials) -> tuple[bool, str]:
+    """A promoted DR member is ready only while the primary region's primary does not also accept writes (else the
+    two have diverged: a drill's failback, or broken replication; rebuild the replica)."""
+    try:
+        with pg_target(plan, placement.database, "primary", credentials).connect() as conn:
+            primary_writes = not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    except Exception:
+        primary_writes = False
+    if primary_writes:
+        return False, (f"{label} is promoted and {placement.database.primary} accepts writes too: they have diverged "
+                       "(a failback, or broken replication); rebuild the DR replica from the primary")
+    return True, f"{label} is already promoted; the primary region's primary does not answer"
 
 
 def region_of_member(plan: Plan, placement: Placement) -> str:

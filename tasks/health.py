@@ -27,6 +27,7 @@ from drplan.plan import Database, DatabaseKind, Plan, Service
 from drplan.timeutil import utcnow
 
 TIMEOUT = 5.0
+SETTLE_POLL_SECONDS = 2.0
 METRIC_WINDOW = timedelta(minutes=10)
 PERIOD = timedelta(minutes=1)
 """CloudWatch period; queries end one period after now so that the current minute's datapoints count."""
@@ -175,8 +176,12 @@ def validate_database_task(plan: Plan, db: Database, database: PgTarget | None =
 @task(name="validate-service", cache_policy=NO_CACHE)
 def validate_service_task(plan: Plan, service: Service, database: PgTarget | None = None,
                           metrics_instance: tuple[str, str] | None = None) -> ServiceValidation:
-    """Prefect task around `validate_service`; the result says which checks failed, the task does not fail."""
-    result = validate_service(plan, service, database, metrics_instance)
+    """Prefect task around `validate_service`, repeated for up to `services[].settle` until every check passes;
+    the last result says which checks failed (the task itself does not fail)."""
+    deadline = time.monotonic() + service.settle.total_seconds()
+    while not (result := validate_service(plan, service, database, metrics_instance)).passed \
+            and time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL_SECONDS)
     failed = [c.name for c in result.checks if not c.passed]
     run_logger().info("service %s: %s", service.name, f"not validated ({', '.join(failed)})" if failed else "validated")
     return result

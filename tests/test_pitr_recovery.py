@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from drplan import processes
 from drplan.cli import app
 from drplan.clients import db_credentials, kube_client
+from drplan.errors import DrplanError
 from drplan.recovery import lock_name
 from drplan.sandbox import stack
 from drplan.targets import PostgresArchive
@@ -251,3 +252,16 @@ def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_p
     assert "Approve PITR recovery of devonn-postgres?" in result.stderr
     assert "refused: nothing changed" in result.stdout and "approve=False wrong target time" in result.stdout
     assert app_secret(sandbox) == before
+
+
+def test_missing_app_deployment_is_refused_before_any_restore(sandbox, plan_variant):
+    def renamed(data: dict) -> None:
+        data["services"][0]["name"] = "devonn-api-gone"
+
+    markers = PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers
+    before = sorted(markers.glob("*.json")) if markers.is_dir() else []
+    with pytest.raises(DrplanError) as refused:
+        pitr_recovery(plan=str(plan_variant(renamed)), database="devonn-postgres", target_time="latest", promote=True)
+    assert str(refused.value) == ("deployment devonn-api-gone in namespace default does not exist; "
+                                  "check clusters[].deployments")
+    assert (sorted(markers.glob("*.json")) if markers.is_dir() else []) == before

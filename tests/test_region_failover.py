@@ -178,3 +178,7 @@ def test_failback_returns_dns_and_the_primary_cluster(topology):
     assert ("kept", plan.database(DB).primary) in [(s.action, s.resource) for s in report.steps]
     assert dns_target(plan) == plan.dns.targets["us-east-1"]
     assert report.validation.passed
+    # the DR database was promoted and the primary still takes writes: no longer a standby for another failover
+    diverged = dr_readiness(plan=str(topology), return_state=True).result(raise_on_failure=False)
+    assert [f.check for f in diverged.unready] == [f"devonn-api: database {DB} (dr_replica)"]
+    assert "have diverged" in diverged.unready[0].detail
