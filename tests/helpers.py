@@ -120,3 +120,12 @@ def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: 
         for name in processes.tracked_names(directory):
             processes.stop(directory, name)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def in_recovery(plan, database: str, role: str) -> bool:
+    """Whether the database member with `role` is a standby (pg_is_in_recovery)."""
+    from drplan.clients import db_credentials, pg_target
+
+    db = plan.database(database)
+    with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
+        return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]

@@ -18,7 +18,7 @@ from drplan.plan import load_plan
 from drplan.sandbox import aws_seed, stack
 from flows.db_failover import db_failover
 from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value, roll_back
-from tests.helpers import own_postgres_topology, stack_snapshot, wait_for
+from tests.helpers import in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 DB = "devonn-postgres"
@@ -53,12 +53,6 @@ def app_port(plan) -> int:
     return int(read_secret_value(api, cluster.namespace, secret, key).rsplit(":", 1)[1].split("/")[0])
 
 
-def in_recovery(plan, role: str) -> bool:
-    db = plan.database(DB)
-    with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
-        return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-
-
 def app_users(plan) -> int | None:
     body = httpx.get(plan.services[0].health.removesuffix("/health") + "/api/stats", timeout=5).json()
     return body.get("users")
@@ -90,13 +84,13 @@ def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, san
     report = state.result(raise_on_failure=False)
     assert "promoting would lose more than the RPO allows" in report.error and "--force" in report.error
     assert float(re.search(r"lag (\d+(?:\.\d+)?)s", report.error).group(1)) > 5
-    assert in_recovery(plan, "dr_replica") and app_port(sandbox) == before  # refused: nothing changed
+    assert in_recovery(plan, DB, "dr_replica") and app_port(sandbox) == before  # refused: nothing changed
 
     report = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, force=True)
     assert report.outcome == "failed over", report.markdown()
     assert [s.action for s in report.steps] == ["found", "lag guard overridden", "approval", "promoted", "cut over"]
     assert report.validation.passed
-    assert not in_recovery(plan, "dr_replica")
+    assert not in_recovery(plan, DB, "dr_replica")
     assert app_port(sandbox) == int(db.endpoints[db.dr_replica.identifier].split(":")[1])
     assert wait_for(lambda: app_users(sandbox) == plan.sandbox.demo_rows, 15, "the app on the promoted replica")
     restore_app(sandbox)
@@ -122,7 +116,7 @@ def test_multi_az_stops_the_primary_and_promotes_the_replica_and_a_rerun_changes
     assert promoted.payload["actor"].startswith("db-failover run ")
     assert "***" in events["drplan.recovery.cut-over"].payload["after"]  # the URL, password redacted
     assert not pg.status(db.primary).running
-    assert not in_recovery(plan, "replica")
+    assert not in_recovery(plan, DB, "replica")
     assert app_port(sandbox) == int(db.endpoints[db.replica].split(":")[1])
     assert wait_for(lambda: app_users(sandbox) == plan.sandbox.demo_rows, 15, "the app on the promoted replica")
 

@@ -159,6 +159,13 @@ def test_failed_restore_drill_notifies_the_channel(platform: serve.Platform, api
     assert "unreachable" in notification(platform, "restore drill Failed", run_id)
 
 
+def test_unready_dr_region_notifies_the_channel(platform: serve.Platform, api: httpx.Client) -> None:
+    run_id = run_deployment(api, "dr-readiness/dr-readiness")  # the plan's AWS is unreachable: nothing is ready
+    assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "FAILED"
+    text = notification(platform, "drplan: region us-west-2 not ready to take over")
+    assert "AWS credentials: " in text and "devonn-api: cluster capacity: " in text
+
+
 def test_paused_recovery_is_announced_and_approved_through_rest(platform: serve.Platform, api: httpx.Client) -> None:
     run_id = run_deployment(api, f"platform-approval-probe/{PROBE}", {"change": "fail over devonn-postgres"})
     wait_for_state(api, run_id, {"PAUSED"})

@@ -30,7 +30,7 @@ from flows.region_failover import region_failover
 from tasks.eks import ready_nodes
 from tasks.k8s import find_database_secret, read_secret_value, write_secret_value
 from tasks.route53 import read_record, zone_id
-from tests.helpers import own_postgres_topology, stack_snapshot, wait_for
+from tests.helpers import in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 REPO = Path(__file__).resolve().parent.parent
@@ -63,12 +63,6 @@ def set_dr_nodes(plan, desired: int) -> None:
         clusterName=DR, nodegroupName="dev_nodes", scalingConfig={"minSize": 0, "maxSize": 5, "desiredSize": desired})
     wait_for(lambda: ready_nodes(kube_client(plan, cluster), "dev_nodes") == desired, 30,
              f"{desired} Ready nodes in {DR}")
-
-
-def in_recovery(plan, role: str) -> bool:
-    db = plan.database(DB)
-    with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
-        return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
 
 
 def test_readiness_of_a_ready_dr_region(topology):
@@ -143,7 +137,7 @@ def test_failover_killed_after_promotion_resumes_without_a_second_promotion(topo
                              env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: not in_recovery(plan, "dr_replica"), 180, "the DR replica to be promoted", interval=0.05)
+        wait_for(lambda: not in_recovery(plan, DB, "dr_replica"), 180, "the DR replica to be promoted", interval=0.05)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
