@@ -168,7 +168,7 @@ def member_endpoint(plan: Plan, db: Database, role: str) -> tuple[str, int]:
         return host_port(db.endpoints[identifier])
     if db.kind is not DatabaseKind.rds:
         raise DrplanError(f"{db.name}: no endpoint for {identifier}; add it under endpoints")
-    region = db.dr_replica.region if role == "dr_replica" and db.dr_replica else plan.aws.region
+    region = plan.member_region(db, role)
     try:
         instance = aws_client(plan, "rds", region).describe_db_instances(DBInstanceIdentifier=identifier)
     except ClientError as exc:

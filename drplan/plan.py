@@ -374,6 +374,10 @@ class Plan(_Model):
     def region_of(self, cluster: Cluster) -> str:
         return cluster.region or self.aws.region
 
+    def member_region(self, db: Database, role: str) -> str:
+        """Where a database member runs: the DR replica in its own region, the others in aws.region."""
+        return db.dr_replica.region if role == "dr_replica" and db.dr_replica else self.aws.region
+
 
 def _lookup(items: list[Any], name: str, what: str) -> Any:
     for item in items:

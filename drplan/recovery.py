@@ -24,10 +24,11 @@ from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.states import Failed, State
 from pydantic import BaseModel, Field, SecretStr
 
 from drplan.clients import DbCredentials, PgTarget, kube_client
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.plan import Database, Plan, Service
 from drplan.timeutil import utcnow
 from tasks.health import ServiceValidation, validate_service_task
@@ -96,6 +97,25 @@ class RecoveryReport(BaseModel):
             return ""
         rows = [f"| {c.name} | {c.status.value} | {c.observed} | {c.expected} |" for c in self.validation.checks]
         return "\n".join(["", "| check | status | observed | expected |", "|---|---|---|---|", *rows])
+
+
+@contextmanager
+def published(report: RecoveryReport, key: str) -> Iterator[None]:
+    """The body of a recovery run: an exception becomes the report's error (outcome `failed`) instead of escaping,
+    and the report (each flow's report class has `markdown()`) is published as artifact `key` whatever happens."""
+    try:
+        yield
+    except Exception as exc:
+        report.error, report.outcome = first_line(exc), "failed"
+    finally:
+        create_markdown_artifact(key=key.lower(), markdown=report.markdown())
+
+
+def finished(report: RecoveryReport, what: str) -> RecoveryReport | State:
+    """The run's result: the report, or a Failed state (carrying the report) when the recovery failed."""
+    if not report.failed:
+        return report
+    return Failed(message=f"{what}: {report.outcome}: {report.error or ''}".rstrip(": "), data=report)
 
 
 def actor(flow_name: str) -> str:

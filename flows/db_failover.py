@@ -19,17 +19,17 @@ from datetime import timedelta
 from enum import StrEnum
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, check_aws_access, db_credentials, pg_target
-from drplan.errors import DrplanError, first_line
+from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan, Service, load_plan
 from drplan.recovery import (
     RecoveryReport,
     cut_over_and_validate,
     database_url,
     find_app_secret,
+    finished,
+    published,
     recovery_lock,
     request_approval,
 )
@@ -97,8 +97,7 @@ class Request:
 
     @property
     def region(self) -> str:
-        dr = self.db.dr_replica
-        return dr.region if self.member == "dr_replica" and dr else self.plan.aws.region
+        return self.plan.member_region(self.db, self.member)
 
     @property
     def identifier(self) -> str:
@@ -124,18 +123,9 @@ def db_failover(
                       f"used by deployment {request.service.name}")
     check_aws_access(request.plan)
     credentials = db_credentials(request.plan, request.db)
-    try:
-        with recovery_lock(request.db):
-            fail_over(request, report, credentials, dry_run, force, approve)
-    except Exception as exc:
-        report.error = first_line(exc)
-        report.outcome = "failed"
-    finally:
-        create_markdown_artifact(key=f"db-failover-{request.db.name}".lower(), markdown=report.markdown())
-    if report.failed:
-        return Failed(message=f"{request.mode} failover of {request.db.name}: {report.outcome}: "
-                              f"{report.error or ''}".rstrip(": "), data=report)
-    return report
+    with published(report, f"db-failover-{request.db.name}"), recovery_lock(request.db):
+        fail_over(request, report, credentials, dry_run, force, approve)
+    return finished(report, f"{request.mode} failover of {request.db.name}")
 
 
 def fail_over(request: Request, report: FailoverReport, credentials: DbCredentials, dry_run: bool, force: bool,
@@ -144,10 +134,7 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
         rds_multi_az(request, report, dry_run, approve)
         return
     new_primary = pg_target(request.plan, request.db, request.member, credentials)
-    already = request.db.kind is DatabaseKind.postgres and not is_in_recovery(new_primary)
-    if request.db.kind is DatabaseKind.rds:
-        already = not describe_instance(aws_client(request.plan, "rds", request.region),
-                                        request.identifier).get("ReadReplicaSourceDBInstanceIdentifier")
+    already = already_promoted(request, new_primary)
     if already:
         report.record("found promoted", request.identifier, "promoted by an earlier run; no lag guard, no promotion")
     else:
@@ -171,6 +158,14 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
         return
     url = database_url(credentials, new_primary.host, new_primary.port, request.db.dbname)
     cut_over_and_validate(request.plan, report, request.service, url, new_primary, metrics(request))
+
+
+def already_promoted(request: Request, new_primary: PgTarget) -> bool:
+    """A rerun: the member is no longer a replica, an earlier run promoted it."""
+    if request.db.kind is DatabaseKind.rds:
+        instance = describe_instance(aws_client(request.plan, "rds", request.region), request.identifier)
+        return not instance.get("ReadReplicaSourceDBInstanceIdentifier")
+    return not is_in_recovery(new_primary)
 
 
 def metrics(request: Request) -> tuple[str, str] | None:

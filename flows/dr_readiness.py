@@ -32,7 +32,7 @@ from flows.db_failover import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
 from tasks.manifests import load_manifests, secret_refs, with_overrides
 from tasks.rds import describe_instance
-from tasks.route53 import health_check_for, read_record, zone_id
+from tasks.route53 import health_check_for, read_records
 
 DEFAULT_PLAN = "plans/devonn.yaml"
 
@@ -80,7 +80,7 @@ def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool,
         with target.connect() as conn:
             standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
         if db.kind is DatabaseKind.rds:
-            rds = aws_client(plan, "rds", region_of_member(plan, placement))
+            rds = aws_client(plan, "rds", plan.member_region(db, placement.member))
             describe_instance.fn(rds, db.members[placement.member])  # the credentials can read the instance
         if not standby and placement.member == "primary":
             return True, f"{target.label} is a primary (accepts writes)"
@@ -106,11 +106,6 @@ def old_primary_gone(plan: Plan, placement: Placement, label: str, credentials) 
         return False, (f"{label} is promoted and {placement.database.primary} accepts writes too: they have diverged "
                        "(a failback, or broken replication); rebuild the DR replica from the primary")
     return True, f"{label} is already promoted; the primary region's primary does not answer"
-
-
-def region_of_member(plan: Plan, placement: Placement) -> str:
-    db = placement.database
-    return db.dr_replica.region if placement.member == "dr_replica" and db.dr_replica else plan.aws.region
 
 
 def capacity_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
@@ -153,8 +148,7 @@ def dns_probe(plan: Plan, region: str) -> Callable[[], tuple[bool, str]]:
         if not target:
             return False, f"dns.targets has no target for {region}"
         r53 = aws_client(plan, "route53")
-        zone = zone_id(r53, plan.dns.zone)
-        missing = [name for name in plan.dns.records if read_record(r53, zone, name) is None]
+        missing = [name for name, answer in read_records(r53, plan.dns).items() if answer is None]
         check = health_check_for(r53, target)
         problems = ([f"records {', '.join(missing)} missing"] if missing else []) + (
             [] if check else [f"no Route 53 health check watches {target}"])

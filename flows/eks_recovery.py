@@ -11,15 +11,13 @@ from __future__ import annotations
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
 from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client, kube_client
-from drplan.errors import DrplanError, first_line
+from drplan.errors import DrplanError
 from drplan.plan import Cluster, Plan, load_plan
-from drplan.recovery import RecoveryReport
+from drplan.recovery import RecoveryReport, finished, published
 from tasks.eks import (
     NodegroupState,
     cluster_status,
@@ -123,16 +121,9 @@ def eks_recovery(
                               "apply_manifests=false")
         objects = [with_overrides(o, target.overrides) for o in load_manifests(dr_plan.resolve_path(target.manifests))]
     report = EksReport(flow="eks-recovery", plan=dr_plan.name, subject=cluster, dry_run=dry_run)
-    try:
+    with published(report, f"eks-recovery-{cluster}"):
         recover_cluster(dr_plan, target, nodes, scale, objects, report)
-    except Exception as exc:
-        report.error, report.outcome = first_line(exc), "failed"
-    finally:
-        create_markdown_artifact(key=f"eks-recovery-{cluster}".lower(), markdown=report.markdown())
-    if report.failed:
-        return Failed(message=f"EKS recovery of {cluster}: {report.outcome}: {report.error or ''}".rstrip(": "),
-                      data=report)
-    return report
+    return finished(report, f"EKS recovery of {cluster}")
 
 
 def recover_cluster(plan: Plan, cluster: Cluster, nodes: dict[str, int], scale: dict[str, int], objects: list[dict],

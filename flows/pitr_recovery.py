@@ -11,18 +11,18 @@ from __future__ import annotations
 from datetime import datetime
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed
 
 from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.drill_report import CheckStatus, DrillCheck
-from drplan.errors import DrplanError, first_line
+from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan, Service
 from drplan.recovery import (
     RecoveryReport,
     cut_over_and_validate,
     database_url,
     find_app_secret,
+    finished,
+    published,
     recovery_lock,
     request_approval,
     service_of,
@@ -81,18 +81,9 @@ def pitr_recovery(
             report.record("would restart", f"deployment {service.name}", "and validate; roll back on failure")
         report.outcome = "planned (dry run)"
         return report
-    try:
-        with recovery_lock(db):
-            recover(dr_plan, db, service, target, report, approve)
-    except Exception as exc:
-        report.error = first_line(exc)
-        report.outcome = "failed"
-    finally:
-        create_markdown_artifact(key=f"pitr-recovery-{db.name}".lower(), markdown=report.markdown())
-    if report.failed:
-        return Failed(message=f"pitr recovery of {db.name}: {report.outcome}: {report.error or ''}".rstrip(": "),
-                      data=report)
-    return report
+    with published(report, f"pitr-recovery-{db.name}"), recovery_lock(db):
+        recover(dr_plan, db, service, target, report, approve)
+    return finished(report, f"pitr recovery of {db.name}")
 
 
 def recover(dr_plan: Plan, db: Database, service: Service | None, target: RestoreTarget, report: PitrReport,

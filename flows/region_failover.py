@@ -17,16 +17,14 @@ from contextlib import ExitStack
 from datetime import timedelta
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError, first_line
-from drplan.plan import DatabaseKind, Plan, load_plan
-from drplan.recovery import RecoveryReport, database_url, recovery_lock, request_approval
+from drplan.plan import Plan, load_plan
+from drplan.recovery import RecoveryReport, database_url, finished, published, recovery_lock, request_approval
 from drplan.regions import Placement, placements
 from drplan.timeutil import format_duration, utcnow
-from flows.db_failover import Request, lag_guard, promote
+from flows.db_failover import Request, already_promoted, lag_guard, promote
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.eks_recovery import eks_recovery
 from tasks.health import validate_service_task
@@ -39,8 +37,7 @@ from tasks.k8s import (
     write_secret_value,
 )
 from tasks.manifests import env_secret_ref, load_manifests
-from tasks.postgres import is_in_recovery
-from tasks.route53 import MAX_TTL, read_record, switch_records, zone_id
+from tasks.route53 import failover_ttl, read_records, switch_records
 
 DEFAULT_PLAN = "plans/devonn.yaml"
 
@@ -84,7 +81,7 @@ def region_failover(
                           dry_run=dry_run, rto_objective_seconds=min(
                               getattr(dr_plan.objectives.rto, p.service.tier.value).total_seconds() for p in placed))
     check_aws_access(dr_plan)
-    try:
+    with published(report, f"region-failover-{to}"):
         with ExitStack() as locks:
             if not dry_run:
                 for db in {p.database.name: p.database for p in placed if p.database}.values():
@@ -92,14 +89,7 @@ def region_failover(
             fail_over_region(dr_plan, plan, to, placed, report, force, approve)
         if not dry_run and not report.failed and report.outcome != "refused: nothing changed":
             report.rto_seconds = (utcnow() - started).total_seconds()
-    except Exception as exc:
-        report.error, report.outcome = first_line(exc), "failed"
-    finally:
-        create_markdown_artifact(key=f"region-failover-{to}", markdown=report.markdown())
-    if report.failed:
-        return Failed(message=f"region failover to {to}: {report.outcome}: {report.error or ''}".rstrip(": "),
-                      data=report)
-    return report
+    return finished(report, f"region failover to {to}")
 
 
 def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placement], report: RegionReport,
@@ -156,12 +146,7 @@ def promote_member(plan: Plan, placement: Placement, report: RegionReport, force
     request = Request(plan, db.name, "promote-replica", placement.member)
     credentials = db_credentials(plan, db)
     new_primary = pg_target(plan, db, placement.member, credentials)
-    if db.kind is DatabaseKind.rds:
-        done = not aws_client(plan, "rds", request.region).describe_db_instances(
-            DBInstanceIdentifier=request.identifier)["DBInstances"][0].get("ReadReplicaSourceDBInstanceIdentifier")
-    else:
-        done = not is_in_recovery(new_primary)
-    if done:
+    if already_promoted(request, new_primary):
         report.record("found promoted", request.identifier, "promoted by an earlier run")
         return
     lag_guard(request, report, credentials, force)
@@ -189,18 +174,15 @@ def point_secret(plan: Plan, placement: Placement, report: RegionReport) -> None
 
 
 def switch_dns(plan: Plan, to: str, report: RegionReport) -> None:
-    r53, target = aws_client(plan, "route53"), plan.dns.targets[to]
-    before = {name: read_record(r53, zone_id(r53, plan.dns.zone), name) for name in plan.dns.records}
+    r53, target, ttl = aws_client(plan, "route53"), plan.dns.targets[to], failover_ttl(plan.dns)
+    before = read_records(r53, plan.dns)
     changed = switch_records(r53, plan.dns, target)
-    zone = zone_id(r53, plan.dns.zone)
-    answers = {name: read_record(r53, zone, name) for name in plan.dns.records}
-    wrong = [f"{name} -> {answer}" for name, answer in answers.items() if answer != (target, min(plan.dns.ttl,
-                                                                                                 MAX_TTL))]
+    wrong = [f"{name} -> {answer}" for name, answer in read_records(r53, plan.dns).items() if answer != (target, ttl)]
     if wrong:
         raise DrplanError(f"Route 53 does not answer the new target {target}: {', '.join(wrong)}")
     for name in plan.dns.records:
         report.record("switched" if name in changed else "already switched", f"DNS {name}",
-                      f"CNAME {target}, TTL {min(plan.dns.ttl, MAX_TTL)}s, INSYNC",
+                      f"CNAME {target}, TTL {ttl}s, INSYNC",
                       before=None if before[name] is None else before[name][0], after=target,
                       mutating=name in changed)
 
@@ -216,7 +198,7 @@ def approval_summary(plan: Plan, to: str, placed: list[Placement]) -> str:
         lines.append(f"- deploy the manifests into **{p.cluster.name}**, node groups {plan.failover.nodes or '-'}, "
                      f"scale {plan.failover.scale or '-'}; validate {p.health}")
     lines.append(f"- switch DNS {', '.join(plan.dns.records)} to **{plan.dns.targets[to]}** (TTL "
-                 f"{min(plan.dns.ttl, MAX_TTL)}s)")
+                 f"{failover_ttl(plan.dns)}s)")
     return "\n".join(lines)
 
 
@@ -237,5 +219,5 @@ def plan_steps(plan: Plan, plan_ref: str, to: str, placed: list[Placement], repo
     for p in placed:
         report.record("would validate", p.service.name, p.health)
     report.record("would switch", f"DNS {', '.join(plan.dns.records)}",
-                  f"UPSERT CNAME {plan.dns.targets[to]} TTL {min(plan.dns.ttl, MAX_TTL)}s, wait INSYNC, verify")
+                  f"UPSERT CNAME {plan.dns.targets[to]} TTL {failover_ttl(plan.dns)}s, wait INSYNC, verify")
     report.outcome = "planned (dry run)"

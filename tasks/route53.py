@@ -34,14 +34,24 @@ def read_record(r53, zone: str, name: str) -> tuple[str, int] | None:
     return record["ResourceRecords"][0]["Value"].rstrip("."), int(record["TTL"])
 
 
+def failover_ttl(dns: Dns) -> int:
+    return min(dns.ttl, MAX_TTL)
+
+
+def read_records(r53, dns: Dns) -> dict[str, tuple[str, int] | None]:
+    """(CNAME target, TTL) of each record of the plan, None for a missing one."""
+    zone = zone_id(r53, dns.zone)
+    return {name: read_record(r53, zone, name) for name in dns.records}
+
+
 def switch_records(r53, dns: Dns, target: str, timeout: float = 300, interval: float = 2.0) -> list[str]:
     """UPSERT every record of the plan to CNAME `target` (TTL <= 60 s) and wait until the change is INSYNC.
     Returns the records that changed (none when all already pointed there)."""
-    zone = zone_id(r53, dns.zone)
-    ttl = min(dns.ttl, MAX_TTL)
-    stale = [name for name in dns.records if read_record(r53, zone, name) != (target, ttl)]
+    ttl = failover_ttl(dns)
+    stale = [name for name, answer in read_records(r53, dns).items() if answer != (target, ttl)]
     if not stale:
         return []
+    zone = zone_id(r53, dns.zone)
     change = r53.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={
         "Comment": f"drplan region failover to {target}",
         "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {

@@ -68,16 +68,6 @@ def _ready(node: Any) -> Any:
     return next((c for c in (node.status.conditions if node.status else None) or [] if c.type == "Ready"), None)
 
 
-def ready_counts(core: CoreV1Api) -> dict[str, int]:
-    """Node group -> how many of its nodes are Ready."""
-    counts: dict[str, int] = {}
-    for node in core.list_node(label_selector=NODEGROUP_LABEL, _request_timeout=REQUEST_TIMEOUT).items:
-        condition = _ready(node)
-        group = node.metadata.labels[NODEGROUP_LABEL]
-        counts[group] = counts.get(group, 0) + int(condition is not None and condition.status == "True")
-    return counts
-
-
 class NodeController:
     def __init__(self, eks: Any, core: CoreV1Api, cluster: str, join_seconds: float = JOIN_SECONDS):
         self.eks = eks

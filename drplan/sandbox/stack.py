@@ -31,7 +31,7 @@ from drplan.clients import child_aws_env, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service, host_port
 from drplan.postgres_local import LocalPostgres, PostgresError, ensure_os_user
-from drplan.sandbox import aws_seed, demo_data, node_controller
+from drplan.sandbox import aws_seed, demo_data
 from drplan.sandbox.kube_api import write_kubeconfig
 from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
@@ -181,20 +181,15 @@ def manifests_of(plan: Plan, cluster: Cluster) -> list[dict[str, Any]]:
     return [with_overrides(obj, cluster.overrides) for obj in load_manifests(plan.resolve_path(cluster.manifests))]
 
 
-def _eks_desired(plan: Plan, cluster: Cluster) -> dict[str, int]:
-    eks = aws_seed.aws_client(plan, "eks", plan.region_of(cluster))
-    return {name: eks.describe_nodegroup(clusterName=cluster.name, nodegroupName=name)["nodegroup"]
-            ["scalingConfig"]["desiredSize"] for name in eks.list_nodegroups(clusterName=cluster.name)["nodegroups"]}
-
-
 def nodes_state(plan: Plan, cluster: Cluster, api: Any = None) -> tuple[bool, str]:
     """Whether every node group has as many Ready nodes as EKS wants, and e.g. 'dev_nodes 3/3 Ready'."""
-    from kubernetes.client import CoreV1Api
+    from tasks.eks import nodegroup_state
 
-    desired = _eks_desired(plan, cluster)
-    ready = node_controller.ready_counts(CoreV1Api(api or kube_client(plan, cluster)))
-    parts = [f"{group} {ready.get(group, 0)}/{size} Ready" for group, size in sorted(desired.items())]
-    return all(ready.get(g, 0) == n for g, n in desired.items()), ", ".join(parts) or "no node groups"
+    eks, api = aws_seed.aws_client(plan, "eks", plan.region_of(cluster)), api or kube_client(plan, cluster)
+    groups = [nodegroup_state(eks, api, cluster.name, name)
+              for name in sorted(eks.list_nodegroups(clusterName=cluster.name)["nodegroups"])]
+    parts = [f"{g.name} {g.ready_nodes}/{g.desired} Ready" for g in groups]
+    return all(g.ready_nodes == g.desired for g in groups), ", ".join(parts) or "no node groups"
 
 
 def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[str, str]) -> None:
