@@ -93,14 +93,39 @@ def test_dry_run_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
     assert not list(PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers.glob("*recovery*"))
 
 
+def approved_through_resume(run_input: dict, **parameters):
+    """Start a recovery, answer its approval gate with `resume_flow_run(run_input=...)`, return its final state."""
+    result = {}
+
+    def run():
+        result["state"] = pitr_recovery(**parameters, return_state=True)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+
+    def paused_run():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs()
+        return next((r for r in runs if r.state and r.state.is_paused()), None)
+
+    paused = wait_for(paused_run, 120, "the recovery to pause for approval", interval=0.5)
+    resume_flow_run(paused.id, run_input=run_input)
+    worker.join(180)
+    assert "state" in result, "the recovery did not finish after the approval gate was answered"
+    return result["state"]
+
+
 def test_recover_to_t_and_promote_moves_the_app_to_the_rows_at_t(sandbox, sandbox_plan_path, point_in_time):
     at_t, orders_at_t = point_in_time
     before = app_secret(sandbox)
     assert stats(sandbox)["orders"] < orders_at_t  # the "corruption" is live
     try:
-        report = pitr_recovery(plan=str(sandbox_plan_path), database="devonn-postgres",
-                               target_time=at_t.isoformat(), promote=True, approve=True)
+        state = approved_through_resume({"approve": True, "reason": "orders deleted after T"},
+                                        plan=str(sandbox_plan_path), database="devonn-postgres",
+                                        target_time=at_t.isoformat(), promote=True)
+        report = state.result()
         assert report.outcome == "promoted", report.markdown()
+        assert next(s for s in report.steps if s.action == "approval").detail == "approve=True orders deleted after T"
         assert report.validation.passed
         # the live source lost 1/7 of its orders after T: the copy at T differs from it by more than 5%
         assert [c.name for c in report.checks if c.status.value != "passed"] == ["orders: row count"]
@@ -115,25 +140,10 @@ def test_recover_to_t_and_promote_moves_the_app_to_the_rows_at_t(sandbox, sandbo
 def test_refused_approval_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
     at_t, _ = point_in_time
     before = app_secret(sandbox)
-    result = {}
-
-    def run():
-        result["state"] = pitr_recovery(plan=str(sandbox_plan_path), database="devonn-postgres",
-                                        target_time=at_t.isoformat(), promote=True, return_state=True)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-
-    def paused_run():
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs()
-        return next((r for r in runs if r.state and r.state.is_paused()), None)
-
-    paused = wait_for(paused_run, 120, "the recovery to pause for approval", interval=0.5)
-    resume_flow_run(paused.id, run_input={"approve": False, "reason": "wrong target time"})
-    worker.join(120)
-    assert "state" in result, "the recovery did not finish after the refusal"
-    report = result["state"].result()
+    state = approved_through_resume({"approve": False, "reason": "wrong target time"},
+                                    plan=str(sandbox_plan_path), database="devonn-postgres",
+                                    target_time=at_t.isoformat(), promote=True)
+    report = state.result()
     assert report.outcome == "refused: nothing changed"
     assert report.steps[-1].detail == "approve=False wrong target time"
     assert app_secret(sandbox) == before
@@ -231,16 +241,19 @@ def test_cli_refuses_bad_input_in_one_line_before_anything_runs(sandbox, sandbox
     cases = {
         ("recover", "--to", "2026-11-26T03:00:00"): "has no time zone",
         ("recover", "--to", "2999-01-01T00:00:00Z"): "in the future",
+        ("recover", "--to", "2020-01-01T00:00:00Z"): "outside the restorable window",
         ("failover", "--mode", "sideways"): "mode 'sideways' is not one of: multi-az, promote-replica",
     }
     for args, message in cases.items():
         result = CliRunner().invoke(app, [args[0], "--plan", str(sandbox_plan_path), "--database", "devonn-postgres",
                                           *args[1:]])
         assert result.exit_code == 2, result.output
-        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and message in errors[0], result.stderr
     unknown = CliRunner().invoke(app, ["recover", "--plan", str(sandbox_plan_path), "--database", "nope", "--to",
                                        "latest"])
     assert unknown.exit_code == 2 and "nope" in unknown.stderr
+    assert not list(PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers.glob("*recovery*"))
 
 
 def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
