@@ -27,7 +27,7 @@ from drplan.timeutil import format_duration, utcnow
 from flows.db_failover import Request, already_promoted, lag_guard, promote
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.eks_recovery import eks_recovery
-from tasks.health import validate_service_task
+from tasks.health import ServiceValidation, validate_service_task
 from tasks.k8s import (
     DATABASE_ENV,
     deployment_exists,
@@ -126,13 +126,10 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
                       mutating=bool(changed))
         if eks.failed:
             raise DrplanError(f"EKS recovery of {cluster.name}: {eks.error}")
-    for placement in placed:
-        credentials = db_credentials(dr_plan, placement.database) if placement.database else None
-        target = pg_target(dr_plan, placement.database, placement.member, credentials) if credentials else None
-        report.validation = validate_service_task(dr_plan, placement.serving(), target)
-        if not report.validation.passed:
-            report.outcome = "validation failed: DNS not switched"
-            return
+    report.validation = ServiceValidation.of_all([validate_placement(dr_plan, p) for p in placed])
+    if not report.validation.passed:
+        report.outcome = "validation failed: DNS not switched"
+        return
     switch_dns(dr_plan, to, report)
     report.outcome = f"serving from {to}"
 
@@ -171,6 +168,13 @@ def point_secret(plan: Plan, placement: Placement, report: RegionReport) -> None
     if deployment_exists(api, cluster.namespace, placement.service.name):  # else the manifests step creates it
         restart_deployment(api, cluster.namespace, placement.service.name)
         wait_deployment_available(api, cluster.namespace, placement.service.name)
+
+
+def validate_placement(plan: Plan, placement: Placement) -> ServiceValidation:
+    """Recovery validation of one service in its new region, against the database member it now uses."""
+    credentials = db_credentials(plan, placement.database) if placement.database else None
+    target = pg_target(plan, placement.database, placement.member, credentials) if credentials else None
+    return validate_service_task(plan, placement.serving(), target)
 
 
 def switch_dns(plan: Plan, to: str, report: RegionReport) -> None:

@@ -64,6 +64,15 @@ class ServiceValidation(BaseModel):
         """Every check passed (`no data` is not a pass)."""
         return all(check.passed for check in self.checks)
 
+    @classmethod
+    def of_all(cls, validations: list[ServiceValidation]) -> ServiceValidation:
+        """Several services' validations as one, each check named after its service."""
+        if len(validations) == 1:
+            return validations[0]
+        return cls(service=", ".join(v.service for v in validations),
+                   checks=[c.model_copy(update={"name": f"{v.service}: {c.name}"})
+                           for v in validations for c in v.checks])
+
 
 Probe = Callable[[], tuple[bool | CheckStatus, str]]
 

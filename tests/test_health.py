@@ -102,3 +102,15 @@ def test_task_runs_in_a_flow(sandbox, prefect_server):
         return validate_service_task(sandbox, sandbox.services[0])
 
     assert validate().passed
+
+
+def test_validations_of_several_services_fail_when_any_check_fails():
+    def check(name: str, status: CheckStatus) -> dict:
+        return {"name": name, "status": status, "observed": "-", "expected": "-", "duration_s": 0.0}
+
+    api = ServiceValidation(service="api", checks=[check("GET /health", CheckStatus.passed)])
+    worker = ServiceValidation(service="worker", checks=[check("GET /health", CheckStatus.no_data)])
+    both = ServiceValidation.of_all([api, worker])
+    assert both.service == "api, worker" and not both.passed
+    assert [c.name for c in both.checks if not c.passed] == ["worker: GET /health"]
+    assert ServiceValidation.of_all([api]) is api
