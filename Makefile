@@ -17,10 +17,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/drplan sandbox up --plan $(PLAN)
-	$(BIN)/drplan verify-rpo --plan $(PLAN)
-	$(BIN)/drplan s3-verify --plan $(PLAN)
-	$(BIN)/drplan readiness --plan $(PLAN)
-	$(BIN)/drplan drill --plan $(PLAN) --database devonn-postgres
+	$(BIN)/drplan dr-test --plan $(PLAN) --database devonn-postgres
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -136,6 +136,31 @@ def readiness(
     raise typer.Exit(0 if report.ready else 1)
 
 
+@app.command("dr-test")
+def dr_test(
+    plan: str = PlanOption,
+    database: str = typer.Option(None, "--database", "-d", help="Drill one database of the plan (default: all)."),
+) -> None:
+    """The DR test: RPO, backups, DR readiness, restore drill, one evidence report (written to drill.report_dir).
+    Exit 0 passed, 1 a part failed, 2 a part could not be checked."""
+    from flows.dr_test import DrTestReport
+    from flows.dr_test import dr_test as dr_test_flow
+    from flows.restore_drill import validate_request
+
+    plan_or_exit(plan)
+    try:
+        validate_request(plan, database, None, None)  # refused before anything runs
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
+    with err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
+        report = dr_test_flow(plan=plan, database=database, return_state=True).result(raise_on_failure=False)
+    if not isinstance(report, DrTestReport):
+        raise fail(f"DR test did not complete: {first_line(report)}")
+    out.print(Markdown(report.markdown()))
+    out.print(f"evidence: {report.evidence} (and .json)", highlight=False, soft_wrap=True)
+    raise typer.Exit(report.exit_code)
+
+
 @sandbox_app.command("up")
 def sandbox_up(plan: str = PlanOption) -> None:
     """Start (or complete) the sandbox the plan describes. Idempotent."""

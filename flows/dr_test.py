@@ -1,0 +1,172 @@
+"""The DR test: the quarterly evidence an auditor asks for (and what `make run` runs on the sandbox).
+
+RPO verification -> every bucket's newest backup checked against its manifest -> DR readiness -> restore drill
+(each database, or one) -> one report of what was measured against which objective: a markdown artifact, a
+markdown and a JSON file in `drill.report_dir`, and a `drplan.dr_test.<status>` event. A part that fails or
+errors does not stop the others; the report says which part failed and why. Nothing here changes production:
+the drill restores to scratch copies and removes them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.states import Failed
+from pydantic import BaseModel, Field
+
+from drplan.clients import aws_client
+from drplan.drill_report import CheckStatus, DrillReport
+from drplan.errors import first_line
+from drplan.plan import Plan
+from drplan.rpo import RpoReport
+from drplan.s3manifest import resolve_backup
+from drplan.timeutil import utcnow
+from flows.dr_readiness import ReadinessReport, dr_readiness
+from flows.restore_drill import restore_drill, validate_request
+from flows.rpo_verification import rpo_verification
+from tasks.s3 import verify_backup
+
+DEFAULT_PLAN = "plans/devonn.yaml"
+EXIT_CODES = {CheckStatus.passed: 0, CheckStatus.failed: 1, CheckStatus.error: 2}
+
+
+class Part(BaseModel):
+    """One part of the test: its verdict, one line for the summary table, and its own report."""
+
+    name: str
+    status: CheckStatus
+    summary: str
+    details: str = ""
+
+
+class DrTestReport(BaseModel):
+    plan: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    parts: list[Part] = Field(default_factory=list)
+    evidence: str | None = None
+    """The markdown file this report was written to (the JSON beside it)."""
+
+    @property
+    def status(self) -> CheckStatus:
+        """The worst part's status (error > failed > passed); no part at all is an error."""
+        if not self.parts:
+            return CheckStatus.error
+        return max((p.status for p in self.parts), key=EXIT_CODES.__getitem__)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    def markdown(self) -> str:
+        until = f" to {self.finished_at:%H:%M:%SZ}" if self.finished_at else ""
+        lines = [f"# DR test of plan {self.plan}: **{self.status.value}**", "",
+                 f"{self.started_at:%Y-%m-%d %H:%M:%SZ}{until}", "", "| part | status | summary |", "|---|---|---|"]
+        lines += [f"| {p.name} | {p.status.value} | {p.summary} |".replace("\n", " ") for p in self.parts]
+        return "\n".join([*lines, *(f"\n{p.details}" for p in self.parts if p.details)])
+
+
+def rpo_part(plan_ref: str) -> Part:
+    report = rpo_verification(plan=plan_ref, return_state=True).result(raise_on_failure=False)
+    if not isinstance(report, RpoReport):
+        return Part(name="RPO verification", status=CheckStatus.error, summary=first_line(report))
+    status = {0: CheckStatus.passed, 1: CheckStatus.failed}.get(report.exit_code, CheckStatus.error)
+    return Part(name="RPO verification", status=status, summary=report.summary, details=report.markdown())
+
+
+@task(cache_policy=NO_CACHE)
+def backup_parts(plan: Plan) -> list[Part]:
+    """Each bucket's newest backup against its manifest (missing, corrupt, extra objects)."""
+    parts = []
+    for bucket in plan.buckets:
+        name = f"backup of bucket {bucket.name}"
+        try:
+            s3 = aws_client(plan, "s3")
+            verification = verify_backup.fn(s3, resolve_backup(s3, bucket.backup))
+        except Exception as exc:  # the report says what could not be checked; the other parts still run
+            parts.append(Part(name=name, status=CheckStatus.error, summary=first_line(exc)))
+            continue
+        parts.append(Part(name=name, status=CheckStatus.passed if verification.ok else CheckStatus.failed,
+                          summary=verification.summary))
+    return parts
+
+
+def readiness_part(plan_ref: str, region: str) -> Part:
+    name = f"DR readiness of {region}"
+    report = dr_readiness(plan=plan_ref, region=region, return_state=True).result(raise_on_failure=False)
+    if not isinstance(report, ReadinessReport):
+        return Part(name=name, status=CheckStatus.error, summary=first_line(report))
+    unready = "; ".join(f"{f.check}: {f.detail}" for f in report.unready)
+    return Part(name=name, status=CheckStatus.passed if report.ready else CheckStatus.failed,
+                summary=f"ready ({len(report.findings)} checks)" if report.ready else f"NOT READY: {unready}",
+                details=report.markdown())
+
+
+def drill_parts(plan_ref: str, database: str | None) -> list[Part]:
+    reports = restore_drill(plan=plan_ref, database=database, return_state=True).result(raise_on_failure=False)
+    if not isinstance(reports, list):
+        return [Part(name="restore drill", status=CheckStatus.error, summary=first_line(reports))]
+    return [drill_part(r) for r in reports]
+
+
+def drill_part(report: DrillReport) -> Part:
+    failed = [c.name for c in report.checks if c.status is not CheckStatus.passed]
+    summary = "; ".join([f"RTO {report.rto or '-'}", f"RPO {report.rpo or '-'}",
+                         f"{len(report.checks) - len(failed)}/{len(report.checks)} checks passed",
+                         *([f"failed: {', '.join(failed)}"] if failed else []),
+                         *([f"error: {report.error}"] if report.error else [])])
+    return Part(name=f"restore drill of {report.database}", status=report.status, summary=summary,
+                details=report.markdown())
+
+
+def publish(plan: Plan, report: DrTestReport) -> Path:
+    """The evidence: artifact, markdown and JSON files, event. Returns the markdown file."""
+    create_markdown_artifact(key="dr-test", markdown=report.markdown(),
+                             description=f"DR test of {report.plan}: {report.status.value}")
+    directory = plan.resolve_path(plan.drill.report_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"dr-test-{report.started_at:%Y%m%dT%H%M%SZ}.md"
+    report.evidence = str(path)
+    path.write_text(report.markdown() + "\n")
+    path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
+    emit_event(event=f"drplan.dr_test.{report.status.value}",
+               resource={"prefect.resource.id": f"drplan.plan.{report.plan}", "prefect.resource.name": report.plan},
+               payload={"report": str(path),
+                        "not_passed": [f"{p.name}: {p.summary}" for p in report.parts
+                                       if p.status is not CheckStatus.passed]})
+    return path
+
+
+@flow(name="dr-test")
+def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestReport:
+    """RPO verification, backup verification, DR readiness and a restore drill of each database (or `database`),
+    reported together as evidence. Fails when any part failed."""
+    dr_plan, _, _, _ = validate_request(plan, database, None, None)
+    has_dr = bool(dr_plan.aws.dr_region) and any(s.dr for s in dr_plan.services)
+    report = DrTestReport(plan=dr_plan.name, started_at=utcnow())
+    progress = create_progress_artifact(progress=0.0, key="dr-test-progress", description="DR test parts done")
+    steps, done = (4 if has_dr else 3), 0
+
+    def record(parts: list[Part]) -> None:
+        nonlocal done
+        report.parts.extend(parts)
+        done += 1
+        update_progress_artifact(progress, progress=100.0 * done / steps)
+
+    record([rpo_part(plan)])
+    record(backup_parts(dr_plan))
+    if has_dr:
+        record([readiness_part(plan, dr_plan.aws.dr_region)])
+    record(drill_parts(plan, database))
+    report.finished_at = utcnow()
+    path = publish(dr_plan, report)
+    get_run_logger().info("DR test: %s (evidence %s)", report.status.value, path)
+    if report.exit_code:
+        return Failed(message=f"DR test: {report.status.value}: " + "; ".join(
+            p.name for p in report.parts if p.status is not CheckStatus.passed), data=report)
+    return report
