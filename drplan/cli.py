@@ -15,8 +15,8 @@ from rich.table import Table  # noqa: E402
 
 from drplan import cli_platform, cli_recovery  # noqa: E402
 from drplan.cli_s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
-from drplan.console import PlanOption, err, fail, out, plan_or_exit  # noqa: E402
-from drplan.errors import DrplanError, first_line  # noqa: E402
+from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
+from drplan.errors import first_line  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
 plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
@@ -95,10 +95,8 @@ def drill(
     from flows.restore_drill import restore_drill, validate_request
 
     plan_or_exit(plan)
-    try:
+    with refusals():
         validate_request(plan, database, target_time, random_within)  # refused before anything runs
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     with err.status("restore drill: restoring a scratch copy, checking it, cleaning up..."):
         state = restore_drill(plan=plan, database=database, target_time=target_time,
                               random_within=random_within, keep=keep, return_state=True)
@@ -124,10 +122,8 @@ def readiness(
 
     dr_plan = plan_or_exit(plan)
     region = region or dr_plan.aws.dr_region
-    try:
+    with refusals():
         placements(dr_plan, region)
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     with err.status(f"checking whether {region} could take over..."):
         report = dr_readiness(plan=plan, region=region, return_state=True).result(raise_on_failure=False)
     if not isinstance(report, ReadinessReport):
@@ -148,10 +144,8 @@ def dr_test(
     from flows.restore_drill import validate_request
 
     plan_or_exit(plan)
-    try:
+    with refusals():
         validate_request(plan, database, None, None)  # refused before anything runs
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     with err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
         report = dr_test_flow(plan=plan, database=database, return_state=True).result(raise_on_failure=False)
     if not isinstance(report, DrTestReport):
@@ -167,10 +161,8 @@ def sandbox_up(plan: str = PlanOption) -> None:
     from drplan.sandbox import stack
 
     dr_plan = plan_or_exit(plan)
-    try:
+    with refusals():
         stack.up(dr_plan, out)
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     _show_status(stack.status(dr_plan))
 
 

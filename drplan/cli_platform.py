@@ -14,7 +14,7 @@ from uuid import UUID
 import httpx
 import typer
 
-from drplan.console import PlanOption, err, fail, out, plan_or_exit
+from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals
 from drplan.errors import DrplanError
 
 POLL_SECONDS = 2.0
@@ -29,14 +29,12 @@ def serve(
     from drplan import serve as platform
 
     dr_plan = plan_or_exit(plan)
-    try:
+    with refusals():
         if stop:
             for line in platform.down(dr_plan):
                 out.print(line, highlight=False)
         else:
             platform.up(plan, out, port)
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
 
 
 def trigger(

@@ -18,8 +18,8 @@ import click
 import typer
 from rich.markdown import Markdown
 
-from drplan.console import PlanOption, err, fail, out, plan_or_exit
-from drplan.errors import DrplanError, first_line
+from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals
+from drplan.errors import first_line
 
 POLL_SECONDS = 1.0
 
@@ -37,10 +37,8 @@ def recover(
     from flows.restore_drill import validate_request
 
     plan_or_exit(plan)
-    try:
+    with refusals():
         validate_request(plan, database, to, None)  # refused before anything runs
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     run(pitr_recovery, f"recover-{database}", dict(plan=plan, database=database, target_time=to, promote=promote,
                                                    dry_run=dry_run, approve=yes))
 
@@ -59,10 +57,8 @@ def failover(
     from flows.db_failover import Request, db_failover
 
     plan_or_exit(plan)
-    try:
+    with refusals():
         Request(plan, database, mode, member)  # refused before anything runs
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
                                                   dry_run=dry_run, force=force, approve=yes))
 
@@ -80,10 +76,8 @@ def region_failover(
     from flows.region_failover import region_failover as flow_fn
 
     dr_plan = plan_or_exit(plan)
-    try:
+    with refusals():
         placements(dr_plan, to or dr_plan.aws.dr_region)  # refused before anything runs
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     run(flow_fn, f"region-failover-{to or dr_plan.aws.dr_region}",
         dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from drplan.console import PlanOption, err, fail, out, plan_or_exit
+from drplan.console import PlanOption, err, out, plan_or_exit, refusals
 from drplan.errors import DrplanError
 from drplan.plan import Bucket, Plan
 from drplan.progress import RichProgress
@@ -31,18 +31,14 @@ def s3_restore(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Restore a bucket from a backup: copy server-side what differs by size or checksum, verify the result."""
-    try:
+    with refusals():
         parse_prefix(source)
         parse_prefix(target)
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     dr_plan = plan_or_exit(plan)
     options = SyncOptions(dry_run=dry_run, delete=delete, workers=workers)
     s3 = transfer_client(dr_plan, workers)
-    try:
+    with refusals():
         report = restore(s3, source, target, options, progress=RichProgress(err, "restoring"))
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     if as_json:
         out.print_json(report.model_dump_json())
     else:
@@ -59,14 +55,12 @@ def s3_backup(
     from tasks.s3 import back_up_prefix
 
     dr_plan = plan_or_exit(plan)
-    try:
+    with refusals():
         buckets = plan_buckets(dr_plan, bucket)
         s3 = transfer_client(dr_plan, SyncOptions().workers)
         at = utcnow()
         results = [back_up_prefix(s3, b.live, b.backup, at, progress=RichProgress(err, f"backing up {b.name}"))
                    for b in buckets]
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     if as_json:
         out.print_json(data=[r.model_dump(mode="json") for r in results])
         return
@@ -117,12 +111,10 @@ def s3_verify(
     from tasks.s3 import verify_backup
 
     dr_plan = plan_or_exit(plan)
-    try:
+    with refusals():
         buckets = plan_buckets(dr_plan, bucket)
         s3 = aws_client(dr_plan, "s3")
         results = [verify_backup.fn(s3, resolve_backup(s3, b.backup)) for b in buckets]
-    except DrplanError as exc:
-        raise fail(str(exc)) from None
     if as_json:
         out.print_json(data=[r.model_dump(mode="json") for r in results])
     else:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
 
+from drplan.errors import DrplanError
 from drplan.plan import Plan, PlanError, load_plan
 
 out = Console(width=None if sys.stdout.isatty() else 160)  # reports stay readable when piped or in CI logs
@@ -17,6 +20,15 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `error: message` on stderr and return the Exit to raise (exit 2 unless told otherwise)."""
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """A DrplanError raised inside becomes `error: <its line>` on stderr and exit 2."""
+    try:
+        yield
+    except DrplanError as exc:
+        raise fail(str(exc)) from None
 
 
 def plan_or_exit(ref: str) -> Plan:
