@@ -222,6 +222,9 @@ def plan_steps(plan: Plan, plan_ref: str, to: str, placed: list[Placement], repo
             report.record(step.action, f"{cluster.name}: {step.resource}", step.detail)
     for p in placed:
         report.record("would validate", p.service.name, p.health)
-    report.record("would switch", f"DNS {', '.join(plan.dns.records)}",
-                  f"UPSERT CNAME {plan.dns.targets[to]} TTL {failover_ttl(plan.dns)}s, wait INSYNC, verify")
+    current = read_records(aws_client(plan, "route53"), plan.dns)
+    for name in plan.dns.records:
+        report.record("would switch", f"DNS {name}",
+                      f"UPSERT CNAME, TTL {failover_ttl(plan.dns)}s, wait INSYNC, verify",
+                      before=None if current[name] is None else current[name][0], after=plan.dns.targets[to])
     report.outcome = "planned (dry run)"

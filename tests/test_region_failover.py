@@ -119,10 +119,12 @@ def test_dry_run_prints_the_plan_and_changes_nothing(topology):
                            ("would rewrite", f"{DR} Secret of devonn-api")]
     assert ("would create", f"{DR}: Deployment devonn-api") in actions
     assert ("would switch", f"DNS {plan.dns.records[0]}") == actions[-1]
+    assert (report.steps[-1].before, report.steps[-1].after) == (plan.dns.targets["us-east-1"],
+                                                                 plan.dns.targets["us-west-2"])
     printed = CliRunner().invoke(app, ["region-failover", "--plan", str(topology), "--dry-run"])
     assert printed.exit_code == 0, printed.output
     for line in ("would promote", "devonn-postgres-dr-production", "would create", "would scale",
-                 "would validate", "UPSERT CNAME dr.us-west-2.devonn.test"):
+                 "would validate", "UPSERT CNAME", "dr.us-west-2.devonn.test"):
         assert line in printed.stdout
     assert stack_snapshot(plan, DB) == before
 
