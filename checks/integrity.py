@@ -82,6 +82,10 @@ def _foreign_key_check(conn: psycopg.Connection, name: str, table: TableSchema, 
                    UnexpectedRowsExpectation(unexpected_rows_query=query.as_string(conn)), "rows without parent")
 
 
+ROW_COUNT = "row count"
+"""Compares the copy with the source as it is now: after data loss the copy at T is expected to differ."""
+
+
 def plan_table_checks(conn: psycopg.Connection, name: str, table: TableSchema, source_rows: int,
                       integrity: Integrity, target_time: datetime) -> list[Planned]:  # fmt: skip
     """The expectations for one table of the plan, from the source's schema and row count."""
@@ -89,7 +93,7 @@ def plan_table_checks(conn: psycopg.Connection, name: str, table: TableSchema, s
 
     low = math.ceil(source_rows * (1 - integrity.row_count_tolerance))
     high = math.floor(source_rows * (1 + integrity.row_count_tolerance))
-    checks = [Planned(name, "row count", f"{low}..{high} rows (source {source_rows} ± "
+    checks = [Planned(name, ROW_COUNT, f"{low}..{high} rows (source {source_rows} ± "
                       f"{integrity.row_count_tolerance:.0%})",
                       gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high), "rows")]  # fmt: skip
     if table.primary_key:

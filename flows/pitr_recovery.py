@@ -12,6 +12,7 @@ from datetime import datetime
 
 from prefect import flow
 
+from checks.integrity import ROW_COUNT
 from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.drill_report import CheckStatus, DrillCheck
 from drplan.errors import DrplanError
@@ -101,6 +102,11 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
     report.outcome = "restored"
     if service is None:
         return
+    broken = [name for name in failed if not name.endswith(f": {ROW_COUNT}")]
+    if approve and broken:
+        raise DrplanError(f"{report.recovery_copy} did not pass {', '.join(broken)}; approval in advance (--yes) "
+                          "does not cover a copy that fails its checks: inspect it, then approve in the UI or at the "
+                          "CLI prompt")
     decision = request_approval(report, f"pitr-approval-{db.name}".lower(), (
         f"## Approve PITR recovery of {db.name}?\n\nThe application **{service.name}** will be pointed at "
         f"`{report.recovery_copy}` (restored to {report.target_time}): its Kubernetes Secret is rewritten and the "

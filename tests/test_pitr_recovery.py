@@ -278,3 +278,20 @@ def test_missing_app_deployment_is_refused_before_any_restore(sandbox, plan_vari
     assert str(refused.value) == ("deployment devonn-api-gone in namespace default does not exist; "
                                   "check clusters[].deployments")
     assert (sorted(markers.glob("*.json")) if markers.is_dir() else []) == before
+
+
+def test_approval_in_advance_does_not_cover_a_copy_failing_its_checks(sandbox, plan_variant, point_in_time):
+    """Only the row count may differ from the damaged source; any other failed check stops a pre-approved cutover."""
+    at_t, _ = point_in_time
+
+    def unknown_table(data: dict) -> None:  # neither the source nor the copy has it: its checks cannot pass
+        data["databases"][0]["integrity"]["tables"].append("no_such_table")
+
+    before = app_secret(sandbox)
+    state = pitr_recovery(plan=str(plan_variant(unknown_table)), database="devonn-postgres",
+                          target_time=at_t.isoformat(), promote=True, approve=True, return_state=True)
+    assert state.is_failed()
+    report = state.result(raise_on_failure=False)
+    assert "did not pass no_such_table: " in report.error and "approval in advance (--yes)" in report.error
+    assert "cut over" not in [s.action for s in report.steps]
+    assert app_secret(sandbox) == before
