@@ -166,6 +166,21 @@ def sandbox_up(plan: str = PlanOption) -> None:
     _show_status(stack.status(dr_plan))
 
 
+@sandbox_app.command("break")
+def sandbox_break(
+    scenario: str = typer.Argument(..., help="delete-orders, stop-primary or delete-objects."),
+    plan: str = PlanOption,
+) -> None:
+    """Break the sandbox the way production breaks, to rehearse a recovery; prints the command that recovers it."""
+    from drplan.sandbox.disasters import break_sandbox
+
+    dr_plan = plan_or_exit(plan)
+    with refusals():
+        disaster = break_sandbox(dr_plan, plan, scenario)
+    out.print(f"broken: {disaster.broken}", highlight=False, soft_wrap=True)
+    out.print(f"recover: {disaster.recover}", highlight=False, soft_wrap=True)
+
+
 @sandbox_app.command("status")
 def sandbox_status(plan: str = PlanOption) -> None:
     """Every sandbox component, its address and whether it is healthy (exit 1 if any is not)."""

@@ -1,0 +1,96 @@
+"""Disasters to rehearse on the sandbox (`drplan sandbox break SCENARIO`). Each breaks one thing the way production
+breaks and names the drplan command that recovers it. Only the sandbox's own servers and buckets are touched.
+`drplan sandbox down --purge && make run` rebuilds everything."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from drplan.clients import aws_client, check_aws_access
+from drplan.errors import DrplanError
+from drplan.plan import Database, DatabaseKind, Plan
+from drplan.s3store import parse_prefix
+from drplan.sandbox.stack import sandbox_postgres
+from drplan.timeutil import utcnow
+
+DELETED_SHARE = 7
+"""Every DELETED_SHARE-th order (by id) and object (by key order) is deleted."""
+
+
+@dataclass(frozen=True)
+class Disaster:
+    broken: str
+    """What was broken, in one line."""
+    recover: str
+    """The drplan command that recovers it."""
+
+
+def _database(plan: Plan) -> Database:
+    for db in plan.databases:
+        if db.kind is DatabaseKind.postgres:
+            return db
+    raise DrplanError(f"plan {plan.name} has no postgres-kind database; the sandbox runs only those")
+
+
+def delete_orders(plan: Plan, plan_ref: str) -> Disaster:
+    """Data loss at a known time: every 7th order deleted on the primary (then a WAL switch, so it is archived)."""
+    db = _database(plan)
+    before = utcnow().replace(microsecond=0)
+    time.sleep(1.0)  # the deletes commit strictly after `before`
+    try:
+        with sandbox_postgres(plan, db).connect(db.primary) as conn:
+            deleted = conn.execute(f"DELETE FROM orders WHERE id % {DELETED_SHARE} = 0").rowcount
+            conn.execute("SELECT pg_switch_wal()")
+    except psycopg.OperationalError:
+        raise DrplanError(f"the primary {db.primary} does not answer; is the sandbox up (drplan sandbox up)?") from None
+    at = before.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Disaster(
+        f"deleted {deleted} orders of {db.name} on {db.primary} after {at}",
+        f"drplan recover --plan {plan_ref} --database {db.name} --to {at} --promote   (in "
+        f"{int(plan.drill.target_margin.total_seconds())} s, once the WAL is archived)")
+
+
+def stop_primary(plan: Plan, plan_ref: str) -> Disaster:
+    """The primary is gone: fast shutdown of its server (the streaming replicas keep running)."""
+    db = _database(plan)
+    stopped = sandbox_postgres(plan, db).stop(db.primary)
+    return Disaster(
+        f"stopped the primary {db.primary} of {db.name}" if stopped else f"{db.primary} was already stopped",
+        f"drplan failover --plan {plan_ref} --database {db.name} --mode multi-az   (promotes the streaming replica)")
+
+
+def delete_objects(plan: Plan, plan_ref: str) -> Disaster:
+    """Objects lost from every live bucket: every 7th key deleted."""
+    if not plan.buckets:
+        raise DrplanError(f"plan {plan.name} has no buckets; add buckets: [{{name, live, backup}}]")
+    check_aws_access(plan)
+    s3, lines, commands = aws_client(plan, "s3"), [], []
+    for bucket in plan.buckets:
+        name, prefix = parse_prefix(bucket.live)
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name, Prefix=prefix)
+                for o in page.get("Contents", [])]
+        doomed = keys[::DELETED_SHARE]
+        for start in range(0, len(doomed), 1000):
+            s3.delete_objects(Bucket=name, Delete={"Objects": [{"Key": k} for k in doomed[start:start + 1000]]})
+        lines.append(f"deleted {len(doomed)} of {len(keys)} objects from {bucket.live}")
+        commands.append(f"drplan s3-restore --plan {plan_ref} --from {bucket.backup} --to {bucket.live}")
+    return Disaster("; ".join(lines), " && ".join(commands))
+
+
+SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
+    "delete-orders": delete_orders,
+    "stop-primary": stop_primary,
+    "delete-objects": delete_objects,
+}
+
+
+def break_sandbox(plan: Plan, plan_ref: str, scenario: str) -> Disaster:
+    if plan.sandbox is None:
+        raise DrplanError(f"plan {plan.name} has no sandbox section: drplan breaks only the local sandbox")
+    if scenario not in SCENARIOS:
+        raise DrplanError(f"no scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+    return SCENARIOS[scenario](plan, plan_ref)

@@ -1,0 +1,96 @@
+"""`drplan sandbox break`: each scenario breaks what it says, and the command it prints recovers it (or, for the
+destructive failover, is accepted as a dry run)."""
+
+from __future__ import annotations
+
+import shlex
+from datetime import datetime
+
+import pytest
+from typer.testing import CliRunner
+
+from drplan.clients import aws_client
+from drplan.plan import load_plan
+from drplan.s3store import parse_prefix
+from drplan.sandbox import stack
+from drplan.timeutil import utcnow
+from tests.helpers import own_postgres_topology
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+DB = "devonn-postgres"
+
+
+def drplan(*args: str):
+    from drplan.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def broken(result) -> tuple[str, list[str]]:
+    """(the `broken:` line, the `recover:` command as arguments without `drplan` and the trailing remark)."""
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    command = shlex.split(lines["recover"].split("   (")[0])
+    assert command[0] == "drplan"
+    return lines["broken"], command[1:]
+
+
+def live_keys(plan) -> set[str]:
+    s3 = aws_client(plan, "s3")
+    name, prefix = parse_prefix(plan.buckets[0].live)
+    return {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name, Prefix=prefix)
+            for o in page.get("Contents", [])}
+
+
+def test_deleted_objects_come_back_with_the_printed_restore(sandbox, sandbox_plan_path):
+    assert drplan("s3-backup", "--plan", str(sandbox_plan_path)).exit_code == 0  # the backup holds every live key
+    before = live_keys(sandbox)
+    what, command = broken(drplan("sandbox", "break", "delete-objects", "--plan", str(sandbox_plan_path)))
+    gone = before - live_keys(sandbox)
+    assert gone and what == f"deleted {len(gone)} of {len(before)} objects from {sandbox.buckets[0].live}"
+    assert command[0] == "s3-restore"
+    restored = drplan(*command)
+    assert restored.exit_code == 0, restored.output
+    assert live_keys(sandbox) == before
+
+
+def test_deleted_orders_name_the_time_to_recover_to(sandbox, sandbox_plan_path):
+    db = sandbox.database(DB)
+    pg = stack.sandbox_postgres(sandbox, db)
+    with pg.connect(db.primary) as conn:
+        conn.execute("CREATE TABLE orders_stash AS SELECT * FROM orders WHERE id % 7 = 0")
+        stashed = conn.execute("SELECT count(*) FROM orders_stash").fetchone()[0]
+    try:
+        started = utcnow()
+        what, command = broken(drplan("sandbox", "break", "delete-orders", "--plan", str(sandbox_plan_path)))
+        assert what.startswith(f"deleted {stashed} orders of {DB} on {db.primary} after ")
+        assert command[:5] == ["recover", "--plan", str(sandbox_plan_path), "--database", DB]
+        at = datetime.fromisoformat(command[command.index("--to") + 1])
+        assert started.replace(microsecond=0) <= at < utcnow() and command[-1] == "--promote"
+        with pg.connect(db.primary) as conn:
+            assert conn.execute("SELECT count(*) FROM orders WHERE id % 7 = 0").fetchone()[0] == 0
+    finally:
+        with pg.connect(db.primary) as conn:
+            conn.execute("INSERT INTO orders SELECT * FROM orders_stash ON CONFLICT DO NOTHING")
+            conn.execute("DROP TABLE orders_stash")
+
+
+def test_stopped_primary_names_a_failover_the_plan_accepts(sandbox, sandbox_plan_path, sandbox_dir):
+    with own_postgres_topology(sandbox_plan_path, sandbox_dir, DB, rpo="5m") as path:
+        what, command = broken(drplan("sandbox", "break", "stop-primary", "--plan", str(path)))
+        again, _ = broken(drplan("sandbox", "break", "stop-primary", "--plan", str(path)))
+        primary = load_plan(path).database(DB).primary
+        assert (what, again) == (f"stopped the primary {primary} of {DB}", f"{primary} was already stopped")
+        assert command == ["failover", "--plan", str(path), "--database", DB, "--mode", "multi-az"]
+        planned = drplan(*command, "--dry-run")
+        assert planned.exit_code == 0, planned.output
+        assert "planned (dry run)" in planned.stdout and "would promote" in planned.stdout
+
+
+def test_refusals_are_one_line(sandbox_plan_path):
+    unknown = drplan("sandbox", "break", "meteor", "--plan", str(sandbox_plan_path))
+    assert unknown.exit_code == 2
+    assert unknown.stderr.strip() == ("error: no scenario 'meteor'; choose one of: delete-orders, stop-primary, "
+                                      "delete-objects")
+    production = drplan("sandbox", "break", "stop-primary", "--plan", "plans/devonn.yaml")
+    assert production.exit_code == 2 and "has no sandbox section" in production.stderr
