@@ -370,7 +370,7 @@ def dr_app_check(url: str) -> Callable[[], str]:
 
 def down(plan: Plan, purge: bool = False) -> list[str]:
     """Stop every process the sandbox started (apps, node controllers, heartbeats, PostgreSQL, Kubernetes APIs,
-    moto)."""
+    moto), and the restored copies that drills and recoveries of its databases left running."""
     directory = state_dir(plan)
     lines = []
     values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
@@ -378,6 +378,10 @@ def down(plan: Plan, purge: bool = False) -> list[str]:
         for name in (service.name, f"{service.name}-dr"):
             if processes.stop(directory, name):
                 lines.append(f"stopped {name}")
+    copies = plan.resolve_path(plan.drill.work_dir)  # restored by drills (--keep) and recoveries, still serving
+    for name in processes.tracked_names(copies) if copies.is_dir() else []:
+        if processes.stop(copies, name):
+            lines.append(f"stopped restored copy {name}")
     for cluster in plan.clusters:
         if processes.stop(directory, f"nodes-{cluster.name}"):
             lines.append(f"stopped nodes-{cluster.name}")

@@ -97,3 +97,22 @@ def test_deployments_come_from_the_manifests_and_applying_them_changes_nothing(s
     before = export_namespace.fn(api, cluster.namespace)
     assert [apply_manifest(api, cluster.namespace, o).action for o in objects] == ["unchanged"] * len(objects)
     assert export_namespace.fn(api, cluster.namespace) == before
+
+
+def test_down_stops_restored_copies_left_running(sandbox_plan_path, tmp_path):
+    """A recovery's copy keeps serving the app after the run; `down` stops it before purging its data."""
+    import yaml
+
+    from drplan.plan import load_plan
+
+    data = yaml.safe_load(sandbox_plan_path.read_text())
+    data["sandbox"]["state_dir"] = str(tmp_path / "state")
+    data["drill"]["work_dir"] = str(tmp_path / "state" / "drills")
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    plan = load_plan(path)
+    copies = plan.resolve_path(plan.drill.work_dir)
+    copy = processes.start(copies, "devonn-postgres-recovery-20261126t182930z", ["sleep", "600"])
+    assert stack.down(plan, purge=True) == ["stopped restored copy devonn-postgres-recovery-20261126t182930z",
+                                            f"deleted {tmp_path / 'state'}"]
+    assert not copy.alive
