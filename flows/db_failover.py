@@ -21,7 +21,7 @@ from enum import StrEnum
 from prefect import flow
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, check_aws_access, db_credentials, pg_target
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.plan import Database, DatabaseKind, Plan, Service, load_plan
 from drplan.recovery import (
     RecoveryReport,
@@ -181,11 +181,11 @@ def measure_lag(request: Request, credentials: DbCredentials) -> tuple[float | N
         return lag, "CloudWatch ReplicaLag"
     table = request.db.integrity.heartbeat_table
     replica = read_newest_heartbeat(pg_target(request.plan, request.db, request.member, credentials), table)
-    try:
-        primary = read_newest_heartbeat(pg_target(request.plan, request.db, "primary", credentials), table)
+    try:  # the plain function: a primary that is down is expected here, not a failed task with a traceback
+        primary = read_newest_heartbeat.fn(pg_target(request.plan, request.db, "primary", credentials), table)
         basis = "newest heartbeat on the primary minus on the replica"
-    except Exception:  # the primary is down: the lag bound is the replica's heartbeat age
-        primary, basis = utcnow(), "heartbeat age on the replica (the primary does not answer)"
+    except Exception as exc:  # noqa: BLE001 - the primary is down: the lag bound is the replica's heartbeat age
+        primary, basis = utcnow(), f"heartbeat age on the replica; the primary: {first_line(exc)}"
     return (None if replica is None else max(0.0, (primary - replica).total_seconds())), basis
 
 

@@ -85,6 +85,7 @@ def test_stopped_primary_names_a_failover_the_plan_accepts(sandbox, sandbox_plan
         planned = drplan(*command, "--dry-run")
         assert planned.exit_code == 0, planned.output
         assert "planned (dry run)" in planned.stdout and "would promote" in planned.stdout
+        assert "heartbeat age on the replica; the primary: " in " ".join(planned.stdout.split())
 
 
 def test_refusals_are_one_line(sandbox_plan_path):
