@@ -12,8 +12,9 @@ from rich.console import Console
 from drplan.errors import DrplanError
 from drplan.plan import Plan, PlanError, load_plan
 
-out = Console(width=None if sys.stdout.isatty() else 160)  # reports stay readable when piped or in CI logs
-err = Console(stderr=True)
+# Reports, and the approval summary an approver signs off, stay readable (no truncated names) when piped or logged.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
