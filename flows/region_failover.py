@@ -107,8 +107,8 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
     if report.dry_run:
         plan_steps(dr_plan, plan_ref, to, placed, report)
         return
-    decision = request_approval(report, f"region-failover-approval-{to}", approval_summary(dr_plan, to, placed),
-                                approve)
+    decision = request_approval(report, f"region-failover-approval-{to}",
+                                approval_summary(dr_plan, to, report.from_region, placed), approve)
     if not decision.approve:
         report.outcome = "refused: nothing changed"
         return
@@ -138,7 +138,7 @@ def promote_member(plan: Plan, placement: Placement, report: RegionReport, force
     """Promote the DR replica (lag guard first); the primary region's primary needs nothing."""
     db = placement.database
     if placement.member == "primary":
-        report.record("kept", db.primary, "the primary region's primary; not promoted")
+        report.record("kept", db.primary, not_carried_back(report.from_region))
         return
     request = Request(plan, db.name, "promote-replica", placement.member)
     credentials = db_credentials(plan, db)
@@ -191,12 +191,20 @@ def switch_dns(plan: Plan, to: str, report: RegionReport) -> None:
                       mutating=name in changed)
 
 
-def approval_summary(plan: Plan, to: str, placed: list[Placement]) -> str:
+def not_carried_back(source: str) -> str:
+    """A failback's warning: the primary region's primary serves as it is."""
+    return (f"not promoted, serves as it is: writes made in {source} since the failover are NOT on it "
+            "(drplan does not copy them back)")
+
+
+def approval_summary(plan: Plan, to: str, source: str, placed: list[Placement]) -> str:
     lines = [f"## Approve the region failover to {to}?", ""]
     for p in placed:
         if p.database and p.member != "primary":
             lines.append(f"- promote **{p.database.members[p.member]}** ({p.database.name}) to a standalone primary "
                          "(irreversible: the old primary must be rebuilt from it)")
+        if p.database and p.member == "primary":
+            lines.append(f"- **{p.database.primary}** ({p.database.name}) {not_carried_back(source)}")
         if p.database:
             lines.append(f"- rewrite the database Secret of **{p.service.name}** in {p.cluster.name}")
         lines.append(f"- deploy the manifests into **{p.cluster.name}**, node groups {plan.failover.nodes or '-'}, "
@@ -212,6 +220,8 @@ def plan_steps(plan: Plan, plan_ref: str, to: str, placed: list[Placement], repo
     for p in placed:
         if p.database and p.member != "primary":
             report.record("would promote", p.database.members[p.member], "after the lag guard")
+        if p.database and p.member == "primary":
+            report.record("would keep", p.database.primary, not_carried_back(report.from_region))
         if p.database:
             report.record("would rewrite", f"{p.cluster.name} Secret of {p.service.name}",
                           f"DATABASE_URL -> {p.database.members[p.member]}")
