@@ -26,7 +26,7 @@ from tasks.eks import (
     scale_deployment,
     scale_nodegroup_task,
 )
-from tasks.k8s import wait_deployment_available
+from tasks.k8s import availability, wait_deployment_available
 from tasks.manifests import Applied, apply_manifest, load_manifests, with_overrides
 
 DEFAULT_PLAN = "plans/devonn.yaml"
@@ -82,8 +82,8 @@ def assess_cluster(plan: Plan, cluster: Cluster, deployments: list[str]) -> Clus
         except ApiException as exc:
             assessment.deployments[name] = "missing" if exc.status == 404 else f"API {exc.status}"
             continue
-        wanted, available = obj.spec.replicas or 0, (obj.status.available_replicas if obj.status else 0) or 0
-        assessment.deployments[name] = "available" if available >= wanted else f"{available}/{wanted} available"
+        done, state = availability(obj)
+        assessment.deployments[name] = "available" if done else state
     assessment.pods_not_running = pods_not_running(api, cluster.namespace)
     return assessment
 

@@ -135,14 +135,14 @@ def restart_deployment(api_client, namespace: str, deployment: str) -> str:
     return now
 
 
-def _availability(obj) -> tuple[bool, str]:
+def availability(obj) -> tuple[bool, str]:
     """Whether the rollout of the current generation is done, and the status in one phrase."""
     wanted = obj.spec.replicas if obj.spec.replicas is not None else 1
     status = obj.status
-    available = status.available_replicas or 0
-    observed = status.observed_generation or 0
+    available = (status.available_replicas if status else 0) or 0
+    observed = (status.observed_generation if status else 0) or 0
     done = observed >= (obj.metadata.generation or 0) and available == wanted
-    conditions = ", ".join(f"{c.type}={c.status} ({c.reason})" for c in status.conditions or [])
+    conditions = ", ".join(f"{c.type}={c.status} ({c.reason})" for c in (status.conditions if status else None) or [])
     return done, (f"{available}/{wanted} replicas available, observed generation {observed} of "
                   f"{obj.metadata.generation}" + (f"; {conditions}" if conditions else ""))
 
@@ -154,7 +154,7 @@ def wait_deployment_available(api_client, namespace: str, deployment: str, timeo
     deadline = time.monotonic() + timeout
     while True:
         try:
-            done, state = _availability(apps.read_namespaced_deployment(deployment, namespace))
+            done, state = availability(apps.read_namespaced_deployment(deployment, namespace))
         except ApiException as exc:
             raise _api_error(exc, f"deployment {deployment} in namespace {namespace}",
                              "check clusters[].deployments") from None
