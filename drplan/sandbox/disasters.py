@@ -14,7 +14,7 @@ from drplan.clients import aws_client, check_aws_access
 from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.s3store import parse_prefix
-from drplan.sandbox.stack import sandbox_postgres
+from drplan.sandbox.stack import sandbox_postgres, state_dir
 from drplan.timeutil import utcnow
 
 DELETED_SHARE = 7
@@ -67,7 +67,6 @@ def delete_objects(plan: Plan, plan_ref: str) -> Disaster:
     """Objects lost from every live bucket: every 7th key deleted."""
     if not plan.buckets:
         raise DrplanError(f"plan {plan.name} has no buckets; add buckets: [{{name, live, backup}}]")
-    check_aws_access(plan)
     s3, lines, commands = aws_client(plan, "s3"), [], []
     for bucket in plan.buckets:
         name, prefix = parse_prefix(bucket.live)
@@ -93,4 +92,7 @@ def break_sandbox(plan: Plan, plan_ref: str, scenario: str) -> Disaster:
         raise DrplanError(f"plan {plan.name} has no sandbox section: drplan breaks only the local sandbox")
     if scenario not in SCENARIOS:
         raise DrplanError(f"no scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+    if not (state_dir(plan) / "secrets.json").is_file():
+        raise DrplanError(f"the sandbox of plan {plan.name} is not up; start it first: drplan sandbox up")
+    check_aws_access(plan)  # moto answers
     return SCENARIOS[scenario](plan, plan_ref)

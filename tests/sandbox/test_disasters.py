@@ -95,3 +95,12 @@ def test_refusals_are_one_line(sandbox_plan_path):
                                       "delete-objects")
     production = drplan("sandbox", "break", "stop-primary", "--plan", "plans/devonn.yaml")
     assert production.exit_code == 2 and "has no sandbox section" in production.stderr
+
+
+def test_a_sandbox_that_is_not_up_is_refused_and_left_alone(plan_variant, tmp_path):
+    def elsewhere(data: dict) -> None:
+        data["sandbox"]["state_dir"] = str(tmp_path / "never-up")
+
+    refused = drplan("sandbox", "break", "stop-primary", "--plan", str(plan_variant(elsewhere)))
+    assert refused.exit_code == 2 and "is not up; start it first: drplan sandbox up" in refused.stderr
+    assert not (tmp_path / "never-up").exists()
