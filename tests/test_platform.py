@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,8 +84,24 @@ def processes_with_env(key: str, value: str) -> list[str]:
 @pytest.fixture
 def api(platform: serve.Platform) -> Iterator[httpx.Client]:
     user, _, password = platform.auth().partition(":")
-    with httpx.Client(base_url=platform.api_url(), auth=(user, password), timeout=10) as client:
+    with RetryingClient(base_url=platform.api_url(), auth=(user, password), timeout=10) as client:
         yield client
+
+
+class RetryingClient(httpx.Client):
+    """Retries 429/502/503 with backoff, as Prefect's own client does (the server answers 503 while its SQLite
+    database is busy) and as any script against the REST API should."""
+
+    RETRY_STATUSES = frozenset({429, 502, 503})
+
+    def send(self, request: httpx.Request, **kwargs) -> httpx.Response:
+        for attempt in range(5):
+            response = super().send(request, **kwargs)
+            if response.status_code not in self.RETRY_STATUSES:
+                return response
+            response.close()
+            time.sleep(0.5 * 2 ** attempt)
+        return super().send(request, **kwargs)
 
 
 def run_deployment(api: httpx.Client, name: str, parameters: dict | None = None) -> str:
