@@ -1,4 +1,4 @@
-"""`drplan recover`, `drplan failover` and `drplan region-failover`: the recovery flows from a terminal.
+"""`drplan recover`, `failover`, `eks-recover` and `region-failover`: the recovery flows from a terminal.
 
 The flow runs in this process against the Prefect API in the environment (a server with the UI when
 PREFECT_API_URL is set, else a temporary local one). Without --yes the run pauses for approval like it does from
@@ -19,7 +19,7 @@ import typer
 from rich.markdown import Markdown
 
 from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals
-from drplan.errors import first_line
+from drplan.errors import DrplanError, first_line
 
 POLL_SECONDS = 1.0
 
@@ -61,6 +61,37 @@ def failover(
         Request(plan, database, mode, member)  # refused before anything runs
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
                                                   dry_run=dry_run, force=force, approve=yes))
+
+
+def eks_recover(
+    plan: str = PlanOption,
+    cluster: str = typer.Option(..., "--cluster", "-c", help="The cluster of the plan to bring back."),
+    nodes: list[str] = typer.Option([], "--nodes", help="A node group's size, GROUP=COUNT (repeatable)."),
+    scale: list[str] = typer.Option([], "--scale", help="A deployment's replicas, NAME=COUNT (repeatable)."),
+    manifests: bool = typer.Option(True, "--manifests/--no-manifests",
+                                   help="Apply clusters[].manifests with the cluster's overrides."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
+) -> None:
+    """EKS recovery: node groups until their nodes are Ready, manifests, scale, rollouts, cluster health."""
+    from flows.eks_recovery import eks_recovery
+
+    dr_plan = plan_or_exit(plan)
+    with refusals():
+        dr_plan.cluster(cluster)  # refused before anything runs
+        parameters = dict(plan=plan, cluster=cluster, nodes=counts(nodes, "--nodes"), scale=counts(scale, "--scale"),
+                          apply_manifests=manifests, dry_run=dry_run)
+    run(eks_recovery, f"eks-recovery-{cluster}", parameters)
+
+
+def counts(pairs: list[str], option: str) -> dict[str, int]:
+    """`NAME=COUNT` options as a mapping; anything else is refused."""
+    parsed = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not (sep and name and value.isdigit()):
+            raise DrplanError(f"{option} {pair!r}: write NAME=COUNT, e.g. {option} {name or 'name'}=3")
+        parsed[name] = int(value)
+    return parsed
 
 
 def region_failover(

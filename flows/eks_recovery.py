@@ -4,6 +4,8 @@ assess (EKS status, node groups and Ready nodes, deployments available, pods not
 and wait until their nodes are Ready -> apply the cluster's manifests with its per-environment overrides ->
 scale deployments -> wait for every rollout -> verify (assess again). Each step is rerun-safe: a node group at
 its size, a manifest that matches, a deployment at its scale are left alone. Dry run reports and changes nothing.
+Without manifests (capacity only, e.g. a pilot-light DR cluster) listed deployments that were never deployed there
+are reported and left alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tasks.eks import (
     scale_deployment,
     scale_nodegroup_task,
 )
-from tasks.k8s import availability, wait_deployment_available
+from tasks.k8s import availability, deployment_exists, wait_deployment_available
 from tasks.manifests import Applied, apply_manifest, load_manifests, with_overrides
 
 DEFAULT_PLAN = "plans/devonn.yaml"
@@ -155,6 +157,12 @@ def recover_cluster(plan: Plan, cluster: Cluster, nodes: dict[str, int], scale: 
     if report.dry_run:
         report.outcome = "planned (dry run)"
         return
+    if not objects:  # capacity only (a pilot-light cluster): what was never deployed here is not this run's job
+        absent = [n for n in deployments if n not in scale and not deployment_exists(api, cluster.namespace, n)]
+        if absent:
+            report.record("left alone", ", ".join(absent), "not deployed in this cluster; apply the manifests to "
+                          "deploy them")
+            deployments = [n for n in deployments if n not in absent]
     for name in deployments:
         wait_deployment_available(api, cluster.namespace, name, timeout=600)
     report.after = assess_cluster(plan, cluster, deployments)

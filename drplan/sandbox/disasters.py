@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import psycopg
 
-from drplan.clients import aws_client, check_aws_access
+from drplan.clients import aws_client, check_aws_access, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.s3store import parse_prefix
 from drplan.sandbox.stack import sandbox_postgres, state_dir
 from drplan.timeutil import utcnow
+from tasks.eks import scale_nodegroup
 
 DELETED_SHARE = 7
 """Every DELETED_SHARE-th order (by id) and object (by key order) is deleted."""
@@ -80,10 +81,25 @@ def delete_objects(plan: Plan, plan_ref: str) -> Disaster:
     return Disaster("; ".join(lines), " && ".join(commands))
 
 
+def dr_nodes_zero(plan: Plan, plan_ref: str) -> Disaster:
+    """The DR region loses its standby capacity: every node group of its cluster scaled to zero nodes."""
+    cluster = next((c for c in plan.clusters if plan.aws.dr_region and plan.region_of(c) == plan.aws.dr_region), None)
+    if cluster is None:
+        raise DrplanError(f"plan {plan.name} has no cluster in aws.dr_region; add one with region: <dr_region>")
+    eks, api = aws_client(plan, "eks", plan.region_of(cluster)), kube_client(plan, cluster)
+    was = {group: scale_nodegroup(eks, api, cluster.name, group, 0, timeout=60)[0] for group in cluster.nodegroups}
+    nodes = " ".join(f"--nodes {group}={spec.desired}" for group, spec in cluster.nodegroups.items())
+    return Disaster(
+        f"scaled node groups of {cluster.name} to 0 ({', '.join(f'{g} was {n}' for g, n in was.items())})",
+        f"drplan eks-recover --plan {plan_ref} --cluster {cluster.name} {nodes} --no-manifests   "
+        "(drplan readiness reports the lost capacity)")
+
+
 SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
     "delete-orders": delete_orders,
     "stop-primary": stop_primary,
     "delete-objects": delete_objects,
+    "dr-nodes-zero": dr_nodes_zero,
 }
 
 

@@ -9,11 +9,13 @@ from datetime import datetime
 import pytest
 from typer.testing import CliRunner
 
-from drplan.clients import aws_client
+from drplan.clients import aws_client, kube_client
 from drplan.plan import load_plan
 from drplan.s3store import parse_prefix
 from drplan.sandbox import stack
 from drplan.timeutil import utcnow
+from flows.dr_readiness import dr_readiness
+from tasks.eks import scale_nodegroup
 from tests.helpers import own_postgres_topology
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -88,11 +90,36 @@ def test_stopped_primary_names_a_failover_the_plan_accepts(sandbox, sandbox_plan
         assert "heartbeat age on the replica; the primary: " in " ".join(planned.stdout.split())
 
 
+def test_lost_dr_capacity_comes_back_with_the_printed_eks_recovery(sandbox, sandbox_plan_path):
+    path, cluster = str(sandbox_plan_path), sandbox.cluster("devonn-eks-dr-sandbox")
+    try:
+        what, command = broken(drplan("sandbox", "break", "dr-nodes-zero", "--plan", path))
+        assert what == f"scaled node groups of {cluster.name} to 0 (dev_nodes was 1)"
+        unready = dr_readiness(plan=path, return_state=True).result(raise_on_failure=False)
+        assert [f.check for f in unready.unready] == ["devonn-api: cluster capacity"]
+        assert command == ["eks-recover", "--plan", path, "--cluster", cluster.name, "--nodes", "dev_nodes=1",
+                           "--no-manifests"]
+        recovered = drplan(*command)
+        assert recovered.exit_code == 0, recovered.output
+        assert "EKS recovery of devonn-eks-dr-sandbox: recovered" in recovered.stdout
+        assert dr_readiness(plan=path, return_state=True).result(raise_on_failure=False).ready
+    finally:  # the DR region's pilot light, as the other tests expect it
+        scale_nodegroup(aws_client(sandbox, "eks", "us-west-2"), kube_client(sandbox, cluster), cluster.name,
+                        "dev_nodes", 1, timeout=60)
+
+
+def test_eks_recover_refuses_bad_counts_in_one_line(sandbox_plan_path):
+    bad = drplan("eks-recover", "--plan", str(sandbox_plan_path), "--cluster", "devonn-eks-dr-sandbox",
+                 "--nodes", "dev_nodes=many")
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: --nodes 'dev_nodes=many': write NAME=COUNT, e.g. --nodes dev_nodes=3"
+
+
 def test_refusals_are_one_line(sandbox_plan_path):
     unknown = drplan("sandbox", "break", "meteor", "--plan", str(sandbox_plan_path))
     assert unknown.exit_code == 2
     assert unknown.stderr.strip() == ("error: no scenario 'meteor'; choose one of: delete-orders, stop-primary, "
-                                      "delete-objects")
+                                      "delete-objects, dr-nodes-zero")
     production = drplan("sandbox", "break", "stop-primary", "--plan", "plans/devonn.yaml")
     assert production.exit_code == 2 and "has no sandbox section" in production.stderr
 
