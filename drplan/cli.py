@@ -27,6 +27,7 @@ app.command("serve")(cli_platform.serve)
 app.command("trigger")(cli_platform.trigger)
 app.command("recover")(cli_recovery.recover)
 app.command("failover")(cli_recovery.failover)
+app.command("dns-failover")(cli_recovery.dns_failover)
 app.command("eks-recover")(cli_recovery.eks_recover)
 app.command("region-failover")(cli_recovery.region_failover)
 app.command("s3-backup")(s3_backup)
@@ -169,7 +170,8 @@ def sandbox_up(plan: str = PlanOption) -> None:
 
 @sandbox_app.command("break")
 def sandbox_break(
-    scenario: str = typer.Argument(..., help="delete-orders, stop-primary, delete-objects or dr-nodes-zero."),
+    scenario: str = typer.Argument(..., help="delete-orders, stop-primary, delete-objects, dr-nodes-zero or "
+                                             "delete-dns."),
     plan: str = PlanOption,
 ) -> None:
     """Break the sandbox the way production breaks, to rehearse a recovery; prints the command that recovers it."""

@@ -1,4 +1,4 @@
-"""`drplan recover`, `failover`, `eks-recover` and `region-failover`: the recovery flows from a terminal.
+"""`drplan recover`, `failover`, `dns-failover`, `eks-recover`, `region-failover`: recovery flows from a terminal.
 
 The flow runs in this process against the Prefect API in the environment (a server with the UI when
 PREFECT_API_URL is set, else a temporary local one). Without --yes the run pauses for approval like it does from
@@ -61,6 +61,25 @@ def failover(
         Request(plan, database, mode, member)  # refused before anything runs
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
                                                   dry_run=dry_run, force=force, approve=yes))
+
+
+def dns_failover(
+    plan: str = PlanOption,
+    to: str = typer.Option(None, "--to", help="The region whose target the records get (default: aws.dr_region)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the region's services, list the record changes; "
+                                                          "change nothing."),
+    force: bool = typer.Option(False, "--force", help="Switch even if the region's services fail validation."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+) -> None:
+    """DNS failover alone: once the region's services pass validation, UPSERT the records to its target."""
+    from drplan.regions import placements
+    from flows.dns_failover import dns_failover as flow_fn
+
+    dr_plan = plan_or_exit(plan)
+    with refusals():
+        placements(dr_plan, to or dr_plan.aws.dr_region)  # refused before anything runs
+    run(flow_fn, f"dns-failover-{to or dr_plan.aws.dr_region}",
+        dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
 
 
 def eks_recover(

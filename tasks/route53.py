@@ -53,7 +53,7 @@ def switch_records(r53, dns: Dns, target: str, timeout: float = 300, interval: f
         return []
     zone = zone_id(r53, dns.zone)
     change = r53.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={
-        "Comment": f"drplan region failover to {target}",
+        "Comment": f"drplan DNS failover to {target}",
         "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {
             "Name": fqdn(name), "Type": "CNAME", "TTL": ttl, "ResourceRecords": [{"Value": target}]}}
             for name in stale]})["ChangeInfo"]

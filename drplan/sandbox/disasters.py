@@ -17,6 +17,7 @@ from drplan.s3store import parse_prefix
 from drplan.sandbox.stack import sandbox_postgres, state_dir
 from drplan.timeutil import utcnow
 from tasks.eks import scale_nodegroup
+from tasks.route53 import fqdn, read_records, zone_id
 
 DELETED_SHARE = 7
 """Every DELETED_SHARE-th order (by id) and object (by key order) is deleted."""
@@ -95,11 +96,30 @@ def dr_nodes_zero(plan: Plan, plan_ref: str) -> Disaster:
         "(drplan readiness reports the lost capacity)")
 
 
+def delete_dns(plan: Plan, plan_ref: str) -> Disaster:
+    """The service's DNS records are gone (a bad change, a deleted zone entry)."""
+    if plan.dns is None:
+        raise DrplanError(f"plan {plan.name} has no dns section; add dns: {{zone, records, targets}}")
+    r53 = aws_client(plan, "route53")
+    zone, current = zone_id(r53, plan.dns.zone), read_records(r53, plan.dns)
+    gone = {name: answer for name, answer in current.items() if answer is not None}
+    if gone:
+        r53.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={"Changes": [{
+            "Action": "DELETE", "ResourceRecordSet": {"Name": fqdn(name), "Type": "CNAME", "TTL": ttl,
+                                                      "ResourceRecords": [{"Value": value}]}}
+            for name, (value, ttl) in gone.items()]})
+    return Disaster(
+        f"deleted the DNS records {', '.join(gone)}" if gone else "the DNS records were already gone",
+        f"drplan dns-failover --plan {plan_ref} --to {plan.aws.region}   (drplan readiness reports the records "
+        "missing)")
+
+
 SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
     "delete-orders": delete_orders,
     "stop-primary": stop_primary,
     "delete-objects": delete_objects,
     "dr-nodes-zero": dr_nodes_zero,
+    "delete-dns": delete_dns,
 }
 
 

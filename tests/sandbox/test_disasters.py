@@ -16,6 +16,7 @@ from drplan.sandbox import stack
 from drplan.timeutil import utcnow
 from flows.dr_readiness import dr_readiness
 from tasks.eks import scale_nodegroup
+from tasks.route53 import read_records, switch_records
 from tests.helpers import own_postgres_topology
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -108,6 +109,41 @@ def test_lost_dr_capacity_comes_back_with_the_printed_eks_recovery(sandbox, sand
                         "dev_nodes", 1, timeout=60)
 
 
+def test_lost_dns_records_come_back_with_the_printed_dns_failover(sandbox, sandbox_plan_path):
+    path, r53 = str(sandbox_plan_path), aws_client(sandbox, "route53")
+    before = read_records(r53, sandbox.dns)
+    try:
+        what, command = broken(drplan("sandbox", "break", "delete-dns", "--plan", path))
+        assert what == f"deleted the DNS records {', '.join(sandbox.dns.records)}"
+        assert read_records(r53, sandbox.dns) == dict.fromkeys(sandbox.dns.records)
+        unready = dr_readiness(plan=path, return_state=True).result(raise_on_failure=False)
+        assert [f.check for f in unready.unready] == ["DNS"]
+        assert command == ["dns-failover", "--plan", path, "--to", "us-east-1"]
+        planned = drplan(*command, "--dry-run")
+        assert planned.exit_code == 0, planned.output
+        assert "planned (dry run)" in planned.stdout and "would switch" in planned.stdout
+        assert read_records(r53, sandbox.dns) == dict.fromkeys(sandbox.dns.records)
+        switched = drplan(*command, "--yes")
+        assert switched.exit_code == 0, switched.output
+        assert "DNS failover to us-east-1: DNS on us-east-1" in switched.stdout
+        assert read_records(r53, sandbox.dns) == before
+        assert dr_readiness(plan=path, return_state=True).result(raise_on_failure=False).ready
+        again = drplan(*command, "--yes")  # nothing left to do: no validation, no approval, no change
+        assert again.exit_code == 0 and "already switched" in again.stdout, again.output
+    finally:
+        switch_records(r53, sandbox.dns, before[sandbox.dns.records[0]][0])
+
+
+def test_dns_failover_refuses_a_region_whose_services_fail_validation(sandbox, sandbox_plan_path):
+    """The DR app is not deployed (pilot light): sending the traffic there is refused while the records stay."""
+    r53 = aws_client(sandbox, "route53")
+    before = read_records(r53, sandbox.dns)
+    refused = drplan("dns-failover", "--plan", str(sandbox_plan_path), "--to", "us-west-2", "--yes")
+    assert refused.exit_code == 2, refused.output
+    assert "the services in us-west-2 do not pass validation (health" in refused.stderr
+    assert read_records(r53, sandbox.dns) == before
+
+
 def test_eks_recover_refuses_bad_counts_in_one_line(sandbox_plan_path):
     bad = drplan("eks-recover", "--plan", str(sandbox_plan_path), "--cluster", "devonn-eks-dr-sandbox",
                  "--nodes", "dev_nodes=many")
@@ -119,7 +155,7 @@ def test_refusals_are_one_line(sandbox_plan_path):
     unknown = drplan("sandbox", "break", "meteor", "--plan", str(sandbox_plan_path))
     assert unknown.exit_code == 2
     assert unknown.stderr.strip() == ("error: no scenario 'meteor'; choose one of: delete-orders, stop-primary, "
-                                      "delete-objects, dr-nodes-zero")
+                                      "delete-objects, dr-nodes-zero, delete-dns")
     production = drplan("sandbox", "break", "stop-primary", "--plan", "plans/devonn.yaml")
     assert production.exit_code == 2 and "has no sandbox section" in production.stderr
 
