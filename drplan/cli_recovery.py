@@ -72,14 +72,9 @@ def dns_failover(
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
 ) -> None:
     """DNS failover alone: once the region's services pass validation, UPSERT the records to its target."""
-    from drplan.regions import placements
     from flows.dns_failover import dns_failover as flow_fn
 
-    dr_plan = plan_or_exit(plan)
-    with refusals():
-        placements(dr_plan, to or dr_plan.aws.dr_region)  # refused before anything runs
-    run(flow_fn, f"dns-failover-{to or dr_plan.aws.dr_region}",
-        dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
+    run_towards(flow_fn, "dns-failover", plan, to, dry_run, force, yes)
 
 
 def eks_recover(
@@ -122,14 +117,19 @@ def region_failover(
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
 ) -> None:
     """Move the services to another region: readiness, approval, promote, Secret, deploy, scale, validate, DNS."""
-    from drplan.regions import placements
     from flows.region_failover import region_failover as flow_fn
+
+    run_towards(flow_fn, "region-failover", plan, to, dry_run, force, yes)
+
+
+def run_towards(flow_fn: Any, label: str, plan: str, to: str | None, dry_run: bool, force: bool, yes: bool) -> None:
+    """The commands that move traffic to a region: the region is refused before anything runs, then the flow."""
+    from drplan.regions import traffic_target
 
     dr_plan = plan_or_exit(plan)
     with refusals():
-        placements(dr_plan, to or dr_plan.aws.dr_region)  # refused before anything runs
-    run(flow_fn, f"region-failover-{to or dr_plan.aws.dr_region}",
-        dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
+        region, _ = traffic_target(dr_plan, to)
+    run(flow_fn, f"{label}-{region}", dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
 
 
 def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:

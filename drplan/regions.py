@@ -46,3 +46,13 @@ def placements(plan: Plan, region: str) -> list[Placement]:
         raise DrplanError("no service of the plan has a dr section (services[].dr: {cluster, health}); nothing can "
                           "fail over")
     return found
+
+
+def traffic_target(plan: Plan, region: str | None) -> tuple[str, list[Placement]]:
+    """The region traffic moves to (default: aws.dr_region) and the services placed there; refuses a region the
+    plan cannot move traffic to (not one of its regions, no service with `dr`, no dns.targets entry)."""
+    region = region or plan.aws.dr_region
+    placed = placements(plan, region)
+    if plan.dns is None or region not in plan.dns.targets:
+        raise DrplanError(f"dns.targets has no target for {region}; add the name the records point at in that region")
+    return region, placed

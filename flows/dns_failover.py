@@ -14,7 +14,7 @@ from drplan.clients import aws_client, check_aws_access
 from drplan.errors import DrplanError
 from drplan.plan import Plan, load_plan
 from drplan.recovery import RecoveryReport, finished, published, request_approval
-from drplan.regions import Placement, placements
+from drplan.regions import Placement, traffic_target
 from flows.region_failover import switch_dns, validate_placement
 from tasks.health import ServiceValidation
 from tasks.route53 import failover_ttl, read_records
@@ -42,10 +42,7 @@ def dns_failover(
 ) -> DnsReport:
     """Point the plan's DNS records at region `to` (default: the DR region) once its services answer."""
     dr_plan = load_plan(plan)
-    to = to or dr_plan.aws.dr_region
-    placed = placements(dr_plan, to)
-    if dr_plan.dns is None or to not in dr_plan.dns.targets:
-        raise DrplanError(f"dns.targets has no target for {to}; add the name the records point at in that region")
+    to, placed = traffic_target(dr_plan, to)
     report = DnsReport(flow="dns-failover", plan=dr_plan.name, subject=to, dry_run=dry_run)
     check_aws_access(dr_plan)
     with published(report, f"dns-failover-{to}"):

@@ -30,7 +30,7 @@ from drplan.regions import Placement, placements
 from drplan.timeutil import format_duration, utcnow
 from flows.db_failover import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
-from tasks.manifests import load_manifests, secret_refs, with_overrides
+from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
 
@@ -127,7 +127,7 @@ def manifests_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool
         cluster = placement.cluster
         if not cluster.manifests:
             return False, f"cluster {cluster.name} has no manifests folder (clusters[].manifests)"
-        objects = [with_overrides(o, cluster.overrides) for o in load_manifests(plan.resolve_path(cluster.manifests))]
+        objects = render_manifests(plan, cluster)
         deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
         missing = sorted(set(plan.failover.scale) - deployments)
         secrets = {s.metadata.name for s in

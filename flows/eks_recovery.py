@@ -29,7 +29,7 @@ from tasks.eks import (
     scale_nodegroup_task,
 )
 from tasks.k8s import availability, deployment_exists, wait_deployment_available
-from tasks.manifests import Applied, apply_manifest, load_manifests, with_overrides
+from tasks.manifests import Applied, apply_manifest, render_manifests
 
 DEFAULT_PLAN = "plans/devonn.yaml"
 
@@ -121,7 +121,7 @@ def eks_recovery(
         if not target.manifests:
             raise DrplanError(f"cluster {cluster} has no manifests folder; set clusters[].manifests or "
                               "apply_manifests=false")
-        objects = [with_overrides(o, target.overrides) for o in load_manifests(dr_plan.resolve_path(target.manifests))]
+        objects = render_manifests(dr_plan, target)
     report = EksReport(flow="eks-recovery", plan=dr_plan.name, subject=cluster, dry_run=dry_run)
     with published(report, f"eks-recovery-{cluster}"):
         recover_cluster(dr_plan, target, nodes, scale, objects, report)

@@ -22,7 +22,7 @@ from drplan.clients import aws_client, check_aws_access, db_credentials, kube_cl
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan, load_plan
 from drplan.recovery import RecoveryReport, database_url, finished, published, recovery_lock, request_approval
-from drplan.regions import Placement, placements
+from drplan.regions import Placement, traffic_target
 from drplan.timeutil import format_duration, utcnow
 from flows.db_failover import Request, already_promoted, lag_guard, promote
 from flows.dr_readiness import ReadinessReport, dr_readiness
@@ -36,7 +36,7 @@ from tasks.k8s import (
     wait_deployment_available,
     write_secret_value,
 )
-from tasks.manifests import env_secret_ref, load_manifests
+from tasks.manifests import env_secret_ref, render_manifests
 from tasks.route53 import failover_ttl, read_records, switch_records
 
 DEFAULT_PLAN = "plans/devonn.yaml"
@@ -72,10 +72,7 @@ def region_failover(
     """Move every service with a `dr` section to region `to` (the DR region, or back to the primary)."""
     started = utcnow()
     dr_plan = load_plan(plan)
-    to = to or dr_plan.aws.dr_region
-    placed = placements(dr_plan, to)
-    if dr_plan.dns is None or to not in dr_plan.dns.targets:
-        raise DrplanError(f"dns.targets has no target for {to}; add the name the records point at in that region")
+    to, placed = traffic_target(dr_plan, to)
     source = dr_plan.aws.region if to == dr_plan.aws.dr_region else dr_plan.aws.dr_region
     report = RegionReport(flow="region-failover", plan=dr_plan.name, subject=to, from_region=source,
                           dry_run=dry_run, rto_objective_seconds=min(
@@ -153,7 +150,7 @@ def promote_member(plan: Plan, placement: Placement, report: RegionReport, force
 def point_secret(plan: Plan, placement: Placement, report: RegionReport) -> None:
     """Write the member's URL into the Secret the service's manifest references, in the region's cluster."""
     cluster, db = placement.cluster, placement.database
-    objects = load_manifests(plan.resolve_path(cluster.manifests)) if cluster.manifests else []
+    objects = render_manifests(plan, cluster)
     secret, key = env_secret_ref(objects, placement.service.name, DATABASE_ENV)
     credentials = db_credentials(plan, db)
     target = pg_target(plan, db, placement.member, credentials)

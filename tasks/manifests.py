@@ -9,6 +9,7 @@ scales it (like an autoscaler would): the manifest's replicas only apply on crea
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
-from drplan.plan import ManifestOverrides
+from drplan.plan import Cluster, ManifestOverrides, Plan
 
 KINDS = ("Deployment", "Service", "ConfigMap")
 
@@ -67,9 +68,15 @@ def with_overrides(obj: dict[str, Any], overrides: ManifestOverrides) -> dict[st
     return obj
 
 
-def secret_refs(objects: list[dict[str, Any]]) -> set[str]:
-    """Names of the Secrets the manifests' containers take env values from."""
-    names = set()
+def render_manifests(plan: Plan, cluster: Cluster) -> list[dict[str, Any]]:
+    """The cluster's manifests folder with its overrides applied, exactly as a deploy renders it ([] without one)."""
+    if not cluster.manifests:
+        return []
+    return [with_overrides(obj, cluster.overrides) for obj in load_manifests(plan.resolve_path(cluster.manifests))]
+
+
+def _secret_envs(objects: list[dict[str, Any]]) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """(deployment, env name, secretKeyRef) of every container env value the Deployments take from a Secret."""
     for obj in objects:
         if obj["kind"] != "Deployment":
             continue
@@ -77,8 +84,12 @@ def secret_refs(objects: list[dict[str, Any]]) -> set[str]:
             for var in container.get("env", []):
                 ref = (var.get("valueFrom") or {}).get("secretKeyRef")
                 if ref:
-                    names.add(ref["name"])
-    return names
+                    yield obj["metadata"]["name"], var.get("name"), ref
+
+
+def secret_refs(objects: list[dict[str, Any]]) -> set[str]:
+    """Names of the Secrets the manifests' containers take env values from."""
+    return {ref["name"] for _, _, ref in _secret_envs(objects)}
 
 
 def _calls(api_client, kind: str) -> tuple[Any, Any, Any]:
@@ -120,12 +131,8 @@ def apply_manifest(api_client, namespace: str, obj: dict[str, Any], dry_run: boo
 
 def env_secret_ref(objects: list[dict[str, Any]], deployment: str, env: str) -> tuple[str, str]:
     """(Secret, key) the deployment's manifest takes `env` from (valueFrom.secretKeyRef)."""
-    for obj in objects:
-        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == deployment:
-            for container in obj["spec"]["template"]["spec"].get("containers", []):
-                for var in container.get("env", []):
-                    ref = (var.get("valueFrom") or {}).get("secretKeyRef")
-                    if var.get("name") == env and ref:
-                        return ref["name"], ref["key"]
+    for name, var, ref in _secret_envs(objects):
+        if name == deployment and var == env:
+            return ref["name"], ref["key"]
     raise DrplanError(f"the manifests have no Deployment {deployment} taking {env} from a Secret "
                       "(env valueFrom.secretKeyRef); fix the manifests")

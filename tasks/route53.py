@@ -47,11 +47,10 @@ def read_records(r53, dns: Dns) -> dict[str, tuple[str, int] | None]:
 def switch_records(r53, dns: Dns, target: str, timeout: float = 300, interval: float = 2.0) -> list[str]:
     """UPSERT every record of the plan to CNAME `target` (TTL <= 60 s) and wait until the change is INSYNC.
     Returns the records that changed (none when all already pointed there)."""
-    ttl = failover_ttl(dns)
-    stale = [name for name, answer in read_records(r53, dns).items() if answer != (target, ttl)]
+    ttl, zone = failover_ttl(dns), zone_id(r53, dns.zone)
+    stale = [name for name in dns.records if read_record(r53, zone, name) != (target, ttl)]
     if not stale:
         return []
-    zone = zone_id(r53, dns.zone)
     change = r53.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={
         "Comment": f"drplan DNS failover to {target}",
         "Changes": [{"Action": "UPSERT", "ResourceRecordSet": {

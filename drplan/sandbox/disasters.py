@@ -14,7 +14,7 @@ from drplan.clients import aws_client, check_aws_access, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.s3store import parse_prefix
-from drplan.sandbox.stack import sandbox_postgres, state_dir
+from drplan.sandbox.stack import is_pilot_light, sandbox_postgres, state_dir
 from drplan.timeutil import utcnow
 from tasks.eks import scale_nodegroup
 from tasks.route53 import fqdn, read_records, zone_id
@@ -84,7 +84,7 @@ def delete_objects(plan: Plan, plan_ref: str) -> Disaster:
 
 def dr_nodes_zero(plan: Plan, plan_ref: str) -> Disaster:
     """The DR region loses its standby capacity: every node group of its cluster scaled to zero nodes."""
-    cluster = next((c for c in plan.clusters if plan.aws.dr_region and plan.region_of(c) == plan.aws.dr_region), None)
+    cluster = next((c for c in plan.clusters if is_pilot_light(plan, c)), None)
     if cluster is None:
         raise DrplanError(f"plan {plan.name} has no cluster in aws.dr_region; add one with region: <dr_region>")
     eks, api = aws_client(plan, "eks", plan.region_of(cluster)), kube_client(plan, cluster)

@@ -147,7 +147,7 @@ def wait_until_drillable(plan: Plan, db: Database, pg: LocalPostgres, timeout: f
 def kube_api_of(plan: Plan, cluster: Cluster) -> tuple[str, str]:
     """Process name and host:port of the cluster's Kubernetes API: one per region, the DR region on its own port."""
     assert plan.sandbox is not None
-    if plan.region_of(cluster) == plan.aws.dr_region:
+    if is_pilot_light(plan, cluster):
         return "kube-api-dr", plan.sandbox.kube_api_dr
     return "kube-api", plan.sandbox.kube_api
 
@@ -172,15 +172,6 @@ def app_of(plan: Plan, cluster: Cluster) -> tuple[Service, str] | None:
     return None
 
 
-def manifests_of(plan: Plan, cluster: Cluster) -> list[dict[str, Any]]:
-    """The objects of the cluster's manifests folder with its overrides, exactly as a deploy renders them."""
-    from tasks.manifests import load_manifests, with_overrides
-
-    if not cluster.manifests:
-        return []
-    return [with_overrides(obj, cluster.overrides) for obj in load_manifests(plan.resolve_path(cluster.manifests))]
-
-
 def nodes_state(plan: Plan, cluster: Cluster, api: Any = None) -> tuple[bool, str]:
     """Whether every node group has as many Ready nodes as EKS wants, and e.g. 'dev_nodes 3/3 Ready'."""
     from tasks.eks import nodegroup_state
@@ -197,6 +188,8 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
     region) its deployments."""
     from kubernetes.client import ApiException, CoreV1Api
     from kubernetes.utils import FailToCreateError, create_from_dict
+
+    from tasks.manifests import render_manifests
 
     assert plan.aws.endpoint_url is not None
     process, endpoint = kube_api_of(plan, cluster)
@@ -234,7 +227,7 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
                 "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
             })
     if not is_pilot_light(plan, cluster):
-        for obj in manifests_of(plan, cluster):
+        for obj in render_manifests(plan, cluster):
             try:
                 create_from_dict(api, obj, namespace=cluster.namespace)
             except FailToCreateError as exc:

@@ -14,6 +14,7 @@ from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 from drplan.clients import aws_client, kube_client
 from drplan.sandbox import stack
 from drplan.sandbox.kube_api import UNAVAILABLE_ANNOTATION
+from tasks.manifests import render_manifests
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.sandbox
@@ -65,7 +66,7 @@ def test_dr_app_serves_only_while_its_deployment_is_available(sandbox, dr):
     assert response.status_code == 503 and response.json() == {"status": "unavailable", "error": absent}
     assert get(stats).status_code == 503 and get(stats).json() == {"error": absent}
 
-    manifest = copy.deepcopy(next(o for o in stack.manifests_of(sandbox, cluster)
+    manifest = copy.deepcopy(next(o for o in render_manifests(sandbox, cluster)
                                   if o["kind"] == "Deployment" and o["metadata"]["name"] == "devonn-api"))
     manifest["metadata"]["annotations"] = {UNAVAILABLE_ANNOTATION: "true"}  # a rollout that never completes
     apps.create_namespaced_deployment(cluster.namespace, manifest)

@@ -15,6 +15,7 @@ from drplan import processes
 from drplan.clients import aws_client, kube_client
 from drplan.sandbox import stack
 from tasks.k8s import export_namespace
+from tasks.manifests import render_manifests
 
 
 def test_status_reports_every_component_healthy(sandbox):
@@ -92,7 +93,7 @@ def test_deployments_come_from_the_manifests_and_applying_them_changes_nothing(s
 
     cluster = sandbox.cluster("devonn-eks-sandbox")
     api = kube_client(sandbox, cluster)
-    objects = stack.manifests_of(sandbox, cluster)
+    objects = render_manifests(sandbox, cluster)
     assert sorted(o["metadata"]["name"] for o in objects) == sorted(cluster.deployments)
     before = export_namespace.fn(api, cluster.namespace)
     assert [apply_manifest(api, cluster.namespace, o).action for o in objects] == ["unchanged"] * len(objects)
