@@ -1,6 +1,6 @@
 # drplan: `make run` brings the local sandbox up and runs the DR checks against it; `make test` runs the suite.
 # The virtualenv is built on a system interpreter the PostgreSQL OS user can execute (barman-cloud runs
-# from archive_command as that user; a pyenv Python under /root is unreadable to it, see DESIGN.md §5).
+# from archive_command as that user; a pyenv Python under /root is unreadable to it, see docs/architecture.md).
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/bin/python3) python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(BIN)/drplan dr-test --plan $(PLAN) --database devonn-postgres
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 ui: $(STAMP)
@@ -31,6 +32,7 @@ ui-down: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 sandbox-down: $(STAMP)
 	$(BIN)/drplan serve --stop --plan $(PLAN)

@@ -24,11 +24,11 @@ from pathlib import Path
 import psycopg
 
 from drplan.clients import child_aws_env, db_credentials
+from drplan.pgserver import PG_BIN, VENV_BIN
 from drplan.plan import load_plan
-from drplan.postgres_local import PG_BIN, VENV_BIN
-from drplan.targets import PostgresArchive, free_port
 from drplan.timeutil import utcnow
-from flows.restore_drill import choose_target_time
+from flows.shared.requests import choose_target_time
+from tasks.targets import PostgresArchive, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "restore_drill.json"

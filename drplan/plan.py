@@ -5,6 +5,7 @@ A broken plan fails at load with one line per problem, naming the field path and
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from enum import StrEnum
@@ -356,6 +357,12 @@ class Plan(_Model):
     drill: DrillSettings = DrillSettings()
     sandbox: SandboxSettings | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
+
+    def state_dir(self) -> Path:
+        """Where the local servers of a plan with `sandbox:` keep their state (DRPLAN_SANDBOX_DIR overrides)."""
+        if self.sandbox is None:
+            raise DrplanError(f"plan {self.name} has no sandbox: section; use plans/sandbox.yaml or add one")
+        return Path(os.environ.get("DRPLAN_SANDBOX_DIR") or self.resolve_path(self.sandbox.state_dir))
 
     def resolve_path(self, value: str) -> Path:
         """Paths in a plan are relative to the plan file."""

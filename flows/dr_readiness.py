@@ -28,7 +28,7 @@ from drplan.errors import first_line
 from drplan.plan import DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
 from drplan.timeutil import format_duration, utcnow
-from flows.db_failover import Request, measure_lag
+from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance

@@ -27,8 +27,9 @@ from drplan.rpo import RpoReport
 from drplan.s3manifest import resolve_backup
 from drplan.timeutil import utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
-from flows.restore_drill import restore_drill, validate_request
+from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
+from flows.shared.requests import validate_request
 from tasks.s3 import verify_backup
 
 DEFAULT_PLAN = "plans/devonn.yaml"

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from drplan.clients import aws_client, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Cluster, Plan, load_plan
-from drplan.recovery import RecoveryReport, finished, published
+from flows.shared.report import RecoveryReport, finished, published
 from tasks.eks import (
     NodegroupState,
     cluster_status,

@@ -17,20 +17,12 @@ from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.drill_report import CheckStatus, DrillCheck
 from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan, Service
-from drplan.recovery import (
-    RecoveryReport,
-    cut_over_and_validate,
-    database_url,
-    find_app_secret,
-    finished,
-    published,
-    recovery_lock,
-    request_approval,
-    service_of,
-)
-from drplan.targets import RestoreTarget, restore_target, scratch_name
-from flows.restore_drill import choose_target_time, validate_request
+from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
+from flows.shared.gates import recovery_lock, request_approval
+from flows.shared.report import RecoveryReport, finished, published
+from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
+from tasks.targets import RestoreTarget, restore_target, scratch_name
 
 DEFAULT_PLAN = "plans/devonn.yaml"
 

@@ -21,13 +21,16 @@ from prefect import flow
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan, load_plan
-from drplan.recovery import RecoveryReport, database_url, finished, published, recovery_lock, request_approval
 from drplan.regions import Placement, traffic_target
 from drplan.timeutil import format_duration, utcnow
-from flows.db_failover import Request, already_promoted, lag_guard, promote
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.eks_recovery import eks_recovery
-from tasks.health import ServiceValidation, validate_service_task
+from flows.shared.cutover import database_url
+from flows.shared.dns import switch_dns, validate_placement
+from flows.shared.gates import recovery_lock, request_approval
+from flows.shared.promotion import Request, already_promoted, lag_guard, promote
+from flows.shared.report import RecoveryReport, finished, published
+from tasks.health import ServiceValidation
 from tasks.k8s import (
     DATABASE_ENV,
     deployment_exists,
@@ -37,7 +40,7 @@ from tasks.k8s import (
     write_secret_value,
 )
 from tasks.manifests import env_secret_ref, render_manifests
-from tasks.route53 import failover_ttl, read_records, switch_records
+from tasks.route53 import failover_ttl, read_records
 
 DEFAULT_PLAN = "plans/devonn.yaml"
 
@@ -165,27 +168,6 @@ def point_secret(plan: Plan, placement: Placement, report: RegionReport) -> None
     if deployment_exists(api, cluster.namespace, placement.service.name):  # else the manifests step creates it
         restart_deployment(api, cluster.namespace, placement.service.name)
         wait_deployment_available(api, cluster.namespace, placement.service.name)
-
-
-def validate_placement(plan: Plan, placement: Placement) -> ServiceValidation:
-    """Recovery validation of one service in its new region, against the database member it now uses."""
-    credentials = db_credentials(plan, placement.database) if placement.database else None
-    target = pg_target(plan, placement.database, placement.member, credentials) if credentials else None
-    return validate_service_task(plan, placement.serving(), target)
-
-
-def switch_dns(plan: Plan, to: str, report: RegionReport) -> None:
-    r53, target, ttl = aws_client(plan, "route53"), plan.dns.targets[to], failover_ttl(plan.dns)
-    before = read_records(r53, plan.dns)
-    changed = switch_records(r53, plan.dns, target)
-    wrong = [f"{name} -> {answer}" for name, answer in read_records(r53, plan.dns).items() if answer != (target, ttl)]
-    if wrong:
-        raise DrplanError(f"Route 53 does not answer the new target {target}: {', '.join(wrong)}")
-    for name in plan.dns.records:
-        report.record("switched" if name in changed else "already switched", f"DNS {name}",
-                      f"CNAME {target}, TTL {ttl}s, INSYNC",
-                      before=None if before[name] is None else before[name][0], after=target,
-                      mutating=name in changed)
 
 
 def not_carried_back(source: str) -> str:

@@ -1,4 +1,4 @@
-"""Restore tasks against a database target (drplan.targets): window, restore, drop, sweep."""
+"""Restore tasks against a database target (tasks.targets): window, restore, drop, sweep."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from drplan.clients import DbCredentials, PgTarget
 from drplan.drill_report import CheckStatus, DrillCheck
 from drplan.logs import run_logger
 from drplan.plan import Integrity
-from drplan.targets import RestorableWindow, RestoreTarget, Scratch
 from drplan.timeutil import utcnow
+from tasks.targets import RestorableWindow, RestoreTarget, Scratch
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

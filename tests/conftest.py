@@ -77,7 +77,7 @@ def sandbox_plan_path(sandbox_dir: Path) -> Path:
 def sandbox(sandbox_plan_path: Path) -> Iterator[Plan]:
     """The sandbox, up for the whole session; torn down (processes stopped, state deleted) at the end."""
     from drplan import processes
-    from drplan.sandbox import stack
+    from sandbox import stack
 
     plan = load_plan(sandbox_plan_path)
     try:
@@ -85,7 +85,7 @@ def sandbox(sandbox_plan_path: Path) -> Iterator[Plan]:
         yield plan
     finally:
         stack.down(plan)
-        directory = stack.state_dir(plan)
+        directory = plan.state_dir()
         leftovers = [n for n in processes.tracked_names(directory) if processes.running(directory, n)]
         stack.down(plan, purge=True)
         assert not leftovers, f"sandbox processes left running: {leftovers}"

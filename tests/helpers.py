@@ -99,7 +99,7 @@ def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: 
 
     from drplan import processes
     from drplan.plan import load_plan
-    from drplan.sandbox import stack
+    from sandbox import stack
 
     directory = world_traversable_dir("drplan-topology-")
     shutil.copy2(sandbox_dir / "secrets.json", directory / "secrets.json")  # the password moto's secret holds

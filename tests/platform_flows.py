@@ -8,10 +8,10 @@ from datetime import timedelta
 
 from prefect import flow, pause_flow_run
 
-from drplan.recovery import Approval
 from drplan.rpo import Measurement, RpoReport, Status
 from drplan.timeutil import utcnow
 from flows.rpo_verification import publish
+from flows.shared.gates import Approval
 
 
 @flow(name="platform-approval-probe")

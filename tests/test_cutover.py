@@ -16,9 +16,9 @@ from pydantic import SecretStr
 
 from drplan.clients import db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
-from drplan.recovery import database_url
-from drplan.sandbox import demo_data, stack
-from drplan.sandbox.kube_api import UNAVAILABLE_ANNOTATION
+from flows.shared.cutover import database_url
+from sandbox import demo_data, stack
+from sandbox.kube_api import UNAVAILABLE_ANNOTATION
 from tasks.k8s import (
     DeploymentNotAvailable,
     cut_over,

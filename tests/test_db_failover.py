@@ -15,8 +15,8 @@ import pytest
 
 from drplan.clients import aws_client, db_credentials, kube_client, pg_target
 from drplan.plan import load_plan
-from drplan.sandbox import aws_seed, stack
 from flows.db_failover import db_failover
+from sandbox import aws_seed, stack
 from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value, roll_back
 from tests.helpers import in_recovery, own_postgres_topology, stack_snapshot, wait_for
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from drplan.cli import app
+from cli.main import app
 from drplan.drill_report import CheckStatus
 from flows.dr_test import DrTestReport, dr_test
 

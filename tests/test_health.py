@@ -11,7 +11,7 @@ from prefect import flow
 
 from drplan.clients import aws_client
 from drplan.plan import load_plan
-from drplan.sandbox import stack
+from sandbox import stack
 from tasks.health import CheckStatus, ServiceValidation, validate_service, validate_service_task
 from tests.helpers import logged_text
 

@@ -25,15 +25,15 @@ from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
+from cli.main import app
 from drplan import processes
-from drplan.cli import app
 from drplan.clients import db_credentials, kube_client
 from drplan.errors import DrplanError
-from drplan.recovery import lock_name
-from drplan.sandbox import stack
-from drplan.targets import PostgresArchive
 from flows.pitr_recovery import pitr_recovery
+from flows.shared.gates import lock_name
+from sandbox import stack
 from tasks.k8s import find_database_secret, read_secret_value, roll_back
+from tasks.targets import PostgresArchive
 from tests.helpers import logged_text, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

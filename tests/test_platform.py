@@ -1,5 +1,5 @@
 """The Prefect platform surface against a real `prefect server start` with API auth, started by `drplan serve`
-(drplan/serve.py) into a temp dir: prefect.yaml deployed against a test plan, REST-triggered runs executed by the
+(cli/serve.py) into a temp dir: prefect.yaml deployed against a test plan, REST-triggered runs executed by the
 process worker, a paused run approved through the REST resume endpoint, automations notifying the local webhook
 receiver, 401 without credentials, `drplan trigger`, `drplan serve` idempotent and leaving no process behind.
 
@@ -25,8 +25,10 @@ from prefect.flows import load_flow_from_entrypoint
 from rich.console import Console
 from typer.testing import CliRunner
 
+from cli import platform as cli_platform
+from cli import serve
 from deployments import automations, receiver
-from drplan import cli_platform, processes, serve
+from drplan import processes
 from drplan.plan import load_plan
 from tests.conftest import sandbox_plan_data
 from tests.helpers import free_port, wait_for
@@ -156,7 +158,7 @@ def test_prefect_yaml_is_deployed_against_the_plan(platform: serve.Platform, api
         assert deployed["enforce_parameter_schema"] is True
         assert deployed["work_pool_name"] == serve.POOL
         assert [s["schedule"]["cron"] for s in deployed["schedules"]] == [s["cron"] for s in spec.get("schedules", [])]
-        if "concurrency_limit" not in spec:  # the recovery flows lock per database instead (drplan/recovery.py)
+        if "concurrency_limit" not in spec:  # the recovery flows lock per database instead (flows/shared/gates.py)
             assert deployed["global_concurrency_limit"] is None, spec["name"]
             continue
         assert deployed["global_concurrency_limit"]["limit"] == spec["concurrency_limit"]["limit"]

@@ -21,12 +21,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
-from drplan.cli import app
+from cli.main import app
 from drplan.clients import aws_client, db_credentials, kube_client, pg_target
 from drplan.plan import load_plan
-from drplan.recovery import lock_name
 from flows.dr_readiness import dr_readiness
 from flows.region_failover import region_failover
+from flows.shared.gates import lock_name
 from tasks.eks import ready_nodes
 from tasks.k8s import find_database_secret, read_secret_value, write_secret_value
 from tasks.route53 import read_record, zone_id

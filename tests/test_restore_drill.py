@@ -10,14 +10,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from drplan.cli import app
+from cli.main import app
 from drplan.clients import aws_client, db_credentials
 from drplan.drill_report import CheckStatus, DrillReport
 from drplan.errors import DrplanError
-from drplan.sandbox import stack
-from drplan.targets import DRILL_TAG, PostgresArchive, RdsInstance, RestorableWindow
-from flows.restore_drill import choose_target_time, restore_drill
+from flows.restore_drill import restore_drill
+from flows.shared.requests import choose_target_time
+from sandbox import stack
 from tasks.rds import find_instance
+from tasks.targets import DRILL_TAG, PostgresArchive, RdsInstance, RestorableWindow
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
@@ -131,7 +132,7 @@ def test_crashed_drill_leftover_is_swept_by_the_next_drill(sandbox, sandbox_plan
 
 def snapshot_database(pg, member: str, name: str) -> None:
     """A logical copy of users and orders, as they are now, in database `name` on the same server."""
-    from drplan.sandbox import demo_data
+    from sandbox import demo_data
 
     with pg.connect(member, "postgres") as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name}")

@@ -9,10 +9,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from drplan import rpo
-from drplan.cli import app
-from drplan.sandbox import stack
 from flows.rpo_verification import rpo_verification
+from sandbox import stack
 from tests.helpers import free_ports
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

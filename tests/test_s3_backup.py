@@ -154,7 +154,7 @@ def test_backup_flow_backs_up_one_or_every_bucket(env):
 
 
 def test_sandbox_seeding_still_backs_up_through_back_up_prefix(env):
-    from drplan.sandbox import aws_seed
+    from sandbox import aws_seed
 
     path, s3 = env
     aws_seed.back_up_buckets(load_plan(path))
@@ -165,7 +165,7 @@ def test_backup_cli_reports_json_and_refuses_an_unknown_bucket_in_one_line(env):
     import typer
     from typer.testing import CliRunner
 
-    from drplan.cli_s3 import s3_backup as s3_backup_command
+    from cli.s3 import s3_backup as s3_backup_command
 
     path, s3 = env
     app = typer.Typer()

@@ -11,7 +11,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from drplan.cli_s3 import s3_restore
+from cli.s3 import s3_restore
 from drplan.errors import DrplanError
 from drplan.plan import load_plan
 from drplan.progress import Silent

@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from drplan.cli import app
+from cli.main import app
 from drplan.clients import aws_client
 from drplan.s3manifest import resolve_backup
 from drplan.timeutil import utcnow

@@ -16,7 +16,7 @@ from psycopg import sql
 from pydantic import SecretStr
 
 from drplan.clients import DbCredentials, PgTarget
-from drplan.sandbox import demo_data
+from sandbox import demo_data
 from tests.checks.scratch_postgres import scratch_postgres
 from tests.helpers import wait_for
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from drplan.postgres_local import PG_BIN, ensure_os_user
+from drplan.pgserver import PG_BIN, ensure_os_user
 from tests.helpers import free_port, world_traversable_dir
 
 PG_USER = "drplan-pg"

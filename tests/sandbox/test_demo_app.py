@@ -130,7 +130,7 @@ def stack(postgres_port: int) -> Iterator[Stack]:
             core.create_namespaced_secret(NS, secret("devonn-api-db", "DATABASE_URL", db_url(postgres_port, "devonn")))
             core.create_namespaced_secret(NS, secret("devonn-api-token", "token", TOKEN))
             listen = f"127.0.0.1:{free_port()}"
-            argv = [sys.executable, "-m", "drplan.sandbox.demo_app", "--listen", listen,
+            argv = [sys.executable, "-m", "sandbox.demo_app", "--listen", listen,
                     "--kubeconfig", str(kubeconfig), "--context", "primary", "--namespace", NS,
                     "--db-secret", "devonn-api-db", "--token-secret", "devonn-api-token"]  # fmt: skip
             tracked = processes.start(state_dir, "demo-app", argv)

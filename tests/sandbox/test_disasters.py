@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from drplan.clients import aws_client, kube_client
 from drplan.plan import load_plan
 from drplan.s3store import parse_prefix
-from drplan.sandbox import stack
 from drplan.timeutil import utcnow
 from flows.dr_readiness import dr_readiness
+from sandbox import stack
 from tasks.eks import scale_nodegroup
 from tasks.route53 import read_records, switch_records
 from tests.helpers import own_postgres_topology
@@ -24,7 +24,7 @@ DB = "devonn-postgres"
 
 
 def drplan(*args: str):
-    from drplan.cli import app
+    from cli.main import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -12,8 +12,8 @@ import pytest
 from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 
 from drplan.clients import aws_client, kube_client
-from drplan.sandbox import stack
-from drplan.sandbox.kube_api import UNAVAILABLE_ANNOTATION
+from sandbox import stack
+from sandbox.kube_api import UNAVAILABLE_ANNOTATION
 from tasks.manifests import render_manifests
 from tests.helpers import wait_for
 

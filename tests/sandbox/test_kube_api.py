@@ -19,7 +19,7 @@ from kubernetes import client
 from kubernetes.client import ApiException
 
 from drplan import processes
-from drplan.sandbox.kube_api import write_kubeconfig
+from sandbox.kube_api import write_kubeconfig
 from tests.helpers import free_port, wait_for
 
 NS = "devonn"
@@ -40,7 +40,7 @@ def answers(url: str) -> bool:
 def running_kube_api(state_dir: Path, context: str = "sandbox") -> Iterator[Path]:
     """The kube_api module as a tracked process; yields a kubeconfig for it. Stopped (SIGTERM) on exit."""
     url = f"http://127.0.0.1:{free_port()}"
-    argv = [sys.executable, "-m", "drplan.sandbox.kube_api", "--listen", url.removeprefix("http://")]
+    argv = [sys.executable, "-m", "sandbox.kube_api", "--listen", url.removeprefix("http://")]
     processes.start(state_dir, "kube-api", argv)
     try:
         wait_for(lambda: answers(f"{url}/version"), 15, "the Kubernetes API to answer")
@@ -150,7 +150,7 @@ def test_deployment_rolls_out_and_follows_a_patch(api: client.ApiClient) -> None
 
 def test_annotated_deployment_never_becomes_available(api: client.ApiClient) -> None:
     apps = client.AppsV1Api(api)
-    apps.create_namespaced_deployment(NS, deployment("broken", 2, {"drplan.sandbox/unavailable": "true"}))
+    apps.create_namespaced_deployment(NS, deployment("broken", 2, {"sandbox/unavailable": "true"}))
     wait_for(lambda: apps.read_namespaced_deployment("broken", NS).status, 5, "the controller")
     time.sleep(0.5)  # several rollout delays: it stays unavailable
     d = apps.read_namespaced_deployment("broken", NS)

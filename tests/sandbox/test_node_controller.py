@@ -18,9 +18,9 @@ from kubernetes.config import new_client_from_config
 
 from drplan import processes
 from drplan.clients import aws_client, kube_client
-from drplan.sandbox import stack
-from drplan.sandbox.kube_api import write_kubeconfig
-from drplan.sandbox.node_controller import NODEGROUP_LABEL, NodeController
+from sandbox import stack
+from sandbox.kube_api import write_kubeconfig
+from sandbox.node_controller import NODEGROUP_LABEL, NodeController
 from tests.helpers import free_port, wait_for
 from tests.sandbox.test_kube_api import answers
 
@@ -132,7 +132,7 @@ def test_controller_survives_moto_and_the_api_going_away(tmp_path):
     """In process against a real kube_api that is restarted (losing every object), with EKS failing for a while:
     nothing is deleted while the node groups cannot be read, and the nodes are back once both answer."""
     listen = f"127.0.0.1:{free_port()}"
-    argv = [sys.executable, "-m", "drplan.sandbox.kube_api", "--listen", listen]
+    argv = [sys.executable, "-m", "sandbox.kube_api", "--listen", listen]
     processes.start(tmp_path, "kube-api", argv)
     stop = threading.Event()
     try:
@@ -163,7 +163,7 @@ def test_controller_survives_moto_and_the_api_going_away(tmp_path):
 def test_process_logs_errors_and_stops_on_sigterm(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     write_kubeconfig(tmp_path / "kubeconfig", dead, "t")
-    argv = [sys.executable, "-m", "drplan.sandbox.node_controller", "--kubeconfig", str(tmp_path / "kubeconfig"),
+    argv = [sys.executable, "-m", "sandbox.node_controller", "--kubeconfig", str(tmp_path / "kubeconfig"),
             "--context", "t", "--cluster", "c", "--region", "us-west-2", "--endpoint-url", dead]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     tracked = processes.start(tmp_path, "nodes-c", argv, env=env)

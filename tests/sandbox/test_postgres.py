@@ -22,8 +22,8 @@ import pytest
 from botocore.config import Config
 
 from drplan import processes
-from drplan.postgres_local import VENV_BIN, LocalPostgres, PostgresError
-from drplan.sandbox import demo_data
+from drplan.pgserver import VENV_BIN, LocalPostgres, PostgresError
+from sandbox import demo_data
 from tests.helpers import free_port, wait_for
 
 pytestmark = [

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from drplan import processes
 from drplan.clients import aws_client, kube_client
-from drplan.sandbox import stack
+from sandbox import stack
 from tasks.k8s import export_namespace
 from tasks.manifests import render_manifests
 
@@ -67,7 +67,7 @@ def test_app_takes_its_database_from_the_kubernetes_secret(sandbox):
     assert httpx.get(service.health, timeout=5).status_code == 200
     assert httpx.get(f"{base}/api/stats", timeout=5).json()["users"] == sandbox.sandbox.demo_rows
     assert httpx.get(f"{base}/api/me", timeout=5).status_code == 401
-    token = stack.sandbox_secrets(Path(stack.state_dir(sandbox)))["api_token"]
+    token = stack.sandbox_secrets(Path(sandbox.state_dir()))["api_token"]
     assert httpx.get(f"{base}/api/me", headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
 
 

@@ -12,11 +12,11 @@ kmock's `KubernetesEmulator` stores objects and serves create, get, list, watch,
 * label selectors on list and watch (`a=b`, `a!=b`, `a`, `!a`, `a in (b,c)`, `a notin (b,c)`), watch
   `timeoutSeconds`;
 * a deployment controller: shortly after a deployment is written, its status reports the rollout done
-  (all replicas available), unless it is annotated `drplan.sandbox/unavailable: "true"` (a failed rollout).
+  (all replicas available), unless it is annotated `sandbox/unavailable: "true"` (a failed rollout).
 
 Not emulated: pods for deployments, namespace deletion cascading, field selectors, admission/validation.
 
-Run as `python -m drplan.sandbox.kube_api --listen 127.0.0.1:PORT`; SIGTERM stops it.
+Run as `python -m sandbox.kube_api --listen 127.0.0.1:PORT`; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ import yaml
 from kmock._internal import dicts, parsing, rendering
 from kmock._internal.k8s import KubernetesObjectConflictError
 
-log = logging.getLogger("drplan.sandbox.kube_api")
+log = logging.getLogger("sandbox.kube_api")
 
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
-UNAVAILABLE_ANNOTATION = "drplan.sandbox/unavailable"
+UNAVAILABLE_ANNOTATION = "sandbox/unavailable"
 ROLLOUT_SECONDS = 0.3
 
 

@@ -14,8 +14,8 @@ from drplan.clients import aws_client, check_aws_access, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.s3store import parse_prefix
-from drplan.sandbox.stack import is_pilot_light, sandbox_postgres, state_dir
 from drplan.timeutil import utcnow
+from sandbox.stack import is_pilot_light, sandbox_postgres
 from tasks.eks import scale_nodegroup
 from tasks.route53 import fqdn, read_records, zone_id
 
@@ -128,7 +128,7 @@ def break_sandbox(plan: Plan, plan_ref: str, scenario: str) -> Disaster:
         raise DrplanError(f"plan {plan.name} has no sandbox section: drplan breaks only the local sandbox")
     if scenario not in SCENARIOS:
         raise DrplanError(f"no scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
-    if not (state_dir(plan) / "secrets.json").is_file():
+    if not (plan.state_dir() / "secrets.json").is_file():
         raise DrplanError(f"the sandbox of plan {plan.name} is not up; start it first: drplan sandbox up")
     check_aws_access(plan)  # moto answers
     return SCENARIOS[scenario](plan, plan_ref)

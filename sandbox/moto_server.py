@@ -1,6 +1,6 @@
 """The sandbox's AWS: moto_server, plus the one RDS behaviour drplan relies on that moto 5 lacks. RDS clears
 ReadReplicaSourceDBInstanceIdentifier when it promotes a read replica (that is how a caller sees the promotion is
-done); moto only flips an internal flag. Run as `python -m drplan.sandbox.moto_server -H HOST -p PORT`."""
+done); moto only flips an internal flag. Run as `python -m sandbox.moto_server -H HOST -p PORT`."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import click
 import typer
 from rich.markdown import Markdown
 
-from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals
+from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals
 from drplan.errors import DrplanError, first_line
 
 POLL_SECONDS = 1.0
@@ -34,7 +34,7 @@ def recover(
 ) -> None:
     """Point-in-time recovery to <database>-recovery-<T>; with --promote, cut the app over after approval."""
     from flows.pitr_recovery import pitr_recovery
-    from flows.restore_drill import validate_request
+    from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
@@ -54,7 +54,8 @@ def failover(
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
 ) -> None:
     """Multi-AZ failover test, or promote a replica (lag guard), cut the app over, validate."""
-    from flows.db_failover import Request, db_failover
+    from flows.db_failover import db_failover
+    from flows.shared.promotion import Request
 
     plan_or_exit(plan)
     with refusals():

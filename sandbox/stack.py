@@ -29,12 +29,13 @@ from rich.console import Console
 from drplan import processes
 from drplan.clients import child_aws_env, kube_client
 from drplan.errors import DrplanError
+from drplan.pgserver import PostgresError, ensure_os_user
 from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service, host_port
-from drplan.postgres_local import LocalPostgres, PostgresError, ensure_os_user
-from drplan.sandbox import aws_seed, demo_data
-from drplan.sandbox.kube_api import write_kubeconfig
 from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
+from sandbox import aws_seed, demo_data
+from sandbox.kube_api import write_kubeconfig
+from sandbox.postgres import SandboxPostgres
 
 PYTHON = sys.executable
 DB_SECRET = "devonn-api-db"
@@ -48,12 +49,6 @@ class Component:
     pid: int | None
     healthy: bool
     detail: str
-
-
-def state_dir(plan: Plan) -> Path:
-    if plan.sandbox is None:
-        raise DrplanError(f"plan {plan.name} has no sandbox: section; use plans/sandbox.yaml or add one")
-    return Path(os.environ.get("DRPLAN_SANDBOX_DIR") or plan.resolve_path(plan.sandbox.state_dir))
 
 
 def moto_address(plan: Plan) -> tuple[str, int]:
@@ -91,20 +86,13 @@ def sandbox_secrets(directory: Path) -> dict[str, str]:
     return values
 
 
-def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> LocalPostgres:
-    assert plan.sandbox is not None and db.backup is not None
-    return LocalPostgres(
-        directory, os_user=plan.sandbox.os_user, superuser=aws_seed.ADMIN_USER, password=password,
-        dbname=db.dbname, endpoint_url=plan.aws.endpoint_url, aws_env=child_aws_env(plan),
-        destination=db.backup.destination, server_name=db.backup.server_name,
-        archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
-        ports={m: host_port(e)[1] for m, e in db.endpoints.items()},
-    )
+def postgres_of(plan: Plan, db: Database, directory: Path, password: str) -> SandboxPostgres:
+    return SandboxPostgres.for_plan(plan, db, aws_seed.ADMIN_USER, password, directory)
 
 
-def sandbox_postgres(plan: Plan, db: Database) -> LocalPostgres:
+def sandbox_postgres(plan: Plan, db: Database) -> SandboxPostgres:
     """The sandbox's servers of `db` (for a flow that stops or starts one, e.g. a Multi-AZ failover test)."""
-    directory = state_dir(plan)
+    directory = plan.state_dir()
     return postgres_of(plan, db, directory, sandbox_secrets(directory)["db_password"])
 
 
@@ -112,7 +100,7 @@ def _postgres_databases(plan: Plan) -> list[Database]:
     return [d for d in plan.databases if d.kind is DatabaseKind.postgres]
 
 
-def up_postgres(plan: Plan, db: Database, pg: LocalPostgres, console: Console) -> None:
+def up_postgres(plan: Plan, db: Database, pg: SandboxPostgres, console: Console) -> None:
     assert plan.sandbox is not None
     primary, port = db.primary, host_port(db.endpoints[db.primary])[1]
     console.print(f"  postgres {primary} on :{port}")
@@ -131,7 +119,7 @@ def up_postgres(plan: Plan, db: Database, pg: LocalPostgres, console: Console) -
             pg.up_replica(member, pg.ports[member], port)
 
 
-def wait_until_drillable(plan: Plan, db: Database, pg: LocalPostgres, timeout: float = 120) -> None:
+def wait_until_drillable(plan: Plan, db: Database, pg: SandboxPostgres, timeout: float = 120) -> None:
     """Leave the archive restorable past the newest base backup by the drill's margin: wait out the margin plus
     two heartbeats, then switch WAL and wait until that segment is archived."""
     assert plan.sandbox is not None
@@ -193,12 +181,12 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
 
     assert plan.aws.endpoint_url is not None
     process, endpoint = kube_api_of(plan, cluster)
-    processes.start(directory, process, [PYTHON, "-m", "drplan.sandbox.kube_api", "--listen", endpoint])
+    processes.start(directory, process, [PYTHON, "-m", "sandbox.kube_api", "--listen", endpoint])
     _wait(f"Kubernetes API {process}", lambda: _http_ok(f"http://{endpoint}/version"))
     kubeconfig = kubeconfig_of(plan, cluster, directory)
     write_kubeconfig(kubeconfig, f"http://{endpoint}", cluster.context)
     processes.start(directory, f"nodes-{cluster.name}", [
-        PYTHON, "-m", "drplan.sandbox.node_controller", "--kubeconfig", str(kubeconfig), "--context", cluster.context,
+        PYTHON, "-m", "sandbox.node_controller", "--kubeconfig", str(kubeconfig), "--context", cluster.context,
         "--cluster", cluster.name, "--region", plan.region_of(cluster), "--endpoint-url", plan.aws.endpoint_url,
     ], env={**os.environ, **child_aws_env(plan), "PYTHONUNBUFFERED": "1"})
     api = kube_client(plan, cluster)
@@ -239,7 +227,7 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
 
 def _start_app(plan: Plan, directory: Path, name: str, listen: str, cluster: Cluster, deployment: str) -> None:
     processes.start(directory, name, [
-        PYTHON, "-m", "drplan.sandbox.demo_app", "--listen", listen,
+        PYTHON, "-m", "sandbox.demo_app", "--listen", listen,
         "--kubeconfig", str(kubeconfig_of(plan, cluster, directory)), "--context", cluster.context,
         "--namespace", cluster.namespace, "--db-secret", DB_SECRET, "--token-secret", TOKEN_SECRET,
         "--deployment", deployment,
@@ -262,13 +250,13 @@ def up_app(plan: Plan, directory: Path) -> None:
 
 
 def up(plan: Plan, console: Console) -> None:
-    directory = state_dir(plan)
+    directory = plan.state_dir()
     directory.mkdir(parents=True, exist_ok=True)
     values = sandbox_secrets(directory)
     host, port = moto_address(plan)
     console.print(f"[bold]sandbox[/] state in {directory}")
     console.print(f"  moto (AWS) on {host}:{port}")
-    processes.start(directory, "moto", [PYTHON, "-m", "drplan.sandbox.moto_server", "-H", host, "-p", str(port)])
+    processes.start(directory, "moto", [PYTHON, "-m", "sandbox.moto_server", "-H", host, "-p", str(port)])
     _wait("moto_server", lambda: _http_ok(f"http://{host}:{port}/moto-api/"))
     aws_seed.seed(plan, values["db_password"], values["api_token"])
     if _postgres_databases(plan):
@@ -296,7 +284,7 @@ def up(plan: Plan, console: Console) -> None:
 
 
 def status(plan: Plan) -> list[Component]:
-    directory = state_dir(plan)
+    directory = plan.state_dir()
     components = []
 
     def tracked(name: str, address: str, check: Callable[[], str]) -> None:
@@ -323,7 +311,7 @@ def status(plan: Plan) -> list[Component]:
     for db in _postgres_databases(plan):
         pg = postgres_of(plan, db, directory, values["db_password"]) if values else None
         for member in db.members.values():
-            def check(member: str = member, pg: LocalPostgres | None = pg) -> str:
+            def check(member: str = member, pg: SandboxPostgres | None = pg) -> str:
                 st = pg.status(member)
                 if st.in_recovery is None:
                     raise RuntimeError("not answering")
@@ -364,7 +352,7 @@ def dr_app_check(url: str) -> Callable[[], str]:
 def down(plan: Plan, purge: bool = False) -> list[str]:
     """Stop every process the sandbox started (apps, node controllers, heartbeats, PostgreSQL, Kubernetes APIs,
     moto), and the restored copies that drills and recoveries of its databases left running."""
-    directory = state_dir(plan)
+    directory = plan.state_dir()
     lines = []
     values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
     for service in plan.services:

@@ -14,7 +14,7 @@ exists in the namespace and has status.availableReplicas > 0 (checked in the sam
 and the API answer 503 with the reason (e.g. "deployment devonn-api not running in namespace default"). The
 pilot-light DR region's app is such a process: it serves once a region failover has deployed the manifests.
 
-Run as `python -m drplan.sandbox.demo_app --listen 127.0.0.1:PORT --kubeconfig FILE --context CTX
+Run as `python -m sandbox.demo_app --listen 127.0.0.1:PORT --kubeconfig FILE --context CTX
 --namespace NS --db-secret devonn-api-db --token-secret devonn-api-token [--deployment devonn-api]`;
 SIGTERM stops it.
 """

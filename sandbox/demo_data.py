@@ -8,7 +8,7 @@ import psycopg
 from psycopg import sql
 
 if TYPE_CHECKING:
-    from drplan.postgres_local import LocalPostgres
+    from sandbox.postgres import SandboxPostgres
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -61,7 +61,7 @@ def load(conn: psycopg.Connection, rows: int) -> bool:
     return True
 
 
-def create_and_load(pg: LocalPostgres, member: str, rows: int) -> bool:
+def create_and_load(pg: SandboxPostgres, member: str, rows: int) -> bool:
     """Create the database if missing and load the demo data unless loaded. Returns whether it loaded."""
     with pg.connect(member, "postgres") as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (pg.dbname,)).fetchone():

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, child_aws_env
 from drplan.errors import DrplanError
+from drplan.pgserver import HOST, LocalPostgres, PostgresError
 from drplan.plan import Database, DatabaseKind, Plan
-from drplan.postgres_local import HOST, LocalPostgres, PostgresError
 from drplan.timeutil import utcnow
 from tasks.barman import find_newest_wal
 from tasks.rds import find_instance, wait_instance_available

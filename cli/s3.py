@@ -7,7 +7,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from drplan.console import PlanOption, err, out, plan_or_exit, refusals
+from cli.console import PlanOption, err, out, plan_or_exit, refusals
 from drplan.errors import DrplanError
 from drplan.plan import Bucket, Plan
 from drplan.progress import RichProgress

@@ -13,9 +13,10 @@ import typer  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from drplan import cli_platform, cli_recovery  # noqa: E402
-from drplan.cli_s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
-from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
+from cli import platform as cli_platform  # noqa: E402
+from cli import recovery as cli_recovery
+from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
+from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 from drplan.errors import first_line  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
@@ -94,7 +95,8 @@ def drill(
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON."),
 ) -> None:
     """Restore to a scratch copy, check it, measure RTO/RPO, clean up. Exit 0 pass, 1 checks failed, 2 error."""
-    from flows.restore_drill import restore_drill, validate_request
+    from flows.restore_drill import restore_drill
+    from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
@@ -143,7 +145,7 @@ def dr_test(
     Exit 0 passed, 1 a part failed, 2 a part could not be checked."""
     from flows.dr_test import DrTestReport
     from flows.dr_test import dr_test as dr_test_flow
-    from flows.restore_drill import validate_request
+    from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
@@ -160,7 +162,7 @@ def dr_test(
 @sandbox_app.command("up")
 def sandbox_up(plan: str = PlanOption) -> None:
     """Start (or complete) the sandbox the plan describes. Idempotent."""
-    from drplan.sandbox import stack
+    from sandbox import stack
 
     dr_plan = plan_or_exit(plan)
     with refusals():
@@ -175,7 +177,7 @@ def sandbox_break(
     plan: str = PlanOption,
 ) -> None:
     """Break the sandbox the way production breaks, to rehearse a recovery; prints the command that recovers it."""
-    from drplan.sandbox.disasters import break_sandbox
+    from sandbox.disasters import break_sandbox
 
     dr_plan = plan_or_exit(plan)
     with refusals():
@@ -187,7 +189,7 @@ def sandbox_break(
 @sandbox_app.command("status")
 def sandbox_status(plan: str = PlanOption) -> None:
     """Every sandbox component, its address and whether it is healthy (exit 1 if any is not)."""
-    from drplan.sandbox import stack
+    from sandbox import stack
 
     components = stack.status(plan_or_exit(plan))
     _show_status(components)
@@ -200,7 +202,7 @@ def sandbox_down(
     purge: bool = typer.Option(False, "--purge", help="Also delete the sandbox's state directory."),
 ) -> None:
     """Stop every process the sandbox started; with --purge delete its state."""
-    from drplan.sandbox import stack
+    from sandbox import stack
 
     for line in stack.down(plan_or_exit(plan), purge=purge):
         out.print(line, highlight=False)

@@ -14,7 +14,7 @@ from uuid import UUID
 import httpx
 import typer
 
-from drplan.console import PlanOption, err, fail, out, plan_or_exit, refusals
+from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals
 from drplan.errors import DrplanError
 
 POLL_SECONDS = 2.0
@@ -26,7 +26,7 @@ def serve(
     stop: bool = typer.Option(False, "--stop", help="Stop the server, worker and receiver this command started."),
 ) -> None:
     """Run the Prefect UI and API locally (auth on), a worker, every deployment against the plan, automations."""
-    from drplan import serve as platform
+    from cli import serve as platform
 
     dr_plan = plan_or_exit(plan)
     with refusals():

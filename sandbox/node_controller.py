@@ -13,7 +13,7 @@ scalingConfig.desiredSize) and reconciles Nodes named `<nodegroup>-<i>`, labelle
 Errors (moto or the Kubernetes API away or restarting, the cluster not in moto) are logged once and retried on
 the next round; nothing is deleted while the node groups cannot be read.
 
-Run as `python -m drplan.sandbox.node_controller --kubeconfig FILE --context CTX --cluster NAME --region REGION
+Run as `python -m sandbox.node_controller --kubeconfig FILE --context CTX --cluster NAME --region REGION
 --endpoint-url URL`, AWS credentials in the environment; SIGTERM stops it.
 """
 
@@ -32,7 +32,7 @@ from botocore.config import Config
 from kubernetes.client import ApiException, CoreV1Api
 from kubernetes.config import new_client_from_config
 
-log = logging.getLogger("drplan.sandbox.node_controller")
+log = logging.getLogger("sandbox.node_controller")
 
 NODEGROUP_LABEL = "eks.amazonaws.com/nodegroup"
 JOINING = "NodeJoining"
@@ -56,7 +56,7 @@ def node_manifest(nodegroup: str, index: int, cluster: str) -> dict[str, Any]:
         "metadata": {
             "name": name,
             "labels": {NODEGROUP_LABEL: nodegroup, "kubernetes.io/hostname": name,
-                       "drplan.sandbox/cluster": cluster},
+                       "sandbox/cluster": cluster},
         },
         "spec": {"providerID": f"aws:///sandbox/{cluster}/{name}"},
         "status": {"conditions": [_ready_condition(False)]},

@@ -36,7 +36,6 @@ from deployments import automations
 from drplan import processes
 from drplan.errors import DrplanError
 from drplan.plan import Plan, load_plan
-from drplan.sandbox.stack import state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -105,7 +104,7 @@ class Platform:
 
 
 def platform_of(plan: Plan) -> Platform:
-    return Platform(state_dir(plan) / "prefect")
+    return Platform(plan.state_dir() / "prefect")
 
 
 def up(plan_ref: str, console: Console, port: int | None = None) -> Platform:

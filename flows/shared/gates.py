@@ -1,0 +1,80 @@
+"""The gates before a destructive step: the one-recovery-per-database lock and the approval.
+
+The lock is a Prefect global concurrency limit `drplan-recovery-<database>` (limit 1, created on first use),
+acquired without waiting: a second recovery of the same database fails at once. Its lease is renewed while the
+run lives; a killed run's slot is freed when the lease expires (LOCK_LEASE, plus the server's repossessor loop),
+or at once with `prefect gcl update drplan-recovery-<database> --active-slots 0` once you know the other run is dead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+
+from drplan.errors import DrplanError
+from drplan.plan import Database
+from flows.shared.report import RecoveryReport
+
+LOCK_LEASE_SECONDS = 60
+"""Prefect's shortest lease: how long a killed recovery keeps its database locked."""
+
+
+APPROVAL_TIMEOUT_SECONDS = 3600
+
+
+class Approval(RunInput):
+    approve: bool
+    reason: str = ""
+
+
+def lock_name(db: Database) -> str:
+    return f"drplan-recovery-{db.name}"
+
+
+@contextmanager
+def recovery_lock(db: Database) -> Iterator[None]:
+    """Hold the database's recovery lock for the block; refuse at once if another recovery holds it."""
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not exported publicly in 3.9
+
+    name = lock_name(db)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except Exception:  # created concurrently by another run: fine, it exists now
+                client.read_global_concurrency_limit_by_name(name)
+    try:
+        with concurrency(name, occupy=1, max_retries=0, lease_duration=LOCK_LEASE_SECONDS, strict=True,
+                         raise_on_lease_renewal_failure=False):
+            yield
+            return
+    except ConcurrencySlotAcquisitionError as exc:
+        cause = exc.__cause__
+        if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):  # 423: taken
+            raise
+    raise DrplanError(
+        f"another recovery of {db.name} is in progress (Prefect concurrency limit {name} is taken); wait for it "
+        f"to finish, or if that run is dead, wait {LOCK_LEASE_SECONDS}s for its lease to expire or free it with "
+        f"`prefect gcl update {name} --active-slots 0`")
+
+
+def request_approval(report: RecoveryReport, key: str, summary: str, approve: bool) -> Approval:
+    """The gate before the first destructive step: pre-approved (`--yes` / approve=True), or pause for an
+    Approval given in the UI, through the REST API or by the CLI prompt."""
+    if approve:
+        decision = Approval(approve=True, reason="approved in advance (--yes / approve=true)")
+    else:
+        create_markdown_artifact(key=key, markdown=f"{summary}\n\n## Timeline so far\n\n{report.timeline()}")
+        decision = pause_flow_run(wait_for_input=Approval, timeout=APPROVAL_TIMEOUT_SECONDS, poll_interval=2)
+    report.record("approval", report.subject, f"approve={decision.approve} {decision.reason}".strip())
+    return decision

@@ -1,0 +1,99 @@
+"""The report every recovery run keeps: its timeline of steps (each mutating one also an event), published as an
+artifact whatever happens, and the run's end state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+from prefect import get_run_logger, runtime
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.states import Failed, State
+from pydantic import BaseModel, Field
+
+from drplan.errors import first_line
+from drplan.timeutil import utcnow
+from tasks.health import ServiceValidation
+
+
+class Step(BaseModel):
+    """One entry of the recovery timeline (for the post-mortem)."""
+
+    at: datetime
+    action: str
+    resource: str
+    detail: str = ""
+    before: str | None = None
+    after: str | None = None
+
+
+class RecoveryReport(BaseModel):
+    flow: str
+    plan: str
+    subject: str
+    """What the run recovers: a database, a cluster, a region."""
+    kind: str = "database"
+    dry_run: bool
+    outcome: str = "started"
+    steps: list[Step] = Field(default_factory=list)
+    validation: ServiceValidation | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == "failed" or self.outcome.startswith("validation failed")
+
+    def record(self, action: str, resource: str, detail: str = "", *, before: str | None = None,
+               after: str | None = None, mutating: bool = False) -> None:
+        """Add a timeline step; a mutating one is also an event (resource, action, actor, before/after)."""
+        self.steps.append(Step(at=utcnow(), action=action, resource=resource, detail=detail, before=before,
+                               after=after))
+        change = f" ({before} -> {after})" if before is not None or after is not None else ""
+        get_run_logger().info("%s %s %s%s", action, resource, detail, change)
+        if mutating:
+            emit_event(
+                event=f"drplan.recovery.{action.replace(' ', '-')}",
+                resource={"prefect.resource.id": f"drplan.{self.kind}.{self.subject}", "drplan.target": resource},
+                payload={"action": action, "resource": resource, "detail": detail, "before": before,
+                         "after": after, "actor": actor(self.flow)},
+            )
+
+    def timeline(self) -> str:
+        lines = ["| at | action | resource | detail | before | after |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s.at:%H:%M:%SZ} | {s.action} | {s.resource} | {s.detail} | {s.before or ''} | "
+                  f"{s.after or ''} |" for s in self.steps]
+        return "\n".join(lines)
+
+    def validation_table(self) -> str:
+        if self.validation is None:
+            return ""
+        rows = [f"| {c.name} | {c.status.value} | {c.observed} | {c.expected} |" for c in self.validation.checks]
+        return "\n".join(["", "| check | status | observed | expected |", "|---|---|---|---|", *rows])
+
+
+@contextmanager
+def published(report: RecoveryReport, key: str) -> Iterator[None]:
+    """The body of a recovery run: an exception becomes the report's error (outcome `failed`) instead of escaping,
+    and the report (each flow's report class has `markdown()`) is published as artifact `key` whatever happens."""
+    try:
+        yield
+    except Exception as exc:
+        report.error, report.outcome = first_line(exc), "failed"
+    finally:
+        create_markdown_artifact(key=key.lower(), markdown=report.markdown())
+
+
+def finished(report: RecoveryReport, what: str) -> RecoveryReport | State:
+    """The run's result: the report, or a Failed state (carrying the report) when the recovery failed."""
+    if not report.failed:
+        return report
+    return Failed(message=f"{what}: {report.outcome}: {report.error or ''}".rstrip(": "), data=report)
+
+
+def actor(flow_name: str) -> str:
+    """Who did it: the flow run (and the deployment it came from), for events and the timeline."""
+    run = runtime.flow_run.name or "local"
+    deployment = runtime.deployment.name
+    return f"{flow_name} run {run}" + (f" (deployment {deployment})" if deployment else "")

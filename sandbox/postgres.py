@@ -1,0 +1,93 @@
+"""The sandbox's self-managed PostgreSQL: a primary archiving to the barman-cloud archive, streaming replicas and
+the heartbeat writer, on top of the restore engine's local servers (`drplan.pgserver`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from drplan import processes
+from drplan.pgserver import HOST, PG_BIN, VENV_BIN, LocalPostgres, PostgresError
+
+
+class SandboxPostgres(LocalPostgres):
+    """Primary and replicas of one sandbox database, archiving WAL with barman-cloud to S3."""
+
+    def check_wal_archive_empty(self) -> None:
+        """Refuse to point a new cluster at a prefix that already holds WAL (wal-archive would overwrite it)."""
+        proc = self._run(
+            [VENV_BIN / "barman-cloud-check-wal-archive", *self._cloud_args(), self.destination, self.server_name],
+            "barman-cloud-check-wal-archive",
+            check=False,
+        )
+        if proc.returncode == 1:
+            raise PostgresError(
+                f"WAL archive {self.destination}{self.server_name} already holds WAL of another cluster; refusing "
+                "to archive a new cluster over it: use another server_name or prefix, or delete that archive"
+            )
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or ["(no output)"]
+            raise PostgresError(f"cannot check WAL archive {self.destination}{self.server_name}: {lines[-1]}")
+
+    def up_primary(self, member: str, port: int) -> None:
+        """Create (initdb) and start a primary archiving to S3; a running member is left alone."""
+        self.ports[member] = port
+        if self._pid(member):
+            return
+        self._prepare()
+        data = self.data_dir(member)
+        if not (data / "PG_VERSION").exists():
+            self.check_wal_archive_empty()
+            pwfile = self.root / f".{member}.pwfile"
+            self._write_private(pwfile, self._password + "\n")
+            try:
+                self._run(
+                    [PG_BIN / "initdb", "-D", data, "-U", self.superuser, f"--pwfile={pwfile}",
+                     "--auth=scram-sha-256", "--data-checksums", "--encoding=UTF8", "--no-locale",
+                     "--no-instructions"],
+                    f"initdb {member}",
+                )  # fmt: skip
+            finally:
+                pwfile.unlink(missing_ok=True)
+            self._write_private(
+                data / "pg_hba.conf",
+                f"host all all {HOST}/32 scram-sha-256\nhost replication all {HOST}/32 scram-sha-256\n",
+            )
+        self._start(member, port)
+
+    def up_replica(self, member: str, port: int, primary_port: int) -> None:
+        """Clone the primary with pg_basebackup (if not yet done) and start a streaming standby."""
+        self.ports[member] = port
+        if self._pid(member):
+            return
+        self._prepare()
+        data = self.data_dir(member)
+        if not (data / "PG_VERSION").exists():
+            conninfo = (
+                f"host={HOST} port={primary_port} user={self.superuser} "
+                f"passfile={self.passfile} application_name={member}"
+            )
+            self._run(
+                [PG_BIN / "pg_basebackup", "-d", conninfo, "-D", data, "-R", "-X", "stream", "-c", "fast", "-w"],
+                f"pg_basebackup {member} from port {primary_port}",
+                timeout=600,
+            )
+        self._start(member, port)
+
+
+
+
+    def start_heartbeat(
+        self, member: str, *, interval: float = 5.0, source: str | None = None, table: str = "drplan_heartbeat"
+    ) -> processes.Tracked:
+        """Start the heartbeat writer against `member` as tracked process `heartbeat-<member>`."""
+        argv = [
+            sys.executable, "-m", "drplan.heartbeat", "--host", HOST, "--port", str(self._port(member)),
+            "--dbname", self.dbname, "--user", self.superuser, "--table", table, "--interval", str(interval),
+            "--source", source or member,
+        ]  # fmt: skip
+        env = {**os.environ, "PGPASSWORD": self._password, "PYTHONUNBUFFERED": "1"}
+        return processes.start(self.state_dir, f"heartbeat-{member}", argv, env=env)
+
+    def stop_heartbeat(self, member: str) -> bool:
+        return processes.stop(self.state_dir, f"heartbeat-{member}")
