@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout: prefect.yaml, kubernetes/, the packages
+
 
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]

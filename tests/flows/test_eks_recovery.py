@@ -4,8 +4,6 @@ nodes are Ready, a rerun changes nothing, a dry run changes nothing; manifests a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from kubernetes import client as k8s
 
@@ -15,11 +13,11 @@ from drplan.plan import ManifestOverrides
 from flows.eks_recovery import eks_recovery
 from tasks.eks import ready_nodes
 from tasks.manifests import load_manifests, secret_refs, with_overrides
-from tests.helpers import stack_snapshot
+from tests.helpers import REPO, stack_snapshot
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 CLUSTER = "devonn-eks-sandbox"
-MANIFESTS = Path(__file__).resolve().parent.parent / "kubernetes" / "manifests"
+MANIFESTS = REPO / "kubernetes" / "manifests"
 
 
 def test_overrides_change_replicas_and_registry_only():
