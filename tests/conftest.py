@@ -14,7 +14,8 @@ from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noq
 from rich.console import Console
 
 from drplan.plan import PLANS_DIR, Plan, load_plan
-from tests.helpers import free_ports, world_traversable_dir
+from sandbox.launchers import world_traversable_dir
+from tests.helpers import free_ports
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

@@ -1,9 +1,9 @@
-"""Small helpers shared by the tests: free loopback ports, polling, temp dirs the PostgreSQL OS user can reach."""
+"""Small helpers shared by the tests: free loopback ports, polling, snapshots of the sandbox, own PostgreSQL
+topologies."""
 
 from __future__ import annotations
 
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,13 +35,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(interval)
     return value
-
-
-def world_traversable_dir(prefix: str) -> Path:
-    """A temp dir the PostgreSQL OS user can reach (pytest's own tmp dirs are 0700 under root)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
 
 
 def logged_text(caplog) -> str:
@@ -102,6 +95,7 @@ def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: 
     from drplan import processes
     from drplan.plan import load_plan
     from sandbox import stack
+    from sandbox.launchers import world_traversable_dir
 
     directory = world_traversable_dir("drplan-topology-")
     shutil.copy2(sandbox_dir / "secrets.json", directory / "secrets.json")  # the password moto's secret holds
