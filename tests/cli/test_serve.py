@@ -35,7 +35,6 @@ from tests.helpers import REPO, free_port, wait_for
 
 DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 PROBE = "probe"  # deployment name of the flows in tests/cli/platform_flows.py
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,7 @@ from sandbox.launchers import moto, world_traversable_dir
 from sandbox.postgres import SandboxPostgres
 from tests.helpers import free_port, wait_for
 
-pytestmark = [
-    pytest.mark.sandbox,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser")
 
 TOKEN = secrets.token_hex(3)  # in every member/bucket name, so our processes are recognisable in /proc
 PASSWORD = f"pw:{secrets.token_hex(12)}'\\"  # unique and awkward (pgpass and conf escaping)
