@@ -106,6 +106,20 @@ def sandbox(sandbox_plan_path: Path) -> Iterator[Plan]:
 
 
 @pytest.fixture
+def fresh_base_backup(sandbox: Plan) -> None:
+    """A base backup of the sandbox's devonn-postgres taken now, the archive restorable past it by the drill margin.
+    A restore replays every WAL segment since its base backup, one barman-cloud process each, and the test sandbox
+    switches segments every 5 s: from the session's first backup that is minutes of replay, the more the later the
+    test runs."""
+    from sandbox import stack
+
+    db = sandbox.database("devonn-postgres")
+    pg = stack.sandbox_postgres(sandbox, db)
+    pg.base_backup(db.primary)
+    stack.wait_until_drillable(sandbox, db, pg)
+
+
+@pytest.fixture
 def own_processes(tmp_path: Path) -> Iterator[Path]:
     """The state dir for processes a test starts itself (`drplan.processes`); whatever still runs is stopped after."""
     from drplan import processes

@@ -13,7 +13,7 @@ from flows.dr_test import DrTestReport, dr_test
 PARTS = ["RPO verification", "backup of bucket data", "DR readiness of us-west-2", "restore drill of devonn-postgres"]
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
 def test_every_part_passes_and_the_evidence_is_written(sandbox, sandbox_plan_path):
     reports = sandbox.resolve_path(sandbox.drill.report_dir)
     before = set(reports.glob("dr-test-*")) if reports.exists() else set()
@@ -30,7 +30,7 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, sandbox_plan_pat
     assert report.evidence == str(written[1]) and f"evidence: {written[1]}" in result.stdout
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
 def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_variant):
     def configuration_rpo_of_one_second(data: dict) -> None:
         data["objectives"]["rpo"]["configuration"] = "1s"

@@ -62,6 +62,7 @@ def point_in_time(sandbox, sandbox_dir):
     """Orders deleted after T; yields (T, orders at T); afterwards the rows are back and copies dropped."""
     db = sandbox.database("devonn-postgres")
     pg = stack.postgres_of(sandbox, db, sandbox_dir, stack.sandbox_secrets(sandbox_dir)["db_password"])
+    pg.base_backup(db.primary)  # the restore replays seconds of WAL, not all since the session's first backup
     orders_at_t = stats(sandbox)["orders"]
     time.sleep(1)
     at_t = datetime.now(UTC)

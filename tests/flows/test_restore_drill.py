@@ -21,14 +21,6 @@ from tasks.targets import DRILL_TAG, PostgresArchive, RdsInstance
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def fresh_base_backup(sandbox, sandbox_dir):
-    """Drills replay WAL from the newest base backup: take one now so replay covers minutes, not the session."""
-    db, pg = primary(sandbox, sandbox_dir)
-    pg.base_backup(db.primary)
-    stack.wait_until_drillable(sandbox, db, pg)
-
-
 def run_drill(plan_path, **params) -> list[DrillReport]:
     state = restore_drill(plan=str(plan_path), return_state=True, **params)
     return state.result(raise_on_failure=False)
