@@ -20,7 +20,7 @@ from sandbox import aws_seed, stack
 from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value, roll_back
 from tests.helpers import in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 DB = "devonn-postgres"
 CLUSTER = "devonn-eks-sandbox"
 

@@ -36,7 +36,7 @@ from tasks.k8s import find_database_secret, read_secret_value, roll_back
 from tasks.targets import PostgresArchive
 from tests.helpers import REPO, logged_text, stack_snapshot, wait_for
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 
 
 def app_secret(plan) -> str:
@@ -96,16 +96,17 @@ def test_dry_run_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
 def approved_through_resume(run_input: dict, **parameters):
     """Start a recovery, answer its approval gate with `resume_flow_run(run_input=...)`, return its final state."""
     result = {}
+    name = f"approved-through-resume-{uuid.uuid4().hex[:8]}"  # its own run, not one an earlier test left paused
 
     def run():
-        result["state"] = pitr_recovery(**parameters, return_state=True)
+        result["state"] = pitr_recovery.with_options(flow_run_name=name)(**parameters, return_state=True)
 
     worker = threading.Thread(target=run)
     worker.start()
 
     def paused_run():
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs()
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
         return next((r for r in runs if r.state and r.state.is_paused()), None)
 
     paused = wait_for(paused_run, 120, "the recovery to pause for approval", interval=0.5)

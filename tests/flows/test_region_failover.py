@@ -31,7 +31,7 @@ from tasks.k8s import find_database_secret, read_secret_value, write_secret_valu
 from tasks.route53 import read_record, zone_id
 from tests.helpers import REPO, in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 DB = "devonn-postgres"
 PRIMARY, DR = "devonn-eks-sandbox", "devonn-eks-dr-sandbox"
 
