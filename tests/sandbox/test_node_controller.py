@@ -161,7 +161,7 @@ def test_process_logs_errors_and_stops_on_sigterm(own_processes: Path):
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     tracked = processes.start(own_processes, "nodes-c", argv, env=env)
     log = Path(tracked.log)
-    wait_for(lambda: "cannot reconcile the nodes of c, retrying" in log.read_text(), 20, "the error in the log")
+    wait_for(lambda: "cannot reconcile the nodes of c, retrying" in log.read_text(), 60, "the error in the log")
     time.sleep(1.5)  # more failed rounds: logged once, the process keeps going
     assert log.read_text().count("cannot reconcile") == 1
     started = time.monotonic()
