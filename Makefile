@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.installed-stamp
 PLAN   ?= plans/sandbox.yaml
 # The dependencies (with the test extra) are pinned, with hashes, in requirements.lock; uv installs exactly
 # that set into the venv (uv pip sync), then drplan itself as an editable install without dependencies.
-# uv reads its own settings (UV_DEFAULT_INDEX, uv.toml), not pip's: by default both use PyPI.
+# uv reads its own settings (UV_DEFAULT_INDEX, uv.toml), not pip's: by default both use PyPI. Bytecode is
+# compiled at install, as pip does: processes under PYTHONDONTWRITEBYTECODE, or run as the PostgreSQL OS user
+# (barman-cloud), could not write it and would recompile prefect, botocore and the rest on every start.
 LOCK   := requirements.lock
 UV_VERSION ?= 0.13.9
 UV     := $(BIN)/uv
@@ -18,7 +20,7 @@ UV     := $(BIN)/uv
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check 'uv==$(UV_VERSION)'
-	$(UV) pip sync -q --python $(BIN)/python --require-hashes $(LOCK)
+	$(UV) pip sync -q --python $(BIN)/python --require-hashes --compile-bytecode $(LOCK)
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
