@@ -17,7 +17,7 @@ from prefect.events import emit_event
 from prefect.states import Failed
 
 from drplan.clients import check_aws_access, db_credentials, pg_target
-from drplan.drill_report import CheckStatus, DrillReport, Measured
+from drplan.drill_report import DrillReport, Measured
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Database, Plan
 from drplan.timeutil import utcnow
@@ -95,7 +95,7 @@ def publish(dr_plan: Plan, report: DrillReport) -> Path:
         resource={"prefect.resource.id": f"drplan.database.{report.database}",
                   "prefect.resource.name": report.database},
         payload={"report": str(path), "error": report.error,
-                 "failed_checks": [c.name for c in report.checks if c.status is not CheckStatus.passed]},
+                 "failed_checks": [c.name for c in report.checks if not c.passed]},
     )
     return path
 

@@ -69,7 +69,7 @@ class RecoveryReport(BaseModel):
     def validation_table(self) -> str:
         if self.validation is None:
             return ""
-        rows = [f"| {c.name} | {c.status.value} | {c.observed} | {c.expected} |" for c in self.validation.checks]
+        rows = [f"| {c.name} | {c.status.value} | {c.observed} | {c.expectation} |" for c in self.validation.checks]
         return "\n".join(["", "| check | status | observed | expected |", "|---|---|---|---|", *rows])
 
 
