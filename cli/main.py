@@ -81,7 +81,7 @@ def show_rpo(report) -> None:
     out.print(table)
     out.print(report.summary)
     for m in report.errors + report.breaches:
-        err.print(f"{m.status.value}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",
+        err.print(f"{m.label}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",
                   highlight=False, soft_wrap=True)
 
 

@@ -75,8 +75,7 @@ def rpo_part(plan_ref: str) -> Part:
     report = rpo_verification(plan=plan_ref, return_state=True).result(raise_on_failure=False)
     if not isinstance(report, RpoReport):
         return Part(name="RPO verification", status=Status.error, summary=first_line(report))
-    status = {0: Status.passed, 1: Status.failed}.get(report.exit_code, Status.error)
-    return Part(name="RPO verification", status=status, summary=report.summary, details=report.markdown())
+    return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown())
 
 
 @task(cache_policy=NO_CACHE)

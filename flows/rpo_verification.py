@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from drplan import rpo
 from drplan.clients import aws_client, check_aws_access, db_credentials, pg_target
 from drplan.plan import Database, DatabaseKind, Plan, load_plan
+from drplan.results import Status
 from drplan.timeutil import utcnow
 from tasks import barman, postgres, rds, s3
 
@@ -169,10 +170,10 @@ def publish(report: rpo.RpoReport) -> None:
         description=f"RPO verification of plan {report.plan}: {report.summary}",
     )
     for m in report.measurements:
-        if m.status is rpo.Status.met:
+        if m.status is Status.passed:
             continue
         emit_event(
-            event="drplan.rpo.breached" if m.status is rpo.Status.breached else "drplan.rpo.unverified",
+            event="drplan.rpo.breached" if m.status is Status.failed else "drplan.rpo.unverified",
             resource={
                 "prefect.resource.id": f"drplan.{m.data_class}.{m.resource}",
                 "prefect.resource.name": m.resource,
@@ -204,7 +205,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     )
     publish(report)
     for m in report.breaches + report.errors:
-        logger.warning("%s %s: %s (age %s, objective %s) %s", m.resource, m.measure, m.status.value,
+        logger.warning("%s %s: %s (age %s, objective %s) %s", m.resource, m.measure, m.label,
                        m.age, m.objective, m.detail)
     if report.exit_code:
         return Failed(message=f"RPO verification: {report.summary}", data=report)
