@@ -27,6 +27,7 @@ from drplan.clients import aws_client, check_aws_access, db_credentials, kube_cl
 from drplan.errors import first_line
 from drplan.plan import DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
+from drplan.results import markdown_table
 from drplan.timeutil import format_duration, utcnow
 from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
@@ -58,9 +59,9 @@ class ReadinessReport(BaseModel):
         return [f for f in self.findings if not f.ready]
 
     def markdown(self) -> str:
-        rows = [f"| {f.check} | {'ready' if f.ready else '**NOT READY**'} | {f.detail} |" for f in self.findings]
+        rows = [[f.check, "ready" if f.ready else "**NOT READY**", f.detail] for f in self.findings]
         return "\n".join([f"# Region {self.region}: **{'ready' if self.ready else 'not ready'}** to take over", "",
-                          "| check | state | detail |", "|---|---|---|", *rows])
+                          markdown_table(["check", "state", "detail"], rows)])
 
 
 def _finding(report: ReadinessReport, check: str, probe: Callable[[], tuple[bool, str]]) -> None:

@@ -14,6 +14,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
 from drplan.errors import first_line
+from drplan.results import markdown_table
 from drplan.timeutil import utcnow
 from tasks.health import ServiceValidation
 
@@ -61,16 +62,15 @@ class RecoveryReport(BaseModel):
             )
 
     def timeline(self) -> str:
-        lines = ["| at | action | resource | detail | before | after |", "|---|---|---|---|---|---|"]
-        lines += [f"| {s.at:%H:%M:%SZ} | {s.action} | {s.resource} | {s.detail} | {s.before or ''} | "
-                  f"{s.after or ''} |" for s in self.steps]
-        return "\n".join(lines)
+        return markdown_table(["at", "action", "resource", "detail", "before", "after"],
+                              [[f"{s.at:%H:%M:%SZ}", s.action, s.resource, s.detail, s.before or "", s.after or ""]
+                               for s in self.steps])
 
     def validation_table(self) -> str:
         if self.validation is None:
             return ""
-        rows = [f"| {c.name} | {c.status.value} | {c.observed} | {c.expectation} |" for c in self.validation.checks]
-        return "\n".join(["", "| check | status | observed | expected |", "|---|---|---|---|", *rows])
+        rows = [[c.name, c.status.value, c.observed, c.expectation] for c in self.validation.checks]
+        return "\n" + markdown_table(["check", "status", "observed", "expected"], rows)
 
 
 @contextmanager
