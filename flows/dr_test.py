@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client
 from drplan.drill_report import DrillReport
-from drplan.errors import first_line
+from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan
 from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
@@ -30,6 +30,7 @@ from drplan.timeutil import utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
+from flows.shared.report import run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import verify_backup
 
@@ -72,9 +73,10 @@ class DrTestReport(BaseModel):
 
 
 def rpo_part(plan_ref: str) -> Part:
-    report = rpo_verification(plan=plan_ref, return_state=True).result(raise_on_failure=False)
-    if not isinstance(report, RpoReport):
-        return Part(name="RPO verification", status=Status.error, summary=first_line(report))
+    try:
+        report = run_report(rpo_verification, RpoReport, plan=plan_ref)
+    except DrplanError as exc:
+        return Part(name="RPO verification", status=Status.error, summary=str(exc))
     return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown())
 
 
@@ -97,9 +99,10 @@ def backup_parts(plan: Plan) -> list[Part]:
 
 def readiness_part(plan_ref: str, region: str) -> Part:
     name = f"DR readiness of {region}"
-    report = dr_readiness(plan=plan_ref, region=region, return_state=True).result(raise_on_failure=False)
-    if not isinstance(report, ReadinessReport):
-        return Part(name=name, status=Status.error, summary=first_line(report))
+    try:
+        report = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=region)
+    except DrplanError as exc:
+        return Part(name=name, status=Status.error, summary=str(exc))
     unready = "; ".join(f"{f.check}: {f.detail}" for f in report.unready)
     return Part(name=name, status=Status.passed if report.ready else Status.failed,
                 summary=f"ready ({len(report.findings)} checks)" if report.ready else f"NOT READY: {unready}",
@@ -107,9 +110,10 @@ def readiness_part(plan_ref: str, region: str) -> Part:
 
 
 def drill_parts(plan_ref: str, database: str | None) -> list[Part]:
-    reports = restore_drill(plan=plan_ref, database=database, return_state=True).result(raise_on_failure=False)
-    if not isinstance(reports, list):
-        return [Part(name="restore drill", status=Status.error, summary=first_line(reports))]
+    try:
+        reports = run_report(restore_drill, list, plan=plan_ref, database=database)
+    except DrplanError as exc:
+        return [Part(name="restore drill", status=Status.error, summary=str(exc))]
     return [drill_part(r) for r in reports]
 
 
