@@ -10,12 +10,10 @@ from prefect import flow
 from drplan.clients import aws_client, kube_client
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
-from drplan.plan import Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Plan, load_plan
 from drplan.timeutil import utcnow
 from tasks.k8s import export_namespace
 from tasks.s3 import STAMP, put_json
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 def export_configuration(plan: Plan) -> list[str]:

@@ -21,7 +21,7 @@ from prefect import flow
 
 from drplan.clients import DbCredentials, aws_client, check_aws_access, db_credentials, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import DatabaseKind
+from drplan.plan import DEFAULT_PLAN, DatabaseKind
 from drplan.timeutil import format_duration
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret
 from flows.shared.gates import recovery_lock, request_approval
@@ -34,7 +34,7 @@ from tasks.rds import (
     wait_instance_available,
 )
 
-DEFAULT_PLAN = "plans/devonn.yaml"
+
 class FailoverReport(RecoveryReport):
     mode: Mode
     member: str

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import first_line
-from drplan.plan import DatabaseKind, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
 from drplan.results import markdown_table
 from drplan.timeutil import format_duration, utcnow
@@ -34,8 +34,6 @@ from tasks.eks import cluster_status, nodegroup_state
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class Finding(BaseModel):

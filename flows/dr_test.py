@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from drplan.clients import aws_client
 from drplan.drill_report import DrillReport
 from drplan.errors import DrplanError, first_line
-from drplan.plan import Plan
+from drplan.plan import DEFAULT_PLAN, Plan
 from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
 from drplan.s3manifest import resolve_backup
@@ -33,8 +33,6 @@ from flows.rpo_verification import rpo_verification
 from flows.shared.report import run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import verify_backup
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class Part(BaseModel):

@@ -15,7 +15,7 @@ from prefect import flow
 from checks.integrity import ROW_COUNT
 from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import Database, DatabaseKind, Plan, Service
+from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
 from flows.shared.gates import recovery_lock, request_approval
@@ -23,8 +23,6 @@ from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
 from tasks.targets import RestoreTarget, restore_target, scratch_name
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class PitrReport(RecoveryReport):

@@ -20,7 +20,7 @@ from prefect import flow
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Plan, load_plan
 from drplan.regions import Placement, traffic_target
 from drplan.timeutil import format_duration, utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
@@ -41,8 +41,6 @@ from tasks.k8s import (
 )
 from tasks.manifests import env_secret_ref, render_manifests
 from tasks.route53 import failover_ttl, read_records
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class RegionReport(RecoveryReport):

@@ -19,7 +19,7 @@ from prefect.states import Failed
 from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.drill_report import DrillReport, Measured
 from drplan.errors import DrplanError, first_line
-from drplan.plan import Database, Plan
+from drplan.plan import DEFAULT_PLAN, Database, Plan
 from drplan.timeutil import utcnow
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import (
@@ -32,8 +32,6 @@ from tasks.database import (
 )
 from tasks.postgres import read_newest_heartbeat
 from tasks.targets import restore_target, scratch_name
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: timedelta | None,

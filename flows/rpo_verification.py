@@ -22,12 +22,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from drplan import rpo
 from drplan.clients import aws_client, check_aws_access, db_credentials, pg_target
-from drplan.plan import Database, DatabaseKind, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, load_plan
 from drplan.results import Status
 from drplan.timeutil import utcnow
 from tasks import barman, postgres, rds, s3
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 Judge = Callable[[Any, datetime], rpo.Measurement]
 
