@@ -23,7 +23,7 @@ def export_configuration(plan: Plan) -> list[str]:
     stamp = utcnow().strftime(STAMP)
     written = []
     for cluster in plan.clusters:
-        exported = export_namespace.fn(kube_client(plan, cluster), cluster.namespace)
+        exported = export_namespace(kube_client(plan, cluster), cluster.namespace)
         uri = f"{plan.configuration.backup}{stamp}/{cluster.name}.json"
         put_json(s3, uri, {"cluster": cluster.name, "namespace": cluster.namespace, "taken_at": stamp, **exported})
         written.append(uri)

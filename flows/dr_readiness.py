@@ -80,7 +80,7 @@ def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool,
             standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
         if db.kind is DatabaseKind.rds:
             rds = aws_client(plan, "rds", plan.member_region(db, placement.member))
-            describe_instance.fn(rds, db.members[placement.member])  # the credentials can read the instance
+            describe_instance(rds, db.members[placement.member])  # the credentials can read the instance
         if not standby and placement.member == "primary":
             return True, f"{target.label} is a primary (accepts writes)"
         if not standby:

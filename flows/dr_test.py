@@ -86,7 +86,7 @@ def backup_parts(plan: Plan) -> list[Part]:
         name = f"backup of bucket {bucket.name}"
         try:
             s3 = aws_client(plan, "s3")
-            verification = verify_backup.fn(s3, resolve_backup(s3, bucket.backup))
+            verification = verify_backup(s3, resolve_backup(s3, bucket.backup))
         except Exception as exc:  # the report says what could not be checked; the other parts still run
             parts.append(Part(name=name, status=Status.error, summary=first_line(exc)))
             continue

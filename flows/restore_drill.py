@@ -30,7 +30,7 @@ from tasks.database import (
     restore_scratch,
     sweep_leftovers,
 )
-from tasks.postgres import read_newest_heartbeat
+from tasks.postgres import read_newest_heartbeat_task
 from tasks.targets import restore_target, scratch_name
 
 
@@ -59,7 +59,7 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
             report.checks += compare_fingerprints(source, copy, db.integrity, report.target_time)
         report.rto = Measured(measured=utcnow() - started, objective=dr_plan.objectives.rto_for(db.tier))
         try:
-            newest = read_newest_heartbeat(copy, db.integrity.heartbeat_table)
+            newest = read_newest_heartbeat_task(copy, db.integrity.heartbeat_table)
         except DrplanError:  # no heartbeat table in the copy: already a failed check; RPO unmeasurable
             newest = None
         report.rpo = Measured(measured=report.target_time - newest if newest else None,

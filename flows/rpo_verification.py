@@ -79,7 +79,7 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
             if credentials is None:
                 raise credential_error
             target = pg_target(plan, db, role, credentials)
-            return (postgres.read_newest_heartbeat.submit(target, db.integrity.heartbeat_table),)
+            return (postgres.read_newest_heartbeat_task.submit(target, db.integrity.heartbeat_table),)
 
         add(measure, objective, _aged(db.name, "database", measure, objective,
                                       missing="heartbeat table is empty"), submit_heartbeat)
@@ -100,7 +100,7 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
             if credentials is None:
                 raise credential_error
             primary = pg_target(plan, db, "primary", credentials)
-            return (barman.find_newest_wal.submit(s3_client, db.backup),
+            return (barman.find_newest_wal_task.submit(s3_client, db.backup),
                     postgres.read_archiver_status.submit(primary))
 
         add("WAL archive", objective, judge_wal, submit_wal)
@@ -124,7 +124,7 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
                               missing="instance reports no LatestRestorableTime (backups disabled?)")
 
         add("latest restorable time", objective, judge_restorable,
-            lambda: (rds.describe_instance.submit(rds_client, db.primary),))
+            lambda: (rds.describe_instance_task.submit(rds_client, db.primary),))
         add("snapshot", db.base_backup_max_age,
             _aged(db.name, "database", "snapshot", db.base_backup_max_age, missing="no available snapshot"),
             lambda: (rds.find_newest_snapshot.submit(rds_client, db.primary),))
