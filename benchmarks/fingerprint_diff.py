@@ -32,12 +32,11 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the scratch cluster helper lives with the tests (tests/ is not installed)
+from checks import fingerprint_diff
+from drplan.clients import DbCredentials, PgTarget
+from sandbox.launchers import throwaway_postgres
 
-from checks import fingerprint_diff  # noqa: E402
-from drplan.clients import DbCredentials, PgTarget  # noqa: E402
-from tests.checks.scratch_postgres import scratch_postgres  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PEERS = ROOT / "benchmarks" / ".venv-peers"
 RELADIFF = "reladiff[postgresql]==0.6.0"
@@ -211,7 +210,7 @@ def main() -> int:
     peer_python()
     password = secrets.token_hex(16)
     load_before = os.getloadavg()
-    with scratch_postgres(password, "shared_buffers=1GB") as port:
+    with throwaway_postgres(password, shared_buffers="1GB") as port:
         admin = PgTarget("admin", "127.0.0.1", port, "postgres", DbCredentials("postgres", SecretStr(password)))
         expected = prepare(admin, args.rows, args.changes)
         a, b, c = (PgTarget(n, admin.host, port, n, admin.credentials) for n in "abc")

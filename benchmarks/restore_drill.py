@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psycopg
 
+from drplan import processes
 from drplan.clients import child_aws_env, db_credentials
 from drplan.pgserver import PG_BIN, VENV_BIN
 from drplan.plan import load_plan
@@ -41,8 +42,8 @@ def raw_restore(plan, db, backup_id: str, target_time, workdir: Path, port: int)
     cloud = ["--cloud-provider", "aws-s3", "--endpoint-url", plan.aws.endpoint_url]
     env = {"PATH": f"{PG_BIN}:{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", **child_aws_env(plan)}
 
-    def run(*argv: str | Path) -> None:
-        subprocess.run(["runuser", "-u", user, "--", *map(str, argv)], env=env, check=True, capture_output=True)
+    def run(*argv: str | Path, check: bool = True) -> None:
+        subprocess.run(["runuser", "-u", user, "--", *map(str, argv)], env=env, check=check, capture_output=True)
 
     started = time.monotonic()
     run(VENV_BIN / "barman-cloud-restore", *cloud, db.backup.destination, db.backup.server_name, backup_id, data)
@@ -54,17 +55,20 @@ def raw_restore(plan, db, backup_id: str, target_time, workdir: Path, port: int)
     with open(data / "postgresql.auto.conf", "a") as conf:  # read after postgresql.conf: these settings win
         conf.writelines(f"{k} = '{v.replace(chr(39), chr(39) * 2)}'\n" for k, v in settings.items())
     run(PG_BIN / "pg_ctl", "-D", data, "-l", workdir / "raw.log", "-w", "-t", "600", "start")
+    processes.record(workdir, "raw", int((data / "postmaster.pid").read_text().split()[0]), workdir / "raw.log")
     credentials = db_credentials(plan, db)
-    while True:
-        with psycopg.connect(host="127.0.0.1", port=port, dbname=db.dbname, user=credentials.username,
-                             password=credentials.password.get_secret_value()) as conn:
-            if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                break
-        time.sleep(0.1)
-    elapsed = time.monotonic() - started
-    run(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop")
-    shutil.rmtree(data)
-    return elapsed
+    try:
+        while True:
+            with psycopg.connect(host="127.0.0.1", port=port, dbname=db.dbname, user=credentials.username,
+                                 password=credentials.password.get_secret_value()) as conn:
+                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    break
+            time.sleep(0.1)
+        return time.monotonic() - started
+    finally:  # stopped also when the copy never came up; by its tracked PID if pg_ctl cannot
+        run(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop", check=False)
+        processes.stop(workdir, "raw")
+        shutil.rmtree(data)
 
 
 def drill(plan_path: str, database: str, target_time) -> tuple[float, dict]:

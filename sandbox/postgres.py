@@ -35,25 +35,36 @@ class SandboxPostgres(LocalPostgres):
         if self._pid(member):
             return
         self._prepare()
-        data = self.data_dir(member)
-        if not (data / "PG_VERSION").exists():
+        if not (self.data_dir(member) / "PG_VERSION").exists():
             self.check_wal_archive_empty()
-            pwfile = self.root / f".{member}.pwfile"
-            self._write_private(pwfile, self._password + "\n")
-            try:
-                self._run(
-                    [PG_BIN / "initdb", "-D", data, "-U", self.superuser, f"--pwfile={pwfile}",
-                     "--auth=scram-sha-256", "--data-checksums", "--encoding=UTF8", "--no-locale",
-                     "--no-instructions"],
-                    f"initdb {member}",
-                )  # fmt: skip
-            finally:
-                pwfile.unlink(missing_ok=True)
-            self._write_private(
-                data / "pg_hba.conf",
-                f"host all all {HOST}/32 scram-sha-256\nhost replication all {HOST}/32 scram-sha-256\n",
-            )
+            self._initdb(member)
         self._start(member, port)
+
+    def up_throwaway(self, member: str, port: int, settings: dict[str, str]) -> None:
+        """Create and start a server that never archives, with extra server `settings` (for tests and
+        benchmarks: no durability needed, so initdb does not sync)."""
+        self.ports[member] = port
+        self._prepare()
+        self._initdb(member, "--no-sync")
+        self._start(member, port, recovery=settings)
+
+    def _initdb(self, member: str, *options: str) -> None:
+        """initdb with the superuser's password (from a 0600 file, never argv) and TCP-only scram access."""
+        data = self.data_dir(member)
+        pwfile = self.root / f".{member}.pwfile"
+        self._write_private(pwfile, self._password + "\n")
+        try:
+            self._run(
+                [PG_BIN / "initdb", "-D", data, "-U", self.superuser, f"--pwfile={pwfile}", "--auth=scram-sha-256",
+                 "--data-checksums", "--encoding=UTF8", "--no-locale", "--no-instructions", *options],
+                f"initdb {member}",
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self._write_private(
+            data / "pg_hba.conf",
+            f"host all all {HOST}/32 scram-sha-256\nhost replication all {HOST}/32 scram-sha-256\n",
+        )
 
     def up_replica(self, member: str, port: int, primary_port: int) -> None:
         """Clone the primary with pg_basebackup (if not yet done) and start a streaming standby."""
@@ -73,9 +84,6 @@ class SandboxPostgres(LocalPostgres):
                 timeout=600,
             )
         self._start(member, port)
-
-
-
 
     def start_heartbeat(
         self, member: str, *, interval: float = 5.0, source: str | None = None, table: str = "drplan_heartbeat"

@@ -35,6 +35,7 @@ from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
 from sandbox import aws_seed, demo_data
 from sandbox.kube_api import write_kubeconfig
+from sandbox.launchers import http_ok, start_moto, wait_until
 from sandbox.postgres import SandboxPostgres
 
 PYTHON = sys.executable
@@ -55,22 +56,6 @@ def moto_address(plan: Plan) -> tuple[str, int]:
     if not plan.aws.is_loopback:
         raise DrplanError("the sandbox needs aws.endpoint_url on loopback (e.g. http://127.0.0.1:15900)")
     return host_port(plan.aws.endpoint_url.split("://", 1)[1].rstrip("/"))
-
-
-def _wait(what: str, ready: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if ready():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.2)
-    raise DrplanError(f"{what} did not come up within {timeout:.0f}s; see the logs under the sandbox state dir")
-
-
-def _http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=2).status_code < 500
 
 
 def sandbox_secrets(directory: Path) -> dict[str, str]:
@@ -128,7 +113,7 @@ def wait_until_drillable(plan: Plan, db: Database, pg: SandboxPostgres, timeout:
     time.sleep(max(0.0, (ready_at - utcnow()).total_seconds()))
     with pg.connect(db.primary) as conn:
         segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        _wait(f"archiving of WAL segment {segment}", lambda: conn.execute(
+        wait_until(f"archiving of WAL segment {segment}", lambda: conn.execute(
             "SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,)).fetchone()[0], timeout=timeout)
 
 
@@ -182,7 +167,7 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
     assert plan.aws.endpoint_url is not None
     process, endpoint = kube_api_of(plan, cluster)
     processes.start(directory, process, [PYTHON, "-m", "sandbox.kube_api", "--listen", endpoint])
-    _wait(f"Kubernetes API {process}", lambda: _http_ok(f"http://{endpoint}/version"))
+    wait_until(f"Kubernetes API {process}", lambda: http_ok(f"http://{endpoint}/version"))
     kubeconfig = kubeconfig_of(plan, cluster, directory)
     write_kubeconfig(kubeconfig, f"http://{endpoint}", cluster.context)
     processes.start(directory, f"nodes-{cluster.name}", [
@@ -221,7 +206,7 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
             except FailToCreateError as exc:
                 if any(e.status != 409 for e in exc.api_exceptions):
                     raise
-    _wait(f"the Ready nodes of {cluster.name}", lambda: nodes_state(plan, cluster, api)[0])
+    wait_until(f"the Ready nodes of {cluster.name}", lambda: nodes_state(plan, cluster, api)[0])
     aws_seed.close_connections()  # before the apps bind their ports (see there)
 
 
@@ -242,11 +227,11 @@ def up_app(plan: Plan, directory: Path) -> None:
     if service is None:
         return
     _start_app(plan, directory, service.name, plan.sandbox.app, plan.cluster(service.cluster), service.name)
-    _wait(service.name, lambda: httpx.get(service.health, timeout=2).status_code == 200, timeout=30)
+    wait_until(service.name, lambda: httpx.get(service.health, timeout=2).status_code == 200, timeout=30)
     if service.dr:
         dr = service.dr
         _start_app(plan, directory, f"{service.name}-dr", plan.sandbox.app_dr, plan.cluster(dr.cluster), service.name)
-        _wait(f"{service.name}-dr", lambda: httpx.get(dr.health, timeout=2).status_code > 0, timeout=30)
+        wait_until(f"{service.name}-dr", lambda: httpx.get(dr.health, timeout=2).status_code > 0, timeout=30)
 
 
 def up(plan: Plan, console: Console) -> None:
@@ -256,8 +241,7 @@ def up(plan: Plan, console: Console) -> None:
     host, port = moto_address(plan)
     console.print(f"[bold]sandbox[/] state in {directory}")
     console.print(f"  moto (AWS) on {host}:{port}")
-    processes.start(directory, "moto", [PYTHON, "-m", "sandbox.moto_server", "-H", host, "-p", str(port)])
-    _wait("moto_server", lambda: _http_ok(f"http://{host}:{port}/moto-api/"))
+    start_moto(directory, host, port)
     aws_seed.seed(plan, values["db_password"], values["api_token"])
     if _postgres_databases(plan):
         ensure_os_user(plan.sandbox.os_user)

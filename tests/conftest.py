@@ -14,18 +14,32 @@ from prefect.testing.fixtures import asserting_and_emitting_events_worker  # noq
 from rich.console import Console
 
 from drplan.plan import PLANS_DIR, Plan, load_plan
-from tests.helpers import free_ports, world_traversable_dir
+from sandbox.launchers import world_traversable_dir
+from tests.helpers import free_ports
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # tasks called directly by tests
+# A test that runs a flow asks for the prefect_server fixture: no temporary server started behind its back.
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
 
 # Short objectives so that a stopped heartbeat or archiver breaches within seconds, not minutes.
 TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 
+# Markers follow from the fixtures a test requests (directly or through other fixtures), never written by hand:
+# `slow` = the session sandbox or a Prefect server (a minute or more to start); `sandbox` = any real server, those
+# and the ones a test module starts for itself. `pytest -m "not sandbox"` is the fast suite.
+SLOW_FIXTURES = frozenset({"sandbox", "prefect_server", "platform"})
+SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_s3", "pg_cluster", "postgres_port", "kube_api", "own_processes"}
 
 
-
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(item.fixturenames)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if used & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.sandbox)
 
 
 def sandbox_plan_data(state_dir: Path) -> dict:
@@ -89,6 +103,16 @@ def sandbox(sandbox_plan_path: Path) -> Iterator[Plan]:
         leftovers = [n for n in processes.tracked_names(directory) if processes.running(directory, n)]
         stack.down(plan, purge=True)
         assert not leftovers, f"sandbox processes left running: {leftovers}"
+
+
+@pytest.fixture
+def own_processes(tmp_path: Path) -> Iterator[Path]:
+    """The state dir for processes a test starts itself (`drplan.processes`); whatever still runs is stopped after."""
+    from drplan import processes
+
+    yield tmp_path
+    for name in processes.tracked_names(tmp_path):
+        processes.stop(tmp_path, name)
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
-"""Small helpers shared by the tests: free loopback ports, polling, temp dirs the PostgreSQL OS user can reach."""
+"""Small helpers shared by the tests: free loopback ports, polling, snapshots of the sandbox, own PostgreSQL
+topologies."""
 
 from __future__ import annotations
 
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout: prefect.yaml, kubernetes/, the packages
 
 
 def free_ports(count: int) -> list[int]:
@@ -33,13 +35,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(interval)
     return value
-
-
-def world_traversable_dir(prefix: str) -> Path:
-    """A temp dir the PostgreSQL OS user can reach (pytest's own tmp dirs are 0700 under root)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
 
 
 def logged_text(caplog) -> str:
@@ -100,12 +95,14 @@ def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: 
     from drplan import processes
     from drplan.plan import load_plan
     from sandbox import stack
+    from sandbox.launchers import world_traversable_dir
 
     directory = world_traversable_dir("drplan-topology-")
     shutil.copy2(sandbox_dir / "secrets.json", directory / "secrets.json")  # the password moto's secret holds
     data = yaml.safe_load(sandbox_plan_path.read_text())
     data["objectives"]["rpo"]["database"] = rpo
     data["sandbox"]["state_dir"] = str(directory)
+    data["sandbox"]["archive_timeout"] = "60s"  # no test reads its WAL archive: a barman-cloud call a minute, not 12
     db = next(d for d in data["databases"] if d["name"] == database)
     db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in free_ports(3)), strict=True))
     db["backup"]["server_name"] = f"topology-{uuid.uuid4().hex[:8]}"

@@ -1,53 +1,22 @@
-"""S3 test support: a real moto_server process on a free loopback port, a plan pointing at it, and fault
-injection two ways: through botocore's `before-send` event (the request never leaves the client; botocore
-parses the injected HTTP response, applies its standard retry policy to it and raises a real ClientError),
-and through a loopback proxy in front of moto that answers some copies 503 SlowDown (for the request path
-that bypasses botocore, drplan/s3fastcopy.py)."""
+"""S3 test support: a plan pointing at a moto_server (`sandbox.launchers.moto`), and fault injection two ways:
+through botocore's `before-send` event (the request never leaves the client; botocore parses the injected HTTP
+response, applies its standard retry policy to it and raises a real ClientError), and through a loopback proxy in
+front of moto that answers some copies 503 SlowDown (for the request path that bypasses botocore,
+drplan/s3fastcopy.py)."""
 
 from __future__ import annotations
 
 import http.client
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import yaml
 from botocore.awsrequest import AWSResponse
 
 from drplan.plan import load_plan
-from tests.helpers import free_port, wait_for
-
-MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """moto_server on 127.0.0.1:<free port>; yields its URL, stops it afterwards."""
-    port = free_port()
-    proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=os.environ | {"S3_UPLOAD_PART_MIN_SIZE": str(5 * 1024 * 1024)})
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/moto-api/", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
-    try:
-        wait_for(up, 30, "moto_server")
-        assert proc.poll() is None, "moto_server exited at start"
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def s3_plan(directory: Path, endpoint: str, buckets: list[dict]) -> Path:

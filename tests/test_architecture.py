@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 PACKAGES = ["cli", "sandbox", "flows", "tasks", "checks", "deployments", "drplan"]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
@@ -18,15 +19,15 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_layers_and_runbook_contracts_are_kept():
-    result = lint_imports(ROOT)
+    result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
 
 
 def test_a_ground_module_importing_flows_breaks_the_contract_naming_the_line(tmp_path: Path):
     for package in PACKAGES:
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     timeutil = tmp_path / "drplan" / "timeutil.py"
     lines = timeutil.read_text().splitlines()
     timeutil.write_text("\n".join([*lines, "from flows.shared import report  # an upward import"]) + "\n")

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from drplan.clients import DbCredentials, PgTarget
 from sandbox import demo_data
-from tests.checks.scratch_postgres import scratch_postgres
+from sandbox.launchers import throwaway_postgres
 from tests.helpers import wait_for
 
 PASSWORD = f"p@ss:w/rd%{{x}}'{secrets.token_hex(8)}"  # URL-hostile on purpose
@@ -60,10 +60,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def pg_cluster() -> Iterator[Cluster]:
     if os.geteuid() != 0 or not shutil.which("runuser"):
         pytest.skip("needs root and runuser (initdb refuses root)")
-    with scratch_postgres(PASSWORD) as port:
+    with throwaway_postgres(PASSWORD) as port:
         running = Cluster(port, DbCredentials("postgres", SecretStr(PASSWORD)))
         with running.connect() as conn:
             conn.execute("CREATE DATABASE demo")

@@ -24,17 +24,17 @@ CODES = "CREATE TABLE codes (code text PRIMARY KEY, v int, doc json, every inter
 
 
 @pytest.fixture(scope="module")
-def snapshot(cluster: Cluster) -> PgTarget:
+def snapshot(pg_cluster: Cluster) -> PgTarget:
     """The copy restored to T."""
-    target = cluster.clone("fp_snapshot")
-    cluster.run(target, CODES)
+    target = pg_cluster.clone("fp_snapshot")
+    pg_cluster.run(target, CODES)
     return target
 
 
 @pytest.fixture(scope="module")
-def live(cluster: Cluster) -> PgTarget:
-    target = cluster.clone("fp_live")
-    cluster.run(target, *AFTER_T, CODES, "UPDATE codes SET v = -1 WHERE code IN ('code-1', 'code-77')",
+def live(pg_cluster: Cluster) -> PgTarget:
+    target = pg_cluster.clone("fp_live")
+    pg_cluster.run(target, *AFTER_T, CODES, "UPDATE codes SET v = -1 WHERE code IN ('code-1', 'code-77')",
                 "UPDATE codes SET doc = '{\"a\": 2}' WHERE code = 'code-5'",  # json has no hash function: as text
                 "UPDATE codes SET every = '24 hours' WHERE code = 'code-6'",  # equal to '1 day', but not the same
                 "DELETE FROM codes WHERE code = 'code-300'", "INSERT INTO codes VALUES ('a', 0), ('code-2x', 0)")
@@ -51,13 +51,13 @@ def diffs(report: DiffReport) -> dict[str, set]:
 CHANGED_AFTER_T = {"missing": {401, 402}, "extra": {30}, "changed": {10, 20}}
 
 
-def test_identical_copies_have_no_differences(cluster: Cluster, snapshot: PgTarget) -> None:
-    copy = cluster.clone("fp_copy")
+def test_identical_copies_have_no_differences(pg_cluster: Cluster, snapshot: PgTarget) -> None:
+    copy = pg_cluster.clone("fp_copy")
     report = fingerprint_diff(snapshot, copy, "orders")
     assert report.status is Status.passed and report.passed
     assert (report.rows_source, report.rows_restored, report.differing, report.keys) == (400, 400, 0, [])
     assert report.key == "id" and report.levels == 1 and report.ranges_hashed >= 1
-    assert cluster.sessions_end("fp_snapshot", "fp_copy"), "fingerprint_diff left connections open"
+    assert pg_cluster.sessions_end("fp_snapshot", "fp_copy"), "fingerprint_diff left connections open"
 
 
 def test_finds_exactly_the_rows_changed_after_the_snapshot(live: PgTarget, snapshot: PgTarget) -> None:
@@ -108,8 +108,8 @@ def test_caps_and_budget(live: PgTarget, snapshot: PgTarget) -> None:
     assert unresolved.markdown_row()[3].startswith("≥ ")
 
 
-def test_unusable_keys_and_tables_are_errors(cluster: Cluster, live: PgTarget, snapshot: PgTarget) -> None:
-    cluster.run(live, "CREATE TABLE IF NOT EXISTS nokey (v int)",
+def test_unusable_keys_and_tables_are_errors(pg_cluster: Cluster, live: PgTarget, snapshot: PgTarget) -> None:
+    pg_cluster.run(live, "CREATE TABLE IF NOT EXISTS nokey (v int)",
                 "CREATE TABLE IF NOT EXISTS onlylive (id int PRIMARY KEY)")
     no_key = fingerprint_diff(live, live, "nokey")
     assert no_key.status is Status.error and "no single-column primary key" in no_key.errors[0]
@@ -117,7 +117,7 @@ def test_unusable_keys_and_tables_are_errors(cluster: Cluster, live: PgTarget, s
     assert not_unique.status is Status.error and "not a column with a unique index" in not_unique.errors[0]
     missing = fingerprint_diff(live, snapshot, "onlylive")
     assert missing.status is Status.error and 'relation "public.onlylive" does not exist' in missing.errors[0]
-    gone = fingerprint_diff(live, PgTarget("gone", "127.0.0.1", 1, "x", cluster.credentials), "orders")
+    gone = fingerprint_diff(live, PgTarget("gone", "127.0.0.1", 1, "x", pg_cluster.credentials), "orders")
     assert gone.status is Status.error and "cannot connect" in gone.errors[0]
 
 

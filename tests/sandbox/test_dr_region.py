@@ -17,8 +17,6 @@ from sandbox.kube_api import UNAVAILABLE_ANNOTATION
 from tasks.manifests import render_manifests
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.sandbox
-
 DR_CLUSTER = "devonn-eks-dr-sandbox"
 
 

@@ -54,13 +54,13 @@ def running_kube_api(state_dir: Path, context: str = "sandbox") -> Iterator[Path
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[client.ApiClient]:
+def kube_api() -> Iterator[client.ApiClient]:
     state_dir = Path(tempfile.mkdtemp(prefix="drplan-kube-api-"))
     try:
         with running_kube_api(state_dir) as kubeconfig:
-            api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig), context="sandbox")
-            client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
-            yield api
+            kube_api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig), context="sandbox")
+            client.CoreV1Api(kube_api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
+            yield kube_api
         assert "Kubernetes API stopped" in (state_dir / "logs" / "kube-api.log").read_text()
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -90,17 +90,17 @@ def rolled_out(apps: client.AppsV1Api, name: str) -> client.V1Deployment | None:
     return d if done and d.status.available_replicas == d.spec.replicas else None
 
 
-def test_discovery_lists_the_resources_used(api: client.ApiClient) -> None:
-    core = {r.name: r for r in client.CoreV1Api(api).get_api_resources().resources}
-    apps = {r.name: r for r in client.AppsV1Api(api).get_api_resources().resources}
+def test_discovery_lists_the_resources_used(kube_api: client.ApiClient) -> None:
+    core = {r.name: r for r in client.CoreV1Api(kube_api).get_api_resources().resources}
+    apps = {r.name: r for r in client.AppsV1Api(kube_api).get_api_resources().resources}
     assert {"nodes", "namespaces", "secrets", "configmaps", "pods"} <= set(core)
     assert not core["nodes"].namespaced and core["secrets"].namespaced
     assert apps["deployments"].kind == "Deployment" and "patch" in apps["deployments"].verbs
-    assert client.VersionApi(api).get_code().major == "1"
+    assert client.VersionApi(kube_api).get_code().major == "1"
 
 
-def test_namespaces_and_nodes(api: client.ApiClient) -> None:
-    core = client.CoreV1Api(api)
+def test_namespaces_and_nodes(kube_api: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube_api)
     for name in ("node-a", "node-b"):
         ready = client.V1NodeCondition(type="Ready", status="True")
         node = client.V1Node(
@@ -122,8 +122,8 @@ def test_namespaces_and_nodes(api: client.ApiClient) -> None:
     assert [n.metadata.name for n in core.list_node(label_selector="pool=general,!cordoned").items] == ["node-a"]
 
 
-def test_deployment_rolls_out_and_follows_a_patch(api: client.ApiClient) -> None:
-    apps = client.AppsV1Api(api)
+def test_deployment_rolls_out_and_follows_a_patch(kube_api: client.ApiClient) -> None:
+    apps = client.AppsV1Api(kube_api)
     created = apps.create_namespaced_deployment(NS, deployment("web", 3))
     assert created.metadata.generation == 1 and created.metadata.uid and not created.status.replicas
     first = wait_for(lambda: rolled_out(apps, "web"), 5, "the rollout")
@@ -148,8 +148,8 @@ def test_deployment_rolls_out_and_follows_a_patch(api: client.ApiClient) -> None
     assert apps.patch_namespaced_deployment("web", NS, json_patch).metadata.generation == 3
 
 
-def test_annotated_deployment_never_becomes_available(api: client.ApiClient) -> None:
-    apps = client.AppsV1Api(api)
+def test_annotated_deployment_never_becomes_available(kube_api: client.ApiClient) -> None:
+    apps = client.AppsV1Api(kube_api)
     apps.create_namespaced_deployment(NS, deployment("broken", 2, {"sandbox/unavailable": "true"}))
     wait_for(lambda: apps.read_namespaced_deployment("broken", NS).status, 5, "the controller")
     time.sleep(0.5)  # several rollout delays: it stays unavailable
@@ -159,8 +159,8 @@ def test_annotated_deployment_never_becomes_available(api: client.ApiClient) -> 
     assert {c.type: c.status for c in d.status.conditions}["Available"] == "False"
 
 
-def test_secret_replace_is_a_put_not_a_merge(api: client.ApiClient) -> None:
-    core = client.CoreV1Api(api)
+def test_secret_replace_is_a_put_not_a_merge(kube_api: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube_api)
     b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
     secret = client.V1Secret(
         metadata=client.V1ObjectMeta(name="db"), data={"DATABASE_URL": b64("postgresql://a"), "old": b64("x")}
@@ -175,8 +175,8 @@ def test_secret_replace_is_a_put_not_a_merge(api: client.ApiClient) -> None:
     assert conflict.value.status == 409
 
 
-def test_missing_objects_give_404(api: client.ApiClient) -> None:
-    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+def test_missing_objects_give_404(kube_api: client.ApiClient) -> None:
+    core, apps = client.CoreV1Api(kube_api), client.AppsV1Api(kube_api)
     for call in (
         lambda: core.read_namespaced_secret("nope", NS),
         lambda: apps.read_namespaced_deployment("nope", NS),
@@ -188,8 +188,8 @@ def test_missing_objects_give_404(api: client.ApiClient) -> None:
         assert missing.value.status == 404
 
 
-def test_configmaps_pods_delete_and_selectors(api: client.ApiClient) -> None:
-    core = client.CoreV1Api(api)
+def test_configmaps_pods_delete_and_selectors(kube_api: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube_api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="other")))
     for ns, name, app in ((NS, "p1", "web"), (NS, "p2", "worker"), ("other", "p3", "web")):
         pod = client.V1Pod(

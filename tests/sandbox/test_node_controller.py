@@ -24,8 +24,6 @@ from sandbox.node_controller import NODEGROUP_LABEL, NodeController
 from tests.helpers import free_port, wait_for
 from tests.sandbox.test_kube_api import answers
 
-SANDBOX = pytest.mark.sandbox  # the tests on the session sandbox; the last two run their own processes
-
 CLUSTER = "devonn-eks-dr-sandbox"
 GROUP = "dev_nodes"
 
@@ -60,7 +58,6 @@ def core(sandbox) -> CoreV1Api:
     return CoreV1Api(kube_client(sandbox, sandbox.cluster(CLUSTER)))
 
 
-@SANDBOX
 def test_pilot_light_starts_with_the_plans_nodes(sandbox, core):
     group = sandbox.cluster(CLUSTER).nodegroups[GROUP]
     assert ready(core, group.desired)
@@ -69,7 +66,6 @@ def test_pilot_light_starts_with_the_plans_nodes(sandbox, core):
     assert stack.nodes_state(sandbox, sandbox.cluster(CLUSTER)) == (True, f"{GROUP} 1/1 Ready")
 
 
-@SANDBOX
 def test_ready_nodes_follow_the_node_group_up_and_down(core, scale):
     seen: set[tuple[str, str]] = set()
 
@@ -90,7 +86,6 @@ def test_ready_nodes_follow_the_node_group_up_and_down(core, scale):
     wait_for(lambda: ready(core, 2), 10, "2 Ready nodes")
 
 
-@SANDBOX
 def test_a_deleted_node_comes_back_and_a_failed_node_stays_failed(core, scale):
     scale(2)
     wait_for(lambda: ready(core, 2), 10, "2 Ready nodes")
@@ -105,7 +100,6 @@ def test_a_deleted_node_comes_back_and_a_failed_node_stays_failed(core, scale):
     wait_for(lambda: ready(core, 2), 10, "the replacement node")
 
 
-@SANDBOX
 def test_controller_logs_to_its_file(sandbox, sandbox_dir):
     log = (sandbox_dir / "logs" / f"nodes-{CLUSTER}.log").read_text()
     assert f"node controller for {CLUSTER} (us-west-2) started" in log
@@ -128,17 +122,17 @@ class FlakyEks:
         return {"nodegroup": {"scalingConfig": {"desiredSize": self.desired}}}
 
 
-def test_controller_survives_moto_and_the_api_going_away(tmp_path):
+def test_controller_survives_moto_and_the_api_going_away(own_processes: Path):
     """In process against a real kube_api that is restarted (losing every object), with EKS failing for a while:
     nothing is deleted while the node groups cannot be read, and the nodes are back once both answer."""
     listen = f"127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "sandbox.kube_api", "--listen", listen]
-    processes.start(tmp_path, "kube-api", argv)
+    processes.start(own_processes, "kube-api", argv)
     stop = threading.Event()
     try:
         wait_for(lambda: answers(f"http://{listen}/version"), 15, "the Kubernetes API")
-        write_kubeconfig(tmp_path / "kubeconfig", f"http://{listen}", "t")
-        core = CoreV1Api(new_client_from_config(config_file=str(tmp_path / "kubeconfig"), context="t"))
+        write_kubeconfig(own_processes / "kubeconfig", f"http://{listen}", "t")
+        core = CoreV1Api(new_client_from_config(config_file=str(own_processes / "kubeconfig"), context="t"))
         eks = FlakyEks(2)
         controller = NodeController(eks, core, "c", join_seconds=0.3)
         worker = threading.Thread(target=controller.run, args=(stop, 0.1), daemon=True)
@@ -148,30 +142,29 @@ def test_controller_survives_moto_and_the_api_going_away(tmp_path):
         eks.down = True
         time.sleep(0.5)
         assert ready(core, 2), "nodes must stay while EKS cannot be read"
-        processes.stop(tmp_path, "kube-api")
+        processes.stop(own_processes, "kube-api")
         time.sleep(0.5)
-        processes.start(tmp_path, "kube-api", argv)
+        processes.start(own_processes, "kube-api", argv)
         wait_for(lambda: answers(f"http://{listen}/version"), 15, "the Kubernetes API again")
         eks.down, eks.desired = False, 3
         wait_for(lambda: ready(core, 3), 10, "3 Ready nodes on the restarted API")
         assert worker.is_alive()
     finally:
         stop.set()
-        processes.stop(tmp_path, "kube-api")
 
 
-def test_process_logs_errors_and_stops_on_sigterm(tmp_path):
+def test_process_logs_errors_and_stops_on_sigterm(own_processes: Path):
     dead = f"http://127.0.0.1:{free_port()}"
-    write_kubeconfig(tmp_path / "kubeconfig", dead, "t")
-    argv = [sys.executable, "-m", "sandbox.node_controller", "--kubeconfig", str(tmp_path / "kubeconfig"),
+    write_kubeconfig(own_processes / "kubeconfig", dead, "t")
+    argv = [sys.executable, "-m", "sandbox.node_controller", "--kubeconfig", str(own_processes / "kubeconfig"),
             "--context", "t", "--cluster", "c", "--region", "us-west-2", "--endpoint-url", dead]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    tracked = processes.start(tmp_path, "nodes-c", argv, env=env)
+    tracked = processes.start(own_processes, "nodes-c", argv, env=env)
     log = Path(tracked.log)
     wait_for(lambda: "cannot reconcile the nodes of c, retrying" in log.read_text(), 20, "the error in the log")
     time.sleep(1.5)  # more failed rounds: logged once, the process keeps going
     assert log.read_text().count("cannot reconcile") == 1
     started = time.monotonic()
-    assert processes.stop(tmp_path, "nodes-c"), "the node controller died on an error"
+    assert processes.stop(own_processes, "nodes-c"), "the node controller died on an error"
     assert time.monotonic() - started < 10
     assert "node controller stopped" in log.read_text()

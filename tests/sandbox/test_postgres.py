@@ -22,14 +22,13 @@ import pytest
 from botocore.config import Config
 
 from drplan import processes
-from drplan.pgserver import VENV_BIN, LocalPostgres, PostgresError
+from drplan.pgserver import PostgresError
 from sandbox import demo_data
+from sandbox.launchers import moto, world_traversable_dir
+from sandbox.postgres import SandboxPostgres
 from tests.helpers import free_port, wait_for
 
-pytestmark = [
-    pytest.mark.sandbox,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser")
 
 TOKEN = secrets.token_hex(3)  # in every member/bucket name, so our processes are recognisable in /proc
 PASSWORD = f"pw:{secrets.token_hex(12)}'\\"  # unique and awkward (pgpass and conf escaping)
@@ -37,10 +36,6 @@ PRIMARY, REPLICA, DR = f"t{TOKEN}-primary", f"t{TOKEN}-replica", f"t{TOKEN}-dr"
 BUCKET, PREFIX, SERVER = f"drplan-test-{TOKEN}", "postgres/", "devonn-postgres"
 ROWS = 1000
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-
-
 
 
 def our_processes(state_dir: Path) -> list[str]:
@@ -67,7 +62,7 @@ def cmdlines_with_password() -> list[str]:
     return hits
 
 
-def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> LocalPostgres:
+def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> SandboxPostgres:
     kwargs = dict(
         superuser="drplan_admin",
         password=PASSWORD,
@@ -78,47 +73,34 @@ def make_sandbox(state_dir: Path, endpoint_url: str, **overrides: Any) -> LocalP
         server_name=SERVER,
         archive_timeout=60,
     )
-    return LocalPostgres(state_dir, **{**kwargs, **overrides})
+    return SandboxPostgres(state_dir, **{**kwargs, **overrides})
 
 
 @pytest.fixture(scope="module")
 def state_dir():
-    path = Path(tempfile.mkdtemp(prefix=f"drplan-pg-{TOKEN}-", dir="/tmp"))
-    path.chmod(0o755)  # mkdtemp makes it 0700; the PostgreSQL OS user must traverse it
+    path = world_traversable_dir(f"drplan-pg-{TOKEN}-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def s3(state_dir):
-    port = free_port()
-    processes.start(state_dir, "moto", [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
-        region_name=AWS["AWS_DEFAULT_REGION"],
-        config=Config(retries={"mode": "standard"}, request_checksum_calculation="when_required"),
-    )
-
-    def ready() -> bool:
-        try:
-            client.list_buckets()
-            return True
-        except Exception:
-            return False
-
-    wait_for(ready, 30, "moto_server")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    processes.stop(state_dir, "moto")
+def moto_s3(state_dir):
+    with moto(state_dir) as url:
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+            region_name=AWS["AWS_DEFAULT_REGION"],
+            config=Config(retries={"mode": "standard"}, request_checksum_calculation="when_required"),
+        )
+        client.create_bucket(Bucket=BUCKET)
+        yield client
 
 
 @pytest.fixture(scope="module")
-def pg(state_dir, s3):
-    sandbox = make_sandbox(state_dir, s3.meta.endpoint_url)
+def pg(state_dir, moto_s3):
+    sandbox = make_sandbox(state_dir, moto_s3.meta.endpoint_url)
     sandbox.up_primary(PRIMARY, free_port())
     try:
         yield sandbox
@@ -137,7 +119,7 @@ def replicas(pg):
     return pg
 
 
-def scalar(pg: LocalPostgres, member: str, query: str, params: tuple = (), dbname: str | None = None) -> Any:
+def scalar(pg: SandboxPostgres, member: str, query: str, params: tuple = (), dbname: str | None = None) -> Any:
     with pg.connect(member, dbname) as conn:
         return conn.execute(query, params).fetchone()[0]
 
@@ -168,7 +150,7 @@ def test_base_backup_done_and_listed(pg):
     assert listed[backup_id].systemid == pg.system_id(PRIMARY)
 
 
-def test_wal_segments_archived_to_s3(pg, s3):
+def test_wal_segments_archived_to_s3(pg, moto_s3):
     with pg.connect(PRIMARY) as conn:
         conn.execute("INSERT INTO drplan_heartbeat (source) VALUES ('wal-test')")
         segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
@@ -180,7 +162,7 @@ def test_wal_segments_archived_to_s3(pg, s3):
     wait_for(archived, 30, f"archiver to pass {segment}")
     keys = [
         o["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{PREFIX}{SERVER}/wals/")
+        for page in moto_s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{PREFIX}{SERVER}/wals/")
         for o in page.get("Contents", [])
     ]
     assert any(key.rsplit("/", 1)[-1].startswith(segment) for key in keys), keys
@@ -277,20 +259,20 @@ def test_new_cluster_refused_on_used_prefix(pg, state_dir):
     assert not pg.data_dir(f"t{TOKEN}-intruder").exists()
 
 
-def test_unreachable_state_dir_is_one_clear_line(s3):
+def test_unreachable_state_dir_is_one_clear_line(moto_s3):
     hidden = Path(tempfile.mkdtemp(prefix=f"drplan-pg-{TOKEN}-hidden-", dir="/tmp"))  # 0700: OS user is locked out
     try:
         with pytest.raises(PostgresError, match=r"cannot reach .*chmod o\+x") as caught:
-            make_sandbox(hidden / "state", s3.meta.endpoint_url).up_primary(f"t{TOKEN}-x", free_port())
+            make_sandbox(hidden / "state", moto_s3.meta.endpoint_url).up_primary(f"t{TOKEN}-x", free_port())
         assert "\n" not in str(caught.value)
     finally:
         shutil.rmtree(hidden)
 
 
-def test_failing_archive_is_an_error_not_a_hang(pg, s3):
+def test_failing_archive_is_an_error_not_a_hang(pg, moto_s3):
     """With archiving broken, a base backup would wait forever in pg_backup_stop: it must fail fast and say why."""
     member = f"t{TOKEN}-broken"
-    broken = make_sandbox(pg.state_dir, s3.meta.endpoint_url, server_name=f"broken-{TOKEN}")
+    broken = make_sandbox(pg.state_dir, moto_s3.meta.endpoint_url, server_name=f"broken-{TOKEN}")
     broken.up_primary(member, free_port())
     broken.stop(member)
     broken.endpoint_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every archive call fails

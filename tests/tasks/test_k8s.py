@@ -32,8 +32,6 @@ from tasks.k8s import (
 )
 from tests.helpers import logged_text, wait_for
 
-pytestmark = pytest.mark.sandbox
-
 CLUSTER = "devonn-eks-sandbox"
 TARGET_DB = "cutover_target"
 TARGET_ROWS = 321

@@ -13,20 +13,16 @@ from typer.testing import CliRunner
 from cli.main import app
 from drplan.clients import aws_client, db_credentials
 from drplan.drill_report import DrillReport
-from drplan.errors import DrplanError
 from drplan.results import Status
 from flows.restore_drill import restore_drill
-from flows.shared.requests import choose_target_time
 from sandbox import stack
 from tasks.rds import find_instance
-from tasks.targets import DRILL_TAG, PostgresArchive, RdsInstance, RestorableWindow
+from tasks.targets import DRILL_TAG, PostgresArchive, RdsInstance
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def fresh_base_backup(sandbox, sandbox_dir):
     """Drills replay WAL from the newest base backup: take one now so replay covers minutes, not the session."""
     db, pg = primary(sandbox, sandbox_dir)
@@ -47,19 +43,6 @@ def primary(sandbox, sandbox_dir):
 def drill_instances(plan) -> list[dict]:
     rds = aws_client(plan, "rds").describe_db_instances()["DBInstances"]
     return [i for i in rds if any(t["Key"] == DRILL_TAG for t in i.get("TagList", []))]
-
-
-def test_target_time_choice():
-    window = RestorableWindow(earliest=NOW - timedelta(hours=2), latest=NOW)
-    assert choose_target_time(window, None, None, timedelta(minutes=1)) == NOW - timedelta(minutes=1)
-    assert choose_target_time(window, NOW - timedelta(hours=1), None, timedelta(minutes=1)) == NOW - timedelta(hours=1)
-    for _ in range(20):
-        picked = choose_target_time(window, None, timedelta(minutes=30), timedelta(minutes=1))
-        assert NOW - timedelta(minutes=31) <= picked <= NOW - timedelta(minutes=1)
-    with pytest.raises(DrplanError, match="outside the restorable window"):
-        choose_target_time(window, NOW - timedelta(hours=3), None, timedelta(minutes=1))
-    with pytest.raises(DrplanError, match="shorter than the target margin"):
-        choose_target_time(RestorableWindow(earliest=NOW, latest=NOW), None, None, timedelta(minutes=1))
 
 
 @pytest.mark.parametrize("args,message", [
@@ -96,6 +79,7 @@ def test_rds_restore_carries_source_settings_and_drill_tags(sandbox):
     assert not drill_instances(sandbox)
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_rds_time_outside_the_window_fails_before_any_restore_call(sandbox, sandbox_plan_path):
     calls = []
     rds = aws_client(sandbox, "rds")
@@ -107,6 +91,7 @@ def test_rds_time_outside_the_window_fails_before_any_restore_call(sandbox, sand
     assert report.cleanup == "nothing restored"
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_rds_failure_after_the_restore_leaves_no_scratch_instance(sandbox, sandbox_plan_path, monkeypatch):
     monkeypatch.setattr(RdsInstance, "poll_seconds", 0.2)
     (report,) = run_drill(sandbox_plan_path, database="devonn-rds")
@@ -116,6 +101,7 @@ def test_rds_failure_after_the_restore_leaves_no_scratch_instance(sandbox, sandb
     assert not drill_instances(sandbox)
 
 
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
 def test_crashed_drill_leftover_is_swept_by_the_next_drill(sandbox, sandbox_plan_path, plan_variant):
     db = sandbox.database("devonn-postgres")
     target = PostgresArchive(sandbox, db)
@@ -154,6 +140,7 @@ def kept_scratch(plan, report: DrillReport):
     return scratch.target(db, credentials)
 
 
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
 def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the_changes(sandbox, sandbox_dir):
     from checks import fingerprint_diff
     from drplan.clients import PgTarget
@@ -191,6 +178,7 @@ def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the
     assert target.leftovers() == []
 
 
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
 def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, sandbox_plan_path, sandbox_dir,
                                                                     monkeypatch):
     real_restore = PostgresArchive.restore

@@ -14,9 +14,9 @@ from prefect.flows import Flow, load_flow_from_entrypoint
 from prefect.utilities.templating import apply_values
 
 from drplan.plan import load_plan
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+CONFIG = yaml.safe_load((REPO / "prefect.yaml").read_text())
 DEPLOYMENTS = CONFIG["deployments"]
 PLANS = ["plans/devonn.yaml", "plans/sandbox.yaml"]
 
@@ -33,7 +33,7 @@ def rendered(value, plan: str | None, monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
 def test_entrypoint_is_a_flow_with_matching_parameters(deployment, plan, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO)
     flow = load_flow_from_entrypoint(deployment["entrypoint"])
     assert isinstance(flow, Flow)
     parameters = rendered(deployment.get("parameters", {}), plan, monkeypatch)
@@ -41,12 +41,12 @@ def test_entrypoint_is_a_flow_with_matching_parameters(deployment, plan, monkeyp
     assert flow.parameters.required is None or set(flow.parameters.required) <= set(parameters)
     assert deployment.get("enforce_parameter_schema") is True
     assert parameters["plan"] == plan
-    load_plan(ROOT / parameters["plan"])
+    load_plan(REPO / parameters["plan"])
 
 
 def test_every_flow_module_is_deployed():
     deployed = {d["entrypoint"].split(":")[0] for d in DEPLOYMENTS}
-    modules = {f"flows/{p.name}" for p in (ROOT / "flows").glob("*.py") if p.name != "__init__.py"}
+    modules = {f"flows/{p.name}" for p in (REPO / "flows").glob("*.py") if p.name != "__init__.py"}
     assert modules <= deployed, f"flows without a deployment in prefect.yaml: {sorted(modules - deployed)}"
 
 
@@ -55,6 +55,6 @@ def test_build_step_refuses_a_deploy_without_a_valid_plan(plan, code, monkeypatc
     (step,) = CONFIG["build"]
     script = rendered(step["prefect.deployments.steps.run_shell_script"]["script"], plan, monkeypatch)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `drplan` as in an activated venv
-    result = subprocess.run(shlex.split(script), cwd=ROOT, env={**os.environ, "PATH": path}, capture_output=True,
+    result = subprocess.run(shlex.split(script), cwd=REPO, env={**os.environ, "PATH": path}, capture_output=True,
                             text=True)
     assert result.returncode == code, result.stderr

@@ -15,8 +15,9 @@ from drplan.s3manifest import Manifest, backups, manifest_uri, read_manifest, re
 from drplan.s3store import transfer_client
 from drplan.s3sync import SyncOptions
 from flows.s3_backup import s3_backup
+from sandbox.launchers import moto
 from tasks.s3 import back_up_prefix, find_newest_backup, verify_backup
-from tests.s3_moto import moto_server, put_objects, s3_plan
+from tests.s3_moto import put_objects, s3_plan
 
 LIVE = {f"uploads/{i // 10:02d}/file-{i:03d}.txt": f"content {i}\n".encode() * (1 + i % 7) for i in range(60)}
 LIVE["empty"] = b""
@@ -24,8 +25,8 @@ AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with moto_server() as url:
+def moto_env(tmp_path_factory):
+    with moto() as url:
         path = s3_plan(tmp_path_factory.mktemp("s3b"), url, [
             {"name": "data", "live": "s3://b-live/", "backup": "s3://b-backup/data/"},
             {"name": "other", "live": "s3://b-live-2/app/", "backup": "s3://b-backup/other/"},
@@ -43,8 +44,8 @@ def fresh_backup(s3, at: datetime) -> str:
     return back_up_prefix(s3, "s3://b-live/", "s3://b-backup/data/", at).backup
 
 
-def test_backup_copies_every_object_and_writes_a_verifiable_manifest(env):
-    _, s3 = env
+def test_backup_copies_every_object_and_writes_a_verifiable_manifest(moto_env):
+    _, s3 = moto_env
     result = back_up_prefix(s3, "s3://b-live/", "s3://b-backup/data/", AT)
     assert result.backup == "s3://b-backup/data/20260102T030405Z/"
     assert result.manifest == "s3://b-backup/data/20260102T030405Z.manifest.json"
@@ -60,8 +61,8 @@ def test_backup_copies_every_object_and_writes_a_verifiable_manifest(env):
     assert checked.ok and checked.objects == len(LIVE), checked.summary
 
 
-def test_the_manifest_is_written_last_so_rpo_ignores_an_unfinished_backup(env):
-    _, s3 = env
+def test_the_manifest_is_written_last_so_rpo_ignores_an_unfinished_backup(moto_env):
+    _, s3 = moto_env
     events = []
     s3.meta.events.register("before-call.s3.*", lambda model, **_: events.append(model.name), unique_id="order")
     try:  # botocore only, so that every request passes the event hook
@@ -71,8 +72,8 @@ def test_the_manifest_is_written_last_so_rpo_ignores_an_unfinished_backup(env):
     assert events[-1] == "PutObject" and "CopyObject" in events and events.index("PutObject") == len(events) - 1
 
 
-def test_verification_reports_missing_corrupt_and_extra_keys(env):
-    _, s3 = env
+def test_verification_reports_missing_corrupt_and_extra_keys(moto_env):
+    _, s3 = moto_env
     backup = fresh_backup(s3, AT + timedelta(hours=2))
     prefix = backup.removeprefix("s3://b-backup/")
     same_size = LIVE["uploads/02/file-020.txt"].replace(b"content", b"CONTENT")
@@ -87,8 +88,8 @@ def test_verification_reports_missing_corrupt_and_extra_keys(env):
     assert "1 missing" in checked.summary and "1 corrupt" in checked.summary and "1 extra" in checked.summary
 
 
-def test_a_backup_without_manifest_is_listed_but_flagged_unverified(env):
-    _, s3 = env
+def test_a_backup_without_manifest_is_listed_but_flagged_unverified(moto_env):
+    _, s3 = moto_env
     backup = fresh_backup(s3, AT + timedelta(hours=3))
     s3.delete_object(Bucket="b-backup", Key=manifest_uri(backup).removeprefix("s3://b-backup/"))
     checked = verify_backup(s3, backup)
@@ -98,8 +99,8 @@ def test_a_backup_without_manifest_is_listed_but_flagged_unverified(env):
     assert find_newest_backup.fn(s3, "s3://b-backup/data/") == AT + timedelta(hours=2)  # the newest complete one
 
 
-def test_a_damaged_manifest_is_never_trusted(env):
-    _, s3 = env
+def test_a_damaged_manifest_is_never_trusted(moto_env):
+    _, s3 = moto_env
     backup = fresh_backup(s3, AT + timedelta(hours=4))
     key = manifest_uri(backup).removeprefix("s3://b-backup/")
     body = json.loads(s3.get_object(Bucket="b-backup", Key=key)["Body"].read())
@@ -113,8 +114,8 @@ def test_a_damaged_manifest_is_never_trusted(env):
         Manifest.load(b"{truncated", "somewhere")
 
 
-def test_a_backup_root_without_any_complete_backup_is_never_restored_wholesale(env):
-    _, s3 = env
+def test_a_backup_root_without_any_complete_backup_is_never_restored_wholesale(moto_env):
+    _, s3 = moto_env
     s3.put_object(Bucket="b-backup", Key="half/20260101T000000Z/a", Body=b"a")
     with pytest.raises(DrplanError, match="none is complete"):
         resolve_backup(s3, "s3://b-backup/half/")
@@ -123,10 +124,10 @@ def test_a_backup_root_without_any_complete_backup_is_never_restored_wholesale(e
     assert newest.removeprefix("s3://b-backup/data/").rstrip("/") == backups(s3, "s3://b-backup/data/")[0][-1]
 
 
-def test_failed_copies_leave_no_manifest(env):
+def test_failed_copies_leave_no_manifest(moto_env):
     from tests.s3_moto import inject, uninject
 
-    _, s3 = env
+    _, s3 = moto_env
     inject(s3, "CopyObject", 404, "NoSuchKey", when=lambda url: url.endswith("file-033.txt"))
     try:
         with pytest.raises(DrplanError, match="incomplete, no manifest written.*file-033"):
@@ -140,8 +141,8 @@ def test_failed_copies_leave_no_manifest(env):
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_backup_flow_backs_up_one_or_every_bucket(env):
-    path, s3 = env
+def test_backup_flow_backs_up_one_or_every_bucket(moto_env):
+    path, s3 = moto_env
     state = s3_backup(plan=str(path), bucket="other", return_state=True)
     assert state.is_completed(), state.message
     [result] = state.result()
@@ -153,21 +154,21 @@ def test_backup_flow_backs_up_one_or_every_bucket(env):
     assert state.is_failed() and "unknown bucket 'nope'" in state.message
 
 
-def test_sandbox_seeding_still_backs_up_through_back_up_prefix(env):
+def test_sandbox_seeding_still_backs_up_through_back_up_prefix(moto_env):
     from sandbox import aws_seed
 
-    path, s3 = env
+    path, s3 = moto_env
     aws_seed.back_up_buckets(load_plan(path))
     assert find_newest_backup.fn(s3, "s3://b-backup/other/") is not None
 
 
-def test_backup_cli_reports_json_and_refuses_an_unknown_bucket_in_one_line(env):
+def test_backup_cli_reports_json_and_refuses_an_unknown_bucket_in_one_line(moto_env):
     import typer
     from typer.testing import CliRunner
 
     from cli.s3 import s3_backup as s3_backup_command
 
-    path, s3 = env
+    path, s3 = moto_env
     app = typer.Typer()
     app.command()(s3_backup_command)
     result = CliRunner().invoke(app, ["--plan", str(path), "--bucket", "other", "--json"])

@@ -31,12 +31,10 @@ from deployments import automations, receiver
 from drplan import processes
 from drplan.plan import load_plan
 from tests.conftest import sandbox_plan_data
-from tests.helpers import free_port, wait_for
+from tests.helpers import REPO, free_port, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-PROBE = "probe"  # deployment name of the flows in tests/platform_flows.py
-pytestmark = pytest.mark.slow
+DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+PROBE = "probe"  # deployment name of the flows in tests/cli/platform_flows.py
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def deploy_probes() -> None:
     from prefect import Flow
 
     for name, tags in (("approval_probe", [automations.RECOVERY_TAG]), ("breach_probe", [])):
-        Flow.from_source(source=str(ROOT), entrypoint=f"tests/platform_flows.py:{name}").deploy(
+        Flow.from_source(source=str(REPO), entrypoint=f"tests/cli/platform_flows.py:{name}").deploy(
             PROBE, work_pool_name=serve.POOL, tags=tags, print_next_steps=False, ignore_warnings=True)
 
 
@@ -152,7 +150,7 @@ def _cmdline_has(proc: Path, secret: bytes) -> bool:
 def test_prefect_yaml_is_deployed_against_the_plan(platform: serve.Platform, api: httpx.Client) -> None:
     plan_path = str(platform.directory.parent / "plan.yaml")
     for spec in DEPLOYMENTS:
-        flow_name = load_flow_from_entrypoint(str(ROOT / spec["entrypoint"])).name
+        flow_name = load_flow_from_entrypoint(str(REPO / spec["entrypoint"])).name
         deployed = api.get(f"/deployments/name/{flow_name}/{spec['name']}").json()
         assert deployed["parameters"] == {"plan": plan_path}, spec["name"]
         assert deployed["enforce_parameter_schema"] is True

@@ -1,4 +1,4 @@
-"""Cheap flows that tests/test_platform.py deploys next to prefect.yaml's: the recovery flows' approval gate (the
+"""Cheap flows that tests/cli/test_serve.py deploys next to prefect.yaml's: the recovery flows' approval gate (the
 same RunInput) without a restore before it, and a synthetic RPO breach published by the real
 `flows.rpo_verification.publish`."""
 

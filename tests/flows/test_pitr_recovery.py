@@ -34,10 +34,9 @@ from flows.shared.gates import lock_name
 from sandbox import stack
 from tasks.k8s import find_database_secret, read_secret_value, roll_back
 from tasks.targets import PostgresArchive
-from tests.helpers import logged_text, stack_snapshot, wait_for
+from tests.helpers import REPO, logged_text, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def app_secret(plan) -> str:

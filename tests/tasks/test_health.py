@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 from prefect import flow
 
 from drplan.clients import aws_client
@@ -15,8 +14,6 @@ from drplan.results import Status
 from sandbox import stack
 from tasks.health import ServiceValidation, validate_service, validate_service_task
 from tests.helpers import logged_text
-
-pytestmark = pytest.mark.sandbox
 
 CHECKS = ["health", "database", "GET /api/me with token", "GET /api/me without token", "GET /api/stats"]
 

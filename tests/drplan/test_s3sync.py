@@ -17,8 +17,9 @@ from drplan.plan import load_plan
 from drplan.progress import Silent
 from drplan.s3store import MIB, transfer_client
 from drplan.s3sync import SyncOptions, restore, sync
+from sandbox.launchers import moto
 from tasks.s3 import back_up_prefix
-from tests.s3_moto import inject, listing, moto_server, put_objects, s3_plan, slow_down_proxy, uninject
+from tests.s3_moto import inject, listing, put_objects, s3_plan, slow_down_proxy, uninject
 
 COUNT = 200
 OBJECTS = {f"docs/{i // 50:02d}/doc-{i:04d}.bin": bytes([i % 251]) * (100 + i) for i in range(COUNT)}
@@ -32,8 +33,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with moto_server() as url:
+def moto_env(tmp_path_factory):
+    with moto() as url:
         path = s3_plan(tmp_path_factory.mktemp("s3s"), url, [
             {"name": "data", "live": "s3://s-live/", "backup": "s3://s-backup/data/"}])
         s3 = transfer_client(load_plan(path), 8)
@@ -45,9 +46,9 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture
-def live(env):
+def live(moto_env):
     """A fresh, empty target bucket per test."""
-    _, s3 = env
+    _, s3 = moto_env
     name = f"t-{datetime.now(UTC):%H%M%S%f}"
     s3.create_bucket(Bucket=name)
     return name
@@ -61,8 +62,8 @@ def contents(s3, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def test_cold_copy_then_a_resync_copies_nothing(env, live):
-    _, s3 = env
+def test_cold_copy_then_a_resync_copies_nothing(moto_env, live):
+    _, s3 = moto_env
     report = restore_into(s3, live)
     assert (report.copied.objects, report.skipped.objects, report.failed.objects) == (COUNT, 0, 0)
     assert report.copied.bytes == sum(map(len, OBJECTS.values()))
@@ -76,8 +77,8 @@ def test_cold_copy_then_a_resync_copies_nothing(env, live):
     assert listing(s3, live) == before
 
 
-def test_same_size_rewrites_are_all_detected_and_recopied(env, live):
-    _, s3 = env
+def test_same_size_rewrites_are_all_detected_and_recopied(moto_env, live):
+    _, s3 = moto_env
     restore_into(s3, live)
     rewritten = sorted(OBJECTS)[::100]  # 1% of the objects, same size, different bytes
     for key in rewritten:
@@ -87,8 +88,8 @@ def test_same_size_rewrites_are_all_detected_and_recopied(env, live):
     assert all(contents(s3, live, key) == OBJECTS[key] for key in rewritten)
 
 
-def test_delete_removes_only_keys_the_backup_lacks(env, live):
-    _, s3 = env
+def test_delete_removes_only_keys_the_backup_lacks(moto_env, live):
+    _, s3 = moto_env
     put_objects(s3, live, {"stray/one": b"1", "stray/two": b"22"})
     kept = restore_into(s3, live)
     assert kept.deleted.objects == 0 and kept.verification.ok and len(listing(s3, live)) == COUNT + 2
@@ -97,8 +98,8 @@ def test_delete_removes_only_keys_the_backup_lacks(env, live):
     assert {k for k, *_ in listing(s3, live)} == set(OBJECTS) and report.verification.ok
 
 
-def test_dry_run_lists_what_would_change_and_mutates_nothing(env, live):
-    _, s3 = env
+def test_dry_run_lists_what_would_change_and_mutates_nothing(moto_env, live):
+    _, s3 = moto_env
     restore_into(s3, live)
     s3.delete_object(Bucket=live, Key="docs/00/doc-0001.bin")
     s3.put_object(Bucket=live, Key="docs/00/doc-0002.bin", Body=b"\x00" * len(OBJECTS["docs/00/doc-0002.bin"]))
@@ -118,8 +119,8 @@ def upload_in_parts(s3, bucket: str, key: str, parts: list[bytes], **extra) -> s
                                         MultipartUpload={"Parts": done})["ETag"]
 
 
-def test_objects_above_the_threshold_are_copied_part_by_part_keeping_the_etag(env, live):
-    _, s3 = env
+def test_objects_above_the_threshold_are_copied_part_by_part_keeping_the_etag(moto_env, live):
+    _, s3 = moto_env
     parts = [bytes([n]) * size for n, size in enumerate((6 * MIB, 6 * MIB, MIB))]  # 13 MiB in parts of 6, 6, 1
     etag = upload_in_parts(s3, "s-source", "big/blob", parts, ContentType="application/x-blob",
                            Metadata={"owner": "devonn"})
@@ -139,8 +140,8 @@ def test_objects_above_the_threshold_are_copied_part_by_part_keeping_the_etag(en
     assert again.copied.objects == 0 and again.skipped.objects == 1
 
 
-def test_a_single_part_object_above_the_threshold_is_copied_in_parts_of_part_size(env, live):
-    _, s3 = env
+def test_a_single_part_object_above_the_threshold_is_copied_in_parts_of_part_size(moto_env, live):
+    _, s3 = moto_env
     s3.put_object(Bucket="s-source", Key="plain/blob", Body=b"p" * (11 * MIB))
     options = WORKERS.model_copy(update={"multipart_threshold": 5 * MIB, "part_size": 5 * MIB})
     report = sync(s3, "s3://s-source/plain/", f"s3://{live}/plain/", options).report
@@ -149,8 +150,8 @@ def test_a_single_part_object_above_the_threshold_is_copied_in_parts_of_part_siz
     assert contents(s3, live, "plain/blob") == b"p" * (11 * MIB)
 
 
-def test_a_failed_part_aborts_the_multipart_upload(env, live):
-    _, s3 = env
+def test_a_failed_part_aborts_the_multipart_upload(moto_env, live):
+    _, s3 = moto_env
     upload_in_parts(s3, "s-source", "big2/blob", [b"z" * (5 * MIB), b"z" * (5 * MIB), b"z"])
     options = WORKERS.model_copy(update={"multipart_threshold": 5 * MIB, "part_size": 5 * MIB})
     inject(s3, "UploadPartCopy", 404, "NoSuchKey", when=lambda url: "partNumber=2" in url)
@@ -163,8 +164,8 @@ def test_a_failed_part_aborts_the_multipart_upload(env, live):
     assert s3.list_multipart_uploads(Bucket=live).get("Uploads", []) == []
 
 
-def test_a_rerun_copies_only_what_failed_before(env, live):
-    _, s3 = env
+def test_a_rerun_copies_only_what_failed_before(moto_env, live):
+    _, s3 = moto_env
     doomed = sorted(OBJECTS)[7::40]
     inject(s3, "CopyObject", 404, "NoSuchKey", when=lambda url: url.endswith(tuple(doomed)))
     try:
@@ -188,8 +189,8 @@ class VanishingSource(Silent):
         self.s3.delete_object(Bucket=self.bucket, Key=self.key)
 
 
-def test_the_fast_copy_path_hands_errors_to_botocore(env, live):
-    _, s3 = env
+def test_the_fast_copy_path_hands_errors_to_botocore(moto_env, live):
+    _, s3 = moto_env
     put_objects(s3, "s-source", {f"vanish/{i}": b"v" * i for i in range(1, 21)})
     progress = VanishingSource(s3, "s-source", "vanish/7")
     report = sync(s3, "s3://s-source/vanish/", f"s3://{live}/", WORKERS, progress=progress).report
@@ -198,8 +199,8 @@ def test_the_fast_copy_path_hands_errors_to_botocore(env, live):
     assert report.verification.missing == ["7"] and not report.verification.corrupt
 
 
-def test_throttling_is_retried_with_backoff_and_counted(env, live):
-    _, s3 = env
+def test_throttling_is_retried_with_backoff_and_counted(moto_env, live):
+    _, s3 = moto_env
     answered = inject(s3, "CopyObject", 503, "SlowDown", times=3)
     try:
         report = restore_into(s3, live, **BOTOCORE_ONLY)
@@ -209,8 +210,8 @@ def test_throttling_is_retried_with_backoff_and_counted(env, live):
     assert report.copied.objects == COUNT and report.failed.objects == 0 and report.verification.ok
 
 
-def test_throttling_on_the_fast_copy_path_is_counted_and_retried_through_botocore(env, live, tmp_path):
-    path, _ = env
+def test_throttling_on_the_fast_copy_path_is_counted_and_retried_through_botocore(moto_env, live, tmp_path):
+    path, _ = moto_env
     moto_url = yaml.safe_load(path.read_text())["aws"]["endpoint_url"]
     with slow_down_proxy(moto_url, count=4) as proxy_url:
         proxied = s3_plan(tmp_path, proxy_url, [{"name": "data", "live": f"s3://{live}/", "backup": "s3://s-backup/data/"}])
@@ -220,8 +221,8 @@ def test_throttling_on_the_fast_copy_path_is_counted_and_retried_through_botocor
     assert report.copied.objects == COUNT and report.verification.ok, report.summary
 
 
-def test_access_denied_stops_the_run_with_one_line_saying_what_was_done(env, live):
-    _, s3 = env
+def test_access_denied_stops_the_run_with_one_line_saying_what_was_done(moto_env, live):
+    _, s3 = moto_env
     inject(s3, "CopyObject", 403, "AccessDenied", when=lambda url: "doc-01" in url)
     try:
         with pytest.raises(DrplanError) as caught:
@@ -233,14 +234,14 @@ def test_access_denied_stops_the_run_with_one_line_saying_what_was_done(env, liv
     assert "stopped after copying" in message and "nothing deleted" in message and "rerun to resume" in message
 
 
-def test_overlapping_source_and_target_are_refused(env):
-    _, s3 = env
+def test_overlapping_source_and_target_are_refused(moto_env):
+    _, s3 = moto_env
     with pytest.raises(DrplanError, match="overlap"):
         sync(s3, "s3://s-backup/data/", "s3://s-backup/data/restored/", WORKERS)
 
 
-def test_cli_restores_and_reports_json(env, live):
-    path, s3 = env
+def test_cli_restores_and_reports_json(moto_env, live):
+    path, s3 = moto_env
     args = ["--from", "s3://s-backup/data/", "--to", f"s3://{live}/", "--plan", str(path), "--workers", "8"]
     result = runner.invoke(app, [*args, "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
@@ -259,27 +260,27 @@ def test_cli_restores_and_reports_json(env, live):
     ("s3://no-such-bucket/data/", "s3://s-live/", "the bucket does not exist (NoSuchBucket)"),
     ("s3://s-backup/data/", "s3://no-such-target/", "listing s3://no-such-target/: the bucket does not exist"),
 ])
-def test_cli_errors_are_one_line_and_exit_2(env, source, target, expected):
-    path, _ = env
+def test_cli_errors_are_one_line_and_exit_2(moto_env, source, target, expected):
+    path, _ = moto_env
     result = runner.invoke(app, ["--from", source, "--to", target, "--plan", str(path)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
 
 
-def test_cli_rejects_a_worker_count_out_of_range(env):
-    path, _ = env
+def test_cli_rejects_a_worker_count_out_of_range(moto_env):
+    path, _ = moto_env
     result = runner.invoke(app, ["--from", BACKUP, "--to", "s3://s-live/", "--plan", str(path), "--workers", "0"])
     assert result.exit_code == 2 and "--workers" in result.stderr
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_recovery_flow_is_a_dry_run_by_default_then_restores_with_progress(env):
+def test_recovery_flow_is_a_dry_run_by_default_then_restores_with_progress(moto_env):
     from prefect import get_client
 
     from flows.s3_recovery import s3_recovery
 
-    path, s3 = env
+    path, s3 = moto_env
     before = listing(s3, "s-live")
     state = s3_recovery(plan=str(path), return_state=True)
     assert state.is_completed(), state.message
@@ -301,8 +302,8 @@ def test_recovery_flow_is_a_dry_run_by_default_then_restores_with_progress(env):
     assert found["progress"].data == 100.0 and "copied 200" in found["markdown"].description
 
 
-def test_a_backup_that_no_longer_matches_its_manifest_is_not_restored(env, live):
-    _, s3 = env
+def test_a_backup_that_no_longer_matches_its_manifest_is_not_restored(moto_env, live):
+    _, s3 = moto_env
     at = datetime(2026, 1, 3, tzinfo=UTC)
     backup = back_up_prefix(s3, "s3://s-source/docs/00/", "s3://s-backup/tampered/", at).backup
     key = backup.removeprefix("s3://s-backup/") + "doc-0003.bin"

@@ -16,7 +16,6 @@ from flows.rpo_verification import rpo_verification
 from sandbox import stack
 from tests.helpers import free_ports
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
 
 
@@ -39,6 +38,7 @@ def wait_until_archiving(pg, member: str, timeout: float = 120) -> None:
             time.sleep(1)
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_every_objective_met_on_a_healthy_sandbox(sandbox, sandbox_plan_path):
     state, report = run_report(sandbox_plan_path)
     assert state.is_completed(), state.message
@@ -70,6 +70,7 @@ def run_artifact(flow_run_id):
     return artifact
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_cli_json_report_and_exit_code(sandbox, sandbox_plan_path):
     result = runner.invoke(app, ["verify-rpo", "--plan", str(sandbox_plan_path), "--json"])
     assert result.exit_code == 0, result.output
@@ -78,6 +79,7 @@ def test_cli_json_report_and_exit_code(sandbox, sandbox_plan_path):
     assert {m["status"] for m in document["measurements"]} == {"met"}
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_stopped_heartbeat_and_archiver_are_breaches(
     sandbox, sandbox_plan_path, sandbox_dir, asserting_and_emitting_events_worker
 ):
@@ -116,6 +118,7 @@ def test_stopped_heartbeat_and_archiver_are_breaches(
     assert ("devonn-postgres", "primary newest heartbeat") in breached
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_refusing_database_is_an_error_not_a_crash(sandbox, plan_variant):
     closed = free_ports(1)[0]
     path = plan_variant(lambda d: d["databases"][0]["endpoints"].update(
@@ -127,6 +130,7 @@ def test_refusing_database_is_an_error_not_a_crash(sandbox, plan_variant):
             ) in result.stderr
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_missing_secret_is_an_error(sandbox, plan_variant):
     path = plan_variant(lambda d: d["databases"][1].update(credentials_secret="devonn/db/missing"))
     result = runner.invoke(app, ["verify-rpo", "--plan", str(path), "--json"])
@@ -136,6 +140,7 @@ def test_missing_secret_is_an_error(sandbox, plan_variant):
     assert "secret devonn/db/missing: not found in Secrets Manager" in errors[0]["detail"]
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_unknown_rds_instance_is_an_error(sandbox, plan_variant):
     def rename(d):
         d["databases"][1]["primary"] = "devonn-rds-nope"
@@ -154,19 +159,7 @@ def test_broken_plan_is_refused_before_anything_runs(tmp_path):
     assert f"{bad}: databases[0].kind: 'mysql' is not allowed" in result.stderr
 
 
-def test_plan_validate_cli(tmp_path):
-    ok = runner.invoke(app, ["plan", "validate", "plans/devonn.yaml"])
-    assert ok.exit_code == 0 and "valid (1 databases" in ok.stdout
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("aws: {region: us-east-1, dr_region: us-west-2, password: hunter2}\n")
-    result = runner.invoke(app, ["plan", "validate", str(bad)])
-    assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [
-        f"{bad}: aws.password: inline secrets are not allowed in a plan; store it in AWS Secrets Manager or a "
-        "Prefect Secret block and reference it with credentials_secret / token_secret"
-    ]
-
-
+@pytest.mark.usefixtures("prefect_server")
 def test_unreachable_aws_endpoint_is_one_line(plan_variant):
     closed = free_ports(1)[0]
     path = plan_variant(lambda d: d["aws"].update(endpoint_url=f"http://127.0.0.1:{closed}"))

@@ -10,10 +10,10 @@ from cli.main import app
 from drplan.results import Status
 from flows.dr_test import DrTestReport, dr_test
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
 PARTS = ["RPO verification", "backup of bucket data", "DR readiness of us-west-2", "restore drill of devonn-postgres"]
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_every_part_passes_and_the_evidence_is_written(sandbox, sandbox_plan_path):
     reports = sandbox.resolve_path(sandbox.drill.report_dir)
     before = set(reports.glob("dr-test-*")) if reports.exists() else set()
@@ -30,6 +30,7 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, sandbox_plan_pat
     assert report.evidence == str(written[1]) and f"evidence: {written[1]}" in result.stdout
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_variant):
     def configuration_rpo_of_one_second(data: dict) -> None:
         data["objectives"]["rpo"]["configuration"] = "1s"

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,10 +29,9 @@ from flows.shared.gates import lock_name
 from tasks.eks import ready_nodes
 from tasks.k8s import find_database_secret, read_secret_value, write_secret_value
 from tasks.route53 import read_record, zone_id
-from tests.helpers import in_recovery, own_postgres_topology, stack_snapshot, wait_for
+from tests.helpers import REPO, in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-REPO = Path(__file__).resolve().parent.parent
 DB = "devonn-postgres"
 PRIMARY, DR = "devonn-eks-sandbox", "devonn-eks-dr-sandbox"
 
