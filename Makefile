@@ -6,14 +6,35 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PLAN   ?= plans/sandbox.yaml
+# The dependencies (with the test extra) are pinned, with hashes, in requirements.lock; uv installs exactly
+# that set into the venv (uv pip sync), then drplan itself as an editable install without dependencies.
+# uv reads its own settings (UV_DEFAULT_INDEX, uv.toml), not pip's: by default both use PyPI. Bytecode is
+# compiled at install, as pip does: processes under PYTHONDONTWRITEBYTECODE, or run as the PostgreSQL OS user
+# (barman-cloud), could not write it and would recompile prefect, botocore and the rest on every start.
+LOCK   := requirements.lock
+UV_VERSION ?= 0.13.9
+UV     := $(BIN)/uv
 
-.PHONY: run test lint ui ui-down sandbox-down clean
+.PHONY: run test lint ui ui-down sandbox-down clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check 'uv==$(UV_VERSION)'
+	$(UV) pip sync -q --python $(BIN)/python --require-hashes --compile-bytecode $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml (for every platform, Python 3.11 and up); `make test` then
+# installs it. By default every package moves to the newest release that pyproject.toml allows:
+#   make lock                                       upgrade everything
+#   make lock UPGRADE='--upgrade-package prefect'   upgrade prefect only (and what it needs)
+#   make lock UPGRADE=                              keep the pins; only add or drop what pyproject.toml changed
+UPGRADE ?= --upgrade
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check 'uv==$(UV_VERSION)'
+	$(UV) pip compile -q pyproject.toml --extra test --universal --python-version 3.11 --generate-hashes \
+	  $(UPGRADE) --custom-compile-command 'make lock' -o $(LOCK)
 
 run: $(STAMP)
 	$(BIN)/drplan sandbox up --plan $(PLAN)

@@ -73,11 +73,11 @@ def raw_restore(plan, db, backup_id: str, target_time, workdir: Path, port: int)
 
 def drill(plan_path: str, database: str, target_time) -> tuple[float, dict]:
     from flows.restore_drill import restore_drill
+    from flows.shared.report import run_report
 
     started = time.monotonic()
-    state = restore_drill(plan=plan_path, database=database, target_time=target_time.isoformat(), return_state=True)
+    (report,) = run_report(restore_drill, list, plan=plan_path, database=database, target_time=target_time.isoformat())
     elapsed = time.monotonic() - started
-    (report,) = state.result(raise_on_failure=False)
     return elapsed, {"status": report.status.value, "restore_s": report.restore_duration.total_seconds(),
                      "checks": len(report.checks)}
 

@@ -2,7 +2,6 @@
 
 from checks.fingerprint import fingerprint_diff
 from checks.integrity import run_integrity_checks
-from checks.report import CheckResult, CheckStatus, DiffReport, IntegrityReport, KeyDiff
+from checks.report import DiffReport, IntegrityReport, KeyDiff
 
-__all__ = ["CheckResult", "CheckStatus", "DiffReport", "IntegrityReport", "KeyDiff", "fingerprint_diff",
-           "run_integrity_checks"]
+__all__ = ["DiffReport", "IntegrityReport", "KeyDiff", "fingerprint_diff", "run_integrity_checks"]

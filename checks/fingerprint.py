@@ -30,10 +30,11 @@ import psycopg
 from psycopg import IsolationLevel, sql
 
 from checks.catalog import INTEGER_TYPES, Column, TableSchema, read_table
-from checks.report import CheckStatus, DiffReport, KeyDiff
+from checks.report import DiffReport, KeyDiff
 from drplan.clients import PgTarget
 from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
+from drplan.results import Status
 
 SESSION = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
            "SET extra_float_digits = 1; SET bytea_output = 'hex'")  # fmt: skip
@@ -311,9 +312,9 @@ def fingerprint_diff(
         for d in found:
             setattr(report, d.kind, getattr(report, d.kind) + 1)
         report.keys = found[:max_keys]
-        report.status = CheckStatus.failed if found or report.unresolved_rows else CheckStatus.passed
+        report.status = Status.failed if found or report.unresolved_rows else Status.passed
     except (DrplanError, psycopg.Error) as exc:
-        report.status = CheckStatus.error
+        report.status = Status.error
         report.errors.append(first_line(exc))
     finally:
         for side in sides:

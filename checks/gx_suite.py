@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import quote
 
 from checks.catalog import TableSchema
-from checks.report import CheckResult, CheckStatus
 from drplan.clients import PgTarget
+from drplan.results import CheckResult, Status
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # read when great_expectations is first imported
 SAMPLE = 5
@@ -105,8 +105,9 @@ def _result(planned: Planned, outcome: Any, target: PgTarget) -> CheckResult:
     errors = _exception_messages(outcome.exception_info)
     if errors:
         return CheckResult.errored(scrub("; ".join(dict.fromkeys(errors)), target), **base)
-    status = CheckStatus.passed if outcome.success else CheckStatus.failed
-    return CheckResult(**base, status=status, observed=scrub(_observed(outcome.result or {}, planned.noun), target))
+    status = Status.passed if outcome.success else Status.failed
+    observed = scrub(_observed(outcome.result or {}, planned.noun), target)
+    return CheckResult.of_table(**base, status=status, observed=observed)
 
 
 def run_suite(datasource: Any, target: PgTarget, table: TableSchema, planned: list[Planned]) -> list[CheckResult]:

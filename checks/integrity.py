@@ -12,11 +12,12 @@ from psycopg import sql
 
 from checks.catalog import ForeignKey, TableSchema, count_rows, read_table
 from checks.gx_suite import Planned, gx_datasource, run_suite, scrub
-from checks.report import CheckResult, CheckStatus, IntegrityReport
+from checks.report import IntegrityReport
 from drplan.clients import PgTarget
 from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Integrity
+from drplan.results import CheckResult, Status
 
 HEARTBEAT_COLUMN = "ts"  # drplan/heartbeat.py writes rows whose `ts` defaults to now()
 
@@ -26,8 +27,8 @@ def _exists_check(name: str, source: TableSchema | None, restored: TableSchema |
     if source is None:
         return CheckResult.errored("not in the source database; fix databases[].integrity.tables", **check)
     if restored is None:
-        return CheckResult(**check, status=CheckStatus.failed, observed="missing")
-    return CheckResult(**check, status=CheckStatus.passed, observed="present")
+        return CheckResult.of_table(**check, status=Status.failed, observed="missing")
+    return CheckResult.of_table(**check, status=Status.passed, observed="present")
 
 
 def _schema_check(name: str, source: TableSchema, restored: TableSchema) -> CheckResult:
@@ -41,9 +42,9 @@ def _schema_check(name: str, source: TableSchema, restored: TableSchema) -> Chec
             problems.append(f"{n}: NOT NULL dropped")
     if not problems and list(want) != list(have):
         problems.append("column order differs: " + ", ".join(have))
-    return CheckResult(
+    return CheckResult.of_table(
         table=name, check="columns and types", expectation=f"the source's {len(want)} columns, in order, same types",
-        status=CheckStatus.failed if problems else CheckStatus.passed,
+        status=Status.failed if problems else Status.passed,
         observed="; ".join(sorted(problems)) or f"{len(have)} columns match",
     )
 
@@ -152,5 +153,5 @@ def run_integrity_checks(source: PgTarget, restored: PgTarget, integrity: Integr
     bad = report.failures()
     log.info("integrity of %s vs %s at %s: %s (%d checks, %d not passed)%s", restored.label, source.label,
              target_time.isoformat(), report.status.value, len(report.checks), len(bad),
-             "".join(f"; {c.table}: {c.check}: {c.status.value}" for c in bad[:10]))  # fmt: skip
+             "".join(f"; {c.name}: {c.status.value}" for c in bad[:10]))  # fmt: skip
     return report

@@ -3,60 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, computed_field
 
-from drplan.drill_report import CheckStatus  # failed: data not as expected; error: the check could not be evaluated
-
-
-def overall(statuses: list[CheckStatus]) -> CheckStatus:
-    """error beats failed beats passed."""
-    for status in (CheckStatus.error, CheckStatus.failed):
-        if status in statuses:
-            return status
-    return CheckStatus.passed
-
-
-def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
-
-
-class CheckResult(BaseModel):
-    """One check of one table of the restored copy."""
-
-    table: str
-    check: str
-    """Short name, e.g. `row count`, `not null: email`, `foreign key orders_user_id_fkey`."""
-    status: CheckStatus
-    expectation: str
-    """What was expected, in words (with the source's values)."""
-    observed: str = ""
-    gx_expectation: str | None = None
-    """The GX expectation type that evaluated it; None for catalog checks (existence, column types)."""
-    error: str | None = None
-    """Why the check could not be evaluated (status error); `observed` then repeats it."""
-
-    @classmethod
-    def errored(cls, message: str, **fields: Any) -> CheckResult:
-        return cls(**fields, status=CheckStatus.error, error=message, observed=f"error: {message}")
-
-    @computed_field
-    @property
-    def name(self) -> str:
-        return f"{self.table}: {self.check}"
-
-    @property
-    def passed(self) -> bool:
-        return self.status is CheckStatus.passed
-
-    def markdown_row(self) -> list[object]:
-        return [self.table, self.check, self.status.value, self.expectation, self.observed]
+from drplan.results import CheckResult, Status, markdown_table, overall
 
 
 class IntegrityReport(BaseModel):
@@ -72,19 +23,20 @@ class IntegrityReport(BaseModel):
 
     @computed_field
     @property
-    def status(self) -> CheckStatus:
+    def status(self) -> Status:
         return overall([c.status for c in self.checks])
 
     @property
     def passed(self) -> bool:
-        return self.status is CheckStatus.passed
+        return self.status is Status.passed
 
     def failures(self) -> list[CheckResult]:
         return [c for c in self.checks if not c.passed]
 
     def markdown(self) -> str:
         header = ["table", "check", "status", "expected", "observed"]
-        return markdown_table(header, [c.markdown_row() for c in self.checks])
+        return markdown_table(header, [[c.table, c.check, c.status.value, c.expectation, c.observed]
+                                       for c in self.checks])
 
 
 class KeyDiff(BaseModel):
@@ -101,7 +53,7 @@ class DiffReport(BaseModel):
     source: str
     restored: str
     predicate: str | None = None
-    status: CheckStatus = CheckStatus.passed
+    status: Status = Status.passed
     rows_source: int = 0
     rows_restored: int = 0
     ranges_hashed: int = 0
@@ -123,7 +75,7 @@ class DiffReport(BaseModel):
 
     @property
     def passed(self) -> bool:
-        return self.status is CheckStatus.passed
+        return self.status is Status.passed
 
     MARKDOWN_HEADER: ClassVar[list[str]] = [
         "table", "status", "rows (source / restored)", "differing keys", "ranges", "duration"

@@ -24,12 +24,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @contextmanager
-def refusals() -> Iterator[None]:
-    """A DrplanError raised inside becomes `error: <its line>` on stderr and exit 2."""
+def refusals(context: str = "") -> Iterator[None]:
+    """A DrplanError raised inside becomes `error: [context: ]<its line>` on stderr and exit 2."""
     try:
         yield
     except DrplanError as exc:
-        raise fail(str(exc)) from None
+        raise fail(f"{context}: {exc}" if context else str(exc)) from None
 
 
 def plan_or_exit(ref: str) -> Plan:

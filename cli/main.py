@@ -15,9 +15,8 @@ from rich.table import Table  # noqa: E402
 
 from cli import platform as cli_platform  # noqa: E402
 from cli import recovery as cli_recovery
-from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
+from cli.console import PlanOption, err, out, plan_or_exit, refusals  # noqa: E402
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
-from drplan.errors import first_line  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
 plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
@@ -56,12 +55,11 @@ def verify_rpo(
     plan_or_exit(plan)  # a broken plan is refused before anything runs
     from drplan.rpo import RpoReport
     from flows.rpo_verification import rpo_verification
+    from flows.shared.report import run_report
 
-    with err.status("verifying RPO (databases, buckets, configuration)..."):
-        state = rpo_verification(plan=plan, return_state=True)
-    result = state.result(raise_on_failure=False)
-    if not isinstance(result, RpoReport):
-        raise fail(f"RPO verification did not complete: {first_line(result)}")
+    with refusals("RPO verification did not complete"), \
+            err.status("verifying RPO (databases, buckets, configuration)..."):
+        result = run_report(rpo_verification, RpoReport, plan=plan)
     if as_json:
         out.print_json(result.model_dump_json())
     else:
@@ -81,7 +79,7 @@ def show_rpo(report) -> None:
     out.print(table)
     out.print(report.summary)
     for m in report.errors + report.breaches:
-        err.print(f"{m.status.value}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",
+        err.print(f"{m.label}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",
                   highlight=False, soft_wrap=True)
 
 
@@ -96,17 +94,16 @@ def drill(
 ) -> None:
     """Restore to a scratch copy, check it, measure RTO/RPO, clean up. Exit 0 pass, 1 checks failed, 2 error."""
     from flows.restore_drill import restore_drill
+    from flows.shared.report import run_report
     from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
         validate_request(plan, database, target_time, random_within)  # refused before anything runs
-    with err.status("restore drill: restoring a scratch copy, checking it, cleaning up..."):
-        state = restore_drill(plan=plan, database=database, target_time=target_time,
-                              random_within=random_within, keep=keep, return_state=True)
-    reports = state.result(raise_on_failure=False)
-    if not isinstance(reports, list):
-        raise fail(f"restore drill did not complete: {first_line(reports)}")
+    with refusals("restore drill did not complete"), \
+            err.status("restore drill: restoring a scratch copy, checking it, cleaning up..."):
+        reports = run_report(restore_drill, list, plan=plan, database=database, target_time=target_time,
+                             random_within=random_within, keep=keep)
     if as_json:
         out.print_json(data=[json.loads(r.model_dump_json()) for r in reports])
     else:
@@ -123,15 +120,14 @@ def readiness(
     """Could the region take over right now? One finding per check. Exit 0 ready, 1 not ready, 2 error."""
     from drplan.regions import placements
     from flows.dr_readiness import ReadinessReport, dr_readiness
+    from flows.shared.report import run_report
 
     dr_plan = plan_or_exit(plan)
     region = region or dr_plan.aws.dr_region
     with refusals():
         placements(dr_plan, region)
-    with err.status(f"checking whether {region} could take over..."):
-        report = dr_readiness(plan=plan, region=region, return_state=True).result(raise_on_failure=False)
-    if not isinstance(report, ReadinessReport):
-        raise fail(f"readiness check did not complete: {first_line(report)}")
+    with refusals("readiness check did not complete"), err.status(f"checking whether {region} could take over..."):
+        report = run_report(dr_readiness, ReadinessReport, plan=plan, region=region)
     out.print(Markdown(report.markdown()))
     raise typer.Exit(0 if report.ready else 1)
 
@@ -145,15 +141,15 @@ def dr_test(
     Exit 0 passed, 1 a part failed, 2 a part could not be checked."""
     from flows.dr_test import DrTestReport
     from flows.dr_test import dr_test as dr_test_flow
+    from flows.shared.report import run_report
     from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
         validate_request(plan, database, None, None)  # refused before anything runs
-    with err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
-        report = dr_test_flow(plan=plan, database=database, return_state=True).result(raise_on_failure=False)
-    if not isinstance(report, DrTestReport):
-        raise fail(f"DR test did not complete: {first_line(report)}")
+    with refusals("DR test did not complete"), \
+            err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
+        report = run_report(dr_test_flow, DrTestReport, plan=plan, database=database)
     out.print(Markdown(report.markdown()))
     out.print(f"evidence: {report.evidence} (and .json)", highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)

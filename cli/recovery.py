@@ -137,6 +137,8 @@ def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
     """Run the flow in a thread; answer its approval pause from the terminal; print the report; exit."""
     from prefect.client.orchestration import get_client
 
+    from flows.shared.report import RecoveryReport, run_report
+
     name = f"{label}-{uuid4().hex[:8]}"
     result: dict[str, Any] = {}
     with get_client(sync_client=True) as client:  # start the API (a temporary server if none is configured) here,
@@ -144,7 +146,7 @@ def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
 
     def target() -> None:
         try:
-            result["state"] = flow_fn.with_options(flow_run_name=name)(**parameters, return_state=True)
+            result["report"] = run_report(flow_fn.with_options(flow_run_name=name), RecoveryReport, **parameters)
         except BaseException as exc:  # noqa: BLE001 - reported below, the thread must not die silently
             result["error"] = exc
 
@@ -160,9 +162,7 @@ def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
             _ask(paused.id)
     if "error" in result:
         raise fail(f"{name}: {first_line(result['error'])}")
-    report = result["state"].result(raise_on_failure=False)
-    if not hasattr(report, "markdown"):
-        raise fail(f"{name}: {first_line(report)}")
+    report = result["report"]
     out.print(Markdown(report.markdown()))
     if report.error:
         raise fail(report.error)

@@ -114,7 +114,7 @@ def s3_verify(
     with refusals():
         buckets = plan_buckets(dr_plan, bucket)
         s3 = aws_client(dr_plan, "s3")
-        results = [verify_backup.fn(s3, resolve_backup(s3, b.backup)) for b in buckets]
+        results = [verify_backup(s3, resolve_backup(s3, b.backup)) for b in buckets]
     if as_json:
         out.print_json(data=[r.model_dump(mode="json") for r in results])
     else:

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from drplan.results import CheckResult, Status, markdown_table, overall
 from drplan.timeutil import format_duration
-
-
-class CheckStatus(StrEnum):
-    passed = "passed"
-    failed = "failed"
-    error = "error"
-
-
-class DrillCheck(BaseModel):
-    name: str
-    status: CheckStatus
-    expectation: str = ""
-    observed: str = ""
 
 
 class Measured(BaseModel):
@@ -53,24 +40,23 @@ class DrillReport(BaseModel):
     """Target time minus the newest heartbeat found in the restored copy: data lost by restoring to T."""
     nominal_rpo: Measured | None = None
     """Age of the latest restorable time when the drill started (what the backup system promises)."""
-    checks: list[DrillCheck] = Field(default_factory=list)
+    checks: list[CheckResult] = Field(default_factory=list)
     swept: list[str] = Field(default_factory=list)
     cleanup: str = "not reached"
     error: str | None = None
 
     @property
-    def status(self) -> CheckStatus:
+    def status(self) -> Status:
         """error: the drill could not complete; failed: a check failed or an objective was not met."""
-        if self.error or any(c.status is CheckStatus.error for c in self.checks):
-            return CheckStatus.error
+        if self.error:
+            return Status.error
         objectives_met = all(m is not None and m.met for m in (self.rto, self.rpo))
-        if not self.checks or not objectives_met or any(c.status is CheckStatus.failed for c in self.checks):
-            return CheckStatus.failed
-        return CheckStatus.passed
+        unmet = [] if self.checks and objectives_met else [Status.failed]
+        return overall([*(c.status for c in self.checks), *unmet])
 
     @property
     def exit_code(self) -> int:
-        return {CheckStatus.passed: 0, CheckStatus.failed: 1, CheckStatus.error: 2}[self.status]
+        return self.status.exit_code
 
     def markdown(self) -> str:
         when = self.target_time.strftime("%Y-%m-%d %H:%M:%SZ") if self.target_time else "-"
@@ -85,7 +71,5 @@ class DrillReport(BaseModel):
         ]
         if self.error:
             lines.append(f"- **error**: {self.error}")
-        lines += ["", "| check | status | expectation | observed |", "|---|---|---|---|"]
-        lines += [f"| {c.name} | {c.status.value} | {c.expectation} | {c.observed} |".replace("\n", " ")
-                  for c in self.checks]
-        return "\n".join(lines)
+        rows = [[c.name, c.status.value, c.expectation, c.observed] for c in self.checks]
+        return "\n".join([*lines, "", markdown_table(["check", "status", "expectation", "observed"], rows)])

@@ -234,7 +234,7 @@ class LocalPostgres:
             bad = proc.stdout.strip() or proc.stderr.strip()
             raise PostgresError(
                 f"OS user {self.os_user} cannot reach {bad}; give every directory on that path o+x "
-                "(chmod o+x DIR) and build the venv on a system interpreter it can execute (DESIGN.md §5)"
+                "(chmod o+x DIR) and build the venv on a system interpreter it can execute (see docs/architecture.md)"
             )
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class LocalPostgres:
 
     def backup_for(self, target_time: datetime) -> Backup:
         """The newest DONE base backup that ended before `target_time` (FAILED ones are skipped: they crash
-        barman's own `auto` selection, DESIGN.md §5)."""
+        barman's own `auto` selection, see docs/architecture.md, pitfalls)."""
         done = [b for b in self.list_backups() if b.status == "DONE" and b.end_time]
         usable = [b for b in done if b.end_time < target_time]
         if not usable:

@@ -9,6 +9,7 @@ import os
 import re
 from datetime import timedelta
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,8 @@ from drplan.errors import DrplanError
 from drplan.timeutil import parse_duration
 
 PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
+DEFAULT_PLAN = "plans/devonn.yaml"
+"""The plan a flow run uses when none is given (deployments pass theirs)."""
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
@@ -536,13 +539,20 @@ def resolve_plan_path(ref: str | Path) -> Path:
 
 
 def load_plan(ref: str | Path) -> Plan:
+    """The plan `ref` names. Parsed once per file content: loading the unchanged file again (the CLI, then each
+    flow and subflow of a command) returns the same Plan, which is frozen and must not be mutated."""
     path = resolve_plan_path(ref)
+    return _parse_file(str(path), path.resolve(), path.read_text())
+
+
+@lru_cache(maxsize=32)
+def _parse_file(source: str, resolved: Path, text: str) -> Plan:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "somewhere"
-        raise PlanError(str(path), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
-    plan = parse_plan(data, str(path))
-    plan._base_dir = path.resolve().parent
+        raise PlanError(source, [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    plan = parse_plan(data, source)
+    plan._base_dir = resolved.parent
     return plan

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 
 from drplan.errors import first_line
+from drplan.results import Status, markdown_table, overall
 from drplan.timeutil import format_duration
 
 DataClass = Literal["database", "file_storage", "configuration"]
 
-
-class Status(StrEnum):
-    met = "met"
-    breached = "breached"
-    error = "error"
+LABELS = {Status.passed: "met", Status.failed: "breached", Status.error: "error"}
+"""The words RPO verification prints for a measurement's status: in its tables, logs and JSON."""
+_BY_LABEL = {label: status for status, label in LABELS.items()}
+RpoStatus = Annotated[Status, BeforeValidator(lambda v: _BY_LABEL.get(v, v)), PlainSerializer(LABELS.__getitem__)]
+"""A Status written as its label, and read back from it."""
 
 
 class Measurement(BaseModel):
@@ -29,8 +29,13 @@ class Measurement(BaseModel):
     newest: datetime | None = None
     age: timedelta | None = None
     objective: timedelta
-    status: Status
+    status: RpoStatus
     detail: str = ""
+
+    @property
+    def label(self) -> str:
+        """met, breached or error."""
+        return LABELS[self.status]
 
     @property
     def row(self) -> dict[str, str]:
@@ -41,7 +46,7 @@ class Measurement(BaseModel):
             "newest": self.newest.strftime("%Y-%m-%d %H:%M:%SZ") if self.newest else "-",
             "age": format_duration(self.age),
             "objective": format_duration(self.objective),
-            "status": self.status.value,
+            "status": self.label,
             "detail": self.detail,
         }
 
@@ -61,7 +66,7 @@ def age_of(
     if newest is None:
         return Measurement(
             resource=resource, data_class=data_class, measure=measure, objective=objective,
-            status=Status.breached, detail=_join(missing, detail),
+            status=Status.failed, detail=_join(missing, detail),
         )
     if newest.tzinfo is None:
         raise ValueError(f"{resource} {measure}: naive timestamp {newest.isoformat()}; times must be UTC-aware")
@@ -69,7 +74,7 @@ def age_of(
     if age < timedelta(0):  # the source's clock runs ahead of ours: report it, count the age as zero
         detail = _join(detail, f"clock skew {format_duration(-age)}")
         age = timedelta(0)
-    status = Status.met if age <= objective else Status.breached
+    status = Status.passed if age <= objective else Status.failed
     return Measurement(
         resource=resource, data_class=data_class, measure=measure, newest=newest, age=age,
         objective=objective, status=status, detail=detail,
@@ -90,7 +95,7 @@ def exposure(
     if newest_backup is not None and (newest_change is None or newest_change <= newest_backup):
         return Measurement(
             resource=resource, data_class=data_class, measure=measure, newest=newest_backup,
-            age=timedelta(0), objective=objective, status=Status.met,
+            age=timedelta(0), objective=objective, status=Status.passed,
             detail="no change since the newest backup",
         )
     return age_of(resource, data_class, measure, newest_backup, objective, now, missing="no backup found")
@@ -115,18 +120,20 @@ class RpoReport(BaseModel):
 
     @property
     def breaches(self) -> list[Measurement]:
-        return [m for m in self.measurements if m.status is Status.breached]
+        return [m for m in self.measurements if m.status is Status.failed]
 
     @property
     def errors(self) -> list[Measurement]:
         return [m for m in self.measurements if m.status is Status.error]
 
     @property
+    def status(self) -> Status:
+        """error: a measurement could not be taken (verification incomplete); failed: an objective was breached."""
+        return overall(m.status for m in self.measurements)
+
+    @property
     def exit_code(self) -> int:
-        """0 every objective met, 1 a breach, 2 a measurement could not be taken (verification incomplete)."""
-        if self.errors:
-            return 2
-        return 1 if self.breaches else 0
+        return self.status.exit_code
 
     @property
     def summary(self) -> str:
@@ -138,9 +145,7 @@ class RpoReport(BaseModel):
             f"# RPO verification: {self.plan}",
             f"{self.started_at:%Y-%m-%d %H:%M:%SZ}, {self.summary}",
             "",
-            "| resource | class | measure | newest | age | objective | status | detail |",
-            "|---|---|---|---|---|---|---|---|",
+            markdown_table(["resource", "class", "measure", "newest", "age", "objective", "status", "detail"],
+                           [m.row.values() for m in self.measurements]),
         ]
-        for m in self.measurements:
-            lines.append("| " + " | ".join(v.replace("|", "/") for v in m.row.values()) + " |")
         return "\n".join(lines)

@@ -10,12 +10,10 @@ from prefect import flow
 from drplan.clients import aws_client, kube_client
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
-from drplan.plan import Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Plan, load_plan
 from drplan.timeutil import utcnow
 from tasks.k8s import export_namespace
 from tasks.s3 import STAMP, put_json
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 def export_configuration(plan: Plan) -> list[str]:
@@ -25,7 +23,7 @@ def export_configuration(plan: Plan) -> list[str]:
     stamp = utcnow().strftime(STAMP)
     written = []
     for cluster in plan.clusters:
-        exported = export_namespace.fn(kube_client(plan, cluster), cluster.namespace)
+        exported = export_namespace(kube_client(plan, cluster), cluster.namespace)
         uri = f"{plan.configuration.backup}{stamp}/{cluster.name}.json"
         put_json(s3, uri, {"cluster": cluster.name, "namespace": cluster.namespace, "taken_at": stamp, **exported})
         written.append(uri)

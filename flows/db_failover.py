@@ -21,7 +21,7 @@ from prefect import flow
 
 from drplan.clients import DbCredentials, aws_client, check_aws_access, db_credentials, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import DatabaseKind
+from drplan.plan import DEFAULT_PLAN, DatabaseKind
 from drplan.timeutil import format_duration
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret
 from flows.shared.gates import recovery_lock, request_approval
@@ -29,12 +29,12 @@ from flows.shared.promotion import RDS_POLL_SECONDS, Mode, Request, already_prom
 from flows.shared.report import RecoveryReport, finished, published
 from tasks.health import validate_database_task, validate_service_task
 from tasks.rds import (
-    describe_instance,
+    describe_instance_task,
     reboot_with_failover,
     wait_instance_available,
 )
 
-DEFAULT_PLAN = "plans/devonn.yaml"
+
 class FailoverReport(RecoveryReport):
     mode: Mode
     member: str
@@ -141,7 +141,7 @@ def approval_summary(request: Request, report: FailoverReport) -> str:
 def rds_multi_az(request: Request, report: FailoverReport, dry_run: bool, approve: bool) -> None:
     """Reboot with forced failover, wait, then validate; the endpoint is unchanged, so there is no cutover."""
     rds = aws_client(request.plan, "rds")
-    instance = describe_instance(rds, request.db.primary)
+    instance = describe_instance_task(rds, request.db.primary)
     if not instance.get("MultiAZ"):
         raise DrplanError(f"{request.db.primary} is not Multi-AZ; there is no standby to fail over to "
                           "(modify it with MultiAZ=true first)")

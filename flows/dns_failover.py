@@ -12,15 +12,13 @@ from prefect import flow
 
 from drplan.clients import aws_client, check_aws_access
 from drplan.errors import DrplanError
-from drplan.plan import Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Plan, load_plan
 from drplan.regions import Placement, traffic_target
 from flows.shared.dns import switch_dns, validate_placement
 from flows.shared.gates import request_approval
 from flows.shared.report import RecoveryReport, finished, published
 from tasks.health import ServiceValidation
 from tasks.route53 import failover_ttl, read_records
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class DnsReport(RecoveryReport):

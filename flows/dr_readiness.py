@@ -25,16 +25,15 @@ from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import first_line
-from drplan.plan import DatabaseKind, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
+from drplan.results import markdown_table
 from drplan.timeutil import format_duration, utcnow
 from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class Finding(BaseModel):
@@ -58,9 +57,9 @@ class ReadinessReport(BaseModel):
         return [f for f in self.findings if not f.ready]
 
     def markdown(self) -> str:
-        rows = [f"| {f.check} | {'ready' if f.ready else '**NOT READY**'} | {f.detail} |" for f in self.findings]
+        rows = [[f.check, "ready" if f.ready else "**NOT READY**", f.detail] for f in self.findings]
         return "\n".join([f"# Region {self.region}: **{'ready' if self.ready else 'not ready'}** to take over", "",
-                          "| check | state | detail |", "|---|---|---|", *rows])
+                          markdown_table(["check", "state", "detail"], rows)])
 
 
 def _finding(report: ReadinessReport, check: str, probe: Callable[[], tuple[bool, str]]) -> None:
@@ -81,7 +80,7 @@ def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool,
             standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
         if db.kind is DatabaseKind.rds:
             rds = aws_client(plan, "rds", plan.member_region(db, placement.member))
-            describe_instance.fn(rds, db.members[placement.member])  # the credentials can read the instance
+            describe_instance(rds, db.members[placement.member])  # the credentials can read the instance
         if not standby and placement.member == "primary":
             return True, f"{target.label} is a primary (accepts writes)"
         if not standby:

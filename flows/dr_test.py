@@ -20,27 +20,26 @@ from prefect.states import Failed
 from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client
-from drplan.drill_report import CheckStatus, DrillReport
-from drplan.errors import first_line
-from drplan.plan import Plan
+from drplan.drill_report import DrillReport
+from drplan.errors import DrplanError, first_line
+from drplan.plan import DEFAULT_PLAN, Plan
+from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
 from drplan.s3manifest import resolve_backup
 from drplan.timeutil import utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
+from flows.shared.report import run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import verify_backup
-
-DEFAULT_PLAN = "plans/devonn.yaml"
-EXIT_CODES = {CheckStatus.passed: 0, CheckStatus.failed: 1, CheckStatus.error: 2}
 
 
 class Part(BaseModel):
     """One part of the test: its verdict, one line for the summary table, and its own report."""
 
     name: str
-    status: CheckStatus
+    status: Status
     summary: str
     details: str = ""
 
@@ -54,30 +53,29 @@ class DrTestReport(BaseModel):
     """The markdown file this report was written to (the JSON beside it)."""
 
     @property
-    def status(self) -> CheckStatus:
+    def status(self) -> Status:
         """The worst part's status (error > failed > passed); no part at all is an error."""
-        if not self.parts:
-            return CheckStatus.error
-        return max((p.status for p in self.parts), key=EXIT_CODES.__getitem__)
+        return overall(p.status for p in self.parts) if self.parts else Status.error
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.status]
+        return self.status.exit_code
 
     def markdown(self) -> str:
         until = f" to {self.finished_at:%H:%M:%SZ}" if self.finished_at else ""
+        rows = [[p.name, p.status.value, p.summary] for p in self.parts]
+        table = markdown_table(["part", "status", "summary"], rows)
         lines = [f"# DR test of plan {self.plan}: **{self.status.value}**", "",
-                 f"{self.started_at:%Y-%m-%d %H:%M:%SZ}{until}", "", "| part | status | summary |", "|---|---|---|"]
-        lines += [f"| {p.name} | {p.status.value} | {p.summary} |".replace("\n", " ") for p in self.parts]
+                 f"{self.started_at:%Y-%m-%d %H:%M:%SZ}{until}", "", table]
         return "\n".join([*lines, *(f"\n{p.details}" for p in self.parts if p.details)])
 
 
 def rpo_part(plan_ref: str) -> Part:
-    report = rpo_verification(plan=plan_ref, return_state=True).result(raise_on_failure=False)
-    if not isinstance(report, RpoReport):
-        return Part(name="RPO verification", status=CheckStatus.error, summary=first_line(report))
-    status = {0: CheckStatus.passed, 1: CheckStatus.failed}.get(report.exit_code, CheckStatus.error)
-    return Part(name="RPO verification", status=status, summary=report.summary, details=report.markdown())
+    try:
+        report = run_report(rpo_verification, RpoReport, plan=plan_ref)
+    except DrplanError as exc:
+        return Part(name="RPO verification", status=Status.error, summary=str(exc))
+    return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown())
 
 
 @task(cache_policy=NO_CACHE)
@@ -88,35 +86,37 @@ def backup_parts(plan: Plan) -> list[Part]:
         name = f"backup of bucket {bucket.name}"
         try:
             s3 = aws_client(plan, "s3")
-            verification = verify_backup.fn(s3, resolve_backup(s3, bucket.backup))
+            verification = verify_backup(s3, resolve_backup(s3, bucket.backup))
         except Exception as exc:  # the report says what could not be checked; the other parts still run
-            parts.append(Part(name=name, status=CheckStatus.error, summary=first_line(exc)))
+            parts.append(Part(name=name, status=Status.error, summary=first_line(exc)))
             continue
-        parts.append(Part(name=name, status=CheckStatus.passed if verification.ok else CheckStatus.failed,
+        parts.append(Part(name=name, status=Status.passed if verification.ok else Status.failed,
                           summary=verification.summary))
     return parts
 
 
 def readiness_part(plan_ref: str, region: str) -> Part:
     name = f"DR readiness of {region}"
-    report = dr_readiness(plan=plan_ref, region=region, return_state=True).result(raise_on_failure=False)
-    if not isinstance(report, ReadinessReport):
-        return Part(name=name, status=CheckStatus.error, summary=first_line(report))
+    try:
+        report = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=region)
+    except DrplanError as exc:
+        return Part(name=name, status=Status.error, summary=str(exc))
     unready = "; ".join(f"{f.check}: {f.detail}" for f in report.unready)
-    return Part(name=name, status=CheckStatus.passed if report.ready else CheckStatus.failed,
+    return Part(name=name, status=Status.passed if report.ready else Status.failed,
                 summary=f"ready ({len(report.findings)} checks)" if report.ready else f"NOT READY: {unready}",
                 details=report.markdown())
 
 
 def drill_parts(plan_ref: str, database: str | None) -> list[Part]:
-    reports = restore_drill(plan=plan_ref, database=database, return_state=True).result(raise_on_failure=False)
-    if not isinstance(reports, list):
-        return [Part(name="restore drill", status=CheckStatus.error, summary=first_line(reports))]
+    try:
+        reports = run_report(restore_drill, list, plan=plan_ref, database=database)
+    except DrplanError as exc:
+        return [Part(name="restore drill", status=Status.error, summary=str(exc))]
     return [drill_part(r) for r in reports]
 
 
 def drill_part(report: DrillReport) -> Part:
-    failed = [c.name for c in report.checks if c.status is not CheckStatus.passed]
+    failed = [c.name for c in report.checks if not c.passed]
     summary = "; ".join([f"RTO {report.rto or '-'}", f"RPO {report.rpo or '-'}",
                          f"{len(report.checks) - len(failed)}/{len(report.checks)} checks passed",
                          *([f"failed: {', '.join(failed)}"] if failed else []),
@@ -139,7 +139,7 @@ def publish(plan: Plan, report: DrTestReport) -> Path:
                resource={"prefect.resource.id": f"drplan.plan.{report.plan}", "prefect.resource.name": report.plan},
                payload={"report": str(path),
                         "not_passed": [f"{p.name}: {p.summary}" for p in report.parts
-                                       if p.status is not CheckStatus.passed]})
+                                       if p.status is not Status.passed]})
     return path
 
 
@@ -169,5 +169,5 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestRepo
     get_run_logger().info("DR test: %s (evidence %s)", report.status.value, path)
     if report.exit_code:
         return Failed(message=f"DR test: {report.status.value}: " + "; ".join(
-            p.name for p in report.parts if p.status is not CheckStatus.passed), data=report)
+            p.name for p in report.parts if p.status is not Status.passed), data=report)
     return report

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client, kube_client
 from drplan.errors import DrplanError
-from drplan.plan import Cluster, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Cluster, Plan, load_plan
 from flows.shared.report import RecoveryReport, finished, published
 from tasks.eks import (
     NodegroupState,
@@ -30,8 +30,6 @@ from tasks.eks import (
 )
 from tasks.k8s import availability, deployment_exists, wait_deployment_available
 from tasks.manifests import Applied, apply_manifest, render_manifests
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class ClusterAssessment(BaseModel):

@@ -14,9 +14,9 @@ from prefect import flow
 
 from checks.integrity import ROW_COUNT
 from drplan.clients import check_aws_access, db_credentials, pg_target
-from drplan.drill_report import CheckStatus, DrillCheck
 from drplan.errors import DrplanError
-from drplan.plan import Database, DatabaseKind, Plan, Service
+from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, Service
+from drplan.results import CheckResult
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.report import RecoveryReport, finished, published
@@ -24,14 +24,12 @@ from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
 from tasks.targets import RestoreTarget, restore_target, scratch_name
 
-DEFAULT_PLAN = "plans/devonn.yaml"
-
 
 class PitrReport(RecoveryReport):
     promote: bool
     target_time: datetime | None = None
     recovery_copy: str | None = None
-    checks: list[DrillCheck] = []
+    checks: list[CheckResult] = []
 
     def markdown(self) -> str:
         lines = [f"# PITR recovery of {self.subject}: **{self.outcome}**", "",
@@ -89,7 +87,7 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
                   f"{scratch.host}:{scratch.port}", mutating=not scratch.reused)
     report.checks = check_restored_copy(pg_target(dr_plan, db, "primary", credentials),
                                         scratch.target(db, credentials), db.integrity, report.target_time)
-    failed = [c.name for c in report.checks if c.status is not CheckStatus.passed]
+    failed = [c.name for c in report.checks if not c.passed]
     report.record("checked", report.recovery_copy, f"{len(report.checks)} checks, not passed: {failed or 'none'}")
     report.outcome = "restored"
     if service is None:

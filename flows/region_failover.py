@@ -19,17 +19,17 @@ from datetime import timedelta
 from prefect import flow
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
-from drplan.errors import DrplanError, first_line
-from drplan.plan import Plan, load_plan
+from drplan.errors import DrplanError
+from drplan.plan import DEFAULT_PLAN, Plan, load_plan
 from drplan.regions import Placement, traffic_target
 from drplan.timeutil import format_duration, utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
-from flows.eks_recovery import eks_recovery
+from flows.eks_recovery import EksReport, eks_recovery
 from flows.shared.cutover import database_url
 from flows.shared.dns import switch_dns, validate_placement
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import Request, already_promoted, lag_guard, promote
-from flows.shared.report import RecoveryReport, finished, published
+from flows.shared.report import RecoveryReport, finished, published, run_report
 from tasks.health import ServiceValidation
 from tasks.k8s import (
     DATABASE_ENV,
@@ -41,8 +41,6 @@ from tasks.k8s import (
 )
 from tasks.manifests import env_secret_ref, render_manifests
 from tasks.route53 import failover_ttl, read_records
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 class RegionReport(RecoveryReport):
@@ -94,10 +92,10 @@ def region_failover(
 
 def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placement], report: RegionReport,
                      force: bool, approve: bool) -> None:
-    readiness = dr_readiness(plan=plan_ref, region=to, return_state=True)
-    report.readiness = readiness.result(raise_on_failure=False)
-    if not isinstance(report.readiness, ReadinessReport):
-        raise DrplanError(f"readiness check of {to} did not complete: {first_line(report.readiness)}")
+    try:
+        report.readiness = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=to)
+    except DrplanError as exc:
+        raise DrplanError(f"readiness check of {to} did not complete: {exc}") from None
     unready = [f.check for f in report.readiness.unready]
     if unready and not force:
         raise DrplanError(f"region {to} is not ready to take over ({'; '.join(unready)}); fix it, or force "
@@ -117,10 +115,11 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
             promote_member(dr_plan, placement, report, force)
             point_secret(dr_plan, placement, report)
     for cluster in {p.cluster.name: p.cluster for p in placed}.values():
-        eks = eks_recovery(plan=plan_ref, cluster=cluster.name, nodes=dr_plan.failover.nodes,
-                           scale=dr_plan.failover.scale, return_state=True).result(raise_on_failure=False)
-        if not hasattr(eks, "applied"):
-            raise DrplanError(f"EKS recovery of {cluster.name} did not complete: {first_line(eks)}")
+        try:
+            eks = run_report(eks_recovery, EksReport, plan=plan_ref, cluster=cluster.name,
+                             nodes=dr_plan.failover.nodes, scale=dr_plan.failover.scale)
+        except DrplanError as exc:
+            raise DrplanError(f"EKS recovery of {cluster.name} did not complete: {exc}") from None
         changed = [s.action + " " + s.resource for s in eks.steps if s.action in ("created", "updated", "scaled")]
         report.record("deployed", cluster.name, ", ".join(changed) or "everything already in place",
                       mutating=bool(changed))

@@ -17,9 +17,9 @@ from prefect.events import emit_event
 from prefect.states import Failed
 
 from drplan.clients import check_aws_access, db_credentials, pg_target
-from drplan.drill_report import CheckStatus, DrillReport, Measured
+from drplan.drill_report import DrillReport, Measured
 from drplan.errors import DrplanError, first_line
-from drplan.plan import Database, Plan
+from drplan.plan import DEFAULT_PLAN, Database, Plan
 from drplan.timeutil import utcnow
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import (
@@ -30,10 +30,8 @@ from tasks.database import (
     restore_scratch,
     sweep_leftovers,
 )
-from tasks.postgres import read_newest_heartbeat
+from tasks.postgres import read_newest_heartbeat_task
 from tasks.targets import restore_target, scratch_name
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: timedelta | None,
@@ -61,7 +59,7 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
             report.checks += compare_fingerprints(source, copy, db.integrity, report.target_time)
         report.rto = Measured(measured=utcnow() - started, objective=dr_plan.objectives.rto_for(db.tier))
         try:
-            newest = read_newest_heartbeat(copy, db.integrity.heartbeat_table)
+            newest = read_newest_heartbeat_task(copy, db.integrity.heartbeat_table)
         except DrplanError:  # no heartbeat table in the copy: already a failed check; RPO unmeasurable
             newest = None
         report.rpo = Measured(measured=report.target_time - newest if newest else None,
@@ -95,7 +93,7 @@ def publish(dr_plan: Plan, report: DrillReport) -> Path:
         resource={"prefect.resource.id": f"drplan.database.{report.database}",
                   "prefect.resource.name": report.database},
         payload={"report": str(path), "error": report.error,
-                 "failed_checks": [c.name for c in report.checks if c.status is not CheckStatus.passed]},
+                 "failed_checks": [c.name for c in report.checks if not c.passed]},
     )
     return path
 

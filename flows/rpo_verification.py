@@ -22,11 +22,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from drplan import rpo
 from drplan.clients import aws_client, check_aws_access, db_credentials, pg_target
-from drplan.plan import Database, DatabaseKind, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, load_plan
+from drplan.results import Status
 from drplan.timeutil import utcnow
 from tasks import barman, postgres, rds, s3
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 Judge = Callable[[Any, datetime], rpo.Measurement]
 
@@ -80,7 +79,7 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
             if credentials is None:
                 raise credential_error
             target = pg_target(plan, db, role, credentials)
-            return (postgres.read_newest_heartbeat.submit(target, db.integrity.heartbeat_table),)
+            return (postgres.read_newest_heartbeat_task.submit(target, db.integrity.heartbeat_table),)
 
         add(measure, objective, _aged(db.name, "database", measure, objective,
                                       missing="heartbeat table is empty"), submit_heartbeat)
@@ -101,7 +100,7 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
             if credentials is None:
                 raise credential_error
             primary = pg_target(plan, db, "primary", credentials)
-            return (barman.find_newest_wal.submit(s3_client, db.backup),
+            return (barman.find_newest_wal_task.submit(s3_client, db.backup),
                     postgres.read_archiver_status.submit(primary))
 
         add("WAL archive", objective, judge_wal, submit_wal)
@@ -125,7 +124,7 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
                               missing="instance reports no LatestRestorableTime (backups disabled?)")
 
         add("latest restorable time", objective, judge_restorable,
-            lambda: (rds.describe_instance.submit(rds_client, db.primary),))
+            lambda: (rds.describe_instance_task.submit(rds_client, db.primary),))
         add("snapshot", db.base_backup_max_age,
             _aged(db.name, "database", "snapshot", db.base_backup_max_age, missing="no available snapshot"),
             lambda: (rds.find_newest_snapshot.submit(rds_client, db.primary),))
@@ -169,10 +168,10 @@ def publish(report: rpo.RpoReport) -> None:
         description=f"RPO verification of plan {report.plan}: {report.summary}",
     )
     for m in report.measurements:
-        if m.status is rpo.Status.met:
+        if m.status is Status.passed:
             continue
         emit_event(
-            event="drplan.rpo.breached" if m.status is rpo.Status.breached else "drplan.rpo.unverified",
+            event="drplan.rpo.breached" if m.status is Status.failed else "drplan.rpo.unverified",
             resource={
                 "prefect.resource.id": f"drplan.{m.data_class}.{m.resource}",
                 "prefect.resource.name": m.resource,
@@ -204,7 +203,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     )
     publish(report)
     for m in report.breaches + report.errors:
-        logger.warning("%s %s: %s (age %s, objective %s) %s", m.resource, m.measure, m.status.value,
+        logger.warning("%s %s: %s (age %s, objective %s) %s", m.resource, m.measure, m.label,
                        m.age, m.objective, m.detail)
     if report.exit_code:
         return Failed(message=f"RPO verification: {report.summary}", data=report)

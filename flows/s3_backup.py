@@ -13,13 +13,11 @@ from prefect.states import Failed
 
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
-from drplan.plan import load_plan
+from drplan.plan import DEFAULT_PLAN, load_plan
 from drplan.s3store import transfer_client
 from drplan.s3sync import DEFAULTS
 from drplan.timeutil import utcnow
 from tasks.s3 import BackupResult, back_up_bucket
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 @flow(name="s3-backup")

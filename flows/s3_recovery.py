@@ -17,13 +17,11 @@ from pydantic import Field
 
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
-from drplan.plan import Bucket, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Bucket, Plan, load_plan
 from drplan.s3manifest import SAMPLE
 from drplan.s3store import transfer_client
 from drplan.s3sync import SyncOptions, SyncReport
 from tasks.s3 import restore_backup
-
-DEFAULT_PLAN = "plans/devonn.yaml"
 
 
 def pick_bucket(plan: Plan, name: str | None) -> Bucket:

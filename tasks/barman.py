@@ -25,7 +25,6 @@ def _server_prefix(backup: BarmanBackup) -> tuple[str, str]:
     return bucket, f"{prefix}{backup.server_name}/"
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def find_newest_wal(s3, backup: BarmanBackup) -> datetime | None:
     """When the newest WAL segment reached the archive (segment directories sort by timeline and log)."""
     bucket, prefix = _server_prefix(backup)
@@ -69,3 +68,6 @@ def list_base_backups(s3, backup: BarmanBackup) -> list[BaseBackup]:
             continue  # a backup still being written has no backup.info yet
         backups.append(parse_backup_info(backup_id, body))
     return sorted(backups, key=lambda b: b.backup_id)
+
+
+find_newest_wal_task = task(find_newest_wal, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -8,9 +8,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from drplan.clients import DbCredentials, PgTarget
-from drplan.drill_report import CheckStatus, DrillCheck
 from drplan.logs import run_logger
 from drplan.plan import Integrity
+from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
 from tasks.targets import RestorableWindow, RestoreTarget, Scratch
 
@@ -54,21 +54,19 @@ def sweep_leftovers(target: RestoreTarget, older_than: timedelta) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def check_restored_copy(source: PgTarget, restored: PgTarget, integrity: Integrity, target_time: datetime
-                        ) -> list[DrillCheck]:
+                        ) -> list[CheckResult]:
     """The integrity suites (checks/) of a restored copy against its source, one result per check."""
     from checks import run_integrity_checks
 
-    report = run_integrity_checks(source, restored, integrity, target_time)
-    results = [DrillCheck(name=c.name, status=CheckStatus(c.status), expectation=c.expectation, observed=c.observed)
-               for c in report.checks]
-    failed = [c.name for c in results if c.status is not CheckStatus.passed]
+    results = run_integrity_checks(source, restored, integrity, target_time).checks
+    failed = [c.name for c in results if not c.passed]
     run_logger().info("%d checks, not passed: %s", len(results), ", ".join(failed) or "none")
     return results
 
 
 @task(cache_policy=NO_CACHE)
 def compare_fingerprints(source: PgTarget, restored: PgTarget, integrity: Integrity, target_time: datetime
-                         ) -> list[DrillCheck]:
+                         ) -> list[CheckResult]:
     """Rows the source has not changed since T (timestamp column <= T) must be identical in the copy.
     Rows only in the copy are rows changed or deleted in the source since T: reported, not a failure."""
     from checks import fingerprint_diff
@@ -77,15 +75,15 @@ def compare_fingerprints(source: PgTarget, restored: PgTarget, integrity: Integr
     for table in integrity.tables:
         diff = fingerprint_diff(source, restored, table, predicate=(integrity.timestamp_column, "<=", target_time))
         if diff.errors:
-            status, observed = CheckStatus.error, "; ".join(diff.errors)
+            status, observed = Status.error, "; ".join(diff.errors)
         else:
             lost = [f"{d.key} ({d.kind})" for d in diff.keys if d.kind != "extra"][:10]
-            status = CheckStatus.failed if diff.missing or diff.changed or diff.unresolved_rows else CheckStatus.passed
+            status = Status.failed if diff.missing or diff.changed or diff.unresolved_rows else Status.passed
             observed = (f"{diff.rows_source} rows compared; {diff.missing} missing, {diff.changed} changed"
                         + (f" ({', '.join(lost)})" if lost else "")
                         + f"; {diff.extra} changed or deleted in the source since T")
-        results.append(DrillCheck(
-            name=f"{table}: fingerprint", status=status, observed=observed,
+        results.append(CheckResult.of_table(
+            table, "fingerprint", status=status, observed=observed,
             expectation=f"rows with {integrity.timestamp_column} <= T identical in source and copy",
         ))
     return results

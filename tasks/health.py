@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from enum import StrEnum
 
 import httpx
 from prefect import task
@@ -24,6 +23,7 @@ from drplan.clients import PgTarget, aws_client, db_credentials, pg_target, read
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
 from drplan.plan import Database, DatabaseKind, Plan, Service
+from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
 
 TIMEOUT = 5.0
@@ -33,25 +33,6 @@ PERIOD = timedelta(minutes=1)
 """CloudWatch period; queries end one period after now so that the current minute's datapoints count."""
 RDS_METRIC_BOUNDS = {"CPUUtilization": (0.0, 90.0), "DatabaseConnections": (1.0, math.inf)}
 """metric -> (low, high): CPU below 90 %, and at least one connection (the application is connected)."""
-
-
-class CheckStatus(StrEnum):
-    passed = "passed"
-    failed = "failed"
-    no_data = "no data"
-
-
-class CheckResult(BaseModel):
-    name: str
-    status: CheckStatus
-    observed: str
-    expected: str
-    duration_s: float
-
-    @computed_field
-    @property
-    def passed(self) -> bool:
-        return self.status is CheckStatus.passed
 
 
 class ServiceValidation(BaseModel):
@@ -74,7 +55,7 @@ class ServiceValidation(BaseModel):
                            for v in validations for c in v.checks])
 
 
-Probe = Callable[[], tuple[bool | CheckStatus, str]]
+Probe = Callable[[], tuple[bool | Status, str]]
 
 
 def _run(name: str, expected: str, probe: Probe) -> CheckResult:
@@ -85,8 +66,8 @@ def _run(name: str, expected: str, probe: Probe) -> CheckResult:
     except Exception as exc:  # a check reports, it does not crash the validation
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         outcome, observed = False, f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    status = outcome if isinstance(outcome, CheckStatus) else CheckStatus.passed if outcome else CheckStatus.failed
-    result = CheckResult(name=name, status=status, observed=observed, expected=expected,
+    status = outcome if isinstance(outcome, Status) else Status.passed if outcome else Status.failed
+    result = CheckResult(name=name, status=status, observed=observed, expectation=expected,
                          duration_s=round(time.monotonic() - start, 3))
     run_logger().info("check %s: %s (observed %s, expected %s)", name, status.value, observed, expected)
     return result
@@ -126,17 +107,17 @@ def _database_probe(plan: Plan, db: Database, target: PgTarget | None) -> Probe:
 def _metric_probe(plan: Plan, region: str, identifier: str, metric: str) -> Probe:
     low, high = RDS_METRIC_BOUNDS[metric]
 
-    def probe() -> tuple[CheckStatus, str]:
+    def probe() -> tuple[Status, str]:
         now = utcnow()
         points = aws_client(plan, "cloudwatch", region).get_metric_statistics(
             Namespace="AWS/RDS", MetricName=metric, StartTime=now - METRIC_WINDOW, EndTime=now + PERIOD, Period=60,
             Dimensions=[{"Name": "DBInstanceIdentifier", "Value": identifier}], Statistics=["Average"],
         )["Datapoints"]
         if not points:
-            return CheckStatus.no_data, f"no datapoints in the last {METRIC_WINDOW.total_seconds() / 60:g} min"
+            return Status.no_data, f"no datapoints in the last {METRIC_WINDOW.total_seconds() / 60:g} min"
         latest = max(points, key=lambda p: p["Timestamp"])["Average"]
         ok = low <= latest <= high
-        return CheckStatus.passed if ok else CheckStatus.failed, f"{latest:g} (latest average)"
+        return Status.passed if ok else Status.failed, f"{latest:g} (latest average)"
     return probe
 
 

@@ -19,7 +19,6 @@ from drplan.logs import run_logger
 from drplan.plan import Cluster, Plan
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def export_namespace(api_client, namespace: str) -> dict:
     """Deployments, services and config maps of a namespace as plain dicts; Secrets by name only, never values."""
     core, apps = k8s.CoreV1Api(api_client), k8s.AppsV1Api(api_client)

@@ -29,7 +29,6 @@ class ArchiverStatus(BaseModel):
         )
 
 
-@task(retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def read_newest_heartbeat(target: PgTarget, table: str) -> datetime | None:
     """Newest heartbeat row in `table`: the age of the newest data this copy holds."""
     with target.connect() as conn:
@@ -77,3 +76,6 @@ def promote_standby(target: PgTarget, wait_seconds: int = 60) -> bool:
             raise DrplanError(f"{target.label}: pg_promote did not finish within {wait_seconds}s; check its server log")
     run_logger().warning("%s promoted to primary", target.label)
     return True
+
+
+read_newest_heartbeat_task = task(read_newest_heartbeat, retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)

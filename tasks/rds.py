@@ -16,7 +16,6 @@ from drplan.timeutil import utcnow
 from tasks.health import PERIOD
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def describe_instance(rds, identifier: str) -> dict:
     try:
         return rds.describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"][0]
@@ -71,7 +70,7 @@ def wait_instance_available(rds, identifier: str, timeout: timedelta, poll_secon
 def reboot_with_failover(rds, identifier: str) -> bool:
     """Multi-AZ failover test: reboot forcing a failover to the standby. A rerun finds the reboot in progress
     and does not start another (returns False)."""
-    instance = describe_instance.fn(rds, identifier)
+    instance = describe_instance(rds, identifier)
     if instance["DBInstanceStatus"] == "rebooting":
         run_logger().info("%s is already rebooting; not rebooting again", identifier)
         return False
@@ -83,7 +82,7 @@ def reboot_with_failover(rds, identifier: str) -> bool:
 @task(cache_policy=NO_CACHE)
 def promote_read_replica(rds, identifier: str) -> bool:
     """Promote a read replica to a standalone instance; False if it already is one (a rerun)."""
-    instance = describe_instance.fn(rds, identifier)
+    instance = describe_instance(rds, identifier)
     if not instance.get("ReadReplicaSourceDBInstanceIdentifier"):
         run_logger().info("%s is not a read replica (already promoted)", identifier)
         return False
@@ -104,3 +103,6 @@ def read_replica_lag(cloudwatch, identifier: str, window: timedelta = timedelta(
     lag = max(points, key=lambda p: p["Timestamp"])["Maximum"] if points else None
     run_logger().info("%s ReplicaLag %s", identifier, "no data" if lag is None else f"{lag:g}s")
     return lag
+
+
+describe_instance_task = task(describe_instance, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -116,7 +116,6 @@ def back_up_bucket(s3, bucket: Bucket, at: datetime, options: SyncOptions = DEFA
     return back_up_prefix(s3, bucket.live, bucket.backup, at, options, progress)
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def verify_backup(s3, backup_dir: str) -> Verification:
     """One backup (…/<stamp>/) against its manifest: missing, corrupt (size or ETag differs) and extra keys.
     Without a usable manifest only the listing is reported, flagged unverified."""

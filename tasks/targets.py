@@ -110,7 +110,7 @@ class PostgresArchive(RestoreTarget):
         if not done:
             raise DrplanError(f"{self.db.name}: no completed base backup in {self.db.backup.destination}; "
                               "nothing can be restored until one exists")
-        newest_wal = find_newest_wal.fn(aws_client(self.plan, "s3"), self.db.backup)
+        newest_wal = find_newest_wal(aws_client(self.plan, "s3"), self.db.backup)
         latest = max(newest_wal or done[-1].end_time, done[-1].end_time)
         return RestorableWindow(earliest=done[0].end_time, latest=latest)
 

@@ -12,9 +12,9 @@ from drplan.pgserver import LocalPostgres
 from drplan.plan import Database, DatabaseKind, Plan, Service, load_plan
 from drplan.timeutil import format_duration, utcnow
 from flows.shared.report import RecoveryReport
-from tasks.postgres import is_in_recovery, promote_standby, read_newest_heartbeat
+from tasks.postgres import is_in_recovery, promote_standby, read_newest_heartbeat, read_newest_heartbeat_task
 from tasks.rds import (
-    describe_instance,
+    describe_instance_task,
     promote_read_replica,
     read_replica_lag,
     wait_instance_available,
@@ -66,7 +66,7 @@ class Request:
 def already_promoted(request: Request, new_primary: PgTarget) -> bool:
     """A rerun: the member is no longer a replica, an earlier run promoted it."""
     if request.db.kind is DatabaseKind.rds:
-        instance = describe_instance(aws_client(request.plan, "rds", request.region), request.identifier)
+        instance = describe_instance_task(aws_client(request.plan, "rds", request.region), request.identifier)
         return not instance.get("ReadReplicaSourceDBInstanceIdentifier")
     return not is_in_recovery(new_primary)
 
@@ -83,9 +83,9 @@ def measure_lag(request: Request, credentials: DbCredentials) -> tuple[float | N
         lag = read_replica_lag(aws_client(request.plan, "cloudwatch", request.region), request.identifier)
         return lag, "CloudWatch ReplicaLag"
     table = request.db.integrity.heartbeat_table
-    replica = read_newest_heartbeat(pg_target(request.plan, request.db, request.member, credentials), table)
+    replica = read_newest_heartbeat_task(pg_target(request.plan, request.db, request.member, credentials), table)
     try:  # the plain function: a primary that is down is expected here, not a failed task with a traceback
-        primary = read_newest_heartbeat.fn(pg_target(request.plan, request.db, "primary", credentials), table)
+        primary = read_newest_heartbeat(pg_target(request.plan, request.db, "primary", credentials), table)
         basis = "newest heartbeat on the primary minus on the replica"
     except Exception as exc:  # noqa: BLE001 - the primary is down: the lag bound is the replica's heartbeat age
         primary, basis = utcnow(), f"heartbeat age on the replica; the primary: {first_line(exc)}"

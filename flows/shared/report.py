@@ -1,21 +1,25 @@
 """The report every recovery run keeps: its timeline of steps (each mutating one also an event), published as an
-artifact whatever happens, and the run's end state."""
+artifact whatever happens, and the run's end state; and how any flow is run for its report."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any, TypeVar
 
-from prefect import get_run_logger, runtime
+from prefect import Flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
-from drplan.errors import first_line
+from drplan.errors import DrplanError, first_line
+from drplan.results import markdown_table
 from drplan.timeutil import utcnow
 from tasks.health import ServiceValidation
+
+R = TypeVar("R")
 
 
 class Step(BaseModel):
@@ -61,16 +65,15 @@ class RecoveryReport(BaseModel):
             )
 
     def timeline(self) -> str:
-        lines = ["| at | action | resource | detail | before | after |", "|---|---|---|---|---|---|"]
-        lines += [f"| {s.at:%H:%M:%SZ} | {s.action} | {s.resource} | {s.detail} | {s.before or ''} | "
-                  f"{s.after or ''} |" for s in self.steps]
-        return "\n".join(lines)
+        return markdown_table(["at", "action", "resource", "detail", "before", "after"],
+                              [[f"{s.at:%H:%M:%SZ}", s.action, s.resource, s.detail, s.before or "", s.after or ""]
+                               for s in self.steps])
 
     def validation_table(self) -> str:
         if self.validation is None:
             return ""
-        rows = [f"| {c.name} | {c.status.value} | {c.observed} | {c.expected} |" for c in self.validation.checks]
-        return "\n".join(["", "| check | status | observed | expected |", "|---|---|---|---|", *rows])
+        rows = [[c.name, c.status.value, c.observed, c.expectation] for c in self.validation.checks]
+        return "\n" + markdown_table(["check", "status", "observed", "expected"], rows)
 
 
 @contextmanager
@@ -90,6 +93,15 @@ def finished(report: RecoveryReport, what: str) -> RecoveryReport | State:
     if not report.failed:
         return report
     return Failed(message=f"{what}: {report.outcome}: {report.error or ''}".rstrip(": "), data=report)
+
+
+def run_report(flow_fn: Flow, report_type: type[R], **parameters: Any) -> R:
+    """Run `flow_fn` and return its report: a completed run's result, or the report its Failed state carries. A run
+    that ended without one (it failed before making it, or crashed) raises DrplanError with its error's first line."""
+    result = flow_fn(**parameters, return_state=True).result(raise_on_failure=False)
+    if not isinstance(result, report_type):
+        raise DrplanError(first_line(result))
+    return result
 
 
 def actor(flow_name: str) -> str:

@@ -7,8 +7,9 @@ from datetime import timedelta
 import pytest
 from psycopg import sql
 
-from checks import CheckStatus, DiffReport, fingerprint_diff
+from checks import DiffReport, fingerprint_diff
 from drplan.clients import PgTarget
+from drplan.results import Status
 from tests.checks.conftest import TARGET_TIME, Cluster
 
 LATER = (TARGET_TIME + timedelta(hours=1)).isoformat()
@@ -53,7 +54,7 @@ CHANGED_AFTER_T = {"missing": {401, 402}, "extra": {30}, "changed": {10, 20}}
 def test_identical_copies_have_no_differences(pg_cluster: Cluster, snapshot: PgTarget) -> None:
     copy = pg_cluster.clone("fp_copy")
     report = fingerprint_diff(snapshot, copy, "orders")
-    assert report.status is CheckStatus.passed and report.passed
+    assert report.status is Status.passed and report.passed
     assert (report.rows_source, report.rows_restored, report.differing, report.keys) == (400, 400, 0, [])
     assert report.key == "id" and report.levels == 1 and report.ranges_hashed >= 1
     assert pg_cluster.sessions_end("fp_snapshot", "fp_copy"), "fingerprint_diff left connections open"
@@ -61,7 +62,7 @@ def test_identical_copies_have_no_differences(pg_cluster: Cluster, snapshot: PgT
 
 def test_finds_exactly_the_rows_changed_after_the_snapshot(live: PgTarget, snapshot: PgTarget) -> None:
     report = fingerprint_diff(live, snapshot, "orders")
-    assert report.status is CheckStatus.failed
+    assert report.status is Status.failed
     assert diffs(report) == CHANGED_AFTER_T
     assert (report.missing, report.extra, report.changed, report.differing) == (2, 1, 2, 5)
     assert (report.rows_source, report.rows_restored, report.unresolved_rows) == (401, 400, 0)
@@ -103,7 +104,7 @@ def test_caps_and_budget(live: PgTarget, snapshot: PgTarget) -> None:
     capped = fingerprint_diff(live, snapshot, "orders", max_keys=2)
     assert len(capped.keys) == 2 and capped.differing == 5
     unresolved = fingerprint_diff(live, snapshot, "orders", leaf_rows=8, max_fetch_rows=10)
-    assert unresolved.status is CheckStatus.failed and unresolved.unresolved_rows > 0
+    assert unresolved.status is Status.failed and unresolved.unresolved_rows > 0
     assert unresolved.markdown_row()[3].startswith("≥ ")
 
 
@@ -111,13 +112,13 @@ def test_unusable_keys_and_tables_are_errors(pg_cluster: Cluster, live: PgTarget
     pg_cluster.run(live, "CREATE TABLE IF NOT EXISTS nokey (v int)",
                 "CREATE TABLE IF NOT EXISTS onlylive (id int PRIMARY KEY)")
     no_key = fingerprint_diff(live, live, "nokey")
-    assert no_key.status is CheckStatus.error and "no single-column primary key" in no_key.errors[0]
+    assert no_key.status is Status.error and "no single-column primary key" in no_key.errors[0]
     not_unique = fingerprint_diff(live, snapshot, "orders", key="user_id")
-    assert not_unique.status is CheckStatus.error and "not a column with a unique index" in not_unique.errors[0]
+    assert not_unique.status is Status.error and "not a column with a unique index" in not_unique.errors[0]
     missing = fingerprint_diff(live, snapshot, "onlylive")
-    assert missing.status is CheckStatus.error and 'relation "public.onlylive" does not exist' in missing.errors[0]
+    assert missing.status is Status.error and 'relation "public.onlylive" does not exist' in missing.errors[0]
     gone = fingerprint_diff(live, PgTarget("gone", "127.0.0.1", 1, "x", pg_cluster.credentials), "orders")
-    assert gone.status is CheckStatus.error and "cannot connect" in gone.errors[0]
+    assert gone.status is Status.error and "cannot connect" in gone.errors[0]
 
 
 def test_markdown_row(live: PgTarget, snapshot: PgTarget) -> None:

@@ -8,7 +8,8 @@ from datetime import timedelta
 
 from prefect import flow, pause_flow_run
 
-from drplan.rpo import Measurement, RpoReport, Status
+from drplan.results import Status
+from drplan.rpo import Measurement, RpoReport
 from drplan.timeutil import utcnow
 from flows.rpo_verification import publish
 from flows.shared.gates import Approval
@@ -30,4 +31,4 @@ def breach_probe(resource: str = "probe-db", age_s: int = 600) -> None:
     age = timedelta(seconds=age_s)
     publish(RpoReport(plan="platform-test", started_at=now, finished_at=now, measurements=[Measurement(
         resource=resource, data_class="database", measure="primary newest heartbeat", newest=now - age, age=age,
-        objective=timedelta(minutes=5), status=Status.breached)]))
+        objective=timedelta(minutes=5), status=Status.failed)]))

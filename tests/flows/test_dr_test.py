@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from drplan.drill_report import CheckStatus
+from drplan.results import Status
 from flows.dr_test import DrTestReport, dr_test
 
 PARTS = ["RPO verification", "backup of bucket data", "DR readiness of us-west-2", "restore drill of devonn-postgres"]
@@ -23,7 +23,7 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, sandbox_plan_pat
     assert [p.suffix for p in written] == [".json", ".md"]
     report = DrTestReport.model_validate_json(written[0].read_text())
     assert [p.name for p in report.parts] == PARTS
-    assert {p.status for p in report.parts} == {CheckStatus.passed}, report.markdown()
+    assert {p.status for p in report.parts} == {Status.passed}, report.markdown()
     drill = report.parts[-1].summary
     assert drill.startswith("RTO ") and "(objective 1h00m, met)" in drill and "checks passed" in drill
     assert written[1].read_text().strip() == report.markdown()
@@ -41,8 +41,8 @@ def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_va
     report = state.result(raise_on_failure=False)
     assert report.exit_code == 1 and [p.name for p in report.parts] == PARTS
     statuses = {p.name: p.status for p in report.parts}
-    assert statuses.pop("RPO verification") is CheckStatus.failed
-    assert set(statuses.values()) == {CheckStatus.passed}, report.markdown()
+    assert statuses.pop("RPO verification") is Status.failed
+    assert set(statuses.values()) == {Status.passed}, report.markdown()
     assert "1 breached" in report.parts[0].summary
     assert state.message == "DR test: failed: RPO verification"
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import aws_client, db_credentials
-from drplan.drill_report import CheckStatus, DrillReport
+from drplan.drill_report import DrillReport
+from drplan.results import Status
 from flows.restore_drill import restore_drill
 from sandbox import stack
 from tasks.rds import find_instance
@@ -77,7 +78,7 @@ def test_rds_time_outside_the_window_fails_before_any_restore_call(sandbox, sand
     rds.meta.events.register("before-call.rds.*", lambda model, **_: calls.append(model.name))
     too_old = (datetime.now(UTC) - timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
     (report,) = run_drill(sandbox_plan_path, database="devonn-rds", target_time=too_old)
-    assert report.status is CheckStatus.error and "outside the restorable window" in report.error
+    assert report.status is Status.error and "outside the restorable window" in report.error
     assert "RestoreDBInstanceToPointInTime" not in calls and "DeleteDBInstance" not in calls
     assert report.cleanup == "nothing restored"
 
@@ -87,7 +88,7 @@ def test_rds_failure_after_the_restore_leaves_no_scratch_instance(sandbox, sandb
     monkeypatch.setattr(RdsInstance, "poll_seconds", 0.2)
     (report,) = run_drill(sandbox_plan_path, database="devonn-rds")
     # moto restores the control plane only: the scratch endpoint holds no database, so the checks error out
-    assert report.status is CheckStatus.error and report.scratch.startswith("devonn-rds-drill-")
+    assert report.status is Status.error and report.scratch.startswith("devonn-rds-drill-")
     assert report.cleanup == "removed"
     assert not drill_instances(sandbox)
 
@@ -154,7 +155,7 @@ def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the
     (later,) = run_drill(sandbox_dir / "plan.yaml", database="devonn-postgres", keep=True)
     target = PostgresArchive(sandbox, db)
     try:
-        assert report.status is CheckStatus.passed, report.markdown()
+        assert report.status is Status.passed, report.markdown()
         assert report.target_time == at_t and report.rpo.measured < timedelta(seconds=5)
         copy_at_t, copy_later = kept_scratch(sandbox, report), kept_scratch(sandbox, later)
         for table in ("users", "orders"):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from drplan import rpo
+from drplan.results import Status
 from flows.rpo_verification import rpo_verification
 from sandbox import stack
 from tests.helpers import free_ports
@@ -47,12 +48,12 @@ def test_every_objective_met_on_a_healthy_sandbox(sandbox, sandbox_plan_path):
         for role in ("primary", "replica", "dr_replica"):
             m = measured[(db, f"{role} newest heartbeat")]
             assert m.age is not None and m.age.total_seconds() < 20
-    assert measured[("devonn-postgres", "WAL archive")].status is rpo.Status.met
-    assert measured[("devonn-postgres", "base backup")].status is rpo.Status.met
-    assert measured[("devonn-rds", "latest restorable time")].status is rpo.Status.met
-    assert measured[("devonn-rds", "snapshot")].status is rpo.Status.met
-    assert measured[("data", "backup trails live")].status is rpo.Status.met
-    assert measured[("configuration", "newest configuration backup")].status is rpo.Status.met
+    assert measured[("devonn-postgres", "WAL archive")].status is Status.passed
+    assert measured[("devonn-postgres", "base backup")].status is Status.passed
+    assert measured[("devonn-rds", "latest restorable time")].status is Status.passed
+    assert measured[("devonn-rds", "snapshot")].status is Status.passed
+    assert measured[("data", "backup trails live")].status is Status.passed
+    assert measured[("configuration", "newest configuration backup")].status is Status.passed
     artifact = run_artifact(state.state_details.flow_run_id)
     assert artifact.type == "table" and "12 met, 0 breached, 0 errors" in artifact.description
     rows = json.loads(artifact.data)  # stored as JSON text
@@ -105,9 +106,9 @@ def test_stopped_heartbeat_and_archiver_are_breaches(
     assert report.exit_code == 1, report.markdown()
     measured = by_measure(report)
     heartbeat = measured[("devonn-postgres", "primary newest heartbeat")]
-    assert heartbeat.status is rpo.Status.breached and heartbeat.age.total_seconds() > 20
+    assert heartbeat.status is Status.failed and heartbeat.age.total_seconds() > 20
     wal = measured[("devonn-postgres", "WAL archive")]
-    assert wal.status is rpo.Status.breached and "archiver failing since" in wal.detail
+    assert wal.status is Status.failed and "archiver failing since" in wal.detail
     assert not report.errors
 
     asserting_and_emitting_events_worker.drain()

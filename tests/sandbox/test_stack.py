@@ -39,14 +39,14 @@ def test_up_again_changes_nothing(sandbox, sandbox_dir):
     backups = pg.list_backups()
     r53 = aws_client(sandbox, "route53")
     checks = r53.list_health_checks()["HealthChecks"]
-    kube = {c.name: export_namespace.fn(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters}
+    kube = {c.name: export_namespace(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters}
     stack.up(sandbox, Console(quiet=True))
     after = {n: processes.get(sandbox_dir, n) for n in processes.tracked_names(sandbox_dir)}
     assert after == before
     assert {f"nodes-{c.name}" for c in sandbox.clusters} | {"kube-api", "kube-api-dr", "devonn-api-dr"} <= set(after)
     assert pg.list_backups() == backups
     assert r53.list_health_checks()["HealthChecks"] == checks
-    assert {c.name: export_namespace.fn(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters} == kube
+    assert {c.name: export_namespace(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters} == kube
     rds = aws_client(sandbox, "rds").describe_db_instances()["DBInstances"]
     assert sorted(i["DBInstanceIdentifier"] for i in rds) == ["devonn-rds-production", "devonn-rds-replica-production"]
 
@@ -95,9 +95,9 @@ def test_deployments_come_from_the_manifests_and_applying_them_changes_nothing(s
     api = kube_client(sandbox, cluster)
     objects = render_manifests(sandbox, cluster)
     assert sorted(o["metadata"]["name"] for o in objects) == sorted(cluster.deployments)
-    before = export_namespace.fn(api, cluster.namespace)
+    before = export_namespace(api, cluster.namespace)
     assert [apply_manifest(api, cluster.namespace, o).action for o in objects] == ["unchanged"] * len(objects)
-    assert export_namespace.fn(api, cluster.namespace) == before
+    assert export_namespace(api, cluster.namespace) == before
 
 
 def test_down_stops_restored_copies_left_running(sandbox_plan_path, tmp_path):

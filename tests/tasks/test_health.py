@@ -10,8 +10,9 @@ from prefect import flow
 
 from drplan.clients import aws_client
 from drplan.plan import load_plan
+from drplan.results import Status
 from sandbox import stack
-from tasks.health import CheckStatus, ServiceValidation, validate_service, validate_service_task
+from tasks.health import ServiceValidation, validate_service, validate_service_task
 from tests.helpers import logged_text
 
 CHECKS = ["health", "database", "GET /api/me with token", "GET /api/me without token", "GET /api/stats"]
@@ -63,7 +64,7 @@ def test_unmatchable_endpoint_expectations_fail_only_their_checks(sandbox, plan_
         "GET /api/stats": "HTTP 200, body without 'no-such-text'",
         "GET /api/users/99999999": "HTTP 404",
     }
-    expected = {c.name: c.expected for c in result.checks}
+    expected = {c.name: c.expectation for c in result.checks}
     assert expected["GET /api/stats"] == "HTTP 200 containing 'no-such-text'"
 
 
@@ -76,8 +77,8 @@ def test_rds_database_reports_cloudwatch_no_data_as_its_own_status(sandbox, plan
 
     result = _validate_variant(plan_variant, rds_without_metrics)
     metrics = {c.name: c.status for c in result.checks if c.name.startswith("cloudwatch")}
-    assert metrics == {"cloudwatch CPUUtilization": CheckStatus.no_data,
-                       "cloudwatch DatabaseConnections": CheckStatus.no_data}
+    assert metrics == {"cloudwatch CPUUtilization": Status.no_data,
+                       "cloudwatch DatabaseConnections": Status.no_data}
     assert set(_failing(result)) == set(metrics)  # the data-plane checks (real PostgreSQL) still pass
     assert not result.passed
 
@@ -102,11 +103,11 @@ def test_task_runs_in_a_flow(sandbox, prefect_server):
 
 
 def test_validations_of_several_services_fail_when_any_check_fails():
-    def check(name: str, status: CheckStatus) -> dict:
-        return {"name": name, "status": status, "observed": "-", "expected": "-", "duration_s": 0.0}
+    def check(name: str, status: Status) -> dict:
+        return {"name": name, "status": status, "observed": "-", "expectation": "-", "duration_s": 0.0}
 
-    api = ServiceValidation(service="api", checks=[check("GET /health", CheckStatus.passed)])
-    worker = ServiceValidation(service="worker", checks=[check("GET /health", CheckStatus.no_data)])
+    api = ServiceValidation(service="api", checks=[check("GET /health", Status.passed)])
+    worker = ServiceValidation(service="worker", checks=[check("GET /health", Status.no_data)])
     both = ServiceValidation.of_all([api, worker])
     assert both.service == "api, worker" and not both.passed
     assert [c.name for c in both.checks if not c.passed] == ["worker: GET /health"]

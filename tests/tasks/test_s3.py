@@ -57,7 +57,7 @@ def test_backup_copies_every_object_and_writes_a_verifiable_manifest(moto_env):
     copy = s3.get_object(Bucket="b-backup", Key="data/20260102T030405Z/uploads/01/file-012.txt")["Body"].read()
     assert copy == LIVE["uploads/01/file-012.txt"]
     assert find_newest_backup.fn(s3, "s3://b-backup/data/") == AT.replace(microsecond=0)
-    checked = verify_backup.fn(s3, result.backup)
+    checked = verify_backup(s3, result.backup)
     assert checked.ok and checked.objects == len(LIVE), checked.summary
 
 
@@ -80,7 +80,7 @@ def test_verification_reports_missing_corrupt_and_extra_keys(moto_env):
     s3.delete_object(Bucket="b-backup", Key=f"{prefix}uploads/01/file-011.txt")
     s3.put_object(Bucket="b-backup", Key=f"{prefix}uploads/02/file-020.txt", Body=same_size)
     s3.put_object(Bucket="b-backup", Key=f"{prefix}intruder", Body=b"x")
-    checked = verify_backup.fn(s3, backup)
+    checked = verify_backup(s3, backup)
     assert checked.verified and not checked.ok
     assert checked.missing == ["uploads/01/file-011.txt"]
     assert checked.corrupt == ["uploads/02/file-020.txt"]
@@ -92,7 +92,7 @@ def test_a_backup_without_manifest_is_listed_but_flagged_unverified(moto_env):
     _, s3 = moto_env
     backup = fresh_backup(s3, AT + timedelta(hours=3))
     s3.delete_object(Bucket="b-backup", Key=manifest_uri(backup).removeprefix("s3://b-backup/"))
-    checked = verify_backup.fn(s3, backup)
+    checked = verify_backup(s3, backup)
     assert not checked.verified and not checked.ok
     assert checked.objects == len(LIVE) and "no manifest" in checked.note
     assert "UNVERIFIED" in checked.summary
@@ -108,7 +108,7 @@ def test_a_damaged_manifest_is_never_trusted(moto_env):
     s3.put_object(Bucket="b-backup", Key=key, Body=json.dumps(body).encode())
     with pytest.raises(DrplanError, match="manifest checksum mismatch"):
         read_manifest(s3, backup)
-    checked = verify_backup.fn(s3, backup)
+    checked = verify_backup(s3, backup)
     assert not checked.verified and "checksum mismatch" in checked.note
     with pytest.raises(DrplanError, match="not valid JSON"):
         Manifest.load(b"{truncated", "somewhere")
