@@ -1,5 +1,5 @@
 """A local stand-in for the plan's Slack channel: an HTTP server on loopback appending every POSTed JSON body to a
-JSON-lines file (drplan/serve.py points the plan's notification block at it). Standard library only.
+JSON-lines file (cli/serve.py points the plan's notification block at it). Standard library only.
 
     python -m deployments.receiver PORT FILE
 """

@@ -71,8 +71,10 @@ def point_in_time(sandbox, sandbox_dir):
         conn.execute("CREATE TABLE IF NOT EXISTS orders_removed AS SELECT * FROM orders WHERE false")
         conn.execute("WITH gone AS (DELETE FROM orders WHERE id % 7 = 0 RETURNING *) "
                      "INSERT INTO orders_removed SELECT * FROM gone")
-        conn.execute("SELECT pg_switch_wal()")
-    time.sleep(12)  # past the 10 s margin, archived
+        switched = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        time.sleep(11)  # past the 10 s margin
+        wait_for(lambda: conn.execute("SELECT last_archived_wal >= %s FROM pg_stat_archiver", (switched,))
+                 .fetchone()[0], 120, "the WAL after T to be archived", interval=0.5)
     yield at_t, orders_at_t
     with pg.connect(db.primary) as conn:
         conn.execute("INSERT INTO orders SELECT * FROM orders_removed; DROP TABLE orders_removed")
