@@ -81,6 +81,46 @@ def stack_snapshot(plan, database: str) -> dict:
 
 
 @contextmanager
+def clusters_restored(plan) -> Iterator[None]:
+    """Put every cluster of `plan` back as it was afterwards (for tests that fail over a region): deployments
+    created since are deleted, replicas and Secret data set back, node groups resized and their nodes awaited."""
+    from kubernetes import client as k8s
+
+    from drplan.clients import aws_client, kube_client
+    from tasks.eks import ready_nodes
+
+    def state(cluster):
+        api = kube_client(plan, cluster)
+        eks = aws_client(plan, "eks", plan.region_of(cluster))
+        replicas = {d.metadata.name: d.spec.replicas
+                    for d in k8s.AppsV1Api(api).list_namespaced_deployment(cluster.namespace).items}
+        secrets = {s.metadata.name: s.data for s in k8s.CoreV1Api(api).list_namespaced_secret(cluster.namespace).items}
+        groups = {g: eks.describe_nodegroup(clusterName=cluster.name, nodegroupName=g)["nodegroup"]["scalingConfig"]
+                  for g in cluster.nodegroups}
+        return api, eks, replicas, secrets, groups
+
+    before = {cluster.name: state(cluster) for cluster in plan.clusters}
+    try:
+        yield
+    finally:
+        for cluster in plan.clusters:
+            api, eks, replicas, secrets, groups = before[cluster.name]
+            apps, core = k8s.AppsV1Api(api), k8s.CoreV1Api(api)
+            for d in apps.list_namespaced_deployment(cluster.namespace).items:
+                if d.metadata.name not in replicas:
+                    apps.delete_namespaced_deployment(d.metadata.name, cluster.namespace)
+                elif d.spec.replicas != replicas[d.metadata.name]:
+                    apps.patch_namespaced_deployment(d.metadata.name, cluster.namespace,
+                                                     {"spec": {"replicas": replicas[d.metadata.name]}})
+            for name, data in secrets.items():
+                core.patch_namespaced_secret(name, cluster.namespace, {"data": data})
+            for group, scaling in groups.items():
+                eks.update_nodegroup_config(clusterName=cluster.name, nodegroupName=group, scalingConfig=scaling)
+                wait_for(lambda a=api, g=group, n=scaling["desiredSize"]: ready_nodes(a, g) == n, 60,
+                         f"{scaling['desiredSize']} Ready nodes in {cluster.name}/{group}")
+
+
+@contextmanager
 def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: str, rpo: str = "5s"
                           ) -> Iterator[Path]:
     """A copy of the sandbox plan whose `database` is a new real primary + streaming replica + DR replica with

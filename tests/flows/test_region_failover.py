@@ -27,27 +27,21 @@ from flows.dr_readiness import dr_readiness
 from flows.region_failover import region_failover
 from flows.shared.gates import lock_name
 from tasks.eks import ready_nodes
-from tasks.k8s import find_database_secret, read_secret_value, write_secret_value
+from tasks.k8s import find_database_secret, read_secret_value
 from tasks.route53 import read_record, zone_id
-from tests.helpers import REPO, in_recovery, own_postgres_topology, stack_snapshot, wait_for
+from tests.helpers import REPO, clusters_restored, in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 DB = "devonn-postgres"
-PRIMARY, DR = "devonn-eks-sandbox", "devonn-eks-dr-sandbox"
+DR = "devonn-eks-dr-sandbox"
 
 
 @pytest.fixture(scope="module")
 def topology(sandbox, sandbox_plan_path, sandbox_dir):
-    """This module's PostgreSQL topology; afterwards the primary cluster's app Secret is as it was."""
-    cluster = sandbox.cluster(PRIMARY)
-    api = kube_client(sandbox, cluster)
-    secret, key = find_database_secret(api, cluster.namespace, "devonn-api")
-    original = read_secret_value(api, cluster.namespace, secret, key)
-    with own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as path:
-        try:
-            yield path
-        finally:
-            write_secret_value(api, cluster.namespace, secret, key, original)
+    """This module's PostgreSQL topology; afterwards both clusters are as they were (the DR region a pilot light
+    again: no deployments, one node, its Secrets unchanged), for the tests that run after this module."""
+    with clusters_restored(sandbox), own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as path:
+        yield path
 
 
 def dns_target(plan) -> str:
