@@ -46,12 +46,13 @@ def world_traversable_dir(prefix: str) -> Path:
     return path
 
 
-def start_moto(directory: Path, host: str, port: int) -> processes.Tracked:
+def start_moto(directory: Path, host: str, port: int, data_plane: list[str] | None = None) -> processes.Tracked:
     """moto_server with the sandbox's RDS behaviour (`sandbox.moto_server`) as tracked process `moto` of
-    `directory`, answering before this returns."""
-    env = {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(PART_MIN_SIZE)}
+    `directory`, answering before this returns; `data_plane`: its --rds-data-plane options (real PostgreSQL
+    behind RDS instances)."""
+    env = {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(PART_MIN_SIZE), "PYTHONUNBUFFERED": "1"}
     tracked = processes.start(directory, "moto", [sys.executable, "-m", "sandbox.moto_server", "-H", host,
-                                                  "-p", str(port)], env=env)  # fmt: skip
+                                                  "-p", str(port), *(data_plane or [])], env=env)  # fmt: skip
     wait_until("moto_server", lambda: http_ok(f"http://{host}:{port}/moto-api/"))
     return tracked
 
