@@ -38,7 +38,7 @@ lock:
 
 run: $(STAMP)
 	$(BIN)/drplan sandbox up --plan $(PLAN)
-	$(BIN)/drplan dr-test --plan $(PLAN) --database devonn-postgres
+	$(BIN)/drplan dr-test --plan $(PLAN)
 
 test: $(STAMP)
 	$(BIN)/lint-imports

@@ -338,8 +338,6 @@ class SandboxSettings(_Model):
     kube_api: Endpoint = "127.0.0.1:15980"
     kube_api_dr: Endpoint = "127.0.0.1:15981"
     """The Kubernetes API of the cluster in aws.dr_region."""
-    app: Endpoint = "127.0.0.1:15990"
-    app_dr: Endpoint = "127.0.0.1:15991"
     demo_rows: int = Field(default=100_000, ge=100)
     heartbeat_interval: Duration = timedelta(seconds=5)
     archive_timeout: Duration = timedelta(seconds=60)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from drplan import clients
+from drplan.errors import DrplanError
 from drplan.plan import DatabaseKind, Plan
 from drplan.timeutil import utcnow
 from tasks.s3 import back_up_prefix, split_uri
@@ -99,6 +101,8 @@ def ensure_rds_network(plan: Plan, region: str) -> dict[str, Any]:
                                  AvailabilityZone=f"{region}{zone}")["Subnet"]["SubnetId"]
                for i, zone in enumerate("ab")]
     group_id = ec2.create_security_group(GroupName="devonn-db", Description="devonn databases", VpcId=vpc_id)["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[{  # a group without ingress is a fence
+        "IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432, "IpRanges": [{"CidrIp": "10.42.0.0/16"}]}])
     rds.create_db_subnet_group(DBSubnetGroupName=names["DBSubnetGroupName"], SubnetIds=subnets,
                                DBSubnetGroupDescription="devonn databases")
     rds.create_db_parameter_group(DBParameterGroupName=names["DBParameterGroupName"],
@@ -106,8 +110,9 @@ def ensure_rds_network(plan: Plan, region: str) -> dict[str, Any]:
     return {**names, "VpcSecurityGroupIds": [group_id]}
 
 
-def ensure_rds(plan: Plan) -> None:
-    """For every rds-kind database: Multi-AZ primary, read replica, cross-region DR replica, a snapshot."""
+def ensure_rds(plan: Plan, db_password: str) -> None:
+    """For every rds-kind database: a Multi-AZ primary, its read replica and cross-region DR replica, each backed
+    by real PostgreSQL (the sandbox's RDS data plane), available before this returns."""
     rds_databases = [db for db in plan.databases if db.kind is DatabaseKind.rds]
     network = ensure_rds_network(plan, plan.aws.region) if rds_databases else {}
     for db in rds_databases:
@@ -116,11 +121,10 @@ def ensure_rds(plan: Plan) -> None:
         if not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.primary, missing=("DBInstanceNotFound",)):
             rds.create_db_instance(
                 DBInstanceIdentifier=db.primary, DBInstanceClass="db.r6g.large", Engine="postgres",
-                EngineVersion="16.4", AllocatedStorage=100, MasterUsername=ADMIN_USER,
-                ManageMasterUserPassword=True, DBName=db.dbname, MultiAZ=True, BackupRetentionPeriod=7,
-                Tags=tags, **network,
+                EngineVersion="16.4", AllocatedStorage=100, MasterUsername=ADMIN_USER, MasterUserPassword=db_password,
+                DBName=db.dbname, MultiAZ=True, BackupRetentionPeriod=7, Tags=tags, **network,
             )
-        primary_arn = rds.describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0]["DBInstanceArn"]
+        primary_arn = wait_available(rds, db.primary)["DBInstanceArn"]
         if db.replica and not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.replica,
                                       missing=("DBInstanceNotFound",)):
             rds.create_db_instance_read_replica(
@@ -134,9 +138,21 @@ def ensure_rds(plan: Plan) -> None:
                     DBInstanceIdentifier=db.dr_replica.identifier, SourceDBInstanceIdentifier=primary_arn,
                     SourceRegion=plan.aws.region, Tags=tags, DBSubnetGroupName=dr_network["DBSubnetGroupName"],
                     VpcSecurityGroupIds=dr_network["VpcSecurityGroupIds"])
-        snapshots = rds.describe_db_snapshots(DBInstanceIdentifier=db.primary)["DBSnapshots"]
-        if not snapshots:
-            rds.create_db_snapshot(DBSnapshotIdentifier=f"{db.primary}-seed", DBInstanceIdentifier=db.primary)
+            wait_available(dr, db.dr_replica.identifier)
+        if db.replica:
+            wait_available(rds, db.replica)
+
+
+def wait_available(rds: Any, identifier: str, timeout: float = 600) -> dict[str, Any]:
+    """The instance once its data plane has finished (creating, backing-up ... available)."""
+    deadline = time.monotonic() + timeout
+    while (instance := rds.describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"][0])[
+            "DBInstanceStatus"] != "available":
+        if instance["DBInstanceStatus"] == "failed" or time.monotonic() > deadline:
+            raise DrplanError(f"RDS instance {identifier} is {instance['DBInstanceStatus']}; "
+                              "see the sandbox's logs/moto.log")
+        time.sleep(0.5)
+    return instance
 
 
 def ensure_eks(plan: Plan) -> None:
@@ -197,7 +213,7 @@ def seed(plan: Plan, db_password: str, api_token: str) -> None:
     for secret in {s.token_secret for s in plan.services if s.token_secret}:
         ensure_secret(plan, secret, {"token": api_token})
     seed_live_objects(plan)
-    ensure_rds(plan)
+    ensure_rds(plan, db_password)
     ensure_eks(plan)
     ensure_dns(plan)
     close_connections()

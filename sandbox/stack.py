@@ -1,11 +1,13 @@
 """`drplan sandbox up | status | down`: every local stand-in the plan needs, in one state directory.
 
-Order of `up`: moto (AWS) -> seed AWS -> PostgreSQL primary, demo data, base backup, replicas, heartbeat ->
-per cluster a Kubernetes API (one for the primary region, one for the DR region), a node controller that keeps
-its Nodes in step with the EKS node groups in moto, the app's Secrets and (primary region only: the DR region is
-a pilot light) the deployments from its manifests -> the demo app, and its stand-in in the DR region (serving only
-once its Deployment exists there) -> a first bucket and configuration backup. Each step finds
-what is already there and only completes what is missing.
+Order of `up`: moto (AWS, with the RDS data plane: real PostgreSQL behind every RDS instance) -> seed AWS (RDS
+instances available) -> self-managed PostgreSQL primary, demo data, base backup, replicas, heartbeat -> demo data
+and heartbeat of each RDS database -> per cluster a Kubernetes API (one for the primary region, one for the DR
+region), a node controller that keeps its Nodes in step with the EKS node groups in moto, each service's Secrets
+and (primary region only: the DR region is a pilot light) the deployments from its manifests -> each service's
+demo app on its health URL's address, and its stand-in in the DR region (serving only once its Deployment exists
+there) -> a first bucket and configuration backup. Each step finds what is already there and only completes what
+is missing.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from rich.console import Console
 
 from drplan import processes
-from drplan.clients import child_aws_env, kube_client
+from drplan.clients import aws_client, child_aws_env, kube_client, member_endpoint
 from drplan.errors import DrplanError
 from drplan.pgserver import PostgresError, ensure_os_user
 from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service, host_port
@@ -39,7 +43,6 @@ from sandbox.launchers import http_ok, start_moto, wait_until
 from sandbox.postgres import SandboxPostgres
 
 PYTHON = sys.executable
-DB_SECRET = "devonn-api-db"
 TOKEN_SECRET = "devonn-api-token"
 
 
@@ -81,8 +84,50 @@ def sandbox_postgres(plan: Plan, db: Database) -> SandboxPostgres:
     return postgres_of(plan, db, directory, sandbox_secrets(directory)["db_password"])
 
 
+def db_secret(service: Service) -> str:
+    """The Kubernetes Secret holding the service's DATABASE_URL (its manifest references it)."""
+    return f"{service.name}-db"
+
+
+def rds_view(plan: Plan, db: Database, password: str) -> SandboxPostgres:
+    """Connections to an RDS database's members through their endpoints (demo data, heartbeat): the servers
+    themselves belong to the RDS data plane in the moto process."""
+    ports = {}
+    for role, member in db.members.items():
+        with suppress(DrplanError):
+            ports[member] = member_endpoint(plan, db, role)[1]
+    return SandboxPostgres(plan.state_dir(), os_user=plan.sandbox.os_user, superuser=aws_seed.ADMIN_USER,
+                           password=password, dbname=db.dbname, endpoint_url=None, aws_env={}, destination="",
+                           server_name="", ports=ports)
+
+
 def _postgres_databases(plan: Plan) -> list[Database]:
     return [d for d in plan.databases if d.kind is DatabaseKind.postgres]
+
+
+def _rds_databases(plan: Plan) -> list[Database]:
+    return [d for d in plan.databases if d.kind is DatabaseKind.rds]
+
+
+def up_rds(plan: Plan, db: Database, view: SandboxPostgres, console: Console) -> None:
+    """Demo data and the heartbeat writer on an RDS database's primary, through its endpoint."""
+    assert plan.sandbox is not None
+    console.print(f"  RDS {db.primary} on :{view.ports[db.primary]} (real PostgreSQL), "
+                  f"replicas {', '.join(m for m in db.members.values() if m != db.primary)}")
+    if demo_data.create_and_load(view, db.primary, plan.sandbox.demo_rows):
+        console.print(f"  loaded demo data into {db.primary}")
+    view.start_heartbeat(db.primary, interval=plan.sandbox.heartbeat_interval.total_seconds(),
+                         table=db.integrity.heartbeat_table)
+
+
+def wait_until_rds_drillable(plan: Plan, db: Database, timeout: float = 120) -> None:
+    """Leave the RDS primary restorable past now by the drill's margin plus two heartbeats."""
+    assert plan.sandbox is not None
+    ready_at = utcnow() + plan.drill.target_margin + 2 * plan.sandbox.heartbeat_interval
+    rds = aws_client(plan, "rds")
+    wait_until(f"LatestRestorableTime of {db.primary} past {ready_at:%H:%M:%S}", lambda: (
+        rds.describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0].get(
+            "LatestRestorableTime") or ready_at - timedelta(seconds=1)) >= ready_at, timeout=timeout)
 
 
 def up_postgres(plan: Plan, db: Database, pg: SandboxPostgres, console: Console) -> None:
@@ -134,15 +179,16 @@ def is_pilot_light(plan: Plan, cluster: Cluster) -> bool:
     return plan.region_of(cluster) == plan.aws.dr_region
 
 
-def app_of(plan: Plan, cluster: Cluster) -> tuple[Service, str] | None:
-    """The service whose Secrets live in this cluster, and the database member it uses there (primary or the DR
-    replica)."""
+def apps_of(plan: Plan, cluster: Cluster) -> list[tuple[Service, str]]:
+    """The services whose Secrets live in this cluster, each with the database member it uses there (primary, or
+    the DR replica in the DR region)."""
+    apps = []
     for service in plan.services:
         if service.cluster == cluster.name:
-            return service, "primary"
-        if service.dr and service.dr.cluster == cluster.name:
-            return service, "dr_replica"
-    return None
+            apps.append((service, "primary"))
+        elif service.dr and service.dr.cluster == cluster.name:
+            apps.append((service, "dr_replica"))
+    return apps
 
 
 def nodes_state(plan: Plan, cluster: Cluster, api: Any = None) -> tuple[bool, str]:
@@ -185,20 +231,20 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
                 raise
 
     create(core.create_namespace, {"metadata": {"name": cluster.namespace}})
-    app = app_of(plan, cluster)
-    if app and app[0].database:
-        service, role = app
-        db = plan.database(service.database)
-        member = db.members.get(role, db.primary)
-        host_db, port_db = host_port(db.endpoints.get(member, "127.0.0.1:5432"))
-        url = (f"postgresql://{aws_seed.ADMIN_USER}:{quote(values['db_password'], safe='')}"
-               f"@{host_db}:{port_db}/{db.dbname}")
-        for name, data in ((DB_SECRET, {"DATABASE_URL": url}), (TOKEN_SECRET, {"token": values["api_token"]})):
-            create(core.create_namespaced_secret, cluster.namespace, {
-                "metadata": {"name": name},
-                "type": "Opaque",
-                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-            })
+    secrets_here = {TOKEN_SECRET: {"token": values["api_token"]}}
+    for service, role in apps_of(plan, cluster):
+        if service.database:
+            db = plan.database(service.database)
+            host_db, port_db = member_endpoint(plan, db, role if role in db.members else "primary")
+            secrets_here[db_secret(service)] = {"DATABASE_URL": (
+                f"postgresql://{aws_seed.ADMIN_USER}:{quote(values['db_password'], safe='')}"
+                f"@{host_db}:{port_db}/{db.dbname}")}
+    for name, data in secrets_here.items():
+        create(core.create_namespaced_secret, cluster.namespace, {
+            "metadata": {"name": name},
+            "type": "Opaque",
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        })
     if not is_pilot_light(plan, cluster):
         for obj in render_manifests(plan, cluster):
             try:
@@ -210,42 +256,49 @@ def up_kubernetes(plan: Plan, cluster: Cluster, directory: Path, values: dict[st
     aws_seed.close_connections()  # before the apps bind their ports (see there)
 
 
-def _start_app(plan: Plan, directory: Path, name: str, listen: str, cluster: Cluster, deployment: str) -> None:
+def listen_address(health_url: str) -> str:
+    """host:port a demo app listens on: the one its health URL names."""
+    parts = urlsplit(health_url)
+    return f"{parts.hostname}:{parts.port}"
+
+
+def _start_app(plan: Plan, directory: Path, name: str, service: Service, health: str, cluster: Cluster) -> None:
     processes.start(directory, name, [
-        PYTHON, "-m", "sandbox.demo_app", "--listen", listen,
+        PYTHON, "-m", "sandbox.demo_app", "--listen", listen_address(health),
         "--kubeconfig", str(kubeconfig_of(plan, cluster, directory)), "--context", cluster.context,
-        "--namespace", cluster.namespace, "--db-secret", DB_SECRET, "--token-secret", TOKEN_SECRET,
-        "--deployment", deployment,
+        "--namespace", cluster.namespace, "--db-secret", db_secret(service), "--token-secret", TOKEN_SECRET,
+        "--deployment", service.name,
     ])
 
 
-def up_app(plan: Plan, directory: Path) -> None:
-    """The service's app in the primary cluster (healthy before this returns) and, when the service has a `dr`,
-    its stand-in in the DR cluster (only listening: it serves once a region failover deploys it)."""
-    assert plan.sandbox is not None
-    service = next((s for s in plan.services if s.cluster), None)
-    if service is None:
-        return
-    _start_app(plan, directory, service.name, plan.sandbox.app, plan.cluster(service.cluster), service.name)
-    wait_until(service.name, lambda: httpx.get(service.health, timeout=2).status_code == 200, timeout=30)
-    if service.dr:
-        dr = service.dr
-        _start_app(plan, directory, f"{service.name}-dr", plan.sandbox.app_dr, plan.cluster(dr.cluster), service.name)
-        wait_until(f"{service.name}-dr", lambda: httpx.get(dr.health, timeout=2).status_code > 0, timeout=30)
+def up_apps(plan: Plan, directory: Path) -> None:
+    """Each service's app in its cluster (healthy before this returns) and, when the service has a `dr`, its
+    stand-in in the DR cluster (only listening: it serves once a region failover deploys it)."""
+    for service in (s for s in plan.services if s.cluster):
+        _start_app(plan, directory, service.name, service, service.health, plan.cluster(service.cluster))
+        wait_until(service.name, lambda s=service: httpx.get(s.health, timeout=2).status_code == 200, timeout=30)
+        if service.dr:
+            dr = service.dr
+            _start_app(plan, directory, f"{service.name}-dr", service, dr.health, plan.cluster(dr.cluster))
+            wait_until(f"{service.name}-dr", lambda d=dr: httpx.get(d.health, timeout=2).status_code > 0,
+                       timeout=30)
 
 
 def up(plan: Plan, console: Console) -> None:
+    assert plan.sandbox is not None
     directory = plan.state_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # the PostgreSQL OS user reaches its servers' directories below it
+    ensure_os_user(plan.sandbox.os_user)
     values = sandbox_secrets(directory)
     host, port = moto_address(plan)
     console.print(f"[bold]sandbox[/] state in {directory}")
-    console.print(f"  moto (AWS) on {host}:{port}")
-    start_moto(directory, host, port)
+    console.print(f"  moto (AWS) on {host}:{port}, RDS data plane in {directory / 'rds'}")
+    start_moto(directory, host, port, ["--rds-data-plane", str(directory / "rds"), "--os-user", plan.sandbox.os_user,
+                                       "--archive-timeout", str(int(plan.sandbox.archive_timeout.total_seconds()))])
     aws_seed.seed(plan, values["db_password"], values["api_token"])
-    if _postgres_databases(plan):
-        ensure_os_user(plan.sandbox.os_user)
-        directory.chmod(0o755)
+    for db in _rds_databases(plan):
+        up_rds(plan, db, rds_view(plan, db, values["db_password"]), console)
     for db in _postgres_databases(plan):
         try:
             up_postgres(plan, db, postgres_of(plan, db, directory, values["db_password"]), console)
@@ -256,15 +309,19 @@ def up(plan: Plan, console: Console) -> None:
         console.print(f"  Kubernetes API for {cluster.name}{kind} on {kube_api_of(plan, cluster)[1]}, "
                       f"nodes from its EKS node groups")
         up_kubernetes(plan, cluster, directory, values)
-    console.print(f"  demo app on {plan.sandbox.app}"
-                  + (f", DR stand-in on {plan.sandbox.app_dr}" if any(s.dr for s in plan.services) else ""))
-    up_app(plan, directory)
+    for service in (s for s in plan.services if s.cluster):
+        console.print(f"  demo app {service.name} on {listen_address(service.health)}"
+                      + (f", DR stand-in on {listen_address(service.dr.health)}" if service.dr else ""))
+    up_apps(plan, directory)
     console.print("  first bucket and configuration backups")
     aws_seed.back_up_buckets(plan)
     export_configuration(plan)
     for db in _postgres_databases(plan):
         console.print(f"  WAL archive of {db.name} restorable past its newest base backup")
         wait_until_drillable(plan, db, postgres_of(plan, db, directory, values["db_password"]))
+    for db in _rds_databases(plan):
+        console.print(f"  {db.primary} restorable past now")
+        wait_until_rds_drillable(plan, db)
 
 
 def status(plan: Plan) -> list[Component]:
@@ -302,6 +359,9 @@ def status(plan: Plan) -> list[Component]:
                 return "standby, streaming" if st.in_recovery else "primary"
             tracked(member, db.endpoints[member], check)
         tracked(f"heartbeat-{db.primary}", db.endpoints[db.primary], lambda: "writing")
+    for db in _rds_databases(plan):
+        components += rds_status(plan, db)
+        tracked(f"heartbeat-{db.primary}", db.primary, lambda: "writing")
     apis = dict(kube_api_of(plan, cluster) for cluster in plan.clusters) if plan.sandbox else {}
     for name, endpoint in sorted(apis.items()):
         tracked(name, endpoint, http_check(f"http://{endpoint}/version"))
@@ -312,11 +372,26 @@ def status(plan: Plan) -> list[Component]:
                 raise RuntimeError(detail)
             return detail
         tracked(f"nodes-{cluster.name}", kube_api_of(plan, cluster)[1], nodes)
-    service = next((s for s in plan.services if s.cluster), None)
-    if service and plan.sandbox:
-        tracked(service.name, plan.sandbox.app, http_check(service.health))
+    for service in (s for s in plan.services if s.cluster):
+        tracked(service.name, listen_address(service.health), http_check(service.health))
         if service.dr:
-            tracked(f"{service.name}-dr", plan.sandbox.app_dr, dr_app_check(service.dr.health))
+            tracked(f"{service.name}-dr", listen_address(service.dr.health), dr_app_check(service.dr.health))
+    return components
+
+
+def rds_status(plan: Plan, db: Database) -> list[Component]:
+    """Each member of an RDS database as RDS reports it (the data plane's servers run inside moto's process)."""
+    components = []
+    for role, member in db.members.items():
+        try:
+            instance = aws_client(plan, "rds", plan.member_region(db, role)).describe_db_instances(
+                DBInstanceIdentifier=member)["DBInstances"][0]
+            endpoint = instance.get("Endpoint") or {}
+            address = f"{endpoint.get('Address')}:{endpoint.get('Port')}"
+            components.append(Component(member, address, None, instance["DBInstanceStatus"] == "available",
+                                        f"RDS {instance['DBInstanceStatus']}"))
+        except Exception as exc:  # noqa: BLE001 - a status line, not a crash
+            components.append(Component(member, "-", None, False, str(exc).splitlines()[0][:80]))
     return components
 
 
@@ -350,6 +425,9 @@ def down(plan: Plan, purge: bool = False) -> list[str]:
     for cluster in plan.clusters:
         if processes.stop(directory, f"nodes-{cluster.name}"):
             lines.append(f"stopped nodes-{cluster.name}")
+    for db in _rds_databases(plan):
+        if processes.stop(directory, f"heartbeat-{db.primary}"):
+            lines.append(f"stopped heartbeat-{db.primary}")
     for db in _postgres_databases(plan):
         pg = postgres_of(plan, db, directory, values["db_password"]) if values else None
         if pg and pg.stop_heartbeat(db.primary):
@@ -360,6 +438,10 @@ def down(plan: Plan, purge: bool = False) -> list[str]:
     for name in processes.tracked_names(directory) if directory.is_dir() else []:
         if processes.stop(directory, name):
             lines.append(f"stopped {name}")
+    rds = directory / "rds"  # the data plane's servers: moto (their owner) is stopped, so are they
+    for name in processes.tracked_names(rds) if rds.is_dir() else []:
+        if processes.stop(rds, name):
+            lines.append(f"stopped RDS server {name}")
     if purge and directory.is_dir():
         shutil.rmtree(directory)
         lines.append(f"deleted {directory}")

@@ -1,5 +1,6 @@
-"""Session fixtures: one Prefect test server, and one real sandbox (moto, PostgreSQL primary + 2 streaming
-replicas + barman-cloud archive, Kubernetes API, demo app) on free loopback ports with short objectives."""
+"""Session fixtures: one Prefect test server, and one real sandbox (moto with the RDS data plane, PostgreSQL
+primary + 2 streaming replicas + barman-cloud archive, Kubernetes APIs, demo apps) on free loopback ports with short
+objectives."""
 
 from __future__ import annotations
 
@@ -44,24 +45,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def sandbox_plan_data(state_dir: Path) -> dict:
     data = yaml.safe_load((PLANS_DIR / "sandbox.yaml").read_text())
-    moto, pg1, pg2, pg3, kube, kube_dr, app, app_dr = free_ports(8)
+    moto, pg1, pg2, pg3, kube, kube_dr, *apps = free_ports(6 + 2 * len(data["services"]))
     data["name"] = "test-sandbox"
     data["objectives"]["rpo"] = dict(TEST_RPO)
     data["aws"]["endpoint_url"] = f"http://127.0.0.1:{moto}"
     for db in data["databases"]:
-        db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in (pg1, pg2, pg3)), strict=True))
+        if db.get("endpoints"):  # postgres; rds endpoints come from its data plane
+            db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in (pg1, pg2, pg3)), strict=True))
     for cluster in data["clusters"]:  # the DR cluster (in aws.dr_region) gets its own kubeconfig
         dr = cluster.get("region") == data["aws"]["dr_region"]
         cluster["kubeconfig"] = str(state_dir / ("kubeconfig-dr" if dr else "kubeconfig"))
         if cluster.get("manifests"):  # relative to plans/, and this plan file lives in the state dir
             cluster["manifests"] = str((PLANS_DIR / cluster["manifests"]).resolve())
-    data["services"][0]["health"] = f"http://127.0.0.1:{app}/health"
-    data["services"][0]["dr"]["health"] = f"http://127.0.0.1:{app_dr}/health"
+    for service, app, app_dr in zip(data["services"], apps[::2], apps[1::2], strict=True):
+        service["health"] = f"http://127.0.0.1:{app}/health"
+        service["dr"]["health"] = f"http://127.0.0.1:{app_dr}/health"
     data["drill"] = {"work_dir": str(state_dir / "drills"), "report_dir": str(state_dir / "reports"),
                      "target_margin": "10s", "sweep_after": "30m", "restore_timeout": "5m"}
     data["sandbox"] = {
         "state_dir": str(state_dir), "kube_api": f"127.0.0.1:{kube}", "kube_api_dr": f"127.0.0.1:{kube_dr}",
-        "app": f"127.0.0.1:{app}", "app_dr": f"127.0.0.1:{app_dr}",
         "demo_rows": 2000, "heartbeat_interval": "1s", "archive_timeout": "5s",
     }
     return data

@@ -49,7 +49,7 @@ def test_pilot_light_has_the_secrets_but_no_deployments(sandbox, sandbox_dir, dr
     values = stack.sandbox_secrets(sandbox_dir)
     token = core.read_namespaced_secret(stack.TOKEN_SECRET, cluster.namespace).data["token"]
     assert base64.b64decode(token).decode() == values["api_token"]
-    url = base64.b64decode(core.read_namespaced_secret(stack.DB_SECRET, cluster.namespace).data["DATABASE_URL"])
+    url = base64.b64decode(core.read_namespaced_secret("devonn-api-db", cluster.namespace).data["DATABASE_URL"])
     db = sandbox.database("devonn-postgres")
     assert url.decode().endswith(f"@{db.endpoints[db.dr_replica.identifier]}/{db.dbname}")
 

@@ -57,9 +57,9 @@ def test_app_takes_its_database_from_the_kubernetes_secret(sandbox):
     deployment = AppsV1Api(api).read_namespaced_deployment("devonn-api", cluster.namespace)
     env = deployment.spec.template.spec.containers[0].env
     assert [(e.name, e.value, e.value_from.secret_key_ref.name) for e in env] == [
-        ("DATABASE_URL", None, stack.DB_SECRET), ("API_TOKEN", None, stack.TOKEN_SECRET)
+        ("DATABASE_URL", None, "devonn-api-db"), ("API_TOKEN", None, stack.TOKEN_SECRET)
     ]
-    secret = CoreV1Api(api).read_namespaced_secret(stack.DB_SECRET, cluster.namespace)
+    secret = CoreV1Api(api).read_namespaced_secret("devonn-api-db", cluster.namespace)
     url = base64.b64decode(secret.data["DATABASE_URL"]).decode()
     assert url.endswith(f"@{sandbox.database('devonn-postgres').endpoints['devonn-postgres-production']}/devonn")
     service = sandbox.services[0]

@@ -51,11 +51,11 @@ def namespace(sandbox) -> str:
 def restored_app_secret(api, namespace) -> Iterator[dict[str, str]]:
     """The app's database Secret as it was; put back exactly (extra keys removed) after the test."""
     core = k8s.CoreV1Api(api)
-    original = dict(core.read_namespaced_secret(stack.DB_SECRET, namespace).data)
+    original = dict(core.read_namespaced_secret("devonn-api-db", namespace).data)
     yield original
-    current = core.read_namespaced_secret(stack.DB_SECRET, namespace).data
+    current = core.read_namespaced_secret("devonn-api-db", namespace).data
     if current != original:
-        core.patch_namespaced_secret(stack.DB_SECRET, namespace,
+        core.patch_namespaced_secret("devonn-api-db", namespace,
                                      {"data": {k: original.get(k) for k in current | original}})
 
 
@@ -98,7 +98,7 @@ def test_cut_over_moves_the_app_and_roll_back_returns_it(sandbox, sandbox_dir, a
         wait_for(lambda: _users(sandbox) == sandbox.sandbox.demo_rows, 10, "the app to serve devonn again")
 
     host_port = sandbox.database("devonn-postgres").endpoints["devonn-postgres-production"]
-    assert moved.changed and moved.secret == f"{namespace}/{stack.DB_SECRET}:DATABASE_URL"
+    assert moved.changed and moved.secret == f"{namespace}/devonn-api-db:DATABASE_URL"
     assert moved.url_redacted == f"postgresql://devonn_admin:***@{host_port}/{TARGET_DB}"
     assert moved.previous_url_redacted == f"postgresql://devonn_admin:***@{host_port}/devonn"
     assert not again.changed and again.previous_url_redacted == moved.url_redacted
@@ -107,7 +107,7 @@ def test_cut_over_moves_the_app_and_roll_back_returns_it(sandbox, sandbox_dir, a
     deployment = apps.read_namespaced_deployment("devonn-api", namespace)
     assert deployment.metadata.generation == generation + 2  # one restart per change, none for the no-op
     assert "kubectl.kubernetes.io/restartedAt" in deployment.spec.template.metadata.annotations
-    current = k8s.CoreV1Api(api).read_namespaced_secret(stack.DB_SECRET, namespace).data
+    current = k8s.CoreV1Api(api).read_namespaced_secret("devonn-api-db", namespace).data
     assert current == restored_app_secret  # the kept previous value is gone after the roll back
     encoded = [*restored_app_secret.values(), base64.b64encode(target_url.get_secret_value().encode()).decode()]
     for text in (logged_text(caplog), *(r.model_dump_json() for r in (moved, again, back))):
@@ -137,7 +137,7 @@ def test_write_secret_value_is_idempotent_and_returns_the_previous_value(api, na
 
 
 def test_finds_the_secret_behind_database_url(api, namespace):
-    assert find_database_secret(api, namespace, "devonn-api") == (stack.DB_SECRET, "DATABASE_URL")
+    assert find_database_secret(api, namespace, "devonn-api") == ("devonn-api-db", "DATABASE_URL")
 
 
 def test_missing_deployment_or_reference_is_one_clear_line(sandbox, api, namespace):
