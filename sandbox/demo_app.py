@@ -8,6 +8,7 @@ token are never logged or returned; only host:port/dbname is.
     GET /api/me           200 {"user": "drplan-check"} with `Authorization: Bearer TOKEN`, else 401
     GET /api/stats        200 {"users": N, "orders": M}
     GET /api/users/<id>   200 {"id", "email", "name", "updated_at"} or 404
+    POST /api/orders      201 {"id": N}: a new order (of user 1), committed before the answer
 
 With `--deployment NAME` the process stands for that Deployment's pods: it serves only while the Deployment
 exists in the namespace and has status.availableReplicas > 0 (checked in the same 1 s loop); otherwise /health
@@ -263,6 +264,23 @@ class Handler(BaseHTTPRequestHandler):
             log.warning("%s failed: %s", path, reason)
             body = {"status": "unhealthy", "error": reason} if path == "/health" else {"error": reason}
             self.reply(503, body)
+
+    def do_POST(self) -> None:
+        app = self.server.app
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if app.not_serving:
+            self.reply(503, {"error": app.not_serving})
+            return
+        if path != "/api/orders":
+            self.reply(404, {"error": "not found"})
+            return
+        try:
+            [(order_id,)] = app.db.query(
+                "INSERT INTO orders (id, user_id, amount, status, created_at, updated_at) "
+                "VALUES (nextval('orders_api_id'), 1, 1.00, 'new', now(), now()) RETURNING id")
+            self.reply(201, {"id": order_id})
+        except Exception as exc:
+            self.reply(503, {"error": app.reason(exc)})
 
     def reply(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()

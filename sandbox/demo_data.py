@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at timestamptz NOT NULL,
     updated_at timestamptz NOT NULL
 );
+CREATE SEQUENCE IF NOT EXISTS orders_api_id START 1000000000;  -- ids of orders the app creates
 CREATE TABLE IF NOT EXISTS drplan_heartbeat (
     id bigserial PRIMARY KEY,
     ts timestamptz NOT NULL DEFAULT now(),

@@ -2,6 +2,7 @@
 `--rds-data-plane DIR`) real PostgreSQL behind every RDS instance (`sandbox.rds_data_plane`).
 
 - promote_read_replica clears ReadReplicaSourceDBInstanceIdentifier, as RDS does (moto flips a flag only);
+  deleting a cross-region read replica works (moto looked it up in its source by the wrong name);
 - with the data plane, the RDS calls it implements act on real servers (see there); every other mutating RDS
   action answers `InvalidAction` and is logged, so nothing in the sandbox pretends a success.
 
@@ -47,12 +48,16 @@ def promote_read_replica(self: RDSBackend, db_kwargs: dict[str, Any]) -> Any:
     source_id = replica.source_db_instance_identifier
     promoted = _original["promote_read_replica"](self, db_kwargs)
     if source_id:
-        source = self.find_db_from_id(source_id)
-        for ref in (replica.db_instance_arn, replica.db_instance_identifier):
-            if ref in source.replicas:
-                source.replicas.remove(ref)
+        remove_replica(self.find_db_from_id(source_id), replica)
         replica.source_db_instance_identifier = None
     return promoted
+
+
+def remove_replica(self: DBInstance, replica: DBInstance) -> None:
+    """moto lists a cross-region replica by ARN but removes it by identifier (deleting it failed)."""
+    for ref in (replica.db_instance_arn, replica.db_instance_identifier):
+        if ref in self.replicas:
+            self.replicas.remove(ref)
 
 
 def install_data_plane(plane: Any) -> None:
@@ -213,6 +218,7 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--archive-timeout", type=int, default=60)
     args, moto_args = parser.parse_known_args(argv)
     RDSBackend.promote_read_replica = promote_read_replica
+    DBInstance.remove_replica = remove_replica
     if args.rds_data_plane:
         from sandbox.rds_data_plane import DataPlane
 

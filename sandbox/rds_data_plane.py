@@ -138,6 +138,9 @@ class DataPlane:
 
     def create(self, instance: Any) -> None:
         self.new_backing(instance, instance.master_username, instance._master_user_password)
+        if instance.multi_az:
+            zone = instance.availability_zone
+            instance.secondary_availability_zone = zone[:-1] + ("b" if zone.endswith("a") else "a")
 
         def work(b: Backing) -> None:
             self._ensure_bucket()
@@ -187,8 +190,7 @@ class DataPlane:
             self._promote(b, b.active)
             b.route()
             instance.availability_zone, instance.secondary_availability_zone = (
-                getattr(instance, "secondary_availability_zone", None) or instance.availability_zone,
-                instance.availability_zone)
+                instance.secondary_availability_zone, instance.availability_zone)
             instance.status = "available"
             log.warning("%s: failed over from %s to %s", b.identifier, old, b.active)
             b.pg.remove(old)

@@ -2,7 +2,8 @@
 
 Checks for a service: its health URL answers 200; `SELECT 1` on its database's primary; each `endpoints[]`
 entry answers its expected status and text (auth endpoints with the token from `token_secret`, and refused
-without it); for an `rds` database, CloudWatch CPUUtilization and DatabaseConnections within bounds, where
+without it); for an `rds` database, CloudWatch CPUUtilization (average) and DatabaseConnections (maximum: someone
+was connected in the last minute, as right after a cutover) of the newest period within bounds, where
 "no datapoints" is its own status (`no data`), not a pass. The token is never logged nor reported.
 """
 
@@ -31,8 +32,8 @@ SETTLE_POLL_SECONDS = 2.0
 METRIC_WINDOW = timedelta(minutes=10)
 PERIOD = timedelta(minutes=1)
 """CloudWatch period; queries end one period after now so that the current minute's datapoints count."""
-RDS_METRIC_BOUNDS = {"CPUUtilization": (0.0, 90.0), "DatabaseConnections": (1.0, math.inf)}
-"""metric -> (low, high): CPU below 90 %, and at least one connection (the application is connected)."""
+RDS_METRIC_BOUNDS = {"CPUUtilization": ("Average", 0.0, 90.0), "DatabaseConnections": ("Maximum", 1.0, math.inf)}
+"""metric -> (statistic, low, high): CPU below 90 %, and at least one connection (the application is connected)."""
 
 
 class ServiceValidation(BaseModel):
@@ -105,19 +106,19 @@ def _database_probe(plan: Plan, db: Database, target: PgTarget | None) -> Probe:
 
 
 def _metric_probe(plan: Plan, region: str, identifier: str, metric: str) -> Probe:
-    low, high = RDS_METRIC_BOUNDS[metric]
+    statistic, low, high = RDS_METRIC_BOUNDS[metric]
 
     def probe() -> tuple[Status, str]:
         now = utcnow()
         points = aws_client(plan, "cloudwatch", region).get_metric_statistics(
             Namespace="AWS/RDS", MetricName=metric, StartTime=now - METRIC_WINDOW, EndTime=now + PERIOD, Period=60,
-            Dimensions=[{"Name": "DBInstanceIdentifier", "Value": identifier}], Statistics=["Average"],
+            Dimensions=[{"Name": "DBInstanceIdentifier", "Value": identifier}], Statistics=[statistic],
         )["Datapoints"]
         if not points:
             return Status.no_data, f"no datapoints in the last {METRIC_WINDOW.total_seconds() / 60:g} min"
-        latest = max(points, key=lambda p: p["Timestamp"])["Average"]
+        latest = max(points, key=lambda p: p["Timestamp"])[statistic]
         ok = low <= latest <= high
-        return Status.passed if ok else Status.failed, f"{latest:g} (latest average)"
+        return Status.passed if ok else Status.failed, f"{latest:g} (newest {statistic.lower()})"
     return probe
 
 
@@ -126,8 +127,8 @@ def _database_checks(plan: Plan, db: Database, database: PgTarget | None,
     checks = [_run("database", "SELECT 1 -> 1", _database_probe(plan, db, database))]
     if db.kind is DatabaseKind.rds:
         region, instance = metrics_instance or (plan.aws.region, db.primary)
-        for metric, (low, high) in RDS_METRIC_BOUNDS.items():
-            checks.append(_run(f"cloudwatch {metric}", f"{low:g} <= average <= {high:g} for {instance}",
+        for metric, (statistic, low, high) in RDS_METRIC_BOUNDS.items():
+            checks.append(_run(f"cloudwatch {metric}", f"{low:g} <= {statistic.lower()} <= {high:g} for {instance}",
                                _metric_probe(plan, region, instance, metric)))
     return checks
 

@@ -159,6 +159,48 @@ def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: 
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@contextmanager
+def own_rds_topology(plan_path: Path, database: str = "devonn-rds") -> Iterator[Path]:
+    """A copy of the plan at `plan_path` (written beside it) whose RDS `database` is a new Multi-AZ primary, read
+    replica and cross-region DR replica of its own on the sandbox's RDS data plane (real PostgreSQL), with demo
+    data and a heartbeat, for tests that promote or fail over. Yields the copy's path; deletes the instances and
+    stops the heartbeat afterwards."""
+    import uuid
+
+    import yaml
+    from botocore.exceptions import ClientError
+    from rich.console import Console
+
+    from drplan import processes
+    from drplan.clients import aws_client
+    from drplan.plan import load_plan
+    from sandbox import aws_seed, stack
+
+    suffix = uuid.uuid4().hex[:6]
+    data = yaml.safe_load(plan_path.read_text())
+    spec = next(d for d in data["databases"] if d["name"] == database)
+    spec["primary"], spec["replica"] = f"{database}-{suffix}", f"{database}-replica-{suffix}"
+    spec["dr_replica"]["identifier"] = f"{database}-dr-{suffix}"
+    path = plan_path.with_name(f"plan-{database}-{suffix}.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    plan = load_plan(path)
+    db = plan.database(database)
+    password = stack.sandbox_secrets(plan.state_dir())["db_password"]
+    try:
+        aws_seed.ensure_rds(plan, password)
+        stack.up_rds(plan, db, stack.rds_view(plan, db, password), Console(quiet=True))
+        yield path
+    finally:
+        processes.stop(plan.state_dir(), f"heartbeat-{db.primary}")
+        for role in ("dr_replica", "replica", "primary"):
+            try:
+                aws_client(plan, "rds", plan.member_region(db, role)).delete_db_instance(
+                    DBInstanceIdentifier=db.members[role], SkipFinalSnapshot=True)
+            except ClientError:
+                pass  # never created, or already deleted by the test
+        path.unlink(missing_ok=True)
+
+
 def in_recovery(plan, database: str, role: str) -> bool:
     """Whether the database member with `role` is a standby (pg_is_in_recovery)."""
     from drplan.clients import db_credentials, pg_target

@@ -1,5 +1,5 @@
-"""Restore drill on the sandbox: real PITR of PostgreSQL (barman-cloud + WAL replay), the RDS control plane on
-moto, checks that catch overshoot and corruption, measured RTO/RPO, cleanup after success, failure and crash."""
+"""Restore drill on the sandbox: real PITR of PostgreSQL (barman-cloud + WAL replay) and of RDS (the sandbox's RDS
+data plane), checks that catch overshoot and corruption, measured RTO/RPO, cleanup after success, failure and crash."""
 
 from __future__ import annotations
 
@@ -84,13 +84,18 @@ def test_rds_time_outside_the_window_fails_before_any_restore_call(sandbox, sand
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_rds_failure_after_the_restore_leaves_no_scratch_instance(sandbox, sandbox_plan_path, monkeypatch):
-    monkeypatch.setattr(RdsInstance, "poll_seconds", 0.2)
-    (report,) = run_drill(sandbox_plan_path, database="devonn-rds")
-    # moto restores the control plane only: the scratch endpoint holds no database, so the checks error out
-    assert report.status is Status.error and report.scratch.startswith("devonn-rds-drill-")
-    assert report.cleanup == "removed"
-    assert not drill_instances(sandbox)
+def test_rds_drill_restores_real_data_and_measures_the_rpo_from_the_heartbeat(sandbox, sandbox_plan_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr(RdsInstance, "poll_seconds", 0.5)
+    result = runner.invoke(app, ["drill", "--plan", str(sandbox_plan_path), "--database", "devonn-rds", "--json"])
+    assert result.exit_code == 0, result.output
+    (report,) = [DrillReport.model_validate(r) for r in json.loads(result.stdout)]
+    assert report.status is Status.passed and report.kind == "rds" and report.scratch.startswith("devonn-rds-drill-")
+    assert report.rpo.measured <= sandbox.objectives.rpo.database  # target time minus the copy's newest heartbeat
+    checks = {c.name: c for c in report.checks}
+    assert checks["users: row count"].observed == f"{sandbox.sandbox.demo_rows} rows"
+    assert checks["orders: fingerprint"].status is Status.passed
+    assert report.cleanup == "removed" and not drill_instances(sandbox)
 
 
 @pytest.mark.usefixtures("prefect_server", "fresh_base_backup")

@@ -72,7 +72,8 @@ def test_rds_database_reports_cloudwatch_no_data_as_its_own_status(sandbox, plan
     def rds_without_metrics(data: dict) -> None:  # an instance name no other test published metrics for
         data["services"][0]["database"] = "devonn-rds"
         db = next(d for d in data["databases"] if d["name"] == "devonn-rds")
-        db["endpoints"]["devonn-rds-without-metrics"] = db["endpoints"].pop(db["primary"])
+        postgres = next(d for d in data["databases"] if d["name"] == "devonn-postgres")
+        db["endpoints"] = {"devonn-rds-without-metrics": postgres["endpoints"][postgres["primary"]]}
         db["primary"] = "devonn-rds-without-metrics"
 
     result = _validate_variant(plan_variant, rds_without_metrics)
