@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import sql
@@ -60,6 +60,17 @@ def _timestamp_check(name: str, table: TableSchema, column: str, target_time: da
                    gxe.ExpectColumnValuesToBeBetween(column=column, max_value=bound), "rows after the target time")
 
 
+def _heartbeat_near_check(name: str, target_time: datetime, rpo: timedelta) -> Planned:
+    """The copy holds the history that was serving at T: its newest heartbeat is at most the RPO older than T (a
+    restore of another lineage, or of a member nobody wrote to, has none that recent)."""
+    import great_expectations.expectations as gxe
+
+    oldest = target_time - rpo
+    return Planned(name, f"heartbeat near target time: {HEARTBEAT_COLUMN}",
+                   f"newest {HEARTBEAT_COLUMN} >= {oldest.isoformat()} (T minus the RPO objective)",
+                   gxe.ExpectColumnMaxToBeBetween(column=HEARTBEAT_COLUMN, min_value=oldest), "(newest heartbeat)")
+
+
 def _foreign_key_check(conn: psycopg.Connection, name: str, table: TableSchema, fk: ForeignKey) -> Planned:
     from great_expectations.expectations import UnexpectedRowsExpectation
 
@@ -111,9 +122,10 @@ def plan_table_checks(conn: psycopg.Connection, name: str, table: TableSchema, s
 
 
 def run_integrity_checks(source: PgTarget, restored: PgTarget, integrity: Integrity,
-                         target_time: datetime) -> IntegrityReport:  # fmt: skip
+                         target_time: datetime, rpo: timedelta | None = None) -> IntegrityReport:  # fmt: skip
     """Check the restored copy (restored to `target_time`) against the source, table by table; every check is
-    reported separately. Problems that stop the run (unreachable database) land in `errors`."""
+    reported separately; with `rpo`, also that the copy's newest heartbeat is within it of T. Problems that stop
+    the run (unreachable database) land in `errors`."""
     if target_time.tzinfo is None:
         raise ValueError("target_time must be timezone-aware (UTC)")
     log = run_logger()
@@ -133,8 +145,10 @@ def run_integrity_checks(source: PgTarget, restored: PgTarget, integrity: Integr
                 if name in integrity.tables:
                     planned = plan_table_checks(dst, name, src_table, count_rows(src, src_table), integrity,
                                                 target_time)  # fmt: skip
-                else:  # the heartbeat table: only whether the restore overshot T
+                else:  # the heartbeat table: whether the restore overshot T, or fell short of it
                     planned = [_timestamp_check(name, src_table, HEARTBEAT_COLUMN, target_time)]
+                    if rpo is not None:
+                        planned.append(_heartbeat_near_check(name, target_time, rpo))
                 tables.append((catalog, dst_table, planned))
         with gx_datasource(restored) as datasource:
             for catalog, table, planned in tables:

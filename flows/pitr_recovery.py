@@ -86,7 +86,8 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
     report.record("found restored" if scratch.reused else "restored", report.recovery_copy,
                   f"{scratch.host}:{scratch.port}", mutating=not scratch.reused)
     report.checks = check_restored_copy(pg_target(dr_plan, db, "primary", credentials),
-                                        scratch.target(db, credentials), db.integrity, report.target_time)
+                                        scratch.target(db, credentials), db.integrity, report.target_time,
+                                        dr_plan.objectives.rpo.database)
     failed = [c.name for c in report.checks if not c.passed]
     report.record("checked", report.recovery_copy, f"{len(report.checks)} checks, not passed: {failed or 'none'}")
     report.outcome = "restored"

@@ -54,7 +54,8 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
         report.restore_duration = utcnow() - started
         copy = scratch.target(db, credentials)
         source = pg_target(dr_plan, db, "primary", credentials)
-        report.checks = check_restored_copy(source, copy, db.integrity, report.target_time)
+        report.checks = check_restored_copy(source, copy, db.integrity, report.target_time,
+                                            dr_plan.objectives.rpo.database)
         if db.integrity.fingerprint:
             report.checks += compare_fingerprints(source, copy, db.integrity, report.target_time)
         report.rto = Measured(measured=utcnow() - started, objective=dr_plan.objectives.rto_for(db.tier))

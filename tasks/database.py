@@ -53,12 +53,13 @@ def sweep_leftovers(target: RestoreTarget, older_than: timedelta) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def check_restored_copy(source: PgTarget, restored: PgTarget, integrity: Integrity, target_time: datetime
-                        ) -> list[CheckResult]:
-    """The integrity suites (checks/) of a restored copy against its source, one result per check."""
+def check_restored_copy(source: PgTarget, restored: PgTarget, integrity: Integrity, target_time: datetime,
+                        rpo: timedelta) -> list[CheckResult]:
+    """The integrity suites (checks/) of a restored copy against its source, one result per check, including a
+    heartbeat within the database RPO of T."""
     from checks import run_integrity_checks
 
-    results = run_integrity_checks(source, restored, integrity, target_time).checks
+    results = run_integrity_checks(source, restored, integrity, target_time, rpo).checks
     failed = [c.name for c in results if not c.passed]
     run_logger().info("%d checks, not passed: %s", len(results), ", ".join(failed) or "none")
     return results

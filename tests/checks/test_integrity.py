@@ -66,6 +66,19 @@ def test_identical_copies_pass_every_check(source: PgTarget, restored: PgTarget,
     assert "| orders | foreign key orders_user_id_fkey | passed |" in markdown
 
 
+def test_a_copy_whose_newest_heartbeat_is_older_than_t_minus_the_rpo_fails(source: PgTarget, restored: PgTarget,
+                                                                           pg_cluster: Cluster) -> None:
+    rpo = timedelta(minutes=5)
+    beat = "INSERT INTO drplan_heartbeat (ts, source) VALUES ('{}', 'primary')"
+    pg_cluster.run(restored, beat.format((TARGET_TIME - timedelta(minutes=20)).isoformat()))
+    report = run_integrity_checks(source, restored, INTEGRITY, TARGET_TIME, rpo)
+    assert not_passed(report) == {"drplan_heartbeat: heartbeat near target time: ts": Status.failed}
+    assert observed(report, "drplan_heartbeat: heartbeat near target time: ts") == (
+        "2024-01-01 03:40:00+00:00 (newest heartbeat)")
+    pg_cluster.run(restored, beat.format((TARGET_TIME - timedelta(minutes=1)).isoformat()))
+    assert run_integrity_checks(source, restored, INTEGRITY, TARGET_TIME, rpo).status is Status.passed
+
+
 def test_rows_newer_than_target_time_are_an_overshoot(source: PgTarget, restored: PgTarget,
                                                       pg_cluster: Cluster) -> None:
     late = TARGET_TIME + timedelta(seconds=30)
