@@ -52,16 +52,20 @@ def failover(
     dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
     force: bool = typer.Option(False, "--force", help="Promote even if the replica lags beyond the RPO."),
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    no_fence: bool = typer.Option(False, "--no-fence", help="Do not fence the old primary (needs --force)."),
 ) -> None:
-    """Multi-AZ failover test, or promote a replica (lag guard), cut the app over, validate."""
+    """Multi-AZ failover test, or promote a replica (lag guard), fence the old primary, cut the app over,
+    validate."""
     from flows.db_failover import db_failover
     from flows.shared.promotion import Request
 
     plan_or_exit(plan)
     with refusals():
         Request(plan, database, mode, member)  # refused before anything runs
+        if no_fence and not force:
+            raise DrplanError("--no-fence needs --force: both primaries could accept writes")
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
-                                                  dry_run=dry_run, force=force, approve=yes))
+                                                  dry_run=dry_run, force=force, approve=yes, fence=not no_fence))
 
 
 def dns_failover(

@@ -3,12 +3,14 @@
 multi-az:
   rds       check the instance is Multi-AZ -> approval -> reboot with forced failover -> wait available ->
             validate (connectivity, CloudWatch, the service). The endpoint name does not change: no cutover.
-  postgres  lag guard on the streaming replica -> approval -> stop the primary -> pg_promote() the replica ->
-            point the app at it -> validate -> roll the Secret back if validation fails.
+  postgres  lag guard on the streaming replica -> approval -> stop the primary (its fence) -> pg_promote() the
+            replica -> point the app at it -> validate -> roll the Secret back if validation fails.
 promote-replica (the DR replica by default):
   lag guard (newest heartbeat on the replica for postgres, CloudWatch ReplicaLag for rds; refuse beyond the
-  database RPO unless force) -> approval -> promote (pg_promote() / promote_read_replica, wait) -> point the
-  app at it -> validate -> roll back on failure.
+  database RPO unless force) -> approval -> fence the old primary (tasks/fencing.py: read-only with its sessions
+  ended, RDS cut off by a security group; unreachable: the fence is pending and applied once it answers;
+  skipping it needs force) -> promote (pg_promote() / promote_read_replica, wait) -> point the app at it ->
+  validate -> roll back on failure.
 Every step is rerun-safe: a stopped primary stays stopped, a promoted replica is not promoted again, a Secret
 already set is left alone. Dry run reports each step and resource and changes nothing.
 """
@@ -27,6 +29,7 @@ from flows.shared.cutover import cut_over_and_validate, database_url, find_app_s
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import RDS_POLL_SECONDS, Mode, Request, already_promoted, lag_guard, metrics, promote
 from flows.shared.report import RecoveryReport, finished, published
+from tasks.fencing import FENCE_HOW, fence_member_task
 from tasks.health import validate_database_task, validate_service_task
 from tasks.rds import (
     describe_instance_task,
@@ -41,11 +44,14 @@ class FailoverReport(RecoveryReport):
     """Role of the member that becomes the primary (`replica` / `dr_replica`), or `primary` for rds multi-az."""
     lag_seconds: float | None = None
     forced: bool = False
+    fence: str | None = None
+    """What happened to the old primary: fenced, already fenced, pending, stopped, or skipped (forced)."""
 
     def markdown(self) -> str:
         lag = "-" if self.lag_seconds is None else format_duration(timedelta(seconds=self.lag_seconds))
         lines = [f"# {self.mode} failover of {self.subject}: **{self.outcome}**", "",
-                 f"- new primary: {self.member}; replica lag {lag}{' (forced past the guard)' if self.forced else ''}"]
+                 f"- new primary: {self.member}; replica lag {lag}{' (forced past the guard)' if self.forced else ''}",
+                 f"- old primary: {self.fence or '-'}"]
         if self.error:
             lines.append(f"- **error**: {self.error}")
         return "\n".join([*lines, "", self.timeline(), self.validation_table()])
@@ -60,9 +66,14 @@ def db_failover(
     dry_run: bool = False,
     force: bool = False,
     approve: bool = False,
+    fence: bool = True,
 ) -> FailoverReport:
-    """Fail a database over to a replica (or test RDS Multi-AZ failover), cut the app over, validate."""
+    """Fail a database over to a replica (or test RDS Multi-AZ failover), fence the old primary, cut the app over,
+    validate. `fence=False` (skip the fence) needs `force`."""
     request = Request(plan, database, mode, member)
+    if not fence and not force:
+        raise DrplanError("skipping the fence of the old primary needs force (--force): both primaries could "
+                          "accept writes")
     report = FailoverReport(flow="db-failover", plan=request.plan.name, subject=request.db.name, dry_run=dry_run,
                             mode=request.mode, member=request.member, forced=force)
     if request.service and not (request.mode is Mode.multi_az and request.db.kind is DatabaseKind.rds):
@@ -71,12 +82,12 @@ def db_failover(
     check_aws_access(request.plan)
     credentials = db_credentials(request.plan, request.db)
     with published(report, f"db-failover-{request.db.name}"), recovery_lock(request.db):
-        fail_over(request, report, credentials, dry_run, force, approve)
+        fail_over(request, report, credentials, dry_run, force, approve, fence)
     return finished(report, f"{request.mode} failover of {request.db.name}")
 
 
 def fail_over(request: Request, report: FailoverReport, credentials: DbCredentials, dry_run: bool, force: bool,
-              approve: bool) -> None:
+              approve: bool, fence: bool) -> None:
     if request.db.kind is DatabaseKind.rds and request.mode is Mode.multi_az:
         rds_multi_az(request, report, dry_run, approve)
         return
@@ -87,14 +98,17 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
     else:
         report.lag_seconds = lag_guard(request, report, credentials, force)
     if dry_run:
-        plan_steps(request, report, already)
+        plan_steps(request, report, already, fence)
         return
     if not already:
         decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(),
-                                    approval_summary(request, report), approve)
+                                    approval_summary(request, report, fence), approve)
         if not decision.approve:
             report.outcome = "refused: nothing changed"
             return
+    if request.mode is Mode.promote_replica:
+        fence_old_primary(request, report, credentials, fence)
+    if not already:
         promote(request, report, new_primary)
     report.outcome = "failed over"
     if request.service is None:
@@ -107,12 +121,35 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
     cut_over_and_validate(request.plan, report, request.service, url, new_primary, metrics(request))
 
 
-def plan_steps(request: Request, report: FailoverReport, already: bool) -> None:
+def fence_old_primary(request: Request, report: FailoverReport, credentials: DbCredentials, fence: bool) -> None:
+    """Before the promotion: the old primary accepts no more writes (or its fence is pending until it answers)."""
+    old = request.db.primary
+    if not fence:
+        report.fence = "skipped (forced)"
+        report.record("fence skipped", old, "forced: the old primary may still accept writes", mutating=True)
+        return
+    target = pg_target(request.plan, request.db, "primary", credentials) \
+        if request.db.kind is DatabaseKind.postgres else None
+    result = fence_member_task(request.plan, request.db, old, request.plan.aws.region, target)
+    report.fence = result.status
+    if result.status == "pending":
+        report.record("fence pending", old, f"unreachable ({result.detail}); fenced as soon as it answers",
+                      mutating=True)
+    else:
+        report.record(result.status, old, FENCE_HOW[request.db.kind], before="primary", after="fenced",
+                      mutating=result.status == "fenced")
+
+
+def plan_steps(request: Request, report: FailoverReport, already: bool, fence: bool) -> None:
     """The dry run: every step and resource, nothing changed."""
     if request.mode is Mode.multi_az:
         report.record("would stop", request.db.primary, "fast shutdown of the primary")
     if not already:
         report.record("would ask approval", request.db.name)
+    if request.mode is Mode.promote_replica:
+        report.record("would fence" if fence else "would skip the fence", request.db.primary,
+                      FENCE_HOW[request.db.kind] if fence else "forced: the old primary may still accept writes")
+    if not already:
         report.record("would promote", request.identifier,
                       "pg_promote()" if request.db.kind is DatabaseKind.postgres else "promote_read_replica")
     if request.service:
@@ -123,7 +160,7 @@ def plan_steps(request: Request, report: FailoverReport, already: bool) -> None:
     report.outcome = "planned (dry run)"
 
 
-def approval_summary(request: Request, report: FailoverReport) -> str:
+def approval_summary(request: Request, report: FailoverReport, fence: bool) -> str:
     lines = [f"## Approve {request.mode} failover of {request.db.name}?", ""]
     if request.mode is Mode.multi_az:
         lines.append(f"- the primary **{request.db.primary}** is stopped (fast shutdown)")
@@ -131,7 +168,10 @@ def approval_summary(request: Request, report: FailoverReport) -> str:
                  f"primary; replica lag {report.lag_seconds}s. This cannot be undone: the old primary must be "
                  "rebuilt from it to replicate again")
     if request.mode is Mode.promote_replica:
-        lines.append(f"- the old primary **{request.db.primary}** is not stopped: fence it (stop writes) yourself")
+        lines.append(f"- the old primary **{request.db.primary}** is fenced first ({FENCE_HOW[request.db.kind]}; "
+                     "pending until it answers if unreachable)" if fence else
+                     f"- the old primary **{request.db.primary}** is **not fenced** (forced): it may still accept "
+                     "writes")
     if request.service:
         lines.append(f"- the application **{request.service.name}** is pointed at it (Kubernetes Secret "
                      "rewritten, deployment restarted), validated, and rolled back if validation fails")

@@ -31,6 +31,7 @@ from drplan.results import markdown_table
 from drplan.timeutil import format_duration, utcnow
 from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
+from tasks.fencing import apply_pending_fences, is_fenced
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
@@ -76,6 +77,11 @@ def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool,
         db = placement.database
         credentials = db_credentials(plan, db)
         target = pg_target(plan, db, placement.member, credentials)
+        if is_fenced(plan, db, placement.member, credentials):
+            if placement.member == "primary":
+                return True, f"{target.label} is fenced since traffic left it; a failback unfences it"
+            return False, (f"{target.label} is fenced (it served, then traffic left it): rebuild it as a replica "
+                           "of the primary")
         with target.connect() as conn:
             standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
         if db.kind is DatabaseKind.rds:
@@ -98,13 +104,14 @@ def old_primary_gone(plan: Plan, placement: Placement, label: str, credentials) 
     two have diverged: a drill's failback, or broken replication; rebuild the replica)."""
     try:
         with pg_target(plan, placement.database, "primary", credentials).connect() as conn:
-            primary_writes = not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            primary_writes = conn.execute("SELECT NOT pg_is_in_recovery() AND "
+                                          "current_setting('default_transaction_read_only') = 'off'").fetchone()[0]
     except Exception:
         primary_writes = False
     if primary_writes:
         return False, (f"{label} is promoted and {placement.database.primary} accepts writes too: they have diverged "
                        "(a failback, or broken replication); rebuild the DR replica from the primary")
-    return True, f"{label} is already promoted; the primary region's primary does not answer"
+    return True, f"{label} is already promoted; the primary region's primary is fenced or does not answer"
 
 
 def capacity_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
@@ -159,6 +166,11 @@ def dns_probe(plan: Plan, region: str) -> Callable[[], tuple[bool, str]]:
 def check_region(plan: Plan, region: str) -> ReadinessReport:
     report = ReadinessReport(plan=plan.name, region=region, checked_at=utcnow())
     _finding(report, "AWS credentials", lambda: (True, check_aws_access(plan)))
+    for fence in apply_pending_fences(plan):  # a member back from a region loss is fenced before anything else
+        detail = "fenced now (it answers again)" if fence.status != "pending" else \
+            f"pending since {fence.recorded_at}: {fence.detail}; fenced as soon as it answers"
+        report.findings.append(Finding(check=f"fence of {fence.database} {fence.member}",
+                                       ready=fence.status != "pending" or fence.region != region, detail=detail))
     for placement in placements(plan, region):
         name = placement.service.name
         if placement.database:

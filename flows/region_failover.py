@@ -1,7 +1,9 @@
 """Full region failover (and failback): the runbook's "Full Region Recovery", step by step as the runbook has it.
 
 readiness (sub-flow dr-readiness; refuse an unready region unless forced) -> approval gate (summary of every
-change) -> promote the region's database member (lag guard; a primary is left alone) -> point the region's
+change) -> fence the region traffic leaves: its database members accept no more writes (tasks/fencing.py; pending
+until they answer when the region is lost) and its services are scaled to zero -> promote the region's database
+member (lag guard; a primary is left alone, and unfenced if a failover had fenced it) -> point the region's
 application Secret at it -> deploy the core services from the manifests, node capacity and scale (sub-flow
 eks-recovery) -> recovery validation -> switch the Route 53 records to the region (UPSERT, TTL <= 60 s, INSYNC)
 -> verify the records answer the new target -> report the measured RTO against the tier objective.
@@ -20,8 +22,8 @@ from prefect import flow
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import DEFAULT_PLAN, Plan, load_plan
-from drplan.regions import Placement, traffic_target
+from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
+from drplan.regions import Placement, placements, traffic_target
 from drplan.timeutil import format_duration, utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.eks_recovery import EksReport, eks_recovery
@@ -30,6 +32,8 @@ from flows.shared.dns import switch_dns, validate_placement
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import Request, already_promoted, lag_guard, promote
 from flows.shared.report import RecoveryReport, finished, published, run_report
+from tasks.eks import scale_deployment
+from tasks.fencing import FENCE_HOW, fence_member_task, unfence_postgres, unfence_rds
 from tasks.health import ServiceValidation
 from tasks.k8s import (
     DATABASE_ENV,
@@ -110,6 +114,7 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
     if not decision.approve:
         report.outcome = "refused: nothing changed"
         return
+    fence_source(dr_plan, placed, report)
     for placement in placed:
         if placement.database:
             promote_member(dr_plan, placement, report, force)
@@ -131,6 +136,42 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
         return
     switch_dns(dr_plan, to, report)
     report.outcome = f"serving from {to}"
+
+
+def source_role(placement: Placement) -> str:
+    """The role of the database member serving in the region traffic leaves."""
+    return "dr_replica" if placement.member == "primary" else "primary"
+
+
+def fence_source(plan: Plan, placed: list[Placement], report: RegionReport) -> None:
+    """The region traffic leaves stops writing before anything is promoted: each database member serving there is
+    fenced (pending while unreachable) and its services are scaled to zero."""
+    for placement in (p for p in placed if p.database):
+        db, role = placement.database, source_role(placement)
+        target = pg_target(plan, db, role, db_credentials(plan, db)) if db.kind is DatabaseKind.postgres else None
+        fence = fence_member_task(plan, db, db.members[role], plan.member_region(db, role), target)
+        if fence.status == "pending":
+            report.record("fence pending", fence.member, f"unreachable ({fence.detail}); fenced as soon as it "
+                          "answers", mutating=True)
+        else:
+            report.record(fence.status, fence.member, FENCE_HOW[db.kind], mutating=fence.status == "fenced")
+        if placement.member == "primary" and unfence_member(plan, db, "primary"):
+            report.record("unfenced", db.primary, "fenced when traffic left it; it serves again", mutating=True)
+    for leaving in placements(plan, report.from_region):
+        try:
+            before, _ = scale_deployment(kube_client(plan, leaving.cluster), leaving.cluster.namespace,
+                                         leaving.service.name, 0)
+        except DrplanError as exc:  # the region is gone: nothing runs there to scale
+            report.record("not scaled", f"{leaving.cluster.name}/{leaving.service.name}", str(exc))
+            continue
+        report.record("scaled to 0" if before else "already at 0", f"{leaving.cluster.name}/{leaving.service.name}",
+                      before=str(before), after="0", mutating=bool(before))
+
+
+def unfence_member(plan: Plan, db, role: str) -> bool:
+    if db.kind is DatabaseKind.rds:
+        return unfence_rds(plan, plan.member_region(db, role), db.members[role])
+    return unfence_postgres(pg_target(plan, db, role, db_credentials(plan, db)))
 
 
 def promote_member(plan: Plan, placement: Placement, report: RegionReport, force: bool) -> None:
@@ -178,6 +219,11 @@ def not_carried_back(source: str) -> str:
 def approval_summary(plan: Plan, to: str, source: str, placed: list[Placement]) -> str:
     lines = [f"## Approve the region failover to {to}?", ""]
     for p in placed:
+        if p.database:
+            lines.append(f"- fence **{p.database.members[source_role(p)]}** ({p.database.name}) in {source}: "
+                         f"{FENCE_HOW[p.database.kind]} (pending until it answers if unreachable)")
+    lines.append(f"- scale {', '.join(p.service.name for p in placed)} in {source} to 0")
+    for p in placed:
         if p.database and p.member != "primary":
             lines.append(f"- promote **{p.database.members[p.member]}** ({p.database.name}) to a standalone primary "
                          "(irreversible: the old primary must be rebuilt from it)")
@@ -195,6 +241,11 @@ def approval_summary(plan: Plan, to: str, source: str, placed: list[Placement]) 
 def plan_steps(plan: Plan, plan_ref: str, to: str, placed: list[Placement], report: RegionReport) -> None:
     """The dry run: every step and resource a real run would touch, in order; nothing changes."""
     report.record("would ask approval", to)
+    for p in placed:
+        if p.database:
+            report.record("would fence", p.database.members[source_role(p)], FENCE_HOW[p.database.kind])
+    for leaving in placements(plan, report.from_region):
+        report.record("would scale to 0", f"{leaving.cluster.name}/{leaving.service.name}")
     for p in placed:
         if p.database and p.member != "primary":
             report.record("would promote", p.database.members[p.member], "after the lag guard")

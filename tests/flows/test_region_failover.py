@@ -1,7 +1,8 @@
-"""Readiness and full region failover on the sandbox: moto (EKS, Route 53, RDS), both Kubernetes API emulators
-(nodes follow the node groups), a real PostgreSQL topology of this module's own (its DR replica is promoted), the
-DR demo app. In order: readiness ready; unready (lagging replica, node group at zero) and the failover refused;
-dry run changes nothing; a forced failover killed after the promotion and rerun; failback."""
+"""Readiness and full region failover on the sandbox: moto (EKS, Route 53, RDS with its real data plane), both
+Kubernetes API emulators (nodes follow the node groups), a real PostgreSQL topology and an RDS topology of this
+module's own (their DR replicas are promoted), the DR demo apps. In order: readiness ready; unready (lagging
+replica, node group at zero) and the failover refused; dry run changes nothing; a forced failover killed after the
+promotion and rerun (the old primaries fenced, the old region scaled to zero); failback."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import uuid
 
 import httpx
+import psycopg
 import pytest
 from kubernetes import client as k8s
 from prefect.client.orchestration import get_client
@@ -22,25 +24,43 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import aws_client, db_credentials, kube_client, pg_target
+from drplan.errors import DrplanError
 from drplan.plan import load_plan
 from flows.dr_readiness import dr_readiness
 from flows.region_failover import region_failover
 from flows.shared.gates import lock_name
 from tasks.eks import ready_nodes
 from tasks.k8s import find_database_secret, read_secret_value
+from tasks.rds import read_replica_lag
 from tasks.route53 import read_record, zone_id
-from tests.helpers import REPO, clusters_restored, in_recovery, own_postgres_topology, stack_snapshot, wait_for
+from tests.helpers import (
+    REPO,
+    clusters_restored,
+    in_recovery,
+    own_postgres_topology,
+    own_rds_topology,
+    stack_snapshot,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 DB = "devonn-postgres"
+RDS = "devonn-rds"
 DR = "devonn-eks-dr-sandbox"
+PRIMARY_CLUSTER = "devonn-eks-sandbox"
 
 
 @pytest.fixture(scope="module")
 def topology(sandbox, sandbox_plan_path, sandbox_dir):
     """This module's PostgreSQL topology; afterwards both clusters are as they were (the DR region a pilot light
     again: no deployments, one node, its Secrets unchanged), for the tests that run after this module."""
-    with clusters_restored(sandbox), own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as path:
+    with clusters_restored(sandbox), own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as postgres, \
+            own_rds_topology(postgres, RDS) as path:
+        plan = load_plan(path)
+        db = plan.database(RDS)
+        cloudwatch = aws_client(plan, "cloudwatch", db.dr_replica.region)
+        wait_for(lambda: read_replica_lag.fn(cloudwatch, db.dr_replica.identifier) is not None, 30,
+                 "the first ReplicaLag datapoint of the RDS DR replica")
         yield path
 
 
@@ -62,7 +82,8 @@ def test_readiness_of_a_ready_dr_region(topology):
     assert report.ready, report.markdown()
     assert [f.check for f in report.findings] == [
         "AWS credentials", f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
-        "devonn-api: manifests and Secrets", "DNS"]
+        "devonn-api: manifests and Secrets", f"devonn-worker: database {RDS} (dr_replica)",
+        "devonn-worker: cluster capacity", "devonn-worker: manifests and Secrets", "DNS"]
     shown = CliRunner().invoke(app, ["readiness", "--plan", str(topology)])
     assert shown.exit_code == 0 and "Region us-west-2: ready to take over" in shown.stdout, shown.output
     wrong = CliRunner().invoke(app, ["readiness", "--plan", str(topology), "--region", "eu-west-9"])
@@ -82,7 +103,7 @@ def test_unready_region_is_reported_and_refused(topology, asserting_and_emitting
         assert state.is_failed()
         report = state.result(raise_on_failure=False)
         assert {f.check for f in report.unready} == {f"devonn-api: database {DB} (dr_replica)",
-                                                      "devonn-api: cluster capacity"}
+                                                      "devonn-api: cluster capacity", "devonn-worker: cluster capacity"}
         assert "0 Ready nodes (need 1)" in next(f.detail for f in report.unready if "capacity" in f.check)
         asserting_and_emitting_events_worker.drain()
         unready = [e for e in asserting_and_emitting_events_worker._client.events
@@ -106,16 +127,20 @@ def test_dry_run_prints_the_plan_and_changes_nothing(topology):
     report = region_failover(plan=str(topology), dry_run=True)
     assert report.outcome == "planned (dry run)", report.markdown()
     actions = [(s.action, s.resource) for s in report.steps]
-    assert actions[:4] == [("readiness", "us-west-2"), ("would ask approval", "us-west-2"),
-                           ("would promote", "devonn-postgres-dr-production"),
-                           ("would rewrite", f"{DR} Secret of devonn-api")]
+    postgres, rds = plan.database(DB), plan.database(RDS)
+    assert actions[:10] == [
+        ("readiness", "us-west-2"), ("would ask approval", "us-west-2"),
+        ("would fence", postgres.primary), ("would fence", rds.primary),
+        ("would scale to 0", f"{PRIMARY_CLUSTER}/devonn-api"), ("would scale to 0", f"{PRIMARY_CLUSTER}/devonn-worker"),
+        ("would promote", postgres.dr_replica.identifier), ("would rewrite", f"{DR} Secret of devonn-api"),
+        ("would promote", rds.dr_replica.identifier), ("would rewrite", f"{DR} Secret of devonn-worker")]
     assert ("would create", f"{DR}: Deployment devonn-api") in actions
     assert ("would switch", f"DNS {plan.dns.records[0]}") == actions[-1]
     assert (report.steps[-1].before, report.steps[-1].after) == (plan.dns.targets["us-east-1"],
                                                                  plan.dns.targets["us-west-2"])
     printed = CliRunner().invoke(app, ["region-failover", "--plan", str(topology), "--dry-run"])
     assert printed.exit_code == 0, printed.output
-    for line in ("would promote", "devonn-postgres-dr-production", "would create", "would scale",
+    for line in ("would fence", "would promote", "devonn-postgres-dr-production", "would create", "would scale",
                  "would validate", "UPSERT CNAME", "dr.us-west-2.devonn.test"):
         assert line in printed.stdout
     assert stack_snapshot(plan, DB) == before
@@ -135,14 +160,18 @@ def test_failover_killed_after_promotion_resumes_without_a_second_promotion(topo
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-    with get_client(sync_client=True) as client:  # the operator frees the dead run's lock
-        client.update_global_concurrency_limit(lock_name(plan.database(DB)),
-                                               GlobalConcurrencyLimitUpdate(active_slots=0))
+    with get_client(sync_client=True) as client:  # the operator frees the dead run's locks
+        for name in (DB, RDS):
+            client.update_global_concurrency_limit(lock_name(plan.database(name)),
+                                                   GlobalConcurrencyLimitUpdate(active_slots=0))
 
     report = region_failover(plan=str(topology), force=True, approve=True)
     assert report.outcome == "serving from us-west-2", report.markdown()
-    actions = [s.action for s in report.steps]
-    assert "found promoted" in actions and "promoted" not in actions
+    actions = [(s.action, s.resource) for s in report.steps]
+    postgres, rds = plan.database(DB), plan.database(RDS)
+    assert ("found promoted", postgres.dr_replica.identifier) in actions
+    assert ("promoted", postgres.dr_replica.identifier) not in actions
+    assert {("already fenced", postgres.primary), ("already fenced", rds.primary)} <= set(actions)
     assert report.validation.passed
     assert dns_target(plan) == plan.dns.targets["us-west-2"]
     assert report.rto_seconds and report.rto_seconds < report.rto_objective_seconds
@@ -155,8 +184,23 @@ def test_failover_killed_after_promotion_resumes_without_a_second_promotion(topo
     assert {d: apps.read_namespaced_deployment(d, dr.namespace).status.available_replicas
             for d in ("devonn-api", "devonn-worker")} == {"devonn-api": 3, "devonn-worker": 5}
     assert ready_nodes(api, "dev_nodes") == 3
-    stats = httpx.get(plan.services[0].dr.health.removesuffix("/health") + "/api/stats", timeout=5).json()
-    assert stats["users"] == plan.sandbox.demo_rows  # the DR app serves from the promoted replica
+    for service in plan.services:  # each DR app serves from its promoted replica
+        stats = httpx.get(service.dr.health.removesuffix("/health") + "/api/stats", timeout=5).json()
+        assert stats["users"] == plan.sandbox.demo_rows, service.name
+    assert "ReadReplicaSourceDBInstanceIdentifier" not in aws_client(plan, "rds", rds.dr_replica.region
+                                                                     ).describe_db_instances(
+        DBInstanceIdentifier=rds.dr_replica.identifier)["DBInstances"][0]
+    # the region traffic left writes no more: both old primaries fenced, its apps scaled to zero
+    with pg_target(plan, postgres, "primary", db_credentials(plan, postgres)).connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("INSERT INTO drplan_heartbeat (source) VALUES ('after the fence')")
+    with pytest.raises(DrplanError, match="cannot connect"):
+        pg_target(plan, rds, "primary", db_credentials(plan, rds)).connect()
+    primary = k8s.AppsV1Api(kube_client(plan, plan.cluster(PRIMARY_CLUSTER)))
+    assert {d: primary.read_namespaced_deployment(d, "default").spec.replicas
+            for d in ("devonn-api", "devonn-worker")} == {"devonn-api": 0, "devonn-worker": 0}
+    assert wait_for(lambda: httpx.get(plan.services[0].health, timeout=5).status_code == 503, 15,
+                    "the old region's app to stop serving")
 
 
 def test_failback_returns_dns_and_the_primary_cluster(topology):
@@ -165,9 +209,14 @@ def test_failback_returns_dns_and_the_primary_cluster(topology):
     assert report.outcome == "serving from us-east-1", report.markdown()
     kept = next(s for s in report.steps if s.action == "kept")
     assert kept.resource == plan.database(DB).primary and "writes made in us-west-2" in kept.detail
+    actions = [(s.action, s.resource) for s in report.steps]
+    postgres, rds = plan.database(DB), plan.database(RDS)
+    assert {("fenced", postgres.dr_replica.identifier), ("fenced", rds.dr_replica.identifier),
+            ("unfenced", postgres.primary), ("unfenced", rds.primary)} <= set(actions)
     assert dns_target(plan) == plan.dns.targets["us-east-1"]
     assert report.validation.passed
     # the DR database was promoted and the primary still takes writes: no longer a standby for another failover
     diverged = dr_readiness(plan=str(topology), return_state=True).result(raise_on_failure=False)
-    assert [f.check for f in diverged.unready] == [f"devonn-api: database {DB} (dr_replica)"]
-    assert "have diverged" in diverged.unready[0].detail
+    assert [f.check for f in diverged.unready][:1] == [f"devonn-api: database {DB} (dr_replica)"]
+    assert f"devonn-worker: database {RDS} (dr_replica)" in [f.check for f in diverged.unready]
+    assert "is fenced (it served, then traffic left it)" in diverged.unready[0].detail
