@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -48,4 +50,6 @@ def test_topology_prints_members_and_differences_and_exits_1_on_a_difference(mon
     assert "[Errno 111]" in result.stdout and "1 difference(s) from the plan" in result.stdout
     assert result.stderr.strip() == "db: plan member dr_replica db-dr is down: cannot connect: [Errno 111] refused"
     as_json = runner.invoke(app, ["topology", "--json"])
-    assert as_json.exit_code == 1 and '"differences"' in as_json.stdout
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["differences"] == [
+        "db: plan member dr_replica db-dr is down: cannot connect: [Errno 111] refused"]
