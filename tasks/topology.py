@@ -26,7 +26,7 @@ from tasks.k8s import read_database_url
 from tasks.targets import DATABASE_TAG, DRILL_TAG, PostgresArchive, instance_tag
 
 PROBE_TIMEOUT = 3
-"""Seconds to wait for a member to answer before it counts as down."""
+"""Seconds to wait for a member to accept the connection, and then for its answer, before it counts as down."""
 
 Address = tuple[str, int]
 
@@ -152,7 +152,7 @@ def probe(member: Member, db: Database, credentials: DbCredentials) -> tuple[Mem
     streams from. A member that does not answer (or cannot be queried) is down, with the reason."""
     target = PgTarget(f"{db.name}/{member.identifier}", member.host, member.port, db.dbname, credentials)
     try:
-        with target.connect(timeout=PROBE_TIMEOUT) as conn:
+        with target.connect(timeout=PROBE_TIMEOUT, options=f"-c statement_timeout={PROBE_TIMEOUT * 1000}") as conn:
             row = conn.execute(PROBE).fetchone()
     except (DrplanError, psycopg.Error) as exc:
         return member.model_copy(update={"state": State.down, "detail": first_line(exc)}), None
