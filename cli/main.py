@@ -83,6 +83,57 @@ def show_rpo(report) -> None:
                   highlight=False, soft_wrap=True)
 
 
+@app.command("topology")
+def topology(
+    plan: str = PlanOption,
+    database: str = typer.Option(None, "--database", "-d", help="One database of the plan (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the topology as JSON."),
+) -> None:
+    """The live topology: which member accepts writes now, who replicates from it, which member each service really
+    uses, and every difference from the plan. Exit 0 as planned, 1 differences, 2 error."""
+    from tasks.topology import discover
+
+    dr_plan = plan_or_exit(plan)
+    with refusals():
+        if database:
+            dr_plan.database(database)  # an unknown name is refused before anything is probed
+    with refusals("topology discovery did not complete"), err.status("discovering the live topology..."):
+        result = discover(dr_plan, [database] if database else None)
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        show_topology(result)
+    raise typer.Exit(1 if result.differences else 0)
+
+
+def show_topology(topology) -> None:
+    from rich.markup import escape
+
+    from drplan.topology import BINDING_COLUMNS, MEMBER_COLUMNS
+
+    colours = {"primary": "green", "replica": "cyan", "fenced": "yellow", "down": "red", "missing": "red"}
+    for db in topology.databases:
+        members = Table(title=f"{db.database}: members", title_justify="left")
+        for column in MEMBER_COLUMNS:
+            members.add_column(column, overflow="fold")
+        for m in db.members:
+            row = {column: escape(cell) for column, cell in m.row.items()}  # an error's [...] is not markup
+            row["state"] = f"[{colours[m.state]}]{row['state']}[/]"
+            members.add_row(*row.values())
+        out.print(members)
+        if db.bindings:
+            bindings = Table(title=f"{db.database}: used by", title_justify="left")
+            for column in BINDING_COLUMNS:
+                bindings.add_column(column, overflow="fold")
+            for b in db.bindings:
+                bindings.add_row(*map(escape, b.row.values()))
+            out.print(bindings)
+    count = len(topology.differences)
+    out.print(f"{count} difference(s) from the plan" if count else "no differences from the plan", highlight=False)
+    for line in topology.differences:
+        err.print(line, highlight=False, soft_wrap=True)
+
+
 @app.command("drill")
 def drill(
     plan: str = PlanOption,

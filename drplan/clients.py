@@ -77,11 +77,16 @@ def check_aws_access(plan: Plan) -> str:
         raise DrplanError(f"{where} refused the credentials: {exc.response['Error']['Code']}") from None
 
 
+def kubeconfig_path(plan: Plan, cluster: Cluster) -> Path:
+    """The cluster's kubeconfig file (default ~/.kube/config)."""
+    return plan.resolve_path(cluster.kubeconfig) if cluster.kubeconfig else Path("~/.kube/config").expanduser()
+
+
 def kube_client(plan: Plan, cluster: Cluster) -> Any:
     """A Kubernetes ApiClient from the cluster's kubeconfig (default ~/.kube/config) and context."""
     from kubernetes import config as kube_config
 
-    path = plan.resolve_path(cluster.kubeconfig) if cluster.kubeconfig else Path("~/.kube/config").expanduser()
+    path = kubeconfig_path(plan, cluster)
     if not path.is_file():
         raise DrplanError(f"cluster {cluster.name}: kubeconfig {path} not found; set clusters[].kubeconfig")
     try:

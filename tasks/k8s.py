@@ -120,6 +120,20 @@ def deployment_exists(api_client, namespace: str, deployment: str) -> bool:
     return True
 
 
+def read_database_url(api_client, namespace: str, deployment: str, env: str = DATABASE_ENV
+                      ) -> tuple[str, str] | None:
+    """(`namespace/secret:key`, the decoded value) of the Secret the deployment takes `env` from; None when the
+    deployment does not exist. The value holds a password: never log or return it unredacted."""
+    if not deployment_exists(api_client, namespace, deployment):
+        return None
+    secret, key = find_database_secret(api_client, namespace, deployment, env)
+    value = read_secret_value(api_client, namespace, secret, key)
+    if value is None:
+        raise DrplanError(f"secret {namespace}/{secret} has no key {key}, which deployment {deployment} takes {env} "
+                          "from")
+    return f"{namespace}/{secret}:{key}", value
+
+
 def restart_deployment(api_client, namespace: str, deployment: str) -> str:
     """Roll the deployment's pods, like `kubectl rollout restart`; returns the restartedAt timestamp. Microseconds:
     two restarts within one second (cut over, then roll back) must still change the pod template."""

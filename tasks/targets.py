@@ -25,6 +25,7 @@ from tasks.rds import find_instance, wait_instance_available
 from tasks.s3 import STAMP
 
 DRILL_TAG = "drplan:drill"
+DATABASE_TAG = "drplan:database"
 
 
 class RestorableWindow(BaseModel):
@@ -139,12 +140,15 @@ class PostgresArchive(RestoreTarget):
         marker.unlink(missing_ok=True)
         return existed
 
+    def copies(self) -> list[Scratch]:
+        """Every scratch copy of this database restored on this machine (drills and recoveries), from its marker."""
+        markers = sorted(self.markers.glob(f"{self.db.name}-*.json"))
+        return [Scratch.model_validate_json(m.read_text()) for m in markers
+                if m.stem.rsplit("-", 2)[0] == self.db.name]  # not those of a database named like `<db>-x`
+
     def leftovers(self) -> list[Leftover]:
         prefix = f"{self.db.name}-drill-"
-        return [
-            Leftover(name=m.stem, created_at=Scratch.model_validate_json(m.read_text()).created_at)
-            for m in sorted(self.markers.glob(f"{prefix}*.json"))
-        ]
+        return [Leftover(name=s.name, created_at=s.created_at) for s in self.copies() if s.name.startswith(prefix)]
 
 
 class RdsInstance(RestoreTarget):
@@ -185,7 +189,7 @@ class RdsInstance(RestoreTarget):
             "MultiAZ": False,
             "PubliclyAccessible": False,
             "VpcSecurityGroupIds": [g["VpcSecurityGroupId"] for g in source.get("VpcSecurityGroups", [])],
-            "Tags": [{"Key": DRILL_TAG, "Value": "true"}, {"Key": "drplan:database", "Value": self.db.name},
+            "Tags": [{"Key": DRILL_TAG, "Value": "true"}, {"Key": DATABASE_TAG, "Value": self.db.name},
                      {"Key": "drplan:created", "Value": utcnow().isoformat()}],
         }
         if source.get("DBSubnetGroup"):
@@ -213,17 +217,17 @@ class RdsInstance(RestoreTarget):
         found = []
         for page in self.rds.get_paginator("describe_db_instances").paginate():
             for instance in page["DBInstances"]:
-                if _tag(instance, DRILL_TAG) == "true" and _tag(instance, "drplan:database") == self.db.name:
+                if instance_tag(instance, DRILL_TAG) == "true" and instance_tag(instance, DATABASE_TAG) == self.db.name:
                     found.append(Leftover(name=instance["DBInstanceIdentifier"], created_at=_created(instance)))
         return found
 
 
-def _tag(instance: dict, key: str) -> str | None:
+def instance_tag(instance: dict, key: str) -> str | None:
     return next((t["Value"] for t in instance.get("TagList", []) if t["Key"] == key), None)
 
 
 def _created(instance: dict) -> datetime | None:
-    value = _tag(instance, "drplan:created")
+    value = instance_tag(instance, "drplan:created")
     return datetime.fromisoformat(value) if value else None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -20,3 +22,34 @@ def test_plan_validate_cli(tmp_path):
         f"{bad}: aws.password: inline secrets are not allowed in a plan; store it in AWS Secrets Manager or a "
         "Prefect Secret block and reference it with credentials_secret / token_secret"
     ]
+
+
+def test_topology_refuses_an_unknown_database_in_one_line():
+    result = runner.invoke(app, ["topology", "--database", "nope"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: plan: unknown database 'nope'; the plan defines: devonn-postgres, devonn-rds"]
+
+
+def test_topology_prints_members_and_differences_and_exits_1_on_a_difference(monkeypatch):
+    from datetime import UTC, datetime
+
+    from drplan.topology import DatabaseTopology, Member, State, Topology
+
+    down = Member(database="db", identifier="db-dr", role="dr_replica", state=State.down,
+                  detail="cannot connect: [Errno 111] refused")
+    primary = Member(database="db", identifier="db-1", role="primary", state=State.primary, archiving=True)
+    replica = Member(database="db", identifier="db-2", role="replica", state=State.replica, upstream="db-1")
+    found = Topology(plan="p", discovered_at=datetime(2026, 11, 26, tzinfo=UTC),
+                     databases=[DatabaseTopology(database="db", members=[primary, replica, down])])
+    monkeypatch.setattr("tasks.topology.discover", lambda plan, databases: found)
+
+    result = runner.invoke(app, ["topology"])
+
+    assert result.exit_code == 1
+    assert "[Errno 111]" in result.stdout and "1 difference(s) from the plan" in result.stdout
+    assert result.stderr.strip() == "db: plan member dr_replica db-dr is down: cannot connect: [Errno 111] refused"
+    as_json = runner.invoke(app, ["topology", "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["differences"] == [
+        "db: plan member dr_replica db-dr is down: cannot connect: [Errno 111] refused"]
