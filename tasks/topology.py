@@ -22,6 +22,7 @@ from drplan.logs import run_logger
 from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service, host_port
 from drplan.timeutil import utcnow
 from drplan.topology import Binding, DatabaseTopology, Member, State, Topology
+from tasks.fencing import FENCED_FROM_TAG
 from tasks.k8s import read_database_url
 from tasks.targets import DATABASE_TAG, DRILL_TAG, PostgresArchive, instance_tag
 
@@ -132,8 +133,8 @@ def _chained(found: dict[str, tuple[dict, str]], kinds: dict[str, str]) -> dict[
 
 
 def _rds_member(member: Member, instance: dict, region: str) -> Member:
-    """What RDS says of a member: region, address (unless the plan overrides it), archiving, source; stopped is
-    fenced, an instance without an address yet is down."""
+    """What RDS says of a member: region, address (unless the plan overrides it), archiving, source; stopped or cut
+    off by a fence is fenced (not probed), an instance without an address yet is down."""
     status = instance["DBInstanceStatus"]
     endpoint = instance.get("Endpoint") or {}
     update = {"region": region, "archiving": instance.get("BackupRetentionPeriod", 0) > 0,
@@ -142,6 +143,8 @@ def _rds_member(member: Member, instance: dict, region: str) -> Member:
         update |= {"host": endpoint["Address"], "port": int(endpoint["Port"])}
     if status in ("stopped", "stopping"):
         update |= {"state": State.fenced, "detail": f"RDS status {status}"}
+    elif instance_tag(instance, FENCED_FROM_TAG) is not None:
+        update |= {"state": State.fenced, "detail": "cut off (security group drplan-fence)"}
     elif "host" not in update and member.host is None:
         update["detail"] = f"RDS status {status}, no address yet"
     return member.model_copy(update=update)

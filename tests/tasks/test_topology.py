@@ -52,7 +52,8 @@ def test_rds_members_tagged_copies_replica_chains_and_fences(monkeypatch):
             instance("devonn-rds-production"),
             instance("devonn-rds-replica-production", "stopped", source="devonn-rds-production"),
             instance("devonn-rds-drill-1", tags={"drplan:drill": "true", "drplan:database": "devonn-rds"}),
-            instance("devonn-rds-extra", tags={"drplan:database": "devonn-rds"}, retention=0),
+            instance("devonn-rds-extra", tags={"drplan:database": "devonn-rds", "drplan:fenced-from": "sg-1"},
+                     retention=0),
             instance("cascade", source="devonn-rds-replica-production"),
             instance("someone-else"),
         ),
@@ -72,13 +73,16 @@ def test_rds_members_tagged_copies_replica_chains_and_fences(monkeypatch):
         "dr-copy": ("replica-chain", None, "us-west-2"),
     }
     primary = members["devonn-rds-production"]
-    assert (primary.address, primary.archiving, primary.state) == (db.endpoints[primary.identifier], True, State.down)
+    assert (primary.address, primary.archiving, primary.state) == ("devonn-rds-production.rds.example:5432", True,
+                                                                   State.down)
     assert (members["devonn-rds-replica-production"].state, members["devonn-rds-replica-production"].detail) == (
         State.fenced, "RDS status stopped")
     assert members["devonn-rds-dr-production"].state is State.missing
     assert members["dr-copy"].upstream == "devonn-rds-production"
     assert (members["devonn-rds-extra"].address, members["devonn-rds-extra"].archiving) == (
         "devonn-rds-extra.rds.example:5432", False)
+    assert (members["devonn-rds-extra"].state, members["devonn-rds-extra"].detail) == (
+        State.fenced, "cut off (security group drplan-fence)")
 
     regions["us-west-2"] = FakeRds(error=ClientError({"Error": {"Code": "Throttling", "Message": "slow down"}},
                                                      "DescribeDBInstances"))
@@ -149,6 +153,19 @@ def test_the_healthy_sandbox_is_as_planned(sandbox, sandbox_dir, caplog):
     assert topology.differences == []
     password = stack.sandbox_secrets(sandbox_dir)["db_password"]
     assert password not in found.model_dump_json() and password not in logged_text(caplog)
+
+
+def test_the_sandbox_rds_database_runs_as_planned_on_its_data_plane(sandbox):
+    db = sandbox.database("devonn-rds")
+
+    topology = discovery.discover(sandbox, ["devonn-rds"]).databases[0]
+
+    members = {m.role: m for m in topology.members if m.role}
+    assert (members["primary"].state, members["primary"].archiving) == (State.primary, True)
+    for role in ("replica", "dr_replica"):  # streaming through the primary's endpoint, as RDS replicas do
+        assert (members[role].state, members[role].upstream) == (State.replica, db.primary)
+    assert [(b.service, b.member) for b in topology.bindings] == [("devonn-worker", db.primary)]
+    assert topology.differences == []
 
 
 def test_topology_command_as_json(sandbox, sandbox_plan_path):
