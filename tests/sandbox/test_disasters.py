@@ -100,7 +100,7 @@ def test_lost_dr_capacity_comes_back_with_the_printed_eks_recovery(sandbox, sand
         what, command = broken(drplan("sandbox", "break", "dr-nodes-zero", "--plan", path))
         assert what == f"scaled node groups of {cluster.name} to 0 (dev_nodes was 1)"
         unready = dr_readiness(plan=path, return_state=True).result(raise_on_failure=False)
-        assert [f.check for f in unready.unready] == ["devonn-api: cluster capacity"]
+        assert [f.check for f in unready.unready] == ["devonn-api: cluster capacity", "devonn-worker: cluster capacity"]
         assert command == ["eks-recover", "--plan", path, "--cluster", cluster.name, "--nodes", "dev_nodes=1",
                            "--no-manifests"]
         recovered = drplan(*command)
@@ -145,7 +145,7 @@ def test_dns_failover_refuses_a_region_whose_services_fail_validation(sandbox, s
     before = read_records(r53, sandbox.dns)
     refused = drplan("dns-failover", "--plan", str(sandbox_plan_path), "--to", "us-west-2", "--yes")
     assert refused.exit_code == 2, refused.output
-    assert "the services in us-west-2 do not pass validation (health" in refused.stderr
+    assert "the services in us-west-2 do not pass validation (devonn-api: health" in refused.stderr
     assert read_records(r53, sandbox.dns) == before
 
 

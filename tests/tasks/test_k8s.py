@@ -145,9 +145,17 @@ def test_missing_deployment_or_reference_is_one_clear_line(sandbox, api, namespa
         cut_over(sandbox, sandbox.cluster(CLUSTER), "no-such-app", SecretStr("postgresql://x@127.0.0.1/db"))
     assert str(missing.value) == (f"deployment no-such-app in namespace {namespace} does not exist; "
                                   "check clusters[].deployments")
-    with pytest.raises(DrplanError, match=r"^deployment devonn-worker in namespace \S+ has no DATABASE_URL from a "
-                                          r"Secret \(env valueFrom\.secretKeyRef\); [^\n]+$"):
-        find_database_secret(api, namespace, "devonn-worker")
+    apps = k8s.AppsV1Api(api)
+    apps.create_namespaced_deployment(namespace, {  # a deployment that takes no database URL from a Secret
+        "metadata": {"name": "no-database-app"},
+        "spec": {"selector": {"matchLabels": {"app": "x"}}, "template": {
+            "metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "x", "image": "x"}]}}}})
+    try:
+        with pytest.raises(DrplanError, match=r"^deployment no-database-app in namespace \S+ has no DATABASE_URL "
+                                              r"from a Secret \(env valueFrom\.secretKeyRef\); [^\n]+$"):
+            find_database_secret(api, namespace, "no-database-app")
+    finally:
+        apps.delete_namespaced_deployment("no-database-app", namespace)
 
 
 def test_unavailable_deployment_times_out_with_its_status(api, namespace):
