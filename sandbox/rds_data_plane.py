@@ -71,7 +71,8 @@ class Backing:
     samples: deque = field(default_factory=lambda: deque(maxlen=900))
     archived_end: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
-    cpu: tuple[float, float] | None = None
+    cpu: tuple[int, float, float] | None = None
+    """(postmaster pid, time, its CPU ticks) at the last metric sample."""
 
     def route(self) -> None:
         """Point the endpoint at the serving server, or refuse connections (stopped, cut off)."""
@@ -393,11 +394,11 @@ class DataPlane:
         pid = b.pg._pid(b.active)
         ticks = _process_ticks(pid)
         now = utcnow().timestamp()
-        previous, b.cpu = b.cpu, (now, ticks)
-        if previous is None or now <= previous[0]:
+        previous, b.cpu = b.cpu, (pid, now, ticks)
+        if previous is None or previous[0] != pid or now <= previous[1]:  # first sample, or another server now
             return 0.0
-        return round(100.0 * (ticks - previous[1]) / os.sysconf("SC_CLK_TCK") / (now - previous[0])
-                     / (os.cpu_count() or 1), 2)
+        return max(0.0, round(100.0 * (ticks - previous[2]) / os.sysconf("SC_CLK_TCK") / (now - previous[1])
+                              / (os.cpu_count() or 1), 2))
 
 
 def _segment_end(wal: str | None) -> int:

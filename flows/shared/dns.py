@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from drplan.clients import aws_client, db_credentials, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import Plan
+from drplan.plan import DatabaseKind, Plan
 from drplan.regions import Placement
 from flows.shared.report import RecoveryReport
 from tasks.health import ServiceValidation, validate_service_task
@@ -12,10 +12,14 @@ from tasks.route53 import failover_ttl, read_records, switch_records
 
 
 def validate_placement(plan: Plan, placement: Placement) -> ServiceValidation:
-    """Recovery validation of one service in its new region, against the database member it now uses."""
-    credentials = db_credentials(plan, placement.database) if placement.database else None
-    target = pg_target(plan, placement.database, placement.member, credentials) if credentials else None
-    return validate_service_task(plan, placement.serving(), target)
+    """Recovery validation of one service in its new region, against the database member it now uses (and, for RDS,
+    that member's CloudWatch metrics)."""
+    db = placement.database
+    credentials = db_credentials(plan, db) if db else None
+    target = pg_target(plan, db, placement.member, credentials) if credentials else None
+    metrics = (plan.member_region(db, placement.member), db.members[placement.member]) \
+        if db and db.kind is DatabaseKind.rds else None
+    return validate_service_task(plan, placement.serving(), target, metrics)
 
 
 def switch_dns(plan: Plan, to: str, report: RecoveryReport) -> None:
