@@ -27,9 +27,18 @@ from drplan.plan import DEFAULT_PLAN, DatabaseKind
 from drplan.timeutil import format_duration
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret
 from flows.shared.gates import recovery_lock, request_approval
-from flows.shared.promotion import RDS_POLL_SECONDS, Mode, Request, already_promoted, lag_guard, metrics, promote
+from flows.shared.promotion import (
+    RDS_POLL_SECONDS,
+    Mode,
+    Request,
+    already_promoted,
+    apply_fence,
+    lag_guard,
+    metrics,
+    promote,
+)
 from flows.shared.report import RecoveryReport, finished, published
-from tasks.fencing import FENCE_HOW, fence_member_task
+from tasks.fencing import FENCE_HOW
 from tasks.health import validate_database_task, validate_service_task
 from tasks.rds import (
     describe_instance_task,
@@ -128,16 +137,7 @@ def fence_old_primary(request: Request, report: FailoverReport, credentials: DbC
         report.fence = "skipped (forced)"
         report.record("fence skipped", old, "forced: the old primary may still accept writes", mutating=True)
         return
-    target = pg_target(request.plan, request.db, "primary", credentials) \
-        if request.db.kind is DatabaseKind.postgres else None
-    result = fence_member_task(request.plan, request.db, old, request.plan.aws.region, target)
-    report.fence = result.status
-    if result.status == "pending":
-        report.record("fence pending", old, f"unreachable ({result.detail}); fenced as soon as it answers",
-                      mutating=True)
-    else:
-        report.record(result.status, old, FENCE_HOW[request.db.kind], before="primary", after="fenced",
-                      mutating=result.status == "fenced")
+    report.fence = apply_fence(report, request.plan, request.db, "primary", credentials)
 
 
 def plan_steps(request: Request, report: FailoverReport, already: bool, fence: bool) -> None:

@@ -22,7 +22,7 @@ from prefect import flow
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, Plan, load_plan
 from drplan.regions import Placement, placements, traffic_target
 from drplan.timeutil import format_duration, utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
@@ -30,10 +30,10 @@ from flows.eks_recovery import EksReport, eks_recovery
 from flows.shared.cutover import database_url
 from flows.shared.dns import switch_dns, validate_placement
 from flows.shared.gates import recovery_lock, request_approval
-from flows.shared.promotion import Request, already_promoted, lag_guard, promote
+from flows.shared.promotion import Request, already_promoted, apply_fence, lag_guard, promote
 from flows.shared.report import RecoveryReport, finished, published, run_report
 from tasks.eks import scale_deployment
-from tasks.fencing import FENCE_HOW, fence_member_task, unfence_postgres, unfence_rds
+from tasks.fencing import FENCE_HOW, unfence_role
 from tasks.health import ServiceValidation
 from tasks.k8s import (
     DATABASE_ENV,
@@ -147,15 +147,9 @@ def fence_source(plan: Plan, placed: list[Placement], report: RegionReport) -> N
     """The region traffic leaves stops writing before anything is promoted: each database member serving there is
     fenced (pending while unreachable) and its services are scaled to zero."""
     for placement in (p for p in placed if p.database):
-        db, role = placement.database, source_role(placement)
-        target = pg_target(plan, db, role, db_credentials(plan, db)) if db.kind is DatabaseKind.postgres else None
-        fence = fence_member_task(plan, db, db.members[role], plan.member_region(db, role), target)
-        if fence.status == "pending":
-            report.record("fence pending", fence.member, f"unreachable ({fence.detail}); fenced as soon as it "
-                          "answers", mutating=True)
-        else:
-            report.record(fence.status, fence.member, FENCE_HOW[db.kind], mutating=fence.status == "fenced")
-        if placement.member == "primary" and unfence_member(plan, db, "primary"):
+        db, credentials = placement.database, db_credentials(plan, placement.database)
+        apply_fence(report, plan, db, source_role(placement), credentials)
+        if placement.member == "primary" and unfence_role(plan, db, "primary", credentials):
             report.record("unfenced", db.primary, "fenced when traffic left it; it serves again", mutating=True)
     for leaving in placements(plan, report.from_region):
         try:
@@ -166,12 +160,6 @@ def fence_source(plan: Plan, placed: list[Placement], report: RegionReport) -> N
             continue
         report.record("scaled to 0" if before else "already at 0", f"{leaving.cluster.name}/{leaving.service.name}",
                       before=str(before), after="0", mutating=bool(before))
-
-
-def unfence_member(plan: Plan, db, role: str) -> bool:
-    if db.kind is DatabaseKind.rds:
-        return unfence_rds(plan, plan.member_region(db, role), db.members[role])
-    return unfence_postgres(pg_target(plan, db, role, db_credentials(plan, db)))
 
 
 def promote_member(plan: Plan, placement: Placement, report: RegionReport, force: bool) -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
+from datetime import timedelta
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from drplan import clients
-from drplan.errors import DrplanError
 from drplan.plan import DatabaseKind, Plan
 from drplan.timeutil import utcnow
+from tasks.rds import wait_instance_available
 from tasks.s3 import back_up_prefix, split_uri
 
 ADMIN_USER = "devonn_admin"
@@ -143,16 +143,9 @@ def ensure_rds(plan: Plan, db_password: str) -> None:
             wait_available(rds, db.replica)
 
 
-def wait_available(rds: Any, identifier: str, timeout: float = 600) -> dict[str, Any]:
+def wait_available(rds: Any, identifier: str) -> dict[str, Any]:
     """The instance once its data plane has finished (creating, backing-up ... available)."""
-    deadline = time.monotonic() + timeout
-    while (instance := rds.describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"][0])[
-            "DBInstanceStatus"] != "available":
-        if instance["DBInstanceStatus"] == "failed" or time.monotonic() > deadline:
-            raise DrplanError(f"RDS instance {identifier} is {instance['DBInstanceStatus']}; "
-                              "see the sandbox's logs/moto.log")
-        time.sleep(0.5)
-    return instance
+    return wait_instance_available(rds, identifier, timedelta(minutes=10), poll_seconds=0.5)
 
 
 def ensure_eks(plan: Plan) -> None:

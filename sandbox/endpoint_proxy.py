@@ -66,7 +66,8 @@ class EndpointProxy:
             server.settimeout(None)
             with self._lock:
                 if self._backend != backend:  # re-routed while connecting
-                    _close(client), _close(server)
+                    _close(client)
+                    _close(server)
                     continue
                 self._open |= {client, server}
             threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
@@ -88,7 +89,8 @@ class EndpointProxy:
             finally:
                 with self._lock:
                     self._open -= {client, server}
-                _close(client), _close(server)
+                _close(client)
+                _close(server)
 
 
 def _close(sock: socket.socket) -> None:

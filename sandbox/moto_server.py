@@ -168,8 +168,9 @@ def install_data_plane(plane: Any) -> None:
     RDSResponse.reboot_db_instance = reboot_db_instance
     DBInstance.save_automated_backup = lambda self: None  # the data plane records them after real base backups
     DBInstance.address = property(lambda self: "127.0.0.1" if plane.backing(self) else _address.fget(self))
-    DBInstance.latest_restorable_time = property(lambda self: _backing_attr(plane, self, "latest"))
-    DBInstanceAutomatedBackup.restore_window = property(lambda self: _restore_window(plane, self))
+    DBInstance.latest_restorable_time = property(plane.latest_restorable_time)
+    DBInstanceAutomatedBackup.restore_window = property(
+        lambda self: plane.restore_window(self.backend.databases.get(self.db_instance_identifier)))
     for name in dir(RDSResponse):
         if _mutating(name) and name not in IMPLEMENTED:
             setattr(RDSResponse, name, _refusing(name, refuse))
@@ -187,19 +188,6 @@ def _refusing(name: str, refuse: Any) -> Any:
     def refused(self: RDSResponse) -> ActionResult:
         raise refuse(action, "not implemented by the sandbox's RDS data plane")
     return refused
-
-
-def _backing_attr(plane: Any, instance: DBInstance, name: str) -> Any:
-    backing = plane.backing(instance)
-    return getattr(backing, name) if backing and instance.backup_retention_period else None
-
-
-def _restore_window(plane: Any, automated: DBInstanceAutomatedBackup) -> dict[str, Any] | None:
-    instance = automated.backend.databases.get(automated.db_instance_identifier)
-    backing = plane.backing(instance) if instance else None
-    if not backing or backing.earliest is None or backing.latest is None:
-        return None
-    return {"EarliestTime": backing.earliest, "LatestTime": backing.latest}
 
 
 def _open_to_clients(instance: DBInstance) -> bool:

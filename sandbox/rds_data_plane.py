@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -103,6 +104,17 @@ class DataPlane:
 
     def backing(self, instance: Any) -> Backing | None:
         return self.backings.get((instance.region, instance.db_instance_identifier))
+
+    def latest_restorable_time(self, instance: Any) -> datetime | None:
+        backing = self.backing(instance)
+        return backing.latest if backing and instance.backup_retention_period else None
+
+    def restore_window(self, instance: Any | None) -> dict[str, datetime] | None:
+        """The automated backups' RestoreWindow: from the first base backup to the latest restorable time."""
+        backing = self.backing(instance) if instance else None
+        if not backing or backing.earliest is None or backing.latest is None:
+            return None
+        return {"EarliestTime": backing.earliest, "LatestTime": backing.latest}
 
     def new_backing(self, instance: Any, user: str, password: str) -> Backing:
         lineage = f"{instance.db_instance_identifier}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"
@@ -347,7 +359,7 @@ class DataPlane:
     def _monitor(self) -> None:
         last_metrics = 0.0
         while True:
-            threading.Event().wait(SAMPLE_SECONDS)
+            time.sleep(SAMPLE_SECONDS)
             publish = utcnow().timestamp() - last_metrics >= METRIC_SECONDS
             for b in list(self.backings.values()):
                 with suppress(Exception):  # a server starting, stopping or failing over: next round

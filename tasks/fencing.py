@@ -150,6 +150,19 @@ def fence_member(plan: Plan, db: Database, identifier: str, region: str, target:
     return Fence(**base, status="fenced" if applied else "already fenced")
 
 
+def fence_role(plan: Plan, db: Database, role: str, credentials: DbCredentials) -> Fence:
+    """Fence the member with the plan's `role` (see fence_member)."""
+    target = pg_target(plan, db, role, credentials) if db.kind is DatabaseKind.postgres else None
+    return fence_member(plan, db, db.members[role], plan.member_region(db, role), target)
+
+
+def unfence_role(plan: Plan, db: Database, role: str, credentials: DbCredentials) -> bool:
+    """Lift the fence of the member with the plan's `role`; False if it was not fenced."""
+    if db.kind is DatabaseKind.rds:
+        return unfence_rds(plan, plan.member_region(db, role), db.members[role])
+    return unfence_postgres(pg_target(plan, db, role, credentials))
+
+
 def pending_fences() -> list[Fence]:
     from prefect.variables import Variable
 
@@ -188,5 +201,5 @@ def apply_pending_fences(plan: Plan) -> list[Fence]:
     return results
 
 
-fence_member_task = task(fence_member, cache_policy=NO_CACHE)
+fence_role_task = task(fence_role, cache_policy=NO_CACHE)
 apply_pending_fences_task = task(apply_pending_fences, cache_policy=NO_CACHE)

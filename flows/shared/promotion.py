@@ -12,6 +12,7 @@ from drplan.pgserver import LocalPostgres
 from drplan.plan import Database, DatabaseKind, Plan, Service, load_plan
 from drplan.timeutil import format_duration, utcnow
 from flows.shared.report import RecoveryReport
+from tasks.fencing import FENCE_HOW, fence_role_task
 from tasks.postgres import is_in_recovery, promote_standby, read_newest_heartbeat, read_newest_heartbeat_task
 from tasks.rds import (
     describe_instance_task,
@@ -128,3 +129,16 @@ def promote(request: Request, report: RecoveryReport, new_primary: PgTarget) -> 
     if promote_standby(new_primary):
         report.record("promoted", request.identifier, "pg_promote()", before="standby", after="primary",
                       mutating=True)
+
+
+def apply_fence(report: RecoveryReport, plan: Plan, db: Database, role: str, credentials: DbCredentials) -> str:
+    """Fence the member with `role` before anything is promoted and record it (pending while unreachable);
+    returns the fence's status."""
+    result = fence_role_task(plan, db, role, credentials)
+    if result.status == "pending":
+        report.record("fence pending", result.member, f"unreachable ({result.detail}); fenced as soon as it answers",
+                      mutating=True)
+    else:
+        report.record(result.status, result.member, FENCE_HOW[db.kind], before="primary", after="fenced",
+                      mutating=result.status == "fenced")
+    return result.status
