@@ -27,6 +27,7 @@ app.command("serve")(cli_platform.serve)
 app.command("trigger")(cli_platform.trigger)
 app.command("recover")(cli_recovery.recover)
 app.command("failover")(cli_recovery.failover)
+app.command("reprotect")(cli_recovery.reprotect)
 app.command("dns-failover")(cli_recovery.dns_failover)
 app.command("eks-recover")(cli_recovery.eks_recover)
 app.command("region-failover")(cli_recovery.region_failover)
@@ -77,6 +78,10 @@ def show_rpo(report) -> None:
         row["status"] = f"[{colours[row['status']]}]{row['status']}[/]"
         table.add_row(*row.values())
     out.print(table)
+    if report.differences:
+        out.print("measured on the live topology, which differs from the plan:")
+        for line in report.differences:
+            out.print(f"  - {line}", highlight=False)
     out.print(report.summary)
     for m in report.errors + report.breaches:
         err.print(f"{m.label}: {m.resource} {m.measure}: {m.detail or 'older than ' + m.row['objective']}",

@@ -1,4 +1,5 @@
-"""`drplan recover`, `failover`, `dns-failover`, `eks-recover`, `region-failover`: recovery flows from a terminal.
+"""`drplan recover`, `failover`, `reprotect`, `dns-failover`, `eks-recover`, `region-failover`: recovery flows
+from a terminal.
 
 The flow runs in this process against the Prefect API in the environment (a server with the UI when
 PREFECT_API_URL is set, else a temporary local one). Without --yes the run pauses for approval like it does from
@@ -66,6 +67,22 @@ def failover(
             raise DrplanError("--no-fence needs --force: both primaries could accept writes")
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
                                                   dry_run=dry_run, force=force, approve=yes, fence=not no_fence))
+
+
+def reprotect(
+    plan: str = PlanOption,
+    database: str = typer.Option(..., "--database", "-d", help="The database whose live primary to protect."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+) -> None:
+    """Give the live primary what the plan requires: WAL archiving, a base backup of its lineage, a replica in
+    its region and in the other region. A no-op on a protected database."""
+    from flows.reprotect import reprotect as flow_fn
+
+    dr_plan = plan_or_exit(plan)
+    with refusals():
+        dr_plan.database(database)  # refused before anything runs
+    run(flow_fn, f"reprotect-{database}", dict(plan=plan, database=database, dry_run=dry_run, approve=yes))
 
 
 def dns_failover(

@@ -255,8 +255,10 @@ class LocalPostgres:
         return pid
 
     def _configure(self, member: str, port: int, recovery: Mapping[str, str] | None = None) -> None:
-        """Write drplan.conf. A member with `recovery` settings is a scratch restore: it never archives, so it
-        cannot write a new timeline into the source's archive."""
+        """Write drplan.conf. A member with `recovery` settings is a scratch restore: archive_mode is on but
+        archive_command empty, so it archives nothing (it cannot write a new timeline into the source's archive)
+        yet keeps every WAL file since its promotion, the history file included, until `archive` gives it the
+        command (re-protection of a copy that became the primary: nothing since its promotion is missing)."""
         data = self.data_dir(member)
         settings = {
             "cluster_name": _conf_quote(member),
@@ -274,7 +276,8 @@ class LocalPostgres:
             settings |= {"archive_mode": "on", "archive_command": _conf_quote(archive),
                          "archive_timeout": str(self.archive_timeout)}
         else:
-            settings |= {"archive_mode": "off", **{k: _conf_quote(v) for k, v in recovery.items()}}
+            settings |= {"archive_mode": "on", "archive_command": "''",
+                         **{k: _conf_quote(v) for k, v in recovery.items()}}
         text = "# written by drplan at every start; edits are overwritten\n"
         self._write_private(data / "drplan.conf", text + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         conf = (data / "postgresql.conf").read_text()
@@ -429,6 +432,36 @@ class LocalPostgres:
                                     f"{self._last_log_line(member)}")
             time.sleep(0.2)
         return True
+
+    # --- re-protection -------------------------------------------------------------------------------------
+
+    def archive(self, member: str) -> bool:
+        """Give `member` (a recovery copy that became the primary) the archive command: it archives every WAL file
+        it kept since its promotion, then goes on. A reload, no restart. False when it already archives."""
+        with self.connect(member, "postgres") as conn:
+            if conn.execute("SELECT current_setting('archive_command') NOT IN ('', '(disabled)')").fetchone()[0]:
+                return False
+            self._configure(member, self._port(member))
+            conn.execute("SELECT pg_reload_conf()")
+        return True
+
+    def rebuild_standby(self, member: str, port: int, source_host: str, source_port: int, timeout: float = 600
+                        ) -> None:
+        """Replace `member`'s data with a pg_basebackup of the server at source_host:source_port and start it as
+        its streaming standby on `port` (it archives once promoted). What `member` held is gone."""
+        self.ports[member] = port
+        self._prepare()
+        self.stop(member)
+        shutil.rmtree(self.data_dir(member), ignore_errors=True)
+        self._clone(member, source_host, source_port, timeout)
+        self._start(member, port)
+
+    def _clone(self, member: str, source_host: str, source_port: int, timeout: float = 600) -> None:
+        """pg_basebackup of the source into `member`'s data directory, set up to stream from it (-R)."""
+        conninfo = (f"host={source_host} port={source_port} user={self.superuser} passfile={self.passfile} "
+                    f"application_name={member}")
+        self._run([PG_BIN / "pg_basebackup", "-d", conninfo, "-D", self.data_dir(member), "-R", "-X", "stream",
+                   "-c", "fast", "-w"], f"pg_basebackup {member} from {source_host}:{source_port}", timeout=timeout)
 
     def remove(self, member: str) -> bool:
         """Stop `member` and delete its data and log. Returns whether anything was there."""

@@ -66,13 +66,13 @@ def age_of(
     if newest is None:
         return Measurement(
             resource=resource, data_class=data_class, measure=measure, objective=objective,
-            status=Status.failed, detail=_join(missing, detail),
+            status=Status.failed, detail=join(missing, detail),
         )
     if newest.tzinfo is None:
         raise ValueError(f"{resource} {measure}: naive timestamp {newest.isoformat()}; times must be UTC-aware")
     age = now - newest
     if age < timedelta(0):  # the source's clock runs ahead of ours: report it, count the age as zero
-        detail = _join(detail, f"clock skew {format_duration(-age)}")
+        detail = join(detail, f"clock skew {format_duration(-age)}")
         age = timedelta(0)
     status = Status.passed if age <= objective else Status.failed
     return Measurement(
@@ -108,7 +108,8 @@ def error(resource: str, data_class: DataClass, measure: str, objective: timedel
     )
 
 
-def _join(*parts: str) -> str:
+def join(*parts: str) -> str:
+    """The non-empty parts, joined with "; "."""
     return "; ".join(p for p in parts if p)
 
 
@@ -117,6 +118,8 @@ class RpoReport(BaseModel):
     started_at: datetime
     finished_at: datetime
     measurements: list[Measurement] = Field(default_factory=list)
+    differences: list[str] = Field(default_factory=list)
+    """How the live topology measured differs from the plan."""
 
     @property
     def breaches(self) -> list[Measurement]:
@@ -148,4 +151,7 @@ class RpoReport(BaseModel):
             markdown_table(["resource", "class", "measure", "newest", "age", "objective", "status", "detail"],
                            [m.row.values() for m in self.measurements]),
         ]
+        if self.differences:
+            lines += ["", "Measured on the live topology, which differs from the plan:",
+                      *(f"- {line}" for line in self.differences)]
         return "\n".join(lines)

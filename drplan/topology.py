@@ -103,6 +103,12 @@ class DatabaseTopology(BaseModel):
     database: str
     members: list[Member] = []
     bindings: list[Binding] = []
+    home_region: str | None = None
+    """The plan's primary region: where a member of no known region (a copy restored on this machine) counts."""
+    wants_replica: bool = False
+    """The plan keeps a replica in the primary's region."""
+    dr_region: str | None = None
+    """The plan keeps a replica in this other region (None: no DR replica)."""
 
     def member(self, identifier: str | None) -> Member | None:
         return next((m for m in self.members if m.identifier == identifier), None)
@@ -122,9 +128,62 @@ class DatabaseTopology(BaseModel):
 
     @property
     def primary(self) -> Member | None:
-        """The one writable member; None when there is none or more than one."""
+        """The live primary: the one writable member, or among several the one that services use (the others
+        are split brain, reported as a difference); None when that does not name exactly one."""
         writable = self.writable
-        return writable[0] if len(writable) == 1 else None
+        if len(writable) == 1:
+            return writable[0]
+        used = {m.identifier for m in self.used}
+        serving = [m for m in writable if m.identifier in used]
+        return serving[0] if len(serving) == 1 else None
+
+    @property
+    def last_primary(self) -> Member | None:
+        """The live primary; when none accepts writes (it failed), the member the services use, else the one every
+        replica follows."""
+        if self.primary is not None:
+            return self.primary
+        used = self.used
+        if len(used) == 1:
+            return used[0]
+        followed = {m.upstream for m in self.members if m.state is State.replica and m.upstream}
+        return self.member(followed.pop()) if len(followed) == 1 else None
+
+    def replicas_of(self, member: Member) -> list[Member]:
+        """Members streaming from `member` now."""
+        return [m for m in self.members if m.state is State.replica and m.upstream == member.identifier]
+
+    def region_of(self, member: Member) -> str | None:
+        return member.region or self.home_region
+
+    def in_region_replica(self, member: Member) -> Member | None:
+        """A replica of `member` in its own region."""
+        return next((r for r in self.replicas_of(member) if self.region_of(r) == self.region_of(member)), None)
+
+    def other_region(self, member: Member) -> str | None:
+        """Where the DR replica of `member` belongs: the plan's DR region, or home when `member` is in the DR region."""
+        if self.dr_region is None:
+            return None
+        return self.home_region if self.region_of(member) == self.dr_region else self.dr_region
+
+    def dr_replica(self, member: Member) -> Member | None:
+        """A replica of `member` in the other region."""
+        other = self.other_region(member)
+        return next((r for r in self.replicas_of(member) if other and self.region_of(r) == other), None)
+
+    def protection_gaps(self, member: Member) -> list[str]:
+        """What `member`, as the primary, lacks of the protection the plan requires: WAL archiving (RDS: automated
+        backups), a replica in its region, a replica in the other region."""
+        gaps = []
+        if member.archiving is False:
+            gaps.append(f"live primary {member.identifier} does not archive WAL")
+        elif member.archive_failing:
+            gaps.append(f"live primary {member.identifier}: WAL archiving is failing")
+        if self.wants_replica and self.in_region_replica(member) is None:
+            gaps.append(f"live primary {member.identifier} has no replica in {self.region_of(member) or 'its region'}")
+        if self.dr_region and self.dr_replica(member) is None:
+            gaps.append(f"live primary {member.identifier} has no replica in {self.other_region(member)}")
+        return gaps
 
     @property
     def plan_primary(self) -> Member | None:
@@ -177,15 +236,7 @@ class DatabaseTopology(BaseModel):
         return lines
 
     def _protection(self) -> list[str]:
-        lines = []
-        for m in self.writable:
-            if m.archiving is False:
-                lines.append(f"live primary {m.identifier} does not archive WAL")
-            elif m.archive_failing:
-                lines.append(f"live primary {m.identifier}: WAL archiving is failing")
-            if not any(r.state is State.replica and r.upstream == m.identifier for r in self.members):
-                lines.append(f"live primary {m.identifier} has no replica")
-        return lines
+        return [gap for m in self.writable for gap in self.protection_gaps(m)]
 
     def markdown(self) -> str:
         members = markdown_table(MEMBER_COLUMNS, (m.row.values() for m in self.members))

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from prefect import flow
 
-from drplan.clients import DbCredentials, aws_client, check_aws_access, db_credentials, pg_target
+from drplan.clients import DbCredentials, aws_client, check_aws_access, db_credentials
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, DatabaseKind
 from drplan.timeutil import format_duration
@@ -100,7 +100,7 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
     if request.db.kind is DatabaseKind.rds and request.mode is Mode.multi_az:
         rds_multi_az(request, report, dry_run, approve)
         return
-    new_primary = pg_target(request.plan, request.db, request.member, credentials)
+    new_primary = request.target(request.new, credentials)
     already = already_promoted(request, new_primary)
     if already:
         report.record("found promoted", request.identifier, "promoted by an earlier run; no lag guard, no promotion")
@@ -132,22 +132,22 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
 
 def fence_old_primary(request: Request, report: FailoverReport, credentials: DbCredentials, fence: bool) -> None:
     """Before the promotion: the old primary accepts no more writes (or its fence is pending until it answers)."""
-    old = request.db.primary
+    old = request.old.identifier
     if not fence:
         report.fence = "skipped (forced)"
         report.record("fence skipped", old, "forced: the old primary may still accept writes", mutating=True)
         return
-    report.fence = apply_fence(report, request.plan, request.db, "primary", credentials)
+    report.fence = apply_fence(report, request.plan, request.db, request.old, credentials, request.topology)
 
 
 def plan_steps(request: Request, report: FailoverReport, already: bool, fence: bool) -> None:
     """The dry run: every step and resource, nothing changed."""
     if request.mode is Mode.multi_az:
-        report.record("would stop", request.db.primary, "fast shutdown of the primary")
+        report.record("would stop", request.old.identifier, "fast shutdown of the primary")
     if not already:
         report.record("would ask approval", request.db.name)
     if request.mode is Mode.promote_replica:
-        report.record("would fence" if fence else "would skip the fence", request.db.primary,
+        report.record("would fence" if fence else "would skip the fence", request.old.identifier,
                       FENCE_HOW[request.db.kind] if fence else "forced: the old primary may still accept writes")
     if not already:
         report.record("would promote", request.identifier,
@@ -163,15 +163,15 @@ def plan_steps(request: Request, report: FailoverReport, already: bool, fence: b
 def approval_summary(request: Request, report: FailoverReport, fence: bool) -> str:
     lines = [f"## Approve {request.mode} failover of {request.db.name}?", ""]
     if request.mode is Mode.multi_az:
-        lines.append(f"- the primary **{request.db.primary}** is stopped (fast shutdown)")
+        lines.append(f"- the primary **{request.old.identifier}** is stopped (fast shutdown)")
     lines.append(f"- **{request.identifier}** ({request.member}, {request.region}) is promoted to a standalone "
                  f"primary; replica lag {report.lag_seconds}s. This cannot be undone: the old primary must be "
                  "rebuilt from it to replicate again")
     if request.mode is Mode.promote_replica:
-        lines.append(f"- the old primary **{request.db.primary}** is fenced first ({FENCE_HOW[request.db.kind]}; "
+        lines.append(f"- the old primary **{request.old.identifier}** is fenced first ({FENCE_HOW[request.db.kind]}; "
                      "pending until it answers if unreachable)" if fence else
-                     f"- the old primary **{request.db.primary}** is **not fenced** (forced): it may still accept "
-                     "writes")
+                     f"- the old primary **{request.old.identifier}** is **not fenced** (forced): it may still "
+                     "accept writes")
     if request.service:
         lines.append(f"- the application **{request.service.name}** is pointed at it (Kubernetes Secret "
                      "rewritten, deployment restarted), validated, and rolled back if validation fails")
@@ -180,32 +180,31 @@ def approval_summary(request: Request, report: FailoverReport, fence: bool) -> s
 
 def rds_multi_az(request: Request, report: FailoverReport, dry_run: bool, approve: bool) -> None:
     """Reboot with forced failover, wait, then validate; the endpoint is unchanged, so there is no cutover."""
-    rds = aws_client(request.plan, "rds")
-    instance = describe_instance_task(rds, request.db.primary)
+    rds, primary = aws_client(request.plan, "rds", request.region), request.old.identifier
+    instance = describe_instance_task(rds, primary)
     if not instance.get("MultiAZ"):
-        raise DrplanError(f"{request.db.primary} is not Multi-AZ; there is no standby to fail over to "
+        raise DrplanError(f"{primary} is not Multi-AZ; there is no standby to fail over to "
                           "(modify it with MultiAZ=true first)")
     zones = f"{instance.get('AvailabilityZone')} / standby {instance.get('SecondaryAvailabilityZone')}"
     if dry_run:
         report.record("would ask approval", request.db.name)
-        report.record("would reboot", request.db.primary, f"ForceFailover=True ({zones})")
-        report.record("would validate", request.db.primary, "connectivity and CloudWatch metrics")
+        report.record("would reboot", primary, f"ForceFailover=True ({zones})")
+        report.record("would validate", primary, "connectivity and CloudWatch metrics")
         report.outcome = "planned (dry run)"
         return
     if instance["DBInstanceStatus"] != "rebooting":
-        summary = (f"## Approve a Multi-AZ failover test of {request.db.name}?\n\n**{request.db.primary}** "
+        summary = (f"## Approve a Multi-AZ failover test of {request.db.name}?\n\n**{primary}** "
                    f"({zones}) reboots with ForceFailover: connections drop for about a minute.")
         decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(), summary, approve)
         if not decision.approve:
             report.outcome = "refused: nothing changed"
             return
-    if reboot_with_failover(rds, request.db.primary):
-        report.record("rebooted", request.db.primary, "ForceFailover=True", before=zones, mutating=True)
-    after = wait_instance_available(rds, request.db.primary, request.plan.drill.restore_timeout, RDS_POLL_SECONDS)
-    report.record("available", request.db.primary,
+    if reboot_with_failover(rds, primary):
+        report.record("rebooted", primary, "ForceFailover=True", before=zones, mutating=True)
+    after = wait_instance_available(rds, primary, request.plan.drill.restore_timeout, RDS_POLL_SECONDS)
+    report.record("available", primary,
                   f"{after.get('AvailabilityZone')} / standby {after.get('SecondaryAvailabilityZone')}")
-    credentials = db_credentials(request.plan, request.db)
-    target = pg_target(request.plan, request.db, "primary", credentials)
+    target = request.target(request.old, db_credentials(request.plan, request.db))
     report.validation = (validate_service_task(request.plan, request.service, target)
                          if request.service else validate_database_task(request.plan, request.db, target))
     report.outcome = "failed over" if report.validation.passed else "validation failed"

@@ -2,6 +2,7 @@
 readiness checks). One finding per question, each ready or not with what was seen:
 
 - AWS credentials work (STS) and can read what the failover changes (RDS member, EKS cluster, the hosted zone);
+- each database is protected: its live primary archives WAL and has the replicas the plan requires;
 - the database member there: a replica within the database RPO (lag), or a primary that accepts writes;
 - the cluster is ACTIVE with at least `failover.min_ready_nodes` Ready nodes (a node group at zero is not ready);
 - its manifests load with the cluster's overrides, hold the deployments `failover.scale` names, and the Secrets
@@ -23,18 +24,20 @@ from prefect.events import emit_event
 from prefect.states import Failed
 from pydantic import BaseModel, Field
 
-from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client, pg_target
+from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client
 from drplan.errors import first_line
 from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
 from drplan.results import markdown_table
 from drplan.timeutil import format_duration, utcnow
+from drplan.topology import DatabaseTopology
 from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
-from tasks.fencing import apply_pending_fences, is_fenced
+from tasks.fencing import apply_pending_fences
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
+from tasks.topology import discover_topology
 
 
 class Finding(BaseModel):
@@ -72,46 +75,48 @@ def _finding(report: ReadinessReport, check: str, probe: Callable[[], tuple[bool
     report.findings.append(Finding(check=check, ready=ready, detail=detail))
 
 
-def database_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
+def database_probe(plan: Plan, placement: Placement, topology: DatabaseTopology) -> Callable[[], tuple[bool, str]]:
+    """The member that would serve in the region, on the live topology: the live primary when it is there, else
+    its replica there within the database RPO (lag)."""
     def probe() -> tuple[bool, str]:
-        db = placement.database
-        credentials = db_credentials(plan, db)
-        target = pg_target(plan, db, placement.member, credentials)
-        if is_fenced(plan, db, placement.member, credentials):
-            if placement.member == "primary":
-                return True, f"{target.label} is fenced since traffic left it; a failback unfences it"
-            return False, (f"{target.label} is fenced (it served, then traffic left it): rebuild it as a replica "
-                           "of the primary")
-        with target.connect() as conn:
-            standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-        if db.kind is DatabaseKind.rds:
-            rds = aws_client(plan, "rds", plan.member_region(db, placement.member))
-            describe_instance(rds, db.members[placement.member])  # the credentials can read the instance
-        if not standby and placement.member == "primary":
-            return True, f"{target.label} is a primary (accepts writes)"
-        if not standby:
-            return old_primary_gone(plan, placement, target.label, credentials)
-        lag, basis = measure_lag(Request(plan, db.name, "promote-replica", placement.member), credentials)
+        db, region = placement.database, plan.region_of(placement.cluster)
+        old = topology.last_primary
+        if old is None:
+            return False, "no primary found: " + "; ".join(topology.differences[:1])
+        if db.kind is DatabaseKind.rds:  # the credentials can read the instance the failover promotes
+            describe_instance(aws_client(plan, "rds", topology.region_of(old)), old.identifier)
+        if topology.region_of(old) == region:
+            if old is topology.primary:
+                return True, f"{old.identifier} is the live primary here (accepts writes)"
+            return False, f"{old.identifier}, the primary here, is {old.state}" + (f": {old.detail}" if old.detail
+                                                                                  else "")
+        replica = topology.dr_replica(old)
+        if replica is None or topology.region_of(replica) != region:
+            return False, (f"the primary {old.identifier} has no replica in {region}: run drplan reprotect "
+                           f"--database {db.name}")
+        request = Request(plan, db.name, "promote-replica", "dr_replica", topology)
+        lag, basis = measure_lag(request, db_credentials(plan, db))
         objective = plan.objectives.rpo.database
         shown = "unknown" if lag is None else format_duration(timedelta(seconds=lag))
         return (lag is not None and lag <= objective.total_seconds(),
-                f"{target.label} replica lag {shown} ({basis}); objective {format_duration(objective)}")
+                f"{replica.identifier} replicates from {old.identifier}, lag {shown} ({basis}); objective "
+                f"{format_duration(objective)}")
     return probe
 
 
-def old_primary_gone(plan: Plan, placement: Placement, label: str, credentials) -> tuple[bool, str]:
-    """A promoted DR member is ready only while the primary region's primary does not also accept writes (else the
-    two have diverged: a drill's failback, or broken replication; rebuild the replica)."""
-    try:
-        with pg_target(plan, placement.database, "primary", credentials).connect() as conn:
-            primary_writes = conn.execute("SELECT NOT pg_is_in_recovery() AND "
-                                          "current_setting('default_transaction_read_only') = 'off'").fetchone()[0]
-    except Exception:
-        primary_writes = False
-    if primary_writes:
-        return False, (f"{label} is promoted and {placement.database.primary} accepts writes too: they have diverged "
-                       "(a failback, or broken replication); rebuild the DR replica from the primary")
-    return True, f"{label} is already promoted; the primary region's primary is fenced or does not answer"
+def protection_probe(topology: DatabaseTopology) -> Callable[[], tuple[bool, str]]:
+    """The live primary has what the plan requires (archiving, a replica in its region and in the other one):
+    else a failover now would leave the database unprotected, or promote a member that no longer follows."""
+    def probe() -> tuple[bool, str]:
+        primary = topology.primary
+        if primary is None:
+            return False, "not protected: no live primary (" + "; ".join(topology.differences[:1]) + ")"
+        gaps = topology.protection_gaps(primary)
+        if gaps:
+            return False, f"not protected: {'; '.join(gaps)}; run drplan reprotect --database {topology.database}"
+        replicas = ", ".join(r.identifier for r in topology.replicas_of(primary))
+        return True, f"live primary {primary.identifier} archives WAL; replicas {replicas or 'none required'}"
+    return probe
 
 
 def capacity_probe(plan: Plan, placement: Placement) -> Callable[[], tuple[bool, str]]:
@@ -171,11 +176,14 @@ def check_region(plan: Plan, region: str) -> ReadinessReport:
             f"pending since {fence.recorded_at}: {fence.detail}; fenced as soon as it answers"
         report.findings.append(Finding(check=f"fence of {fence.database} {fence.member}",
                                        ready=fence.status != "pending" or fence.region != region, detail=detail))
+    live = {db.database: db for db in discover_topology(plan).databases}
+    for db in live.values():
+        _finding(report, f"{db.database}: protected", protection_probe(db))
     for placement in placements(plan, region):
         name = placement.service.name
         if placement.database:
             _finding(report, f"{name}: database {placement.database.name} ({placement.member})",
-                     database_probe(plan, placement))
+                     database_probe(plan, placement, live[placement.database.name]))
         _finding(report, f"{name}: cluster capacity", capacity_probe(plan, placement))
         _finding(report, f"{name}: manifests and Secrets", manifests_probe(plan, placement))
     _finding(report, "DNS", dns_probe(plan, region))

@@ -2,8 +2,10 @@
 
 validate (plan, database, a target time inside the restorable window, the app's deployment and its Secret)
 -> restore `<db>-recovery-<T>` (a rerun finds it) -> integrity checks -> [promote] approval gate showing exactly
-what changes -> point the app's Secret at the restored database, roll the deployment, wait until available ->
-validate the service -> on failed validation, roll the Secret back. Dry run lists each step and changes nothing.
+what changes -> fence the database the app uses now (the damaged history takes no more writes) -> point the app's
+Secret at the restored database, roll the deployment, wait until available -> validate the service -> on failed
+validation, lift the fence and roll the Secret back; on success offer `drplan reprotect` (the copy does not
+archive and has no replicas yet). Dry run lists each step and changes nothing.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from datetime import datetime
 from prefect import flow
 
 from checks.integrity import ROW_COUNT
-from drplan.clients import check_aws_access, db_credentials, pg_target
+from drplan.clients import PgTarget, check_aws_access, db_credentials, pg_target
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
 from flows.shared.gates import recovery_lock, request_approval
+from flows.shared.promotion import apply_fence
 from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
+from tasks.fencing import FENCE_HOW, unfence_member_task
 from tasks.targets import RestoreTarget, restore_target, scratch_name
+from tasks.topology import discover_topology
 
 
 class PitrReport(RecoveryReport):
@@ -68,6 +73,7 @@ def pitr_recovery(
         report.record("would check", report.recovery_copy, "integrity suites against the source")
         if service:
             report.record("would ask approval", service.name)
+            report.record("would fence", "the database the app uses now", FENCE_HOW[db.kind])
             report.record("would rewrite", f"Secret of {service.name}", "DATABASE_URL -> the recovery copy")
             report.record("would restart", f"deployment {service.name}", "and validate; roll back on failure")
         report.outcome = "planned (dry run)"
@@ -100,13 +106,29 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
                           "CLI prompt")
     decision = request_approval(report, f"pitr-approval-{db.name}".lower(), (
         f"## Approve PITR recovery of {db.name}?\n\nThe application **{service.name}** will be pointed at "
-        f"`{report.recovery_copy}` (restored to {report.target_time}): its Kubernetes Secret is rewritten and the "
-        "deployment restarted. Validation failure rolls the Secret back.\n\nChecks of the copy that did not pass: "
+        f"`{report.recovery_copy}` (restored to {report.target_time}): the database it uses now is fenced first "
+        f"({FENCE_HOW[db.kind]}), its Kubernetes Secret is rewritten and the deployment restarted. Validation "
+        "failure lifts the fence and rolls the Secret back.\n\nChecks of the copy that did not pass: "
         f"{', '.join(failed) or 'none'}."), approve)
     if not decision.approve:
         report.outcome = "refused: nothing changed"
         return
+    topology = discover_topology(dr_plan, [db.name]).databases[0]
+    old = next((m for m in topology.used if m.identifier != report.recovery_copy), None)
+    fence = apply_fence(report, dr_plan, db, old, credentials, topology) if old else None
     url = database_url(credentials, scratch.host, scratch.port, db.dbname)
     instance = (dr_plan.aws.region, report.recovery_copy) if db.kind is DatabaseKind.rds else None
     report.outcome = "promoted"
-    cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance)
+
+    def unfence() -> None:  # the app returns to the database it left: it must take writes again
+        if old is not None and fence in ("fenced", "pending"):
+            target = PgTarget(f"{db.name}/{old.identifier}", old.host, old.port, db.dbname, credentials) \
+                if old.host else None
+            if unfence_member_task(dr_plan, db, old.identifier, topology.region_of(old) or dr_plan.aws.region,
+                                   target):
+                report.record("unfenced", old.identifier, "the application returns to it", mutating=True)
+
+    cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance, unfence)
+    if report.outcome == "promoted":
+        report.record("offered", f"drplan reprotect --database {db.name}",
+                      f"{report.recovery_copy} serves without archiving or replicas until then")

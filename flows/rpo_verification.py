@@ -14,18 +14,21 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from drplan import rpo
-from drplan.clients import aws_client, check_aws_access, db_credentials, pg_target
+from drplan.clients import PgTarget, aws_client, check_aws_access, db_credentials
+from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, load_plan
 from drplan.results import Status
 from drplan.timeutil import utcnow
+from drplan.topology import DatabaseTopology, Member, State
 from tasks import barman, postgres, rds, s3
+from tasks.topology import discover_topology
 
 Judge = Callable[[Any, datetime], rpo.Measurement]
 
@@ -46,6 +49,8 @@ class Pending:
         try:
             if self.failure:
                 raise self.failure
+            if not self.futures:  # nothing to measure: the judge reports why
+                return self.judge(None, now)
             results = [f.result() for f in self.futures]
             return self.judge(results[0] if len(results) == 1 else results, now)
         except Exception as exc:  # one broken measurement must not hide the others
@@ -56,9 +61,15 @@ def _aged(resource: str, data_class: rpo.DataClass, measure: str, objective: tim
     return lambda newest, now: rpo.age_of(resource, data_class, measure, newest, objective, now, **kw)
 
 
-def database_checks(plan: Plan, db: Database) -> list[Pending]:
+def database_checks(plan: Plan, db: Database, topology: DatabaseTopology) -> list[Pending]:
+    """The database's measurements, taken on the live topology: the heartbeat on the live primary and on its replica
+    in its region and in the other region (each as the plan requires), and its WAL archive and base backup
+    (postgres) or latest restorable time and snapshot (rds). A member the plan requires but the live primary
+    lacks (no replica, archiving off) is a breach naming `drplan reprotect`."""
     objective = plan.objectives.rpo.database
     checks: list[Pending] = []
+    primary = topology.primary
+    reprotect = f"drplan reprotect --database {db.name}"
 
     def add(measure: str, objective: timedelta, judge: Judge, submit: Callable[[], tuple]) -> None:
         pending = Pending(db.name, "database", measure, objective, judge)
@@ -72,38 +83,63 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
         credentials = db_credentials(plan, db)
     except Exception as exc:
         credentials, credential_error = None, exc
-    for role in db.members:
+
+    def target(member: Member) -> PgTarget:
+        if credentials is None:
+            raise credential_error
+        return PgTarget(f"{db.name}/{member.identifier}", member.host, member.port, db.dbname, credentials)
+
+    no_primary = "no live primary: " + "; ".join(topology.differences[:1])
+    unprobed = topology.plan_primary if primary is None and topology.plan_primary and \
+        topology.plan_primary.state is State.down else None
+
+    def missing(measure: str, objective: timedelta, why: str, member: Member | None = None) -> None:
+        """A measurement that cannot be taken on the live topology: an error when the member that would hold it
+        does not answer (nothing could be measured), else a breach saying why."""
+        down = member if member is not None and member.state is State.down else unprobed
+        pending = Pending(db.name, "database", measure, objective,
+                          _aged(db.name, "database", measure, objective, missing=why))
+        if down is not None:
+            pending.failure = DrplanError(down.detail or f"{down.identifier} does not answer")
+        checks.append(pending)
+    for role, planned in db.members.items():
         measure = f"{role} newest heartbeat"
-
-        def submit_heartbeat(role: str = role) -> tuple:
-            if credentials is None:
-                raise credential_error
-            target = pg_target(plan, db, role, credentials)
-            return (postgres.read_newest_heartbeat_task.submit(target, db.integrity.heartbeat_table),)
-
-        add(measure, objective, _aged(db.name, "database", measure, objective,
-                                      missing="heartbeat table is empty"), submit_heartbeat)
+        member = primary if role == "primary" else None
+        if primary is not None and role == "replica":
+            member = topology.in_region_replica(primary)
+        elif primary is not None and role == "dr_replica":
+            member = topology.dr_replica(primary)
+        if member is None:
+            missing(measure, objective, no_primary if primary is None else
+                    f"the live primary {primary.identifier} has no replica in "
+                    f"{topology.region_of(primary) if role == 'replica' else topology.other_region(primary)}; "
+                    f"run {reprotect}", topology.member(planned))
+            continue
+        detail = "" if member.identifier == planned else f"on {member.identifier}"
+        add(measure, objective,
+            _aged(db.name, "database", measure, objective, detail=detail, missing="heartbeat table is empty"),
+            lambda member=member: (postgres.read_newest_heartbeat_task.submit(target(member),
+                                                                              db.integrity.heartbeat_table),))
 
     if db.kind is DatabaseKind.postgres:
         s3_client = aws_client(plan, "s3")
 
         def judge_wal(results: list, now: datetime) -> rpo.Measurement:
             newest, archiver = results
-            detail = ""
+            detail = "" if primary.identifier == db.primary else f"on {primary.identifier}"
             if archiver.failing:
-                detail = (f"archiver failing since {archiver.last_failed_time:%H:%M:%SZ} "
-                          f"({archiver.failed_count} failures, {archiver.last_failed_wal})")
+                detail = rpo.join(detail, f"archiver failing since {archiver.last_failed_time:%H:%M:%SZ} "
+                                          f"({archiver.failed_count} failures, {archiver.last_failed_wal})")
             return rpo.age_of(db.name, "database", "WAL archive", newest, objective, now, detail=detail,
-                              missing="no WAL in the archive")
+                              missing=f"no WAL of timeline {primary.timeline} in the archive")
 
-        def submit_wal() -> tuple:
-            if credentials is None:
-                raise credential_error
-            primary = pg_target(plan, db, "primary", credentials)
-            return (barman.find_newest_wal_task.submit(s3_client, db.backup),
-                    postgres.read_archiver_status.submit(primary))
-
-        add("WAL archive", objective, judge_wal, submit_wal)
+        if primary is None or primary.archiving is False:
+            missing("WAL archive", objective, no_primary if primary is None else
+                    f"the live primary {primary.identifier} does not archive WAL; run {reprotect}")
+        else:
+            add("WAL archive", objective, judge_wal,
+                lambda: (barman.find_newest_wal_task.submit(s3_client, db.backup, primary.timeline),
+                         postgres.read_archiver_status.submit(target(primary))))
 
         def judge_base(backups: list[barman.BaseBackup], now: datetime) -> rpo.Measurement:
             done = [b for b in backups if b.status == "DONE" and b.end_time]
@@ -115,19 +151,24 @@ def database_checks(plan: Plan, db: Database) -> list[Pending]:
 
         add("base backup", db.base_backup_max_age, judge_base,
             lambda: (barman.list_base_backups.submit(s3_client, db.backup),))
+    elif primary is None:
+        missing("latest restorable time", objective, no_primary)
+        missing("snapshot", db.base_backup_max_age, no_primary)
     else:
-        rds_client = aws_client(plan, "rds")
+        rds_client = aws_client(plan, "rds", topology.region_of(primary))
+        on = "" if primary.identifier == db.primary else f"on {primary.identifier}"
 
         def judge_restorable(instance: dict, now: datetime) -> rpo.Measurement:
             return rpo.age_of(db.name, "database", "latest restorable time",
-                              instance.get("LatestRestorableTime"), objective, now,
-                              missing="instance reports no LatestRestorableTime (backups disabled?)")
+                              instance.get("LatestRestorableTime"), objective, now, detail=on,
+                              missing=f"{primary.identifier} reports no LatestRestorableTime (backups disabled?)")
 
         add("latest restorable time", objective, judge_restorable,
-            lambda: (rds.describe_instance_task.submit(rds_client, db.primary),))
+            lambda: (rds.describe_instance_task.submit(rds_client, primary.identifier),))
         add("snapshot", db.base_backup_max_age,
-            _aged(db.name, "database", "snapshot", db.base_backup_max_age, missing="no available snapshot"),
-            lambda: (rds.find_newest_snapshot.submit(rds_client, db.primary),))
+            _aged(db.name, "database", "snapshot", db.base_backup_max_age, detail=on,
+                  missing=f"no available snapshot of {primary.identifier}"),
+            lambda: (rds.find_newest_snapshot.submit(rds_client, primary.identifier),))
     return checks
 
 
@@ -189,8 +230,12 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     logger = get_run_logger()
     logger.info("AWS access as %s", check_aws_access(dr_plan))
     started = utcnow()
+    topology = discover_topology(dr_plan)
+    create_markdown_artifact(key="rpo-verification-topology", markdown=topology.markdown(),
+                             description="the live topology measured")
     pending = [
-        *(check for db in dr_plan.databases for check in database_checks(dr_plan, db)),
+        *(check for db, live in zip(dr_plan.databases, topology.databases, strict=True)
+          for check in database_checks(dr_plan, db, live)),
         *bucket_checks(dr_plan),
         *configuration_checks(dr_plan),
     ]
@@ -199,7 +244,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     now = utcnow()
     report = rpo.RpoReport(
         plan=dr_plan.name, started_at=started, finished_at=now,
-        measurements=[p.collect(now) for p in pending],
+        measurements=[p.collect(now) for p in pending], differences=topology.differences,
     )
     publish(report)
     for m in report.breaches + report.errors:

@@ -46,7 +46,7 @@ class SandboxPostgres(LocalPostgres):
         self.ports[member] = port
         self._prepare()
         self._initdb(member, "--no-sync")
-        self._start(member, port, recovery=settings)
+        self._start(member, port, recovery={"archive_mode": "off", **settings})
 
     def _initdb(self, member: str, *options: str) -> None:
         """initdb with the superuser's password (from a 0600 file, never argv) and TCP-only scram access."""
@@ -72,17 +72,8 @@ class SandboxPostgres(LocalPostgres):
         if self._pid(member):
             return
         self._prepare()
-        data = self.data_dir(member)
-        if not (data / "PG_VERSION").exists():
-            conninfo = (
-                f"host={HOST} port={primary_port} user={self.superuser} "
-                f"passfile={self.passfile} application_name={member}"
-            )
-            self._run(
-                [PG_BIN / "pg_basebackup", "-d", conninfo, "-D", data, "-R", "-X", "stream", "-c", "fast", "-w"],
-                f"pg_basebackup {member} from port {primary_port}",
-                timeout=600,
-            )
+        if not (self.data_dir(member) / "PG_VERSION").exists():
+            self._clone(member, HOST, primary_port)
         self._start(member, port)
 
     def start_heartbeat(

@@ -25,10 +25,19 @@ def _server_prefix(backup: BarmanBackup) -> tuple[str, str]:
     return bucket, f"{prefix}{backup.server_name}/"
 
 
-def find_newest_wal(s3, backup: BarmanBackup) -> datetime | None:
-    """When the newest WAL segment reached the archive (segment directories sort by timeline and log)."""
+def holds_timeline(s3, backup: BarmanBackup, timeline: int) -> bool:
+    """Whether the archive holds the history file of `timeline` (a server archived its promotion to it)."""
     bucket, prefix = _server_prefix(backup)
-    dirs = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}wals/", Delimiter="/").get("CommonPrefixes", [])
+    return s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}wals/{timeline:08X}.history", MaxKeys=1
+                              ).get("KeyCount", 0) > 0
+
+
+def find_newest_wal(s3, backup: BarmanBackup, timeline: int | None = None) -> datetime | None:
+    """When the newest WAL segment (of `timeline`, default any) reached the archive (segment directories sort by
+    timeline and log)."""
+    bucket, prefix = _server_prefix(backup)
+    wals = f"{prefix}wals/" + (f"{timeline:08X}" if timeline else "")
+    dirs = s3.list_objects_v2(Bucket=bucket, Prefix=wals, Delimiter="/").get("CommonPrefixes", [])
     if not dirs:
         return None
     newest_dir = max(d["Prefix"] for d in dirs)

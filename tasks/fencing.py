@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from drplan.clients import DbCredentials, PgTarget, aws_client, pg_target
+from drplan.clients import PgTarget, aws_client
 from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Database, DatabaseKind, Plan
@@ -66,18 +66,6 @@ def fence_postgres(target: PgTarget) -> bool:
     return not already
 
 
-def unfence_postgres(target: PgTarget) -> bool:
-    """Writable again (after it was rebuilt as, or turned into, the primary it should be). False if it was not
-    fenced."""
-    with target.connect(autocommit=True) as conn:
-        fenced = conn.execute("SELECT setting = 'on' FROM pg_settings WHERE name = %s", (READ_ONLY,)).fetchone()[0]
-        conn.execute(f"ALTER SYSTEM RESET {READ_ONLY}")
-        conn.execute("SELECT pg_reload_conf()")
-    return bool(fenced)
-
-
-# --- RDS -----------------------------------------------------------------------------------------------------------
-
 def _fence_group(ec2, vpc_id: str) -> str:
     """The VPC's `drplan-fence` security group (no ingress rules), created when missing."""
     found = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [FENCE_GROUP]},
@@ -119,16 +107,6 @@ def unfence_rds(plan: Plan, region: str, identifier: str) -> bool:
     return True
 
 
-def is_fenced(plan: Plan, db: Database, role: str, credentials: DbCredentials) -> bool:
-    """Whether the member carries a fence (RDS: its drplan:fenced-from tag; PostgreSQL: read-only by default)."""
-    if db.kind is DatabaseKind.rds:
-        instance = aws_client(plan, "rds", plan.member_region(db, role)).describe_db_instances(
-            DBInstanceIdentifier=db.members[role])["DBInstances"][0]
-        return any(t["Key"] == FENCED_FROM_TAG for t in instance.get("TagList", []))
-    with pg_target(plan, db, role, credentials).connect() as conn:
-        return conn.execute(f"SELECT current_setting('{READ_ONLY}') = 'on'").fetchone()[0]
-
-
 # --- one member, whatever its kind, and the pending ones -------------------------------------------------------------
 
 def fence_member(plan: Plan, db: Database, identifier: str, region: str, target: PgTarget | None) -> Fence:
@@ -150,17 +128,22 @@ def fence_member(plan: Plan, db: Database, identifier: str, region: str, target:
     return Fence(**base, status="fenced" if applied else "already fenced")
 
 
-def fence_role(plan: Plan, db: Database, role: str, credentials: DbCredentials) -> Fence:
-    """Fence the member with the plan's `role` (see fence_member)."""
-    target = pg_target(plan, db, role, credentials) if db.kind is DatabaseKind.postgres else None
-    return fence_member(plan, db, db.members[role], plan.member_region(db, role), target)
-
-
-def unfence_role(plan: Plan, db: Database, role: str, credentials: DbCredentials) -> bool:
-    """Lift the fence of the member with the plan's `role`; False if it was not fenced."""
+def unfence_member(plan: Plan, db: Database, identifier: str, region: str, target: PgTarget | None) -> bool:
+    """Lift the fence of `identifier` (a recovery rolled back to it); False if it was not fenced."""
+    forget_pending(db.name, identifier)
     if db.kind is DatabaseKind.rds:
-        return unfence_rds(plan, plan.member_region(db, role), db.members[role])
-    return unfence_postgres(pg_target(plan, db, role, credentials))
+        return unfence_rds(plan, region, identifier)
+    assert target is not None
+    with target.connect(autocommit=True) as conn:
+        if conn.execute(f"SELECT current_setting('{READ_ONLY}') = 'off'").fetchone()[0]:
+            return False
+        conn.execute(f"ALTER SYSTEM RESET {READ_ONLY}")
+        conn.execute("SELECT pg_reload_conf()")
+    run_logger().warning("%s unfenced (accepts writes again)", target.label)
+    return True
+
+
+unfence_member_task = task(unfence_member, cache_policy=NO_CACHE)
 
 
 def pending_fences() -> list[Fence]:
@@ -201,5 +184,5 @@ def apply_pending_fences(plan: Plan) -> list[Fence]:
     return results
 
 
-fence_role_task = task(fence_role, cache_policy=NO_CACHE)
+fence_member_task = task(fence_member, cache_policy=NO_CACHE)
 apply_pending_fences_task = task(apply_pending_fences, cache_policy=NO_CACHE)

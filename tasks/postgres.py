@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 from prefect import task
@@ -79,3 +80,42 @@ def promote_standby(target: PgTarget, wait_seconds: int = 60) -> bool:
 
 
 read_newest_heartbeat_task = task(read_newest_heartbeat, retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+
+
+class Position(BaseModel):
+    """Where a primary's history ends: its WAL position and, up to `at`, how many heartbeat rows it holds."""
+
+    lsn: str
+    at: datetime
+    heartbeats: int
+
+
+def read_position(target: PgTarget, table: str) -> Position:
+    """The primary's current WAL position and its heartbeat rows up to now (read after its fence: final)."""
+    with target.connect() as conn:
+        lsn, at = conn.execute("SELECT pg_current_wal_lsn()::text, now()").fetchone()
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ts <= %s").format(sql.Identifier(table)),
+                             (at,)).fetchone()[0]
+    return Position(lsn=lsn, at=at, heartbeats=count)
+
+
+def wait_replayed(target: PgTarget, lsn: str, timeout: float, poll: float = 0.2) -> str:
+    """Wait until the standby has replayed up to `lsn`; returns its replay position. Refuses after `timeout`."""
+    deadline = time.monotonic() + timeout
+    with target.connect() as conn:
+        conn.autocommit = True
+        while True:
+            replayed, done = conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
+                                          "pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()
+            if done:
+                return replayed
+            if time.monotonic() > deadline:
+                raise DrplanError(f"{target.label} replayed WAL up to {replayed} only, not the primary's last "
+                                  f"{lsn}, within {timeout:.0f}s; promoting it would lose writes")
+            time.sleep(poll)
+
+
+def count_heartbeats(target: PgTarget, table: str, until: datetime) -> int:
+    with target.connect() as conn:
+        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ts <= %s").format(sql.Identifier(table)),
+                            (until,)).fetchone()[0]

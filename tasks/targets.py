@@ -95,7 +95,7 @@ class PostgresArchive(RestoreTarget):
         self.work_dir = plan.resolve_path(plan.drill.work_dir)
         self.markers = self.work_dir / "drills"
 
-    def _local(self, credentials: DbCredentials | None = None) -> LocalPostgres:
+    def local(self, credentials: DbCredentials | None = None) -> LocalPostgres:
         assert self.db.backup is not None
         return LocalPostgres(
             self.work_dir, os_user=self.plan.drill.os_user,
@@ -107,7 +107,7 @@ class PostgresArchive(RestoreTarget):
 
     def window(self) -> RestorableWindow:
         assert self.db.backup is not None
-        done = [b for b in self._local().list_backups() if b.status == "DONE" and b.end_time]
+        done = [b for b in self.local().list_backups() if b.status == "DONE" and b.end_time]
         if not done:
             raise DrplanError(f"{self.db.name}: no completed base backup in {self.db.backup.destination}; "
                               "nothing can be restored until one exists")
@@ -116,7 +116,7 @@ class PostgresArchive(RestoreTarget):
         return RestorableWindow(earliest=done[0].end_time, latest=latest)
 
     def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
-        local = self._local(credentials)
+        local = self.local(credentials)
         marker = self.markers / f"{name}.json"
         if marker.is_file():  # a rerun: the same backup and port as the first attempt
             scratch = Scratch.model_validate_json(marker.read_text())
@@ -134,7 +134,7 @@ class PostgresArchive(RestoreTarget):
         return scratch.model_copy(update={"reused": not restored})
 
     def drop(self, name: str) -> bool:
-        existed = self._local().remove(name)
+        existed = self.local().remove(name)
         marker = self.markers / f"{name}.json"
         existed = existed or marker.is_file()
         marker.unlink(missing_ok=True)

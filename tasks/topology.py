@@ -14,6 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kubernetes.client.exceptions import ApiException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from psycopg.conninfo import conninfo_to_dict
 from urllib3.exceptions import HTTPError
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, db_credentials, kube_client, kubeconfig_path
@@ -60,11 +61,19 @@ discover_topology = task(discover, name="discover-topology", cache_policy=NO_CAC
 def discover_database(plan: Plan, db: Database) -> DatabaseTopology:
     """Members found, probed and linked to the member they replicate from; then which member each service uses."""
     found = rds_members(plan, db) if db.kind is DatabaseKind.rds else postgres_members(plan, db)
-    credentials = db_credentials(plan, db)
-    probed = [probe(m, db, credentials) if m.host and m.state is State.down else (m, None) for m in found]
+    credentials, unreadable = None, ""
+    try:
+        credentials = db_credentials(plan, db)
+    except DrplanError as exc:  # nothing can be probed: every member is down, with the reason
+        unreadable = first_line(exc)
+    probed = [(m, None) if not (m.host and m.state is State.down) else
+              probe(m, db, credentials) if credentials is not None else
+              (m.model_copy(update={"detail": unreadable}), None) for m in found]
     members_at = {(m.host, m.port): m.identifier for m, _ in probed if m.host}
     members = [_follow(m, sender, members_at) for m, sender in probed]
-    topology = DatabaseTopology(database=db.name, members=members, bindings=bindings(plan, db, members_at))
+    topology = DatabaseTopology(database=db.name, members=members, bindings=bindings(plan, db, members_at),
+                                home_region=plan.aws.region, wants_replica=db.replica is not None,
+                                dr_region=db.dr_replica.region if db.dr_replica else None)
     run_logger().info("topology of %s: %s; %d difference(s)", db.name,
                       ", ".join(f"{m.identifier} {m.state}" for m in members), len(topology.differences))
     return topology
@@ -157,6 +166,7 @@ def probe(member: Member, db: Database, credentials: DbCredentials) -> tuple[Mem
     try:
         with target.connect(timeout=PROBE_TIMEOUT, options=f"-c statement_timeout={PROBE_TIMEOUT * 1000}") as conn:
             row = conn.execute(PROBE).fetchone()
+            configured = _configured_upstream(conn) if row[0] and not row[5] else None
     except (DrplanError, psycopg.Error) as exc:
         return member.model_copy(update={"state": State.down, "detail": first_line(exc)}), None
     in_recovery, read_only, archiving, failing, timeline, sender_host, sender_port, lag = row
@@ -167,8 +177,21 @@ def probe(member: Member, db: Database, credentials: DbCredentials) -> tuple[Mem
         "lag_seconds": float(lag) if in_recovery and lag is not None else None,
         "archiving": archiving if member.archiving is None else member.archiving,  # RDS: its backup retention
     }
-    sender = (sender_host, sender_port) if sender_host else None
+    sender = (sender_host, sender_port) if sender_host else configured
     return member.model_copy(update=update), sender
+
+
+def _configured_upstream(conn: psycopg.Connection) -> Address | None:
+    """Where a standby that is not streaming (its primary is down) is set to stream from: host and port of its
+    primary_conninfo (readable by superusers only; nothing else of it is kept)."""
+    try:
+        conninfo = conn.execute("SELECT current_setting('primary_conninfo')").fetchone()[0]
+        fields = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        conn.rollback()
+        return None
+    host = fields.get("host") or fields.get("hostaddr")
+    return (str(host), int(fields.get("port") or 5432)) if host else None
 
 
 def _follow(member: Member, sender: Address | None, members_at: dict[Address, str]) -> Member:

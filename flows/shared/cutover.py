@@ -3,6 +3,7 @@ and a roll-back of the Secret when validation fails."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import quote
 
 from pydantic import SecretStr
@@ -38,9 +39,11 @@ def find_app_secret(plan: Plan, service: Service) -> str:
 
 
 def cut_over_and_validate(plan: Plan, report: RecoveryReport, service: Service, url: SecretStr, database: PgTarget,
-                          metrics_instance: tuple[str, str] | None = None) -> None:
+                          metrics_instance: tuple[str, str] | None = None,
+                          before_rollback: Callable[[], None] | None = None) -> None:
     """Point the service at `url` (Secret, rollout, wait), validate it against `database`, and roll the Secret
-    back if validation fails. Sets the report's outcome to `validation failed: rolled back` on failure."""
+    back if validation fails (after `before_rollback`, e.g. lifting the fence of the database it returns to).
+    Sets the report's outcome to `validation failed: rolled back` on failure."""
     cluster = plan.cluster(service.cluster)
     result = cut_over_task(plan, cluster, service.name, url)
     report.record("cut over", f"deployment {service.name}", f"Secret {result.secret}, rollout restarted"
@@ -49,6 +52,8 @@ def cut_over_and_validate(plan: Plan, report: RecoveryReport, service: Service, 
     report.validation = validate_service_task(plan, service, database, metrics_instance)
     if report.validation.passed:
         return
+    if before_rollback is not None:
+        before_rollback()
     back = roll_back_task(plan, cluster, service.name)
     report.record("rolled back", f"deployment {service.name}", "validation failed",
                   before=back.previous_url_redacted, after=back.url_redacted, mutating=True)

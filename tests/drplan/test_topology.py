@@ -27,7 +27,8 @@ def healthy(**changes) -> DatabaseTopology:
     }
     for identifier, update in changes.items():
         members[identifier] = members[identifier].model_copy(update=update) if update else None
-    return DatabaseTopology(database=DB, members=[m for m in members.values() if m], bindings=[binding("p")])
+    return DatabaseTopology(database=DB, members=[m for m in members.values() if m], bindings=[binding("p")],
+                            home_region="us-east-1", wants_replica=True, dr_region="us-west-2")
 
 
 def test_the_plan_as_it_should_be_has_no_differences():
@@ -36,11 +37,15 @@ def test_the_plan_as_it_should_be_has_no_differences():
     assert topology.primary.identifier == "p" and [m.identifier for m in topology.used] == ["p"]
 
 
-def test_two_writable_members_are_split_brain_and_no_single_primary():
+def test_two_writable_members_are_split_brain_the_one_serving_is_the_primary():
     topology = healthy(dr={"state": State.primary, "upstream": None, "timeline": 2})
-    assert topology.primary is None
+    assert topology.primary.identifier == "p"  # the app's
     assert topology.differences[0] == "split brain: 2 members accept writes: p, dr"
-    assert "live primary dr has no replica" in topology.differences
+    assert "live primary dr has no replica in us-west-2" in topology.differences
+    assert "live primary dr has no replica in us-east-1" in topology.differences
+    assert "live primary p has no replica in us-west-2" in topology.differences
+    both_serve = topology.model_copy(update={"bindings": [binding("p"), binding("dr")]})
+    assert both_serve.primary is None
 
 
 def test_app_on_an_unprotected_recovery_copy():
@@ -52,8 +57,10 @@ def test_app_on_an_unprotected_recovery_copy():
         "split brain: 2 members accept writes: p, orders-recovery-1",
         "service api in eks uses recovery copy orders-recovery-1, not the plan's primary p",
         "live primary orders-recovery-1 does not archive WAL",
-        "live primary orders-recovery-1 has no replica",
+        "live primary orders-recovery-1 has no replica in us-east-1",
+        "live primary orders-recovery-1 has no replica in us-west-2",
     ]
+    assert topology.primary.identifier == "orders-recovery-1"
 
 
 def test_an_unused_recovery_copy_is_not_a_writer():
@@ -72,6 +79,7 @@ def test_plan_primary_fenced_after_a_failover_to_the_replica():
         "the writable primary is r, not the plan's primary p",
         "plan member primary p is fenced: RDS status stopped",
         "service api in eks uses member r, not the plan's primary p",
+        "live primary r has no replica in us-east-1",  # until reprotect rebuilds one
     ]
 
 
@@ -80,14 +88,30 @@ def test_replica_following_an_old_primary_and_a_missing_member():
     assert topology.differences == [
         "plan member replica r is missing",
         "replica dr replicates from r, not from the live primary p",
-        "live primary p has no replica",
+        "live primary p has no replica in us-east-1",
+        "live primary p has no replica in us-west-2",
     ]
 
 
 def test_unprotected_primary():
     assert healthy(p={"archiving": False}).differences == ["live primary p does not archive WAL"]
     assert healthy(p={"archive_failing": True}).differences == ["live primary p: WAL archiving is failing"]
-    assert healthy(r=None, dr=None).differences == ["live primary p has no replica"]
+    assert healthy(r=None, dr=None).differences == ["live primary p has no replica in us-east-1",
+                                                    "live primary p has no replica in us-west-2"]
+    assert healthy(dr=None).differences == ["live primary p has no replica in us-west-2"]
+
+
+def test_after_a_region_failover_the_dr_replica_belongs_home():
+    topology = healthy(p={"state": State.fenced}, r=None, dr={"state": State.primary, "upstream": None})
+    assert topology.primary.identifier == "dr"
+    assert topology.other_region(topology.primary) == "us-east-1"
+    assert topology.protection_gaps(topology.primary) == ["live primary dr has no replica in us-west-2",
+                                                          "live primary dr has no replica in us-east-1"]
+    home = member("home", State.replica, kind="tagged", upstream="dr")  # no region: the home region
+    local = member("dr-standby", State.replica, kind="tagged", upstream="dr", region="us-west-2")
+    protected = topology.model_copy(update={"members": [*topology.members, home, local]})
+    assert protected.protection_gaps(protected.primary) == []
+    assert protected.dr_replica(protected.primary).identifier == "home"
 
 
 def test_nothing_writable_and_a_service_on_something_unknown():

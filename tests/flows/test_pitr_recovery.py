@@ -76,6 +76,9 @@ def point_in_time(sandbox, sandbox_dir):
         wait_for(lambda: conn.execute("SELECT last_archived_wal >= %s FROM pg_stat_archiver", (switched,))
                  .fetchone()[0], 120, "the WAL after T to be archived", interval=0.5)
     yield at_t, orders_at_t
+    with pg.connect(db.primary) as conn:  # a promotion fenced it
+        conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        conn.execute("SELECT pg_reload_conf()")
     with pg.connect(db.primary) as conn:
         conn.execute("INSERT INTO orders SELECT * FROM orders_removed; DROP TABLE orders_removed")
     target = PostgresArchive(sandbox, db)
@@ -90,7 +93,7 @@ def test_dry_run_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
                            promote=True, dry_run=True)
     assert report.outcome == "planned (dry run)"
     assert [s.action for s in report.steps] == ["found", "would restore", "would check", "would ask approval",
-                                                "would rewrite", "would restart"]
+                                                "would fence", "would rewrite", "would restart"]
     assert app_secret(sandbox) == before and stack_snapshot(sandbox, "devonn-postgres") == snapshot
     assert not list(PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers.glob("*recovery*"))
 
@@ -164,7 +167,7 @@ def test_failed_validation_rolls_the_secret_back(sandbox, plan_variant, point_in
     assert state.is_failed()
     report = state.result(raise_on_failure=False)
     assert report.outcome == "validation failed: rolled back"
-    assert [s.action for s in report.steps][-2:] == ["cut over", "rolled back"]
+    assert [s.action for s in report.steps][-4:] == ["fenced", "cut over", "unfenced", "rolled back"]
     assert [c.name for c in report.validation.checks if not c.passed] == ["GET /api/stats"]
     assert app_secret(sandbox) == before
     assert wait_for(lambda: stats(sandbox)["orders"] == orders_now != orders_at_t, 15, "the app on the old database")

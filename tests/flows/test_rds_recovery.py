@@ -95,6 +95,8 @@ def orders_deleted_after_t(sandbox):
     wait_for(lambda: (instance(sandbox, db.primary).get("LatestRestorableTime") or at_t) > at_t
              + sandbox.drill.target_margin, 120, "RDS to be restorable past T", interval=0.5)
     yield at_t, orders_at_t
+    unfence_rds(sandbox, sandbox.aws.region, db.primary)  # a promotion fenced it
+    wait_for(lambda: orders(sandbox) > 0, 10, "the primary to answer again")
     with target.connect(autocommit=True) as conn:
         conn.execute("INSERT INTO orders SELECT * FROM orders_removed; DROP TABLE orders_removed")
     rds = aws_client(sandbox, "rds")
@@ -125,7 +127,11 @@ def test_recover_to_t_and_promote_moves_the_worker_to_the_rows_at_t(sandbox, san
     with copy_target.connect(autocommit=True) as conn:  # a direct query of the restored instance
         assert conn.execute("SELECT count(*), bool_or(pg_is_in_recovery()) FROM orders").fetchone() == (
             orders_at_t, False)
-    assert orders(sandbox) < orders_at_t  # the damaged primary itself is left as it was, for forensics
+    assert "fenced" in result.output and "drplan reprotect --database devonn-rds" in result.output
+    with pytest.raises(DrplanError, match="cannot connect"):  # the damaged primary is cut off: no more writes
+        orders(sandbox)
+    assert unfence_rds(sandbox, sandbox.aws.region, sandbox.database(DB).primary)
+    assert wait_for(lambda: orders(sandbox) < orders_at_t, 10, "the damaged primary, left as it was for forensics")
 
 
 @pytest.mark.usefixtures("fast_rds_polls")

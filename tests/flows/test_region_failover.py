@@ -81,7 +81,8 @@ def test_readiness_of_a_ready_dr_region(topology):
     report = dr_readiness(plan=str(topology))
     assert report.ready, report.markdown()
     assert [f.check for f in report.findings] == [
-        "AWS credentials", f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
+        "AWS credentials", f"{DB}: protected", f"{RDS}: protected",
+        f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
         "devonn-api: manifests and Secrets", f"devonn-worker: database {RDS} (dr_replica)",
         "devonn-worker: cluster capacity", "devonn-worker: manifests and Secrets", "DNS"]
     shown = CliRunner().invoke(app, ["readiness", "--plan", str(topology)])
@@ -217,6 +218,7 @@ def test_failback_returns_dns_and_the_primary_cluster(topology):
     assert report.validation.passed
     # the DR database was promoted and the primary still takes writes: no longer a standby for another failover
     diverged = dr_readiness(plan=str(topology), return_state=True).result(raise_on_failure=False)
-    assert [f.check for f in diverged.unready][:1] == [f"devonn-api: database {DB} (dr_replica)"]
-    assert f"devonn-worker: database {RDS} (dr_replica)" in [f.check for f in diverged.unready]
-    assert "is fenced (it served, then traffic left it)" in diverged.unready[0].detail
+    unready = {f.check: f.detail for f in diverged.unready}
+    assert f"devonn-worker: database {RDS} (dr_replica)" in unready
+    assert "is fenced (it served, then traffic left it)" in unready[f"devonn-api: database {DB} (dr_replica)"]
+    assert f"live primary {postgres.primary} has no replica in us-west-2" in unready[f"{DB}: protected"]

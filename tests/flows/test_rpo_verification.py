@@ -125,7 +125,7 @@ def test_refusing_database_is_an_error_not_a_crash(sandbox, plan_variant):
         {"devonn-postgres-dr-production": f"127.0.0.1:{closed}"}))
     result = runner.invoke(app, ["verify-rpo", "--plan", str(path)])
     assert result.exit_code == 2, result.output
-    assert (f"error: devonn-postgres dr_replica newest heartbeat: devonn-postgres/dr_replica "
+    assert (f"error: devonn-postgres dr_replica newest heartbeat: devonn-postgres/devonn-postgres-dr-production "
             f"(127.0.0.1:{closed}/devonn): cannot connect: Connection refused; check that it is up and reachable"
             ) in result.stderr
 
@@ -141,13 +141,17 @@ def test_missing_secret_is_an_error(sandbox, plan_variant):
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_unknown_rds_instance_is_an_error(sandbox, plan_variant):
+def test_a_plan_naming_a_missing_primary_is_measured_on_the_live_one(sandbox, plan_variant):
+    """The plan's names are where discovery starts: its replicas lead to the primary that really serves."""
     def rename(d):
         d["databases"][1]["primary"] = "devonn-rds-nope"
     result = runner.invoke(app, ["verify-rpo", "--plan", str(plan_variant(rename)), "--json"])
-    assert result.exit_code == 2
-    details = [m["detail"] for m in json.loads(result.stdout)["measurements"] if m["status"] == "error"]
-    assert any("RDS instance devonn-rds-nope not found" in d for d in details), details
+    document = json.loads(result.stdout)
+    assert result.exit_code == 0, result.output
+    assert "devonn-rds: plan member primary devonn-rds-nope is missing" in document["differences"]
+    restorable = next(m for m in document["measurements"]
+                      if (m["resource"], m["measure"]) == ("devonn-rds", "latest restorable time"))
+    assert restorable["status"] == "met" and restorable["detail"] == "on devonn-rds-production"
 
 
 def test_broken_plan_is_refused_before_anything_runs(tmp_path):

@@ -120,7 +120,7 @@ def test_upstream_is_the_member_at_the_address_a_replica_streams_from(monkeypatc
         return member.model_copy(update={"state": state, "archiving": True}), sender
 
     monkeypatch.setattr(discovery, "probe", probe)
-    monkeypatch.setattr(discovery, "db_credentials", lambda plan, db: None)
+    monkeypatch.setattr(discovery, "db_credentials", lambda plan, db: object())
     monkeypatch.setattr(discovery, "bindings", lambda plan, db, members_at: [])
     monkeypatch.setattr(discovery.PostgresArchive, "copies", lambda self: [])
 
@@ -128,7 +128,8 @@ def test_upstream_is_the_member_at_the_address_a_replica_streams_from(monkeypatc
 
     assert [m.upstream for m in found.members] == [None, "devonn-postgres-production", "10.0.0.9:5432"]
     assert found.differences == ["replica devonn-postgres-dr-production replicates from 10.0.0.9:5432, not from the "
-                                 "live primary devonn-postgres-production"]
+                                 "live primary devonn-postgres-production",
+                                 "live primary devonn-postgres-production has no replica in us-west-2"]
 
 
 def test_the_healthy_sandbox_is_as_planned(sandbox, sandbox_dir, caplog):
