@@ -2,8 +2,9 @@
 
 validate (plan, database, a target time inside the restorable window, the app's deployment and its Secret)
 -> restore `<db>-recovery-<T>` (a rerun finds it) -> integrity checks -> [promote] approval gate showing exactly
-what changes -> point the app's Secret at the restored database, roll the deployment, wait until available ->
-validate the service -> on failed validation, roll the Secret back. Dry run lists each step and changes nothing.
+what changes -> mark the copy as serving (no rerun reuses it) -> point the app's Secret at the restored database,
+roll the deployment, wait until available -> validate the service -> on failed validation, roll the Secret back.
+Dry run lists each step and changes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flows.shared.cutover import cut_over_and_validate, database_url, find_app_s
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import choose_target_time, validate_request
-from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
+from tasks.database import check_restored_copy, find_restorable_window, mark_copy_served, restore_scratch
 from tasks.targets import RestoreTarget, restore_target, scratch_name
 
 
@@ -109,4 +110,5 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
     url = database_url(credentials, scratch.host, scratch.port, db.dbname)
     instance = (dr_plan.aws.region, report.recovery_copy) if db.kind is DatabaseKind.rds else None
     report.outcome = "promoted"
+    mark_copy_served(target, report.recovery_copy, service.name)
     cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance)
