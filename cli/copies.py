@@ -20,7 +20,7 @@ def copies_list(
     database: str = typer.Option(None, "--database", "-d", help="One database of the plan (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print the copies as JSON."),
 ) -> None:
-    """Every recovery and drill copy: kind, target time, created, since when it served, address, which services
+    """Every recovery and drill copy: kind, target time, created, since when it serves, address, which services
     use it now."""
     from pydantic import TypeAdapter
 
