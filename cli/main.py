@@ -16,6 +16,7 @@ from rich.table import Table  # noqa: E402
 from cli import platform as cli_platform  # noqa: E402
 from cli import recovery as cli_recovery
 from cli.console import PlanOption, err, out, plan_or_exit, refusals  # noqa: E402
+from cli.copies import copies_app
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
@@ -23,6 +24,7 @@ plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="The local sandbox: moto, PostgreSQL, Kubernetes API, app.")
 app.add_typer(plan_app, name="plan")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(copies_app, name="copies")
 app.command("serve")(cli_platform.serve)
 app.command("trigger")(cli_platform.trigger)
 app.command("recover")(cli_recovery.recover)

@@ -2,10 +2,11 @@
 
 validate (plan, database, a target time inside the restorable window, the app's deployment and its Secret)
 -> restore `<db>-recovery-<T>` (a rerun finds it) -> integrity checks -> [promote] approval gate showing exactly
-what changes -> fence the database the app uses now (the damaged history takes no more writes) -> point the app's
-Secret at the restored database, roll the deployment, wait until available -> validate the service -> on failed
-validation, lift the fence and roll the Secret back; on success offer `drplan reprotect` (the copy does not
-archive and has no replicas yet). Dry run lists each step and changes nothing.
+what changes -> fence the database the app uses now (the damaged history takes no more writes) -> mark the copy
+as serving (no rerun reuses it) -> point the app's Secret at the restored database, roll the deployment, wait until
+available -> validate the service -> on failed validation, lift the fence and roll the Secret back; on success
+offer `drplan reprotect` (the copy does not archive and has no replicas yet). Dry run lists each step and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import apply_fence
 from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import choose_target_time, validate_request
-from tasks.database import check_restored_copy, find_restorable_window, restore_scratch
+from tasks.database import check_restored_copy, find_restorable_window, mark_copy_served, restore_scratch
 from tasks.fencing import FENCE_HOW, unfence_member_task
 from tasks.targets import RestoreTarget, restore_target, scratch_name
 from tasks.topology import discover_topology
@@ -128,6 +129,7 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
                                    target):
                 report.record("unfenced", old.identifier, "the application returns to it", mutating=True)
 
+    mark_copy_served(target, report.recovery_copy, service.name)
     cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance, unfence)
     if report.outcome == "promoted":
         report.record("offered", f"drplan reprotect --database {db.name}",

@@ -1,4 +1,4 @@
-"""Restore tasks against a database target (tasks.targets): window, restore, drop, sweep."""
+"""Restore tasks against a database target (tasks.targets): window, restore, mark served, drop, sweep."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def restore_scratch(target: RestoreTarget, name: str, target_time: datetime, cre
     scratch = target.restore(name, target_time, credentials)
     run_logger().info("scratch copy %s accepting connections on %s:%s", name, scratch.host, scratch.port)
     return scratch
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def mark_copy_served(target: RestoreTarget, name: str, service: str) -> None:
+    """Record on the copy, before `service` is cut over to it, that it serves: from then on no rerun reuses it as the
+    database as of its target time (recorded first, so that a crash during the cutover cannot leave it unmarked)."""
+    target.mark_served(name)
+    run_logger().info("copy %s marked as serving %s: a rerun will not reuse it", name, service)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -4,11 +4,14 @@
   unprivileged OS user with `LocalPostgres.restore` (a scratch server on a free loopback port).
 - `RdsInstance` (kind rds): `restore_db_instance_to_point_in_time` with the source's network and parameter
   settings passed explicitly (RDS would otherwise use the defaults), drill tags, and our own wait.
-Scratch copies are named `<database>-drill-<YYYYMMDDTHHMMSSZ>` and labelled so a later drill can sweep them.
+Copies are named `<database>-<drill|recovery>-<stamp>` (UTC to the millisecond: unique below one second, and a valid
+RDS identifier) and labelled so a later drill can sweep its own. Each records the target time it was restored to
+and, once an application is cut over to it, when: a rerun reuses only a copy of the same time that never served.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
@@ -22,10 +25,14 @@ from drplan.plan import Database, DatabaseKind, Plan
 from drplan.timeutil import utcnow
 from tasks.barman import find_newest_wal
 from tasks.rds import find_instance, wait_instance_available
-from tasks.s3 import STAMP
 
 DRILL_TAG = "drplan:drill"
 DATABASE_TAG = "drplan:database"
+CREATED_TAG = "drplan:created"
+TARGET_TIME_TAG = "drplan:target-time"
+SERVED_TAG = "drplan:served"
+RDS_IDENTIFIER = re.compile(r"[A-Za-z](?!.*--)[A-Za-z0-9-]{0,62}(?<!-)")
+"""Letter first, letters, digits and single hyphens, no trailing hyphen, at most 63 characters."""
 
 
 class RestorableWindow(BaseModel):
@@ -43,13 +50,42 @@ class RestorableWindow(BaseModel):
             )
 
 
-class Scratch(BaseModel):
-    """A restored scratch copy."""
+class Copy(BaseModel):
+    """A restored copy as found: its marker (postgres) or its instance and tags (rds)."""
 
     name: str
+    host: str | None = None
+    port: int | None = None
+    created_at: datetime | None = None
+    target_time: datetime | None = None
+    """The time it was restored to; None for a copy restored before drplan recorded it."""
+    served_at: datetime | None = None
+    """When an application was first cut over to it: from then on it is no longer the database as of its target
+    time."""
+
+    @property
+    def kind(self) -> str:
+        """`drill` or `recovery`, from the name."""
+        return self.name.rsplit("-", 2)[-2]
+
+    def check_reusable(self, target_time: datetime) -> None:
+        """Refuse reusing the copy (a rerun after a crash) unless it was restored to `target_time` and never served."""
+        fix = f"remove it with `drplan copies remove {self.name}` or choose another target time"
+        if self.served_at is not None:
+            raise DrplanError(f"copy {self.name} has served an application since {self.served_at.isoformat()}, so it "
+                              f"is no longer the database as of {target_time.isoformat()}; {fix}")
+        if self.target_time != target_time:
+            made = self.target_time.isoformat() if self.target_time else "an unrecorded time"
+            raise DrplanError(f"copy {self.name} was restored to {made}, not {target_time.isoformat()}; {fix}")
+
+
+class Scratch(Copy):
+    """A restored copy ready to use (what a restore returns; for postgres also its marker)."""
+
     host: str
     port: int
     created_at: datetime
+    target_time: datetime
     backup_id: str | None = None
     reused: bool = False
     """An earlier run had already restored it (a rerun after a crash): nothing was restored this time."""
@@ -58,14 +94,21 @@ class Scratch(BaseModel):
         return PgTarget(f"{db.name}/scratch {self.name}", self.host, self.port, db.dbname, credentials)
 
 
-class Leftover(BaseModel):
-    name: str
-    created_at: datetime | None
+def copy_stamp(when: datetime) -> str:
+    """`20261202t125512123z`: UTC to the millisecond, lower case, no dash (copy names split on their last two)."""
+    when = when.astimezone(UTC)
+    return f"{when:%Y%m%dt%H%M%S}{when.microsecond // 1000:03d}z"
 
 
 def scratch_name(db: Database, when: datetime, purpose: str = "drill") -> str:
-    """`<database>-<purpose>-<stamp>`: drills sweep only their own (`-drill-`) copies."""
-    return f"{db.name}-{purpose}-{when.astimezone(UTC).strftime(STAMP).lower()}"
+    """`<database>-<purpose>-<stamp>`: drills sweep only their own (`-drill-`) copies. An RDS copy's name must be a
+    valid instance identifier."""
+    name = f"{db.name}-{purpose}-{copy_stamp(when)}"
+    if db.kind is DatabaseKind.rds and not RDS_IDENTIFIER.fullmatch(name):
+        room = 63 - len(f"-recovery-{copy_stamp(when)}")
+        raise DrplanError(f"copy name {name} is no valid RDS instance identifier; name database {db.name} in the plan "
+                          f"with a letter first, then letters, digits and single hyphens, at most {room} characters")
+    return name
 
 
 class RestoreTarget(ABC):
@@ -78,15 +121,24 @@ class RestoreTarget(ABC):
 
     @abstractmethod
     def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
-        """Restore to a scratch copy `name` as of `target_time`; a rerun finds an existing copy and returns it."""
+        """Restore to a scratch copy `name` as of `target_time`; a rerun finds an existing copy and returns it
+        (refused unless it was restored to `target_time` and never served)."""
 
     @abstractmethod
     def drop(self, name: str) -> bool:
         """Delete scratch copy `name`; returns whether there was one."""
 
     @abstractmethod
-    def leftovers(self) -> list[Leftover]:
-        """Scratch copies of this database that earlier drills left behind."""
+    def copies(self) -> list[Copy]:
+        """Every copy of this database that drills and recoveries restored (and did not remove)."""
+
+    @abstractmethod
+    def mark_served(self, name: str) -> None:
+        """Record that an application is cut over to copy `name`: no rerun reuses it from then on."""
+
+    def leftovers(self) -> list[Copy]:
+        """Copies earlier drills left behind (never a recovery's)."""
+        return [c for c in self.copies() if c.kind == "drill"]
 
 
 class PostgresArchive(RestoreTarget):
@@ -119,11 +171,14 @@ class PostgresArchive(RestoreTarget):
         local = self.local(credentials)
         marker = self.markers / f"{name}.json"
         if marker.is_file():  # a rerun: the same backup and port as the first attempt
-            scratch = Scratch.model_validate_json(marker.read_text())
+            found = marker.read_text()
+            Copy.model_validate_json(found).check_reusable(target_time)  # also a marker without a target time
+            scratch = Scratch.model_validate_json(found)
             backup = next(b for b in local.list_backups() if b.id == scratch.backup_id)
         else:
             backup = local.backup_for(target_time)
-            scratch = Scratch(name=name, host=HOST, port=free_port(), created_at=utcnow(), backup_id=backup.id)
+            scratch = Scratch(name=name, host=HOST, port=free_port(), created_at=utcnow(), target_time=target_time,
+                              backup_id=backup.id)
             self.markers.mkdir(parents=True, exist_ok=True)
             marker.write_text(scratch.model_dump_json())  # written first: a crash leaves something to sweep
         try:
@@ -140,15 +195,17 @@ class PostgresArchive(RestoreTarget):
         marker.unlink(missing_ok=True)
         return existed
 
-    def copies(self) -> list[Scratch]:
-        """Every scratch copy of this database restored on this machine (drills and recoveries), from its marker."""
+    def copies(self) -> list[Copy]:
+        """The copies restored on this machine, from their markers."""
         markers = sorted(self.markers.glob(f"{self.db.name}-*.json"))
-        return [Scratch.model_validate_json(m.read_text()) for m in markers
+        return [Copy.model_validate_json(m.read_text()) for m in markers
                 if m.stem.rsplit("-", 2)[0] == self.db.name]  # not those of a database named like `<db>-x`
 
-    def leftovers(self) -> list[Leftover]:
-        prefix = f"{self.db.name}-drill-"
-        return [Leftover(name=s.name, created_at=s.created_at) for s in self.copies() if s.name.startswith(prefix)]
+    def mark_served(self, name: str) -> None:
+        marker = self.markers / f"{name}.json"
+        scratch = Scratch.model_validate_json(marker.read_text())
+        if scratch.served_at is None:
+            marker.write_text(scratch.model_copy(update={"served_at": utcnow()}).model_dump_json())
 
 
 class RdsInstance(RestoreTarget):
@@ -190,7 +247,8 @@ class RdsInstance(RestoreTarget):
             "PubliclyAccessible": False,
             "VpcSecurityGroupIds": [g["VpcSecurityGroupId"] for g in source.get("VpcSecurityGroups", [])],
             "Tags": [{"Key": DRILL_TAG, "Value": "true"}, {"Key": DATABASE_TAG, "Value": self.db.name},
-                     {"Key": "drplan:created", "Value": utcnow().isoformat()}],
+                     {"Key": CREATED_TAG, "Value": utcnow().isoformat()},
+                     {"Key": TARGET_TIME_TAG, "Value": target_time.astimezone(UTC).isoformat()}],
         }
         if source.get("DBSubnetGroup"):
             request["DBSubnetGroupName"] = source["DBSubnetGroup"]["DBSubnetGroupName"]
@@ -199,13 +257,16 @@ class RdsInstance(RestoreTarget):
         return request
 
     def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
-        reused = find_instance(self.rds, name) is not None
-        if not reused:
+        existing = find_instance(self.rds, name)
+        if existing is None:
             self.rds.restore_db_instance_to_point_in_time(**self.restore_request(name, target_time))
+        else:
+            as_copy(existing).check_reusable(target_time)
         instance = wait_instance_available(self.rds, name, self.plan.drill.restore_timeout, self.poll_seconds)
         endpoint = instance.get("Endpoint") or {}
         return Scratch(name=name, host=endpoint["Address"], port=int(endpoint["Port"]),
-                       created_at=_created(instance) or utcnow(), reused=reused)
+                       created_at=tag_time(instance, CREATED_TAG) or utcnow(), target_time=target_time,
+                       reused=existing is not None)
 
     def drop(self, name: str) -> bool:
         if find_instance(self.rds, name) is None:
@@ -213,22 +274,36 @@ class RdsInstance(RestoreTarget):
         self.rds.delete_db_instance(DBInstanceIdentifier=name, SkipFinalSnapshot=True, DeleteAutomatedBackups=True)
         return True
 
-    def leftovers(self) -> list[Leftover]:
-        found = []
-        for page in self.rds.get_paginator("describe_db_instances").paginate():
-            for instance in page["DBInstances"]:
-                if instance_tag(instance, DRILL_TAG) == "true" and instance_tag(instance, DATABASE_TAG) == self.db.name:
-                    found.append(Leftover(name=instance["DBInstanceIdentifier"], created_at=_created(instance)))
-        return found
+    def copies(self) -> list[Copy]:
+        """The instances in aws.region tagged as copies of this database."""
+        return [as_copy(instance) for page in self.rds.get_paginator("describe_db_instances").paginate()
+                for instance in page["DBInstances"]
+                if instance_tag(instance, DRILL_TAG) == "true" and instance_tag(instance, DATABASE_TAG) == self.db.name]
+
+    def mark_served(self, name: str) -> None:
+        instance = find_instance(self.rds, name)
+        if instance is None:
+            raise DrplanError(f"RDS instance {name} not found in {self.plan.aws.region}")
+        if instance_tag(instance, SERVED_TAG) is None:
+            self.rds.add_tags_to_resource(ResourceName=instance["DBInstanceArn"],
+                                          Tags=[{"Key": SERVED_TAG, "Value": utcnow().isoformat()}])
 
 
 def instance_tag(instance: dict, key: str) -> str | None:
     return next((t["Value"] for t in instance.get("TagList", []) if t["Key"] == key), None)
 
 
-def _created(instance: dict) -> datetime | None:
-    value = instance_tag(instance, "drplan:created")
+def tag_time(instance: dict, key: str) -> datetime | None:
+    value = instance_tag(instance, key)
     return datetime.fromisoformat(value) if value else None
+
+
+def as_copy(instance: dict) -> Copy:
+    """An RDS copy from its instance and tags."""
+    endpoint = instance.get("Endpoint") or {}
+    return Copy(name=instance["DBInstanceIdentifier"], host=endpoint.get("Address"), port=endpoint.get("Port"),
+                created_at=tag_time(instance, CREATED_TAG), target_time=tag_time(instance, TARGET_TIME_TAG),
+                served_at=tag_time(instance, SERVED_TAG))
 
 
 def free_port() -> int:

@@ -95,7 +95,8 @@ def test_postgres_members_with_the_recovery_copies_restored_here(tmp_path):
     (tmp_path / "drills").mkdir()
     for name, port in (("devonn-postgres-recovery-20261126t120000z", 40001),
                        ("devonn-postgres-x-drill-20261126t120000z", 40002)):  # another database's copy
-        copy = Scratch(name=name, host="127.0.0.1", port=port, created_at=datetime(2026, 11, 26, tzinfo=UTC))
+        copy = Scratch(name=name, host="127.0.0.1", port=port, created_at=datetime(2026, 11, 26, tzinfo=UTC),
+                       target_time=datetime(2026, 11, 26, tzinfo=UTC))
         (tmp_path / "drills" / f"{name}.json").write_text(copy.model_dump_json())
 
     members = discovery.postgres_members(plan, plan.database(DB))
