@@ -173,13 +173,15 @@ class DatabaseTopology(BaseModel):
 
     def protection_gaps(self, member: Member) -> list[str]:
         """What `member`, as the primary, lacks of the protection the plan requires: WAL archiving (RDS: automated
-        backups), a replica in its region, a replica in the other region."""
+        backups), a replica in its region (in the primary region only: the plan keeps one member in the DR region),
+        a replica in the other region."""
         gaps = []
         if member.archiving is False:
             gaps.append(f"live primary {member.identifier} does not archive WAL")
         elif member.archive_failing:
             gaps.append(f"live primary {member.identifier}: WAL archiving is failing")
-        if self.wants_replica and self.in_region_replica(member) is None:
+        home = self.home_region is None or self.region_of(member) == self.home_region
+        if self.wants_replica and home and self.in_region_replica(member) is None:
             gaps.append(f"live primary {member.identifier} has no replica in {self.region_of(member) or 'its region'}")
         if self.dr_region and self.dr_replica(member) is None:
             gaps.append(f"live primary {member.identifier} has no replica in {self.other_region(member)}")

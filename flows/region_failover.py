@@ -32,7 +32,15 @@ from flows.eks_recovery import EksReport, eks_recovery
 from flows.shared.cutover import database_url
 from flows.shared.dns import switch_dns, validate_placement
 from flows.shared.gates import recovery_lock, request_approval
-from flows.shared.promotion import Request, already_promoted, fence_and_drain, lag_guard, lost_rows, promote
+from flows.shared.promotion import (
+    Request,
+    already_promoted,
+    apply_fence,
+    fence_and_drain,
+    lag_guard,
+    lost_rows,
+    promote,
+)
 from flows.shared.report import RecoveryReport, finished, published, run_report
 from tasks.eks import scale_deployment, scale_nodegroup_task
 from tasks.fencing import FENCE_HOW
@@ -107,12 +115,16 @@ class Move:
     target region (its replica there), or nothing to do when the live primary already serves from there."""
 
     def __init__(self, plan: Plan, db: Database, to: str):
-        self.db = db
+        self.plan, self.db = plan, db
         topology = discover(plan, [db.name]).databases[0]
         live = topology.primary
         self.request = None if live is not None and topology.region_of(live) == to else \
             Request(plan, db.name, "promote-replica", "dr_replica", topology)
         self.serving = live if self.request is None else self.request.new
+        self.stray = [m for m in topology.writable if m is not live and topology.region_of(m) != to] \
+            if self.request is None else []
+        """Members still taking writes outside the target region once it serves (a rerun after a crash)."""
+        self.topology = topology
         if self.request is not None and self.request.region != to:
             raise DrplanError(f"{db.name}: the primary {self.request.old.identifier} has no replica in {to} to "
                               f"promote; run drplan reprotect --database {db.name} first")
@@ -195,6 +207,9 @@ def promote_move(move: Move, report: RegionReport, force: bool) -> None:
     its last WAL when it answers (else the lag guard), promote it, and measure the rows lost (goal 0)."""
     request = move.request
     if request is None:
+        credentials = db_credentials(move.plan, move.db)
+        for stray in move.stray:
+            apply_fence(report, move.plan, move.db, stray, credentials, move.topology)
         report.record("kept", move.serving.identifier, f"already the primary of {move.db.name} there")
         return
     credentials = db_credentials(request.plan, move.db)

@@ -92,12 +92,14 @@ def take_base_backup(plan: Plan, db: Database, primary: Member, credentials: DbC
 
 def replica_candidate(topology: DatabaseTopology, db: Database, plan: Plan, primary: Member, region: str) -> str:
     """The plan member that becomes the live primary's replica in `region` (postgres): the plan's member of the
-    matching role, else any other plan member in that region that is not the primary itself."""
+    matching role (toward the primary region from a primary in the DR region: the plan's primary, which a failback
+    then promotes), else any other plan member in that region that is not the primary itself."""
     roles = {identifier: role for role, identifier in db.members.items()}
     in_region = [identifier for identifier, role in roles.items()
                  if plan.member_region(db, role) == region and identifier != primary.identifier
                  and not any(r.identifier == identifier for r in topology.replicas_of(primary))]
-    wanted = "dr_replica" if region != plan.aws.region else "replica"
+    home = region == plan.aws.region
+    wanted = "dr_replica" if not home else "replica" if topology.region_of(primary) == region else "primary"
     preferred = sorted(in_region, key=lambda identifier: (roles[identifier] != wanted, identifier))
     if not preferred:
         raise DrplanError(f"{db.name}: no plan member in {region} can become a replica of {primary.identifier}; "

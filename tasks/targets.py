@@ -155,7 +155,16 @@ class PostgresArchive(RestoreTarget):
             password=credentials.password.get_secret_value() if credentials else "",
             dbname=self.db.dbname, endpoint_url=self.plan.aws.endpoint_url, aws_env=child_aws_env(self.plan),
             destination=self.db.backup.destination, server_name=self.db.backup.server_name,
+            archive_timeout=self.archive_timeout,
         )
+
+    @property
+    def archive_timeout(self) -> int:
+        """Seconds a copy that became the primary lets a WAL segment wait before archiving it: the sandbox's
+        setting, else half the database RPO (at most a minute), so the archive trails it by well under the RPO."""
+        if self.plan.sandbox is not None:
+            return int(self.plan.sandbox.archive_timeout.total_seconds())
+        return int(min(60, max(1, self.plan.objectives.rpo.database.total_seconds() / 2)))
 
     def window(self) -> RestorableWindow:
         assert self.db.backup is not None

@@ -45,10 +45,11 @@ def logged_text(caplog) -> str:
 def stack_snapshot(plan, database: str) -> dict:
     """What a dry run must leave exactly as it was: each cluster's namespace (deployments with their status and
     resourceVersion, services, config maps, Secret names and data) and node group sizes, every RDS instance of both
-    regions, the Route 53 records, and each PostgreSQL member's role."""
+    regions, the Route 53 records, and each PostgreSQL member's role and fence (or that it is down)."""
     from kubernetes import client as k8s
 
     from drplan.clients import aws_client, db_credentials, kube_client, pg_target
+    from drplan.errors import DrplanError
     from tasks.k8s import export_namespace
 
     snapshot: dict[str, Any] = {}
@@ -75,8 +76,12 @@ def stack_snapshot(plan, database: str) -> dict:
     db = plan.database(database)
     if db.kind.value == "postgres":
         for role in db.members:
-            with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
-                snapshot[f"postgres {role}"] = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            try:
+                with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
+                    snapshot[f"postgres {role}"] = conn.execute(
+                        "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')").fetchone()
+            except DrplanError:
+                snapshot[f"postgres {role}"] = "down"
     return snapshot
 
 
@@ -121,10 +126,11 @@ def clusters_restored(plan) -> Iterator[None]:
 
 
 @contextmanager
-def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: str, rpo: str = "5s"
-                          ) -> Iterator[Path]:
+def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: str, rpo: str = "5s",
+                          archive_timeout: str = "60s") -> Iterator[Path]:
     """A copy of the sandbox plan whose `database` is a new real primary + streaming replica + DR replica with
-    heartbeat (own WAL archive prefix, own state dir, database RPO `rpo`), for tests that promote or stop servers.
+    heartbeat (own WAL archive prefix, own state dir, database RPO `rpo`, WAL switched at least every
+    `archive_timeout`), for tests that promote or stop servers.
     Yields the plan's path; stops every process and deletes the state afterwards."""
     import shutil
     import uuid
@@ -142,7 +148,7 @@ def own_postgres_topology(sandbox_plan_path: Path, sandbox_dir: Path, database: 
     data = yaml.safe_load(sandbox_plan_path.read_text())
     data["objectives"]["rpo"]["database"] = rpo
     data["sandbox"]["state_dir"] = str(directory)
-    data["sandbox"]["archive_timeout"] = "60s"  # no test reads its WAL archive: a barman-cloud call a minute, not 12
+    data["sandbox"]["archive_timeout"] = archive_timeout  # default: a barman-cloud call a minute, not 12
     db = next(d for d in data["databases"] if d["name"] == database)
     db["endpoints"] = dict(zip(db["endpoints"], (f"127.0.0.1:{p}" for p in free_ports(3)), strict=True))
     db["backup"]["server_name"] = f"topology-{uuid.uuid4().hex[:8]}"

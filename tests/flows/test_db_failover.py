@@ -1,7 +1,9 @@
 """Database failover on a throwaway real PostgreSQL topology (primary, streaming replica, DR replica, heartbeat)
 beside the session sandbox, with the sandbox's demo app cut over to the promoted server and back afterwards.
-Promotions are destructive, so the tests run in order on one topology: dry run, lag guard (refuse, force),
-Multi-AZ (stop primary, promote replica), rerun. RDS failovers: tests/flows/test_rds_recovery.py."""
+Promotions are destructive, so the tests run in order on one topology, each acting on the live topology the one
+before left: dry run, Multi-AZ (stop primary, promote replica), rerun, a promotion refused until `reprotect`
+rebuilds replicas of the new primary, lag guard (refuse, force) on the DR replica. RDS failovers:
+tests/flows/test_rds_recovery.py."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import pytest
 from drplan.clients import db_credentials, kube_client, pg_target
 from drplan.plan import load_plan
 from flows.db_failover import db_failover
+from flows.reprotect import reprotect
 from sandbox import stack
-from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value, roll_back
-from tests.helpers import in_recovery, own_postgres_topology, stack_snapshot, wait_for
+from tasks.k8s import find_database_secret, read_secret_value
+from tests.helpers import clusters_restored, in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 DB = "devonn-postgres"
@@ -28,20 +31,8 @@ CLUSTER = "devonn-eks-sandbox"
 def topology(sandbox, sandbox_plan_path, sandbox_dir):
     """Plan path of a copy of the sandbox plan whose devonn-postgres is a new primary + replica + DR replica (own
     WAL archive prefix, RPO objective 5 s) in its own state dir; torn down afterwards."""
-    with own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as path:
-        try:
-            yield path
-        finally:
-            restore_app(sandbox)
-
-
-def restore_app(plan) -> None:
-    """Put the demo app back on the sandbox primary if a test left it cut over."""
-    cluster = plan.cluster(CLUSTER)
-    api = kube_client(plan, cluster)
-    secret, key = find_database_secret(api, cluster.namespace, "devonn-api")
-    if read_secret_value(api, cluster.namespace, secret, key + PREVIOUS_SUFFIX) is not None:
-        roll_back(plan, cluster, "devonn-api", timeout=30)
+    with clusters_restored(sandbox), own_postgres_topology(sandbox_plan_path, sandbox_dir, DB) as path:
+        yield path
 
 
 def app_port(plan) -> int:
@@ -68,40 +59,6 @@ def test_dry_run_changes_nothing(topology, sandbox):
             ["would fence"] if mode == "promote-replica" else []), "would promote", "would rewrite", "would restart"]
     assert stack_snapshot(plan, DB) == before
     assert stack.sandbox_postgres(plan, plan.database(DB)).status(plan.database(DB).primary).running
-
-
-def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, sandbox):
-    plan = load_plan(topology)
-    db = plan.database(DB)
-    dr = pg_target(plan, db, "dr_replica", db_credentials(plan, db))
-    with dr.connect() as conn:
-        conn.execute("SELECT pg_wal_replay_pause()")
-    time.sleep(7)  # the primary's heartbeat moves on, the paused replica's does not: lag > 5 s
-    before = app_port(sandbox)
-    state = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, return_state=True)
-    assert state.is_failed()
-    report = state.result(raise_on_failure=False)
-    assert "promoting would lose more than the RPO allows" in report.error and "--force" in report.error
-    assert float(re.search(r"lag (\d+(?:\.\d+)?)s", report.error).group(1)) > 5
-    assert in_recovery(plan, DB, "dr_replica") and app_port(sandbox) == before  # refused: nothing changed
-    state = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, fence=False,
-                        return_state=True)
-    assert "skipping the fence of the old primary needs force" in str(state.result(raise_on_failure=False))
-
-    report = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, force=True)
-    assert report.outcome == "failed over", report.markdown()
-    assert [s.action for s in report.steps] == ["found", "lag guard overridden", "approval", "fenced", "promoted",
-                                                "cut over"]
-    assert report.fence == "fenced"
-    with pg_target(plan, db, "primary", db_credentials(plan, db)).connect(autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # the old primary refuses writes
-            conn.execute("CREATE TABLE written_after_the_fence ()")
-    assert report.validation.passed
-    assert not in_recovery(plan, DB, "dr_replica")
-    assert app_port(sandbox) == int(db.endpoints[db.dr_replica.identifier].split(":")[1])
-    assert wait_for(lambda: app_users(sandbox) == plan.sandbox.demo_rows, 15, "the app on the promoted replica")
-    restore_app(sandbox)
-    assert app_port(sandbox) == before
 
 
 def test_multi_az_stops_the_primary_and_promotes_the_replica_and_a_rerun_changes_nothing(
@@ -132,3 +89,68 @@ def test_multi_az_stops_the_primary_and_promotes_the_replica_and_a_rerun_changes
     assert [s.action for s in again.steps] == ["found", "found promoted", "cut over"]
     assert again.steps[-1].detail.endswith("already set")
     assert again.validation.passed
+
+
+def test_after_the_promotion_the_new_primary_is_unprotected_until_reprotect(topology, sandbox):
+    plan = load_plan(topology)
+    db = plan.database(DB)
+    state = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, return_state=True)
+    assert state.is_failed()  # the DR replica follows the stopped old primary: promoting it would fork history
+    assert str(state.result(raise_on_failure=False)) == (
+        f"{DB}: the primary {db.replica} has no replica in us-west-2 to promote; run drplan reprotect --database "
+        f"{DB} first")
+
+    before = stack_snapshot(plan, DB)
+    dry = reprotect(plan=str(topology), database=DB, dry_run=True)
+    assert [(s.action, s.resource) for s in dry.steps] == [
+        ("would ask approval", DB), ("would back up", db.replica), ("would rebuild", db.primary),
+        ("would rebuild", db.dr_replica.identifier)]
+    assert stack_snapshot(plan, DB) == before
+
+    report = reprotect(plan=str(topology), database=DB, approve=True)
+    assert report.outcome == "protected", report.markdown()
+    assert report.gaps == [f"live primary {db.replica} has no replica in us-east-1",
+                           f"live primary {db.replica} has no replica in us-west-2"]
+    assert in_recovery(plan, DB, "primary") and in_recovery(plan, DB, "dr_replica")  # rebuilt as its standbys
+    with pg_target(plan, db, "replica", db_credentials(plan, db)).connect(autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        conn.execute("CREATE TABLE IF NOT EXISTS written_after_reprotect (n int); "
+                     "INSERT INTO written_after_reprotect VALUES (1)")
+    for role in ("primary", "dr_replica"):  # both stream from the new primary
+        with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
+            assert wait_for(lambda c=conn: c.execute("SELECT to_regclass('written_after_reprotect') IS NOT NULL")
+                            .fetchone()[0], 15, f"the {role} to replay the new primary's write")
+    again = reprotect(plan=str(topology), database=DB)  # no approve needed: nothing to do
+    assert again.outcome.startswith(f"already protected: {db.replica} archives WAL")
+
+
+def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, sandbox):
+    plan = load_plan(topology)
+    db = plan.database(DB)
+    dr = pg_target(plan, db, "dr_replica", db_credentials(plan, db))
+    with dr.connect() as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    time.sleep(7)  # the primary's heartbeat moves on, the paused replica's does not: lag > 5 s
+    before = app_port(sandbox)
+    state = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, return_state=True)
+    assert state.is_failed()
+    report = state.result(raise_on_failure=False)
+    assert "promoting would lose more than the RPO allows" in report.error and "--force" in report.error
+    assert float(re.search(r"lag (\d+(?:\.\d+)?)s", report.error).group(1)) > 5
+    assert in_recovery(plan, DB, "dr_replica") and app_port(sandbox) == before  # refused: nothing changed
+    state = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, fence=False,
+                        return_state=True)
+    assert "skipping the fence of the old primary needs force" in str(state.result(raise_on_failure=False))
+
+    report = db_failover(plan=str(topology), database=DB, mode="promote-replica", approve=True, force=True)
+    assert report.outcome == "failed over", report.markdown()
+    assert [s.action for s in report.steps] == ["found", "lag guard overridden", "approval", "fenced", "promoted",
+                                                "cut over"]
+    assert report.fence == "fenced"
+    with pg_target(plan, db, "replica", db_credentials(plan, db)).connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # the old primary (since Multi-AZ) refuses writes
+            conn.execute("CREATE TABLE written_after_the_fence ()")
+    assert report.validation.passed
+    assert not in_recovery(plan, DB, "dr_replica")
+    assert app_port(sandbox) == int(db.endpoints[db.dr_replica.identifier].split(":")[1])
+    assert wait_for(lambda: app_users(sandbox) == plan.sandbox.demo_rows, 15, "the app on the promoted replica")
