@@ -31,7 +31,8 @@ TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 # `slow` = the session sandbox or a Prefect server (a minute or more to start); `sandbox` = any real server, those
 # and the ones a test module starts for itself. `pytest -m "not sandbox"` is the fast suite.
 SLOW_FIXTURES = frozenset({"sandbox", "prefect_server", "platform"})
-SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_s3", "pg_cluster", "postgres_port", "kube_api", "own_processes"}
+SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_s3", "moto_rds", "pg_cluster", "postgres_port", "kube_api",
+                                   "own_processes"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,6 +76,16 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def moto_rds() -> Iterator[str]:
+    """A moto_server of the session's own on a free loopback port (no RDS data plane: instances, tags and endpoints
+    only); yields its URL. Tests empty it before setting up their instances (`tests.rds_moto.on_moto`)."""
+    from sandbox.launchers import moto
+
+    with moto() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Listing and removing copies without servers: markers written here, bindings and RDS faked."""
+"""Listing and removing copies: PostgreSQL copies from markers written here, RDS copies as instances on a real
+moto_server, and the services' bindings faked (which Kubernetes Secret each service uses)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
+from drplan.clients import aws_client
 from drplan.errors import DrplanError
 from drplan.plan import DrillSettings, load_plan
 from drplan.topology import Binding
 from tasks import copies
-from tasks.targets import Copy, PostgresArchive, RdsInstance, Scratch
+from tasks.targets import PostgresArchive, Scratch
+from tests.rds_moto import create_copy, on_moto
 
 T = datetime(2026, 12, 2, 12, 55, 12, 123456, tzinfo=UTC)
 API = "service devonn-api in cluster devonn-eks-sandbox"
@@ -19,10 +22,11 @@ DRILL = "devonn-postgres-drill-20261202t130000000z"
 
 
 @pytest.fixture
-def plan(tmp_path, monkeypatch):
+def plan(tmp_path, monkeypatch, moto_rds):
     """The sandbox plan with two devonn-postgres copies restored here (the recovery copy served since T), devonn-api
-    bound to the recovery copy, and no RDS copy."""
+    bound to the recovery copy, and no RDS copy (its RDS on moto, emptied)."""
     plan = load_plan("plans/sandbox.yaml").model_copy(update={"drill": DrillSettings(work_dir=str(tmp_path))})
+    plan = on_moto(plan, moto_rds)
     (tmp_path / "drills").mkdir()
     for name, port, served in ((RECOVERY, 40001, T), (DRILL, 40002, None)):
         scratch = Scratch(name=name, host="127.0.0.1", port=port, created_at=T, target_time=T, served_at=served)
@@ -30,7 +34,6 @@ def plan(tmp_path, monkeypatch):
     monkeypatch.setattr(copies, "bindings", lambda plan, db, members_at: [
         Binding(service="devonn-api", cluster="devonn-eks-sandbox", region="us-east-1", host="127.0.0.1", port=40001,
                 member=members_at.get(("127.0.0.1", 40001)))] if db.name == "devonn-postgres" else [])
-    monkeypatch.setattr(RdsInstance, "copies", lambda self: [])
     return plan
 
 
@@ -41,23 +44,22 @@ def dropped(monkeypatch) -> list[str]:
     return names
 
 
-def test_every_copy_with_its_kind_target_time_and_the_service_using_it(plan, monkeypatch):
-    rds = Copy(name="devonn-rds-drill-20261202t125512123z", host="devonn-rds-drill.rds.example", port=5432,
-               target_time=T)
-    monkeypatch.setattr(RdsInstance, "copies", lambda self: [rds])
+def test_every_copy_with_its_kind_target_time_and_the_service_using_it(plan):
+    name = "devonn-rds-drill-20261202t125512123z"
+    endpoint = create_copy(aws_client(plan, "rds"), name, T)["Endpoint"]
 
     listed = copies.list_copies(plan)
 
     assert [(c.database, c.name, c.kind, c.address, c.used_by) for c in listed] == [
         ("devonn-postgres", DRILL, "drill", "127.0.0.1:40002", []),
         ("devonn-postgres", RECOVERY, "recovery", "127.0.0.1:40001", [API]),
-        ("devonn-rds", rds.name, "drill", "devonn-rds-drill.rds.example:5432", []),
+        ("devonn-rds", name, "drill", f"{endpoint['Address']}:5432", []),
     ]
     assert listed[1].row == {
         "copy": RECOVERY, "kind": "recovery", "target time": "2026-12-02 12:55:12.123Z",
         "created": "2026-12-02 12:55:12.123Z", "served since": "2026-12-02 12:55:12.123Z", "address": "127.0.0.1:40001",
         "used by": API}
-    assert [c.name for c in copies.list_copies(plan, "devonn-rds")] == [rds.name]
+    assert [c.name for c in copies.list_copies(plan, "devonn-rds")] == [name]
 
 
 def test_a_copy_a_service_uses_is_not_removed(plan, dropped):

@@ -1,5 +1,6 @@
-"""Restore targets without servers: copy names, the target time and served mark each copy keeps, the refusal to reuse
-a copy made for another time or that served, and drills sweeping only their own RDS copies."""
+"""Restore targets: copy names, the target time and served mark each copy keeps, the refusal to reuse a copy made for
+another time or that served, and drills sweeping only their own RDS copies. PostgreSQL copies from markers written
+here (no server), RDS instances on a real moto_server."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from drplan.errors import DrplanError
 from drplan.plan import DrillSettings, load_plan
 from drplan.s3manifest import STAMP
 from tasks.targets import RDS_IDENTIFIER, Copy, PostgresArchive, RdsInstance, Scratch, scratch_name
+from tests.rds_moto import create_copy, create_instance, identifiers, on_moto
 
 T = datetime(2026, 12, 2, 12, 55, 12, 123456, tzinfo=UTC)
 CREDENTIALS = DbCredentials("postgres", SecretStr("unused"))
@@ -93,64 +95,32 @@ def test_the_same_time_never_served_is_reusable():
     Copy(name="db-recovery-x", target_time=T).check_reusable(T)
 
 
-class FakeRds:
-    """describe_db_instances over these instances; add_tags_to_resource recorded on them."""
-
-    def __init__(self, *instances: dict):
-        self.instances = {i["DBInstanceIdentifier"]: i for i in instances}
-        self.restored = []
-
-    def describe_db_instances(self, DBInstanceIdentifier: str) -> dict:  # noqa: N803 - boto3's name
-        from botocore.exceptions import ClientError
-
-        if DBInstanceIdentifier not in self.instances:
-            raise ClientError({"Error": {"Code": "DBInstanceNotFound", "Message": "gone"}}, "DescribeDBInstances")
-        return {"DBInstances": [self.instances[DBInstanceIdentifier]]}
-
-    def get_paginator(self, operation: str) -> FakeRds:
-        return self
-
-    def paginate(self) -> list[dict]:
-        return [{"DBInstances": list(self.instances.values())}]
-
-    def add_tags_to_resource(self, ResourceName: str, Tags: list[dict]) -> None:  # noqa: N803
-        instance = next(i for i in self.instances.values() if i["DBInstanceArn"] == ResourceName)
-        instance["TagList"] += Tags
-
-    def restore_db_instance_to_point_in_time(self, **request) -> None:
-        self.restored.append(request)
-
-
-def rds_copy(name: str, database: str = "devonn-rds", **tags: str) -> dict:
-    tags = {"drplan:drill": "true", "drplan:database": database, "drplan:target-time": T.isoformat(), **tags}
-    return {"DBInstanceIdentifier": name, "DBInstanceArn": f"arn:aws:rds:us-east-1:1:db:{name}",
-            "DBInstanceStatus": "available", "Endpoint": {"Address": f"{name}.rds.example", "Port": 5432},
-            "TagList": [{"Key": k, "Value": v} for k, v in tags.items()]}
-
-
-def test_rds_copies_keep_their_target_time_and_a_served_one_is_never_reused(tmp_path):
-    plan = sandbox_plan(tmp_path)
+def test_rds_copies_keep_their_target_time_and_a_served_one_is_never_reused(tmp_path, moto_rds):
+    plan = on_moto(sandbox_plan(tmp_path), moto_rds)
     target = RdsInstance(plan, plan.database("devonn-rds"))
     name = "devonn-rds-recovery-20261202t125512123z"
-    target.rds = FakeRds(rds_copy(name), rds_copy("devonn-rds-drill-20261202t125512123z"),
-                         rds_copy("other-drill-20261202t125512123z", database="other"))
+    create_instance(target.rds, target.db.primary)  # the source: a restore attempted would succeed
+    endpoint = create_copy(target.rds, name, T)["Endpoint"]
+    create_copy(target.rds, "devonn-rds-drill-20261202t125512123z", T)
+    create_copy(target.rds, "other-drill-20261202t125512123z", T, database="other")
+    before = identifiers(target.rds)
     target.poll_seconds = 0
 
     assert target.restore(name, T, CREDENTIALS).reused  # the same time, never served: found, not restored again
     target.mark_served(name)
     (served,) = [c for c in target.copies() if c.name == name]
-    assert (served.target_time, served.host, served.port) == (T, f"{name}.rds.example", 5432)
+    assert (served.target_time, served.host, served.port) == (T, endpoint["Address"], 5432)
     assert served.served_at is not None
     with pytest.raises(DrplanError, match=rf"^copy {name} has served an application since "):
         target.restore(name, T, CREDENTIALS)
-    assert target.rds.restored == []
+    assert identifiers(target.rds) == before  # nothing restored: no new instance
     assert [c.name for c in target.leftovers()] == ["devonn-rds-drill-20261202t125512123z"]  # never a recovery copy
 
 
-def test_rds_restore_request_tags_the_target_time(tmp_path, monkeypatch):
-    plan = sandbox_plan(tmp_path)
+def test_rds_restore_request_tags_the_target_time(tmp_path, moto_rds):
+    plan = on_moto(sandbox_plan(tmp_path), moto_rds)
     target = RdsInstance(plan, plan.database("devonn-rds"))
-    monkeypatch.setattr(target, "_source", lambda: {"DBInstanceClass": "db.t3.micro"})
+    create_instance(target.rds, target.db.primary, instance_class="db.t3.micro")
     tags = {t["Key"]: t["Value"] for t in target.restore_request("devonn-rds-drill-x", T)["Tags"]}
     assert datetime.fromisoformat(tags["drplan:target-time"]) == T
     assert tags["drplan:target-time"].endswith("+00:00")
