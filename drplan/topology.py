@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, computed_field
 
+from drplan.clients import DbCredentials, PgTarget
+from drplan.errors import DrplanError
 from drplan.results import markdown_table
 
 
@@ -70,6 +72,12 @@ class Member(BaseModel):
     @property
     def accepts_writes(self) -> bool:
         return self.state is State.primary
+
+    def target(self, dbname: str, credentials: DbCredentials) -> PgTarget:
+        """Where to connect to it; a member without an address is refused."""
+        if self.host is None or self.port is None:
+            raise DrplanError(f"{self.database}/{self.identifier} has no address ({self.detail or self.state})")
+        return PgTarget(f"{self.database}/{self.identifier}", self.host, self.port, dbname, credentials)
 
 
 class Binding(BaseModel):

@@ -16,10 +16,11 @@ from datetime import datetime
 from prefect import flow
 
 from checks.integrity import ROW_COUNT
-from drplan.clients import PgTarget, check_aws_access, db_credentials, pg_target
+from drplan.clients import check_aws_access, db_credentials, pg_target
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult
+from drplan.topology import Member
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import apply_fence
@@ -65,7 +66,8 @@ def pitr_recovery(
     if service:
         report.record("found", find_app_secret(dr_plan, service), f"used by deployment {service.name}")
     check_aws_access(dr_plan)
-    target: RestoreTarget = restore_target(dr_plan, db)
+    live = discover_topology(dr_plan, [db.name]).databases[0].last_primary
+    target: RestoreTarget = restore_target(dr_plan, db, live)
     window = find_restorable_window(target)
     report.target_time = choose_target_time(window, when, None, dr_plan.drill.target_margin)
     report.recovery_copy = scratch_name(db, report.target_time, "recovery")
@@ -80,20 +82,21 @@ def pitr_recovery(
         report.outcome = "planned (dry run)"
         return report
     with published(report, f"pitr-recovery-{db.name}"), recovery_lock(db):
-        recover(dr_plan, db, service, target, report, approve)
+        recover(dr_plan, db, service, target, live, report, approve)
     return finished(report, f"pitr recovery of {db.name}")
 
 
-def recover(dr_plan: Plan, db: Database, service: Service | None, target: RestoreTarget, report: PitrReport,
-            approve: bool) -> None:
-    """Restore (or find the copy a crashed run restored) and check; with a service: approval, cutover,
-    validation, rollback on failure."""
+def recover(dr_plan: Plan, db: Database, service: Service | None, target: RestoreTarget, live: Member | None,
+            report: PitrReport, approve: bool) -> None:
+    """Restore (or find the copy a crashed run restored) and check it against the live primary (`live`); with a
+    service: approval, fence, cutover, validation, rollback on failure."""
     credentials = db_credentials(dr_plan, db)
+    source = live.target(db.dbname, credentials) if live and live.host else pg_target(dr_plan, db, "primary",
+                                                                                     credentials)
     scratch = restore_scratch(target, report.recovery_copy, report.target_time, credentials)
     report.record("found restored" if scratch.reused else "restored", report.recovery_copy,
                   f"{scratch.host}:{scratch.port}", mutating=not scratch.reused)
-    report.checks = check_restored_copy(pg_target(dr_plan, db, "primary", credentials),
-                                        scratch.target(db, credentials), db.integrity, report.target_time,
+    report.checks = check_restored_copy(source, scratch.target(db, credentials), db.integrity, report.target_time,
                                         dr_plan.objectives.rpo.database)
     failed = [c.name for c in report.checks if not c.passed]
     report.record("checked", report.recovery_copy, f"{len(report.checks)} checks, not passed: {failed or 'none'}")
@@ -123,8 +126,7 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
 
     def unfence() -> None:  # the app returns to the database it left: it must take writes again
         if old is not None and fence in ("fenced", "pending"):
-            target = PgTarget(f"{db.name}/{old.identifier}", old.host, old.port, db.dbname, credentials) \
-                if old.host else None
+            target = old.target(db.dbname, credentials) if old.host else None
             if unfence_member_task(dr_plan, db, old.identifier, topology.region_of(old) or dr_plan.aws.region,
                                    target):
                 report.record("unfenced", old.identifier, "the application returns to it", mutating=True)

@@ -138,6 +138,7 @@ def moves(plan: Plan, to: str, placed: list[Placement]) -> list[Move]:
 
 def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placement], report: RegionReport,
                      force: bool, approve: bool) -> None:
+    moving = moves(dr_plan, to, placed)  # a database with nothing to promote there is refused before anything runs
     try:
         report.readiness = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=to)
     except DrplanError as exc:
@@ -148,7 +149,6 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
                           "(--force) to fail over anyway")
     report.record("readiness", to, "ready" if not unready else f"NOT READY, forced: {'; '.join(unready)}",
                   mutating=bool(unready))
-    moving = moves(dr_plan, to, placed)
     failback = to == dr_plan.aws.region
     if report.dry_run:
         plan_steps(dr_plan, plan_ref, to, placed, moving, report)

@@ -32,13 +32,15 @@ from tasks.database import (
 )
 from tasks.postgres import read_newest_heartbeat_task
 from tasks.targets import restore_target, scratch_name
+from tasks.topology import discover_topology
 
 
 def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: timedelta | None,
                    keep: bool) -> DrillReport:
     logger = get_run_logger()
     started = utcnow()
-    target = restore_target(dr_plan, db)
+    live = discover_topology(dr_plan, [db.name]).databases[0].last_primary  # the source is what serves now
+    target = restore_target(dr_plan, db, live)
     name = scratch_name(db, started)
     report = DrillReport(plan=dr_plan.name, database=db.name, kind=db.kind.value, scratch=name, started_at=started)
     restore_started = False
@@ -53,7 +55,8 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
         report.backup_id = scratch.backup_id
         report.restore_duration = utcnow() - started
         copy = scratch.target(db, credentials)
-        source = pg_target(dr_plan, db, "primary", credentials)
+        source = live.target(db.dbname, credentials) if live and live.host else pg_target(dr_plan, db, "primary",
+                                                                                         credentials)
         report.checks = check_restored_copy(source, copy, db.integrity, report.target_time,
                                             dr_plan.objectives.rpo.database)
         if db.integrity.fingerprint:

@@ -87,7 +87,7 @@ def database_checks(plan: Plan, db: Database, topology: DatabaseTopology) -> lis
     def target(member: Member) -> PgTarget:
         if credentials is None:
             raise credential_error
-        return PgTarget(f"{db.name}/{member.identifier}", member.host, member.port, db.dbname, credentials)
+        return member.target(db.dbname, credentials)
 
     no_primary = "no live primary: " + "; ".join(topology.differences[:1])
     unprobed = topology.plan_primary if primary is None and topology.plan_primary and \

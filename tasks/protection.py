@@ -26,7 +26,7 @@ from tasks.barman import holds_timeline
 from tasks.fencing import FENCED_FROM_TAG, forget_pending
 from tasks.rds import describe_instance, find_instance, wait_instance_available
 from tasks.s3 import STAMP
-from tasks.targets import DATABASE_TAG, PostgresArchive, instance_tag
+from tasks.targets import DATABASE_TAG, PLAN_TAG, PostgresArchive, instance_tag
 
 RDS_POLL_SECONDS = 5.0
 BACKUP_RETENTION_DAYS = 7
@@ -136,7 +136,7 @@ def create_rds_replica(plan: Plan, db: Database, primary: Member, region: str) -
     kind = "replica" if region == primary.region else "dr"
     identifier = f"{db.name}-{kind}-{utcnow().strftime(STAMP).lower()}"
     request = {"DBInstanceIdentifier": identifier,
-               "Tags": [{"Key": DATABASE_TAG, "Value": db.name}, {"Key": "drplan:plan", "Value": plan.name}]}
+               "Tags": [{"Key": DATABASE_TAG, "Value": db.name}, {"Key": PLAN_TAG, "Value": plan.name}]}
     if region == primary.region:
         request |= {"SourceDBInstanceIdentifier": primary.identifier,
                     "VpcSecurityGroupIds": [g["VpcSecurityGroupId"] for g in source.get("VpcSecurityGroups", [])]}

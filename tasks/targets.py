@@ -23,11 +23,14 @@ from drplan.errors import DrplanError
 from drplan.pgserver import HOST, LocalPostgres, PostgresError
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.timeutil import utcnow
+from drplan.topology import Member
 from tasks.barman import find_newest_wal
 from tasks.rds import find_instance, wait_instance_available
 
 DRILL_TAG = "drplan:drill"
 DATABASE_TAG = "drplan:database"
+PLAN_TAG = "drplan:plan"
+"""An instance tagged with another plan's name belongs to that plan, even for a database of the same name."""
 CREATED_TAG = "drplan:created"
 TARGET_TIME_TAG = "drplan:target-time"
 SERVED_TAG = "drplan:served"
@@ -220,25 +223,27 @@ class PostgresArchive(RestoreTarget):
 class RdsInstance(RestoreTarget):
     poll_seconds = 10.0
 
-    def __init__(self, plan: Plan, db: Database):
+    def __init__(self, plan: Plan, db: Database, source: str | None = None, region: str | None = None):
+        """Restores come from `source` in `region` (the live primary; default: the plan's primary in aws.region)."""
         super().__init__(plan, db)
-        self.rds = aws_client(plan, "rds")
+        self.source, self.region = source or db.primary, region or plan.aws.region
+        self.rds = aws_client(plan, "rds", self.region)
 
     def _source(self) -> dict:
-        source = find_instance(self.rds, self.db.primary)
+        source = find_instance(self.rds, self.source)
         if source is None:
-            raise DrplanError(f"{self.db.name}: RDS instance {self.db.primary} not found in {self.plan.aws.region}")
+            raise DrplanError(f"{self.db.name}: RDS instance {self.source} not found in {self.region}")
         return source
 
     def window(self) -> RestorableWindow:
         source = self._source()
         latest = source.get("LatestRestorableTime")
         if latest is None:
-            raise DrplanError(f"{self.db.name}: {self.db.primary} reports no LatestRestorableTime; "
+            raise DrplanError(f"{self.db.name}: {self.source} reports no LatestRestorableTime; "
                               "enable automated backups (BackupRetentionPeriod > 0)")
         earliest = source["InstanceCreateTime"]
         backups = self.rds.describe_db_instance_automated_backups(
-            DBInstanceIdentifier=self.db.primary).get("DBInstanceAutomatedBackups", [])
+            DBInstanceIdentifier=self.source).get("DBInstanceAutomatedBackups", [])
         window = next((b["RestoreWindow"] for b in backups if b.get("RestoreWindow", {}).get("EarliestTime")), None)
         if window:
             earliest = window["EarliestTime"]
@@ -248,7 +253,7 @@ class RdsInstance(RestoreTarget):
         """The restore call's arguments: the source's network and parameter settings, and the drill tags."""
         source = self._source()
         request = {
-            "SourceDBInstanceIdentifier": self.db.primary,
+            "SourceDBInstanceIdentifier": self.source,
             "TargetDBInstanceIdentifier": name,
             "RestoreTime": target_time,
             "DBInstanceClass": source["DBInstanceClass"],
@@ -256,6 +261,7 @@ class RdsInstance(RestoreTarget):
             "PubliclyAccessible": False,
             "VpcSecurityGroupIds": [g["VpcSecurityGroupId"] for g in source.get("VpcSecurityGroups", [])],
             "Tags": [{"Key": DRILL_TAG, "Value": "true"}, {"Key": DATABASE_TAG, "Value": self.db.name},
+                     {"Key": PLAN_TAG, "Value": self.plan.name},
                      {"Key": CREATED_TAG, "Value": utcnow().isoformat()},
                      {"Key": TARGET_TIME_TAG, "Value": target_time.astimezone(UTC).isoformat()}],
         }
@@ -287,7 +293,8 @@ class RdsInstance(RestoreTarget):
         """The instances in aws.region tagged as copies of this database."""
         return [as_copy(instance) for page in self.rds.get_paginator("describe_db_instances").paginate()
                 for instance in page["DBInstances"]
-                if instance_tag(instance, DRILL_TAG) == "true" and instance_tag(instance, DATABASE_TAG) == self.db.name]
+                if instance_tag(instance, DRILL_TAG) == "true" and instance_tag(instance, DATABASE_TAG) == self.db.name
+                and instance_tag(instance, PLAN_TAG) in (None, self.plan.name)]
 
     def mark_served(self, name: str) -> None:
         instance = find_instance(self.rds, name)
@@ -321,5 +328,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def restore_target(plan: Plan, db: Database) -> RestoreTarget:
-    return PostgresArchive(plan, db) if db.kind is DatabaseKind.postgres else RdsInstance(plan, db)
+def restore_target(plan: Plan, db: Database, live: Member | None = None) -> RestoreTarget:
+    """Where copies of `db` come from: its archive (postgres), or the RDS instance `live` (the live primary;
+    default the plan's primary)."""
+    if db.kind is DatabaseKind.postgres:
+        return PostgresArchive(plan, db)
+    return RdsInstance(plan, db, live.identifier, live.region) if live else RdsInstance(plan, db)

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from psycopg.conninfo import conninfo_to_dict
 from urllib3.exceptions import HTTPError
 
-from drplan.clients import DbCredentials, PgTarget, aws_client, db_credentials, kube_client, kubeconfig_path
+from drplan.clients import DbCredentials, aws_client, db_credentials, kube_client, kubeconfig_path
 from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service, host_port
@@ -25,7 +25,7 @@ from drplan.timeutil import utcnow
 from drplan.topology import Binding, DatabaseTopology, Member, State, Topology
 from tasks.fencing import FENCED_FROM_TAG
 from tasks.k8s import read_database_url
-from tasks.targets import DATABASE_TAG, DRILL_TAG, PostgresArchive, instance_tag
+from tasks.targets import DATABASE_TAG, DRILL_TAG, PLAN_TAG, PostgresArchive, instance_tag
 
 PROBE_TIMEOUT = 3
 """Seconds to wait for a member to accept the connection, and then for its answer, before it counts as down."""
@@ -96,7 +96,8 @@ def rds_members(plan: Plan, db: Database) -> list[Member]:
     found, errors = _describe_regions(plan)
     kinds = {identifier: "plan" for identifier in db.members.values()}
     for identifier, (instance, _) in found.items():
-        if identifier not in kinds and instance_tag(instance, DATABASE_TAG) == db.name:
+        if identifier not in kinds and instance_tag(instance, DATABASE_TAG) == db.name and \
+                instance_tag(instance, PLAN_TAG) in (None, plan.name):
             kinds[identifier] = "recovery-copy" if instance_tag(instance, DRILL_TAG) == "true" else "tagged"
     while chained := _chained(found, kinds):
         kinds |= chained
@@ -162,7 +163,7 @@ def _rds_member(member: Member, instance: dict, region: str) -> Member:
 def probe(member: Member, db: Database, credentials: DbCredentials) -> tuple[Member, Address | None]:
     """One query of the member: its state, archiving, timeline and replay lag, and the address its WAL receiver
     streams from. A member that does not answer (or cannot be queried) is down, with the reason."""
-    target = PgTarget(f"{db.name}/{member.identifier}", member.host, member.port, db.dbname, credentials)
+    target = member.target(db.dbname, credentials)
     try:
         with target.connect(timeout=PROBE_TIMEOUT, options=f"-c statement_timeout={PROBE_TIMEOUT * 1000}") as conn:
             row = conn.execute(PROBE).fetchone()

@@ -184,6 +184,7 @@ def own_rds_topology(plan_path: Path, database: str = "devonn-rds") -> Iterator[
 
     suffix = uuid.uuid4().hex[:6]
     data = yaml.safe_load(plan_path.read_text())
+    data["name"] = f"{data['name']}-{suffix}"  # its instances are tagged with it: the session's are not its members
     spec = next(d for d in data["databases"] if d["name"] == database)
     spec["primary"], spec["replica"] = f"{database}-{suffix}", f"{database}-replica-{suffix}"
     spec["dr_replica"]["identifier"] = f"{database}-dr-{suffix}"

@@ -104,9 +104,7 @@ class Request:
         return local_server(self.plan, self.db, member, credentials)
 
     def target(self, member: Member, credentials: DbCredentials) -> PgTarget:
-        if member.host is None:
-            raise DrplanError(f"{self.db.name}/{member.identifier} has no address ({member.detail or member.state})")
-        return PgTarget(f"{self.db.name}/{member.identifier}", member.host, member.port, self.db.dbname, credentials)
+        return member.target(self.db.dbname, credentials)
 
     @property
     def region(self) -> str:
@@ -186,8 +184,7 @@ def apply_fence(report: RecoveryReport, plan: Plan, db: Database, member: Member
                 topology: DatabaseTopology) -> str:
     """Fence `member` (the old primary) before anything is promoted and record it (pending while unreachable);
     returns the fence's status."""
-    target = (PgTarget(f"{db.name}/{member.identifier}", member.host, member.port, db.dbname, credentials)
-              if db.kind is DatabaseKind.postgres and member.host else None)
+    target = member.target(db.dbname, credentials) if db.kind is DatabaseKind.postgres and member.host else None
     result = fence_member_task(plan, db, member.identifier, topology.region_of(member) or plan.aws.region, target)
     if result.status == "pending":
         report.record("fence pending", result.member, f"unreachable ({result.detail}); fenced as soon as it answers",

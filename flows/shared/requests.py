@@ -36,6 +36,9 @@ def validate_request(plan: str, database: str | None, target_time: str | None, r
     databases = [dr_plan.database(database)] if database else list(dr_plan.databases)
     if not databases:
         raise DrplanError(f"plan {dr_plan.name} defines no databases to drill")
+    if target_time is not None and not target_time.strip():
+        raise DrplanError("the target time is empty; give an ISO 8601 time with a zone (2026-11-26T03:00:00Z) or "
+                          "'latest' (an empty variable must not restore the damage itself)")
     if target_time and random_within:
         raise DrplanError("pass either target_time or random_within, not both")
     try:

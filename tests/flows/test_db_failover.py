@@ -117,9 +117,9 @@ def test_after_the_promotion_the_new_primary_is_unprotected_until_reprotect(topo
         conn.execute("CREATE TABLE IF NOT EXISTS written_after_reprotect (n int); "
                      "INSERT INTO written_after_reprotect VALUES (1)")
     for role in ("primary", "dr_replica"):  # both stream from the new primary
-        with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
-            assert wait_for(lambda c=conn: c.execute("SELECT to_regclass('written_after_reprotect') IS NOT NULL")
-                            .fetchone()[0], 15, f"the {role} to replay the new primary's write")
+        with pg_target(plan, db, role, db_credentials(plan, db)).connect(autocommit=True) as conn:
+            wait_for(lambda c=conn: c.execute("SELECT to_regclass('public.written_after_reprotect') IS NOT NULL")
+                     .fetchone()[0], 15, f"the {role} to replay the new primary's write")
     again = reprotect(plan=str(topology), database=DB)  # no approve needed: nothing to do
     assert again.outcome.startswith(f"already protected: {db.replica} archives WAL")
 
@@ -127,6 +127,9 @@ def test_after_the_promotion_the_new_primary_is_unprotected_until_reprotect(topo
 def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, sandbox):
     plan = load_plan(topology)
     db = plan.database(DB)
+    pg = stack.sandbox_postgres(plan, db)
+    pg.stop_heartbeat(db.primary)  # it wrote to the old primary: now the heartbeat goes to the live one
+    pg.start_heartbeat(db.replica, interval=1, table=db.integrity.heartbeat_table)
     dr = pg_target(plan, db, "dr_replica", db_credentials(plan, db))
     with dr.connect() as conn:
         conn.execute("SELECT pg_wal_replay_pause()")

@@ -14,24 +14,30 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import suppress
 from datetime import UTC, datetime
 
 import httpx
 import psycopg
 import pytest
+from botocore.exceptions import ClientError
 from kubernetes import client as k8s
 
 from drplan import processes
 from drplan.clients import aws_client, db_credentials, kube_client, pg_target
 from drplan.plan import load_plan
 from flows.db_failover import db_failover
+from flows.dns_failover import dns_failover
+from flows.dr_readiness import dr_readiness
 from flows.pitr_recovery import pitr_recovery
 from flows.region_failover import region_failover
 from flows.reprotect import reprotect
 from flows.rpo_verification import rpo_verification
 from flows.shared.cutover import database_url
+from sandbox import stack
+from sandbox.disasters import delete_dns
 from tasks.eks import ready_nodes
-from tasks.k8s import cut_over, find_database_secret
+from tasks.k8s import DATABASE_ENV, cut_over
 from tasks.route53 import read_record, zone_id
 from tasks.targets import PostgresArchive
 from tasks.topology import discover
@@ -58,11 +64,11 @@ def week(sandbox, sandbox_plan_path, sandbox_dir):
         cut_over(plan, plan.cluster(HOME), SERVICE, database_url(credentials, primary.host, primary.port, db.dbname))
         directory = plan.state_dir()
         processes.stop(directory, f"heartbeat-{db.primary}")
-        for name in (HOME, DR):
+        for name in (HOME, DR):  # the DR region has the Secret (pilot light), not yet the Deployment
             cluster = plan.cluster(name)
-            secret, key = find_database_secret(kube_client(plan, cluster), cluster.namespace, SERVICE)
+            secret = stack.db_secret(next(s for s in plan.services if s.name == SERVICE))
             processes.start(directory, f"heartbeat-follows-{name}", [
-                sys.executable, "-m", "drplan.heartbeat", "--secret", f"{cluster.namespace}/{secret}:{key}",
+                sys.executable, "-m", "drplan.heartbeat", "--secret", f"{cluster.namespace}/{secret}:{DATABASE_ENV}",
                 "--kubeconfig", str(plan.resolve_path(cluster.kubeconfig)), "--context", cluster.context,
                 "--interval", "1", "--source", f"app-{name}"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
         dns = dns_target(plan)
@@ -75,8 +81,9 @@ def week(sandbox, sandbox_plan_path, sandbox_dir):
             for copy in archive.copies():
                 archive.drop(copy.name)
             for region, identifier in rds_instances(sandbox) - rds_before:  # the replicas reprotect made
-                aws_client(plan, "rds", region).delete_db_instance(DBInstanceIdentifier=identifier,
-                                                                   SkipFinalSnapshot=True)
+                with suppress(ClientError):
+                    aws_client(plan, "rds", region).delete_db_instance(DBInstanceIdentifier=identifier,
+                                                                       SkipFinalSnapshot=True)
 
 
 def rds_instances(plan) -> set[tuple[str, str]]:
@@ -117,11 +124,11 @@ def measured(report, measure: str):
     return next(m for m in report.measurements if (m.resource, m.measure) == (DB, measure))
 
 
-def dry_run_changes_nothing(plan, flow, **parameters):
-    before = stack_snapshot(plan, DB)
+def dry_run_changes_nothing(dr_plan, flow, **parameters):
+    before = stack_snapshot(dr_plan, DB)
     report = flow(**parameters, dry_run=True)
     assert report.outcome == "planned (dry run)", report.markdown()
-    assert stack_snapshot(plan, DB) == before
+    assert stack_snapshot(dr_plan, DB) == before
     return report
 
 
@@ -167,6 +174,9 @@ def test_a_bad_week_loses_no_data(week, sandbox):
     assert measured(rpo, "WAL archive").label == "breached"
     assert "does not archive WAL; run drplan reprotect" in measured(rpo, "WAL archive").detail
     assert measured(rpo, "replica newest heartbeat").label == "breached"
+    readiness = dr_readiness(plan=str(week), return_state=True).result(raise_on_failure=False)
+    unready = {f.check: f.detail for f in readiness.unready}
+    assert unready[f"{DB}: protected"].startswith(f"not protected: live primary {recovered.recovery_copy} does not")
 
     # 4. reprotect: archiving, a base backup of its lineage, the plan's replica and DR replica rebuilt from it
     reprotected(plan, week)
@@ -183,6 +193,9 @@ def test_a_bad_week_loses_no_data(week, sandbox):
     assert multi_az.outcome == "failed over", multi_az.markdown()
     assert multi_az.member == "replica" and query(plan, "replica", "SELECT NOT pg_is_in_recovery()")
     assert wait_for(lambda: orders_through_app(plan) == orders_at_t, 20, "the recovered orders on the new primary")
+    delete_dns(plan, str(week))  # and the DNS record is lost: the app is validated where its Secret points now
+    dns = dns_failover(plan=str(week), to=plan.aws.region, approve=True)
+    assert dns.outcome == "DNS on us-east-1" and dns.validation.passed, dns.markdown()
     reprotected(plan, week)
 
     # 6. region failover: the old primary refuses writes, no row committed before its fence is lost

@@ -246,6 +246,7 @@ def assert_no_canary(plan, password: str, flow_run_id) -> None:
 def test_cli_refuses_bad_input_in_one_line_before_anything_runs(sandbox, sandbox_plan_path):
     cases = {
         ("recover", "--to", "2026-11-26T03:00:00"): "has no time zone",
+        ("recover", "--to", ""): "the target time is empty",
         ("recover", "--to", "2999-01-01T00:00:00Z"): "in the future",
         ("recover", "--to", "2020-01-01T00:00:00Z"): "outside the restorable window",
         ("failover", "--mode", "sideways"): "mode 'sideways' is not one of: multi-az, promote-replica",

@@ -32,7 +32,7 @@ from flows.shared.gates import lock_name
 from tasks.eks import ready_nodes
 from tasks.k8s import find_database_secret, read_secret_value
 from tasks.rds import read_replica_lag
-from tasks.route53 import read_record, zone_id
+from tasks.route53 import read_record, switch_records, zone_id
 from tests.helpers import (
     REPO,
     clusters_restored,
@@ -61,7 +61,10 @@ def topology(sandbox, sandbox_plan_path, sandbox_dir):
         cloudwatch = aws_client(plan, "cloudwatch", db.dr_replica.region)
         wait_for(lambda: read_replica_lag.fn(cloudwatch, db.dr_replica.identifier) is not None, 30,
                  "the first ReplicaLag datapoint of the RDS DR replica")
-        yield path
+        try:
+            yield path
+        finally:  # the records back on the primary region, as the session's sandbox has them
+            switch_records(aws_client(plan, "route53"), plan.dns, plan.dns.targets[plan.aws.region])
 
 
 def dns_target(plan) -> str:
@@ -131,10 +134,10 @@ def test_dry_run_prints_the_plan_and_changes_nothing(topology):
     postgres, rds = plan.database(DB), plan.database(RDS)
     assert actions[:10] == [
         ("readiness", "us-west-2"), ("would ask approval", "us-west-2"),
-        ("would fence", postgres.primary), ("would fence", rds.primary),
         ("would scale to 0", f"{PRIMARY_CLUSTER}/devonn-api"), ("would scale to 0", f"{PRIMARY_CLUSTER}/devonn-worker"),
-        ("would promote", postgres.dr_replica.identifier), ("would rewrite", f"{DR} Secret of devonn-api"),
-        ("would promote", rds.dr_replica.identifier), ("would rewrite", f"{DR} Secret of devonn-worker")]
+        ("would fence", postgres.primary), ("would promote", postgres.dr_replica.identifier),
+        ("would fence", rds.primary), ("would promote", rds.dr_replica.identifier),
+        ("would rewrite", f"{DR} Secret of devonn-api"), ("would rewrite", f"{DR} Secret of devonn-worker")]
     assert ("would create", f"{DR}: Deployment devonn-api") in actions
     assert ("would switch", f"DNS {plan.dns.records[0]}") == actions[-1]
     assert (report.steps[-1].before, report.steps[-1].after) == (plan.dns.targets["us-east-1"],
@@ -170,9 +173,9 @@ def test_failover_killed_after_promotion_resumes_without_a_second_promotion(topo
     assert report.outcome == "serving from us-west-2", report.markdown()
     actions = [(s.action, s.resource) for s in report.steps]
     postgres, rds = plan.database(DB), plan.database(RDS)
-    assert ("found promoted", postgres.dr_replica.identifier) in actions
+    assert ("kept", postgres.dr_replica.identifier) in actions  # the killed run promoted it: not again
     assert ("promoted", postgres.dr_replica.identifier) not in actions
-    assert {("already fenced", postgres.primary), ("already fenced", rds.primary)} <= set(actions)
+    assert {("kept", rds.dr_replica.identifier), ("promoted", rds.dr_replica.identifier)} & set(actions)
     assert report.validation.passed
     assert dns_target(plan) == plan.dns.targets["us-west-2"]
     assert report.rto_seconds and report.rto_seconds < report.rto_objective_seconds
@@ -204,21 +207,17 @@ def test_failover_killed_after_promotion_resumes_without_a_second_promotion(topo
                     "the old region's app to stop serving")
 
 
-def test_failback_returns_dns_and_the_primary_cluster(topology):
+def test_failback_without_a_replica_in_the_primary_region_is_refused_and_changes_nothing(topology):
+    """A failback is a planned switchover: it promotes the DR primary's replica in the primary region, which only
+    `reprotect` makes (the full failback: tests/flows/test_game_day.py)."""
     plan = load_plan(topology)
-    report = region_failover(plan=str(topology), to=plan.aws.region, approve=True)
-    assert report.outcome == "serving from us-east-1", report.markdown()
-    kept = next(s for s in report.steps if s.action == "kept")
-    assert kept.resource == plan.database(DB).primary and "writes made in us-west-2" in kept.detail
-    actions = [(s.action, s.resource) for s in report.steps]
-    postgres, rds = plan.database(DB), plan.database(RDS)
-    assert {("fenced", postgres.dr_replica.identifier), ("fenced", rds.dr_replica.identifier),
-            ("unfenced", postgres.primary), ("unfenced", rds.primary)} <= set(actions)
-    assert dns_target(plan) == plan.dns.targets["us-east-1"]
-    assert report.validation.passed
-    # the DR database was promoted and the primary still takes writes: no longer a standby for another failover
-    diverged = dr_readiness(plan=str(topology), return_state=True).result(raise_on_failure=False)
-    unready = {f.check: f.detail for f in diverged.unready}
-    assert f"devonn-worker: database {RDS} (dr_replica)" in unready
-    assert "is fenced (it served, then traffic left it)" in unready[f"devonn-api: database {DB} (dr_replica)"]
-    assert f"live primary {postgres.primary} has no replica in us-west-2" in unready[f"{DB}: protected"]
+    before = stack_snapshot(plan, DB)
+    state = region_failover(plan=str(topology), to=plan.aws.region, approve=True, return_state=True)
+    assert state.is_failed()
+    report = state.result(raise_on_failure=False)
+    postgres = plan.database(DB)
+    assert report.error == (f"{DB}: the primary {postgres.dr_replica.identifier} has no replica in us-east-1 to "
+                            f"promote; run drplan reprotect --database {DB} first"), report.markdown()
+    assert report.steps == []
+    assert stack_snapshot(plan, DB) == before
+    assert dns_target(plan) == plan.dns.targets["us-west-2"]

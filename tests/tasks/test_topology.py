@@ -201,4 +201,4 @@ def test_a_promoted_dr_replica_is_split_brain_and_a_stopped_replica_is_down(sand
             f"{db.primary}",
         ]
         assert members["replica"].detail.startswith(f"{DB}/{db.replica} (")
-        assert f"live primary {db.primary} has no replica" in topology.differences
+        assert f"live primary {db.primary} has no replica in us-east-1" in topology.differences

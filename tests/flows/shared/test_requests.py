@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from drplan.errors import DrplanError
-from flows.shared.requests import choose_target_time
+from flows.shared.requests import choose_target_time, validate_request
 from tasks.targets import RestorableWindow
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -24,3 +24,9 @@ def test_target_time_choice():
         choose_target_time(window, NOW - timedelta(hours=3), None, timedelta(minutes=1))
     with pytest.raises(DrplanError, match="shorter than the target margin"):
         choose_target_time(RestorableWindow(earliest=NOW, latest=NOW), None, None, timedelta(minutes=1))
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\t"])
+def test_an_empty_target_time_is_refused_not_taken_as_latest(blank):
+    with pytest.raises(DrplanError, match=r"^the target time is empty; give an ISO 8601 time with a zone"):
+        validate_request("plans/sandbox.yaml", "devonn-postgres", blank, None)
