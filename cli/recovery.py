@@ -185,6 +185,8 @@ def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
         raise fail(f"{name}: {first_line(result['error'])}")
     report = result["report"]
     out.print(Markdown(report.markdown()))
+    if report.written_to:
+        err.print(f"report: {report.written_to}", highlight=False, soft_wrap=True)
     if report.error:
         raise fail(report.error)
     raise typer.Exit(1 if report.failed or report.outcome.startswith("refused") else 0)

@@ -315,6 +315,17 @@ class Notifications(_Model):
     slack_webhook_block: str | None = None
 
 
+class ApprovalSettings(_Model):
+    timeout: Duration = timedelta(hours=1)
+    """An approval not given within this ends the run as refused, with nothing changed."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> ApprovalSettings:
+        if self.timeout.total_seconds() < 1:
+            raise ValueError("approval.timeout must be at least 1s (e.g. 1h)")
+        return self
+
+
 class DrillSettings(_Model):
     """Restore drills: where scratch copies go, how long they may take, which target time by default."""
 
@@ -355,6 +366,7 @@ class Plan(_Model):
     failover: RegionFailover = RegionFailover()
     configuration: ConfigurationBackup | None = None
     notifications: Notifications = Notifications()
+    approval: ApprovalSettings = ApprovalSettings()
     drill: DrillSettings = DrillSettings()
     sandbox: SandboxSettings | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))

@@ -179,6 +179,17 @@ class DatabaseTopology(BaseModel):
         other = self.other_region(member)
         return next((r for r in self.replicas_of(member) if other and self.region_of(r) == other), None)
 
+    def unprotected_regions(self, member: Member) -> list[str]:
+        """Regions where `member`, as the primary, lacks the replica the plan requires: its own (in the primary
+        region only: the plan keeps one member in the DR region), then the other."""
+        regions = []
+        home = self.home_region is None or self.region_of(member) == self.home_region
+        if self.wants_replica and home and self.in_region_replica(member) is None:
+            regions.append(self.region_of(member) or "its region")
+        if self.dr_region and self.dr_replica(member) is None:
+            regions.append(self.other_region(member))
+        return regions
+
     def protection_gaps(self, member: Member) -> list[str]:
         """What `member`, as the primary, lacks of the protection the plan requires: WAL archiving (RDS: automated
         backups), a replica in its region (in the primary region only: the plan keeps one member in the DR region),
@@ -188,12 +199,8 @@ class DatabaseTopology(BaseModel):
             gaps.append(f"live primary {member.identifier} does not archive WAL")
         elif member.archive_failing:
             gaps.append(f"live primary {member.identifier}: WAL archiving is failing")
-        home = self.home_region is None or self.region_of(member) == self.home_region
-        if self.wants_replica and home and self.in_region_replica(member) is None:
-            gaps.append(f"live primary {member.identifier} has no replica in {self.region_of(member) or 'its region'}")
-        if self.dr_region and self.dr_replica(member) is None:
-            gaps.append(f"live primary {member.identifier} has no replica in {self.other_region(member)}")
-        return gaps
+        return gaps + [f"live primary {member.identifier} has no replica in {region}"
+                       for region in self.unprotected_regions(member)]
 
     @property
     def plan_primary(self) -> Member | None:

@@ -36,6 +36,7 @@ from flows.shared.promotion import (
     lag_guard,
     metrics,
     promote,
+    promotion_finished,
 )
 from flows.shared.report import RecoveryReport, finished, published
 from tasks.fencing import FENCE_HOW
@@ -90,8 +91,10 @@ def db_failover(
                       f"used by deployment {request.service.name}")
     check_aws_access(request.plan)
     credentials = db_credentials(request.plan, request.db)
-    with published(report, f"db-failover-{request.db.name}"), recovery_lock(request.db):
+    with published(report, f"db-failover-{request.db.name}", request.plan), recovery_lock(request.db):
         fail_over(request, report, credentials, dry_run, force, approve, fence)
+        if not dry_run:
+            promotion_finished(request.db)
     return finished(report, f"{request.mode} failover of {request.db.name}")
 
 
@@ -111,7 +114,8 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
         return
     if not already:
         decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(),
-                                    approval_summary(request, report, fence), approve)
+                                    approval_summary(request, report, fence), approve,
+                                    request.plan.approval.timeout)
         if not decision.approve:
             report.outcome = "refused: nothing changed"
             return
@@ -195,7 +199,8 @@ def rds_multi_az(request: Request, report: FailoverReport, dry_run: bool, approv
     if instance["DBInstanceStatus"] != "rebooting":
         summary = (f"## Approve a Multi-AZ failover test of {request.db.name}?\n\n**{primary}** "
                    f"({zones}) reboots with ForceFailover: connections drop for about a minute.")
-        decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(), summary, approve)
+        decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(), summary, approve,
+                                    request.plan.approval.timeout)
         if not decision.approve:
             report.outcome = "refused: nothing changed"
             return

@@ -44,7 +44,7 @@ def dns_failover(
     to, placed = traffic_target(dr_plan, to)
     report = DnsReport(flow="dns-failover", plan=dr_plan.name, subject=to, dry_run=dry_run)
     check_aws_access(dr_plan)
-    with published(report, f"dns-failover-{to}"):
+    with published(report, f"dns-failover-{to}", dr_plan):
         switch(dr_plan, to, placed, report, force, approve)
     return finished(report, f"DNS failover to {to}")
 
@@ -72,7 +72,7 @@ def switch(plan: Plan, to: str, placed: list[Placement], report: DnsReport, forc
         return
     changes = [f"- {name}: {was or 'no record'} -> **{target}** (TTL {ttl}s)" for name, was in before.items()]
     summary = "\n".join([f"## Approve the DNS failover to {to}?", "", *changes])
-    if not request_approval(report, f"dns-failover-approval-{to}", summary, approve).approve:
+    if not request_approval(report, f"dns-failover-approval-{to}", summary, approve, plan.approval.timeout).approve:
         report.outcome = "refused: nothing changed"
         return
     switch_dns(plan, to, report)

@@ -121,7 +121,7 @@ def eks_recovery(
                               "apply_manifests=false")
         objects = render_manifests(dr_plan, target)
     report = EksReport(flow="eks-recovery", plan=dr_plan.name, subject=cluster, dry_run=dry_run)
-    with published(report, f"eks-recovery-{cluster}"):
+    with published(report, f"eks-recovery-{cluster}", dr_plan):
         recover_cluster(dr_plan, target, nodes, scale, objects, report)
     return finished(report, f"EKS recovery of {cluster}")
 

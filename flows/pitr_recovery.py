@@ -81,7 +81,7 @@ def pitr_recovery(
             report.record("would restart", f"deployment {service.name}", "and validate; roll back on failure")
         report.outcome = "planned (dry run)"
         return report
-    with published(report, f"pitr-recovery-{db.name}"), recovery_lock(db):
+    with published(report, f"pitr-recovery-{db.name}", dr_plan), recovery_lock(db):
         recover(dr_plan, db, service, target, live, report, approve)
     return finished(report, f"pitr recovery of {db.name}")
 
@@ -113,7 +113,7 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
         f"`{report.recovery_copy}` (restored to {report.target_time}): the database it uses now is fenced first "
         f"({FENCE_HOW[db.kind]}), its Kubernetes Secret is rewritten and the deployment restarted. Validation "
         "failure lifts the fence and rolls the Secret back.\n\nChecks of the copy that did not pass: "
-        f"{', '.join(failed) or 'none'}."), approve)
+        f"{', '.join(failed) or 'none'}."), approve, dr_plan.approval.timeout)
     if not decision.approve:
         report.outcome = "refused: nothing changed"
         return

@@ -40,6 +40,7 @@ from flows.shared.promotion import (
     lag_guard,
     lost_rows,
     promote,
+    promotion_finished,
 )
 from flows.shared.report import RecoveryReport, finished, published, run_report
 from tasks.eks import scale_deployment, scale_nodegroup_task
@@ -99,7 +100,7 @@ def region_failover(
                           dry_run=dry_run, rto_objective_seconds=min(
                               getattr(dr_plan.objectives.rto, p.service.tier.value).total_seconds() for p in placed))
     check_aws_access(dr_plan)
-    with published(report, f"region-failover-{to}"):
+    with published(report, f"region-failover-{to}", dr_plan):
         with ExitStack() as locks:
             if not dry_run:
                 for db in {p.database.name: p.database for p in placed if p.database}.values():
@@ -154,7 +155,8 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
         plan_steps(dr_plan, plan_ref, to, placed, moving, report)
         return
     decision = request_approval(report, f"region-failover-approval-{to}",
-                                approval_summary(dr_plan, to, report.from_region, placed, moving), approve)
+                                approval_summary(dr_plan, to, report.from_region, placed, moving), approve,
+                                dr_plan.approval.timeout)
     if not decision.approve:
         report.outcome = "refused: nothing changed"
         return
@@ -181,6 +183,8 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
         report.outcome = "validation failed: DNS not switched"
         return
     switch_dns(dr_plan, to, report)
+    for move in moving:
+        promotion_finished(move.db)
     if failback:
         shrink_leaving(dr_plan, report)
     report.outcome = f"serving from {to}"

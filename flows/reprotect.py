@@ -51,10 +51,7 @@ class Work:
     def __init__(self, plan: Plan, db: Database, topology: DatabaseTopology, primary: Member):
         self.plan, self.db, self.topology, self.primary = plan, db, topology, primary
         self.archive = primary.archiving is False or primary.archive_failing
-        self.regions = [region for region, wanted in (
-            (topology.region_of(primary), topology.wants_replica and topology.in_region_replica(primary) is None),
-            (topology.other_region(primary), topology.dr_region and topology.dr_replica(primary) is None))
-            if wanted and region]
+        self.regions = topology.unprotected_regions(primary)
         self.rebuild = {region: replica_candidate(topology, db, plan, primary, region)
                         for region in self.regions} if db.kind is DatabaseKind.postgres else {}
         self.base_backup = db.kind is DatabaseKind.postgres and (self.archive or bool(self.regions))
@@ -109,8 +106,9 @@ def reprotect(plan: str = DEFAULT_PLAN, database: str = "", dry_run: bool = Fals
         report.outcome = "planned (dry run)"
         return report
     credentials = db_credentials(dr_plan, db)
-    with published(report, f"reprotect-{db.name}"), recovery_lock(db):
-        decision = request_approval(report, f"reprotect-approval-{db.name}".lower(), approval_summary(work), approve)
+    with published(report, f"reprotect-{db.name}", dr_plan), recovery_lock(db):
+        decision = request_approval(report, f"reprotect-approval-{db.name}".lower(), approval_summary(work), approve,
+                                    dr_plan.approval.timeout)
         if not decision.approve:
             report.outcome = "refused: nothing changed"
             return report

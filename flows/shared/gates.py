@@ -9,25 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import httpx
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from drplan.errors import DrplanError
 from drplan.plan import Database
+from drplan.timeutil import format_duration
 from flows.shared.report import RecoveryReport
 
 LOCK_LEASE_SECONDS = 60
 """Prefect's shortest lease: how long a killed recovery keeps its database locked."""
 
-
-APPROVAL_TIMEOUT_SECONDS = 3600
 
 
 class Approval(RunInput):
@@ -68,13 +68,17 @@ def recovery_lock(db: Database) -> Iterator[None]:
         f"`prefect gcl update {name} --active-slots 0`")
 
 
-def request_approval(report: RecoveryReport, key: str, summary: str, approve: bool) -> Approval:
+def request_approval(report: RecoveryReport, key: str, summary: str, approve: bool, timeout: timedelta) -> Approval:
     """The gate before the first destructive step: pre-approved (`--yes` / approve=True), or pause for an
-    Approval given in the UI, through the REST API or by the CLI prompt."""
+    Approval given in the UI, through the REST API or by the CLI prompt; none within `timeout` (the plan's
+    approval.timeout) is a refusal."""
     if approve:
         decision = Approval(approve=True, reason="approved in advance (--yes / approve=true)")
     else:
         create_markdown_artifact(key=key, markdown=f"{summary}\n\n## Timeline so far\n\n{report.timeline()}")
-        decision = pause_flow_run(wait_for_input=Approval, timeout=APPROVAL_TIMEOUT_SECONDS, poll_interval=2)
+        try:
+            decision = pause_flow_run(wait_for_input=Approval, timeout=int(timeout.total_seconds()), poll_interval=2)
+        except FlowPauseTimeout:
+            decision = Approval(approve=False, reason=f"no approval within {format_duration(timeout)}")
     report.record("approval", report.subject, f"approve={decision.approve} {decision.reason}".strip())
     return decision

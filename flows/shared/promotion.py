@@ -86,9 +86,11 @@ class Request:
                               f"{'; '.join(topology.differences[:1])}); see drplan topology")
         if rds_multi_az:
             return old, old
-        planned = topology.member(self.db.members[self.member])
-        if planned is not None and planned is topology.primary and planned.identifier != self.db.primary:
-            return old, planned  # an earlier run promoted it: found promoted, nothing promoted again
+        started = promotion_in_flight(self.db)
+        if started and started.get("member") == self.member and topology.primary is not None \
+                and topology.primary.identifier == started.get("new"):
+            # an earlier run promoted it and died before it finished: found promoted, nothing promoted again
+            return topology.member(started.get("old")) or old, topology.primary
         new = topology.in_region_replica(old) if self.member == "replica" else topology.dr_replica(old)
         if new is None:
             where = topology.region_of(old) if self.member == "replica" else topology.other_region(old)
@@ -161,7 +163,31 @@ def lag_guard(request: Request, report: RecoveryReport, credentials: DbCredentia
     return lag
 
 
+def promotion_variable(db: Database) -> str:
+    return f"drplan-promotion-{db.name}"
+
+
+def promotion_in_flight(db: Database) -> dict | None:
+    """The promotion an earlier run started and did not finish (it recorded it just before promoting)."""
+    from prefect.variables import Variable
+
+    return Variable.get(promotion_variable(db), default=None)
+
+
+def promotion_finished(db: Database) -> None:
+    """The run that promoted has finished its cutover: a later run is a new request, not a rerun."""
+    from prefect.variables import Variable
+
+    Variable.unset(promotion_variable(db))
+
+
 def promote(request: Request, report: RecoveryReport, new_primary: PgTarget) -> None:
+    """Promote `request.new` (recorded first, so that a rerun after a crash finds it promoted and goes on)."""
+    from prefect.variables import Variable
+
+    Variable.set(promotion_variable(request.db), {"old": request.old.identifier, "new": request.identifier,
+                                                  "member": request.member, "at": utcnow().isoformat()},
+                 overwrite=True)
     if request.db.kind is DatabaseKind.rds:
         rds = aws_client(request.plan, "rds", request.region)
         if promote_read_replica(rds, request.identifier):

@@ -15,6 +15,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
 from drplan.errors import DrplanError, first_line
+from drplan.plan import Plan
 from drplan.results import markdown_table
 from drplan.timeutil import utcnow
 from tasks.health import ServiceValidation
@@ -44,6 +45,8 @@ class RecoveryReport(BaseModel):
     steps: list[Step] = Field(default_factory=list)
     validation: ServiceValidation | None = None
     error: str | None = None
+    written_to: str | None = None
+    """The report file (markdown; the JSON beside it), once the run has ended."""
 
     @property
     def failed(self) -> bool:
@@ -77,14 +80,21 @@ class RecoveryReport(BaseModel):
 
 
 @contextmanager
-def published(report: RecoveryReport, key: str) -> Iterator[None]:
+def published(report: RecoveryReport, key: str, plan: Plan) -> Iterator[None]:
     """The body of a recovery run: an exception becomes the report's error (outcome `failed`) instead of escaping,
-    and the report (each flow's report class has `markdown()`) is published as artifact `key` whatever happens."""
+    and the report (each flow's report class has `markdown()`) is published whatever happens: as artifact `key`,
+    and as `<drill.report_dir>/<key>-<stamp>.md` and `.json` (the evidence outlives the Prefect server)."""
     try:
         yield
     except Exception as exc:
         report.error, report.outcome = first_line(exc), "failed"
     finally:
+        directory = plan.resolve_path(plan.drill.report_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{key.lower()}-{utcnow().strftime('%Y%m%dT%H%M%S%fZ')}"
+        report.written_to = str(path.with_suffix(".md"))
+        path.with_suffix(".md").write_text(report.markdown() + "\n")
+        path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
         create_markdown_artifact(key=key.lower(), markdown=report.markdown())
 
 

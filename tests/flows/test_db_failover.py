@@ -1,26 +1,37 @@
 """Database failover on a throwaway real PostgreSQL topology (primary, streaming replica, DR replica, heartbeat)
 beside the session sandbox, with the sandbox's demo app cut over to the promoted server and back afterwards.
 Promotions are destructive, so the tests run in order on one topology, each acting on the live topology the one
-before left: dry run, Multi-AZ (stop primary, promote replica), rerun, a promotion refused until `reprotect`
-rebuilds replicas of the new primary, lag guard (refuse, force) on the DR replica. RDS failovers:
+before left: dry run, Multi-AZ (stop primary, promote replica) killed after the promotion and finished by a rerun,
+a promotion refused until `reprotect` rebuilds replicas of the new primary, lag guard (refuse, force) on the DR
+replica. RDS failovers:
 tests/flows/test_rds_recovery.py."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.settings import PREFECT_API_URL
 
 from drplan.clients import db_credentials, kube_client, pg_target
 from drplan.plan import load_plan
 from flows.db_failover import db_failover
 from flows.reprotect import reprotect
+from flows.shared.gates import lock_name
 from sandbox import stack
 from tasks.k8s import find_database_secret, read_secret_value
-from tests.helpers import clusters_restored, in_recovery, own_postgres_topology, stack_snapshot, wait_for
+from tests.helpers import REPO, clusters_restored, in_recovery, own_postgres_topology, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 DB = "devonn-postgres"
@@ -61,34 +72,39 @@ def test_dry_run_changes_nothing(topology, sandbox):
     assert stack.sandbox_postgres(plan, plan.database(DB)).status(plan.database(DB).primary).running
 
 
-def test_multi_az_stops_the_primary_and_promotes_the_replica_and_a_rerun_changes_nothing(
+def test_multi_az_killed_after_the_promotion_is_finished_by_a_rerun_without_a_second_promotion(
         topology, sandbox, asserting_and_emitting_events_worker):
     plan = load_plan(topology)
     db = plan.database(DB)
     pg = stack.sandbox_postgres(plan, db)
-    report = db_failover(plan=str(topology), database=DB, mode="multi-az", approve=True)
+    script = ("import sys; from flows.db_failover import db_failover; db_failover(plan=sys.argv[1], "
+              "database=sys.argv[2], mode='multi-az', approve=True)")
+    first = subprocess.Popen([sys.executable, "-c", script, str(topology), DB], cwd=REPO,
+                             env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: not in_recovery(plan, DB, "replica"), 120, "the replica to be promoted", interval=0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    with get_client(sync_client=True) as client:  # the operator frees the dead run's lock
+        client.update_global_concurrency_limit(lock_name(db), GlobalConcurrencyLimitUpdate(active_slots=0))
+
+    report = db_failover(plan=str(topology), database=DB, mode="multi-az")  # no approve: nothing left to approve
     assert report.outcome == "failed over", report.markdown()
-    assert [s.action for s in report.steps] == ["found", "lag guard passed", "approval", "stopped", "promoted",
-                                                "cut over"]
+    assert [s.action for s in report.steps] == ["found", "found promoted", "cut over"]
+    assert report.validation.passed
+    written = Path(report.written_to)  # the evidence outlives the run: markdown and JSON in drill.report_dir
+    assert "failed over" in written.read_text()
+    assert json.loads(written.with_suffix(".json").read_text())["outcome"] == "failed over"
     asserting_and_emitting_events_worker.drain()
     events = {e.event: e for e in asserting_and_emitting_events_worker._client.events
               if e.event.startswith("drplan.recovery.")}
-    assert {"drplan.recovery.stopped", "drplan.recovery.promoted", "drplan.recovery.cut-over"} <= set(events)
-    promoted = events["drplan.recovery.promoted"]
-    assert promoted.resource.id == f"drplan.database.{DB}"
-    assert (promoted.payload["before"], promoted.payload["after"]) == ("standby", "primary")
-    assert promoted.payload["actor"].startswith("db-failover run ")
+    assert "drplan.recovery.promoted" not in events  # (the killed run's events went from its own process)
     assert "***" in events["drplan.recovery.cut-over"].payload["after"]  # the URL, password redacted
     assert not pg.status(db.primary).running
-    assert not in_recovery(plan, DB, "replica")
     assert app_port(sandbox) == int(db.endpoints[db.replica].split(":")[1])
     assert wait_for(lambda: app_users(sandbox) == plan.sandbox.demo_rows, 15, "the app on the promoted replica")
-
-    again = db_failover(plan=str(topology), database=DB, mode="multi-az")  # no approve: nothing left to approve
-    assert again.outcome == "failed over", again.markdown()
-    assert [s.action for s in again.steps] == ["found", "found promoted", "cut over"]
-    assert again.steps[-1].detail.endswith("already set")
-    assert again.validation.passed
 
 
 def test_after_the_promotion_the_new_primary_is_unprotected_until_reprotect(topology, sandbox):
@@ -124,7 +140,8 @@ def test_after_the_promotion_the_new_primary_is_unprotected_until_reprotect(topo
     assert again.outcome.startswith(f"already protected: {db.replica} archives WAL")
 
 
-def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, sandbox):
+def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, sandbox,
+                                                                   asserting_and_emitting_events_worker):
     plan = load_plan(topology)
     db = plan.database(DB)
     pg = stack.sandbox_postgres(plan, db)
@@ -150,6 +167,14 @@ def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, san
     assert [s.action for s in report.steps] == ["found", "lag guard overridden", "approval", "fenced", "promoted",
                                                 "cut over"]
     assert report.fence == "fenced"
+    asserting_and_emitting_events_worker.drain()
+    events = {e.event: e for e in asserting_and_emitting_events_worker._client.events
+              if e.event.startswith("drplan.recovery.")}
+    assert {"drplan.recovery.fenced", "drplan.recovery.promoted", "drplan.recovery.cut-over"} <= set(events)
+    promoted = events["drplan.recovery.promoted"]
+    assert promoted.resource.id == f"drplan.database.{DB}"
+    assert (promoted.payload["before"], promoted.payload["after"]) == ("standby", "primary")
+    assert promoted.payload["actor"].startswith("db-failover run ")
     with pg_target(plan, db, "replica", db_credentials(plan, db)).connect(autocommit=True) as conn:
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # the old primary (since Multi-AZ) refuses writes
             conn.execute("CREATE TABLE written_after_the_fence ()")
