@@ -34,12 +34,18 @@ def recover(
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
 ) -> None:
     """Point-in-time recovery to <database>-recovery-<T>; with --promote, cut the app over after approval."""
+    from drplan.clients import check_aws_access
     from flows.pitr_recovery import pitr_recovery
     from flows.shared.requests import validate_request
+    from tasks.targets import restore_target
+    from tasks.topology import discover
 
     plan_or_exit(plan)
-    with refusals():
-        validate_request(plan, database, to, None)  # refused before anything runs
+    with refusals():  # refused in one line before anything runs: bad input, no AWS, a time outside the window
+        dr_plan, (db,), when, _ = validate_request(plan, database, to, None)
+        check_aws_access(dr_plan)
+        if when is not None:
+            restore_target(dr_plan, db, discover(dr_plan, [db.name]).databases[0].last_primary).window().check(when)
     run(pitr_recovery, f"recover-{database}", dict(plan=plan, database=database, target_time=to, promote=promote,
                                                    dry_run=dry_run, approve=yes))
 
@@ -201,6 +207,20 @@ def _paused_run(name: str) -> Any:
     return next((r for r in runs if r.state and r.state.is_paused()), None)
 
 
+def _api() -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")
+
+
+def _ui(flow_run_id: Any) -> str:
+    from prefect.settings import PREFECT_UI_URL
+
+    base = PREFECT_UI_URL.value() or _api().removesuffix("/api")
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
 def _ask(flow_run_id: Any) -> None:
     """Show what the approval would change and, on a terminal, ask; resume the run with the answer."""
     from prefect.client.orchestration import get_client
@@ -213,7 +233,9 @@ def _ask(flow_run_id: Any) -> None:
     summary = next((a for a in artifacts if a.key and "approval" in a.key), None)
     if summary is not None:
         err.print(Markdown(str(summary.data)))
-    err.print(f"flow run {flow_run_id} is waiting for approval (UI, API: deployments/README.md, or here)")
+    err.print(f"flow run {flow_run_id} is waiting for approval: here, in the UI ({_ui(flow_run_id)}), or through "
+              f"the API: POST {_api()}/flow_runs/{flow_run_id}/resume with "
+              '{"run_input": {"approve": true, "reason": "..."}}', highlight=False, soft_wrap=True)
     try:
         approve = typer.confirm("Approve?", default=False, err=True)
         reason = typer.prompt("Reason (for the timeline)", default="approved at the terminal" if approve

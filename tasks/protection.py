@@ -126,14 +126,14 @@ def rebuild_postgres_replica(plan: Plan, db: Database, identifier: str, primary:
 @task(cache_policy=NO_CACHE)
 def create_rds_replica(plan: Plan, db: Database, primary: Member, region: str) -> str:
     """A read replica of the live primary in `region` (cross-region with the primary's ARN), available before
-    this returns; named `<database>-replica-<stamp>` or `<database>-dr-<stamp>`."""
+    this returns; named `<database>-replica-<stamp>` in the primary region, `<database>-dr-<stamp>` in the DR one."""
     source = describe_instance(aws_client(plan, "rds", primary.region), primary.identifier)
     rds = aws_client(plan, "rds", region)
     started = _replica_in_progress(rds, db, primary)
     if started:  # an earlier run created it, then died: wait for that one
         return wait_instance_available(rds, started, plan.drill.restore_timeout, RDS_POLL_SECONDS)[
             "DBInstanceIdentifier"]
-    kind = "replica" if region == primary.region else "dr"
+    kind = "dr" if region == plan.aws.dr_region else "replica"
     identifier = f"{db.name}-{kind}-{utcnow().strftime(STAMP).lower()}"
     request = {"DBInstanceIdentifier": identifier,
                "Tags": [{"Key": DATABASE_TAG, "Value": db.name}, {"Key": PLAN_TAG, "Value": plan.name}]}

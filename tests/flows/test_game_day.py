@@ -217,7 +217,9 @@ def test_a_bad_week_loses_no_data(week, sandbox):
     assert query(plan, "primary", "SELECT count(*) FROM orders WHERE id = ANY(%s)", (written_away,)) == 3
     assert dns_target(plan) == plan.dns.targets[plan.aws.region]
     primary_cluster, dr_cluster = plan.cluster(HOME), plan.cluster(DR)
-    assert ready_nodes(kube_client(plan, dr_cluster), "dev_nodes") == dr_cluster.nodegroups["dev_nodes"].desired
+    shrunk = dr_cluster.nodegroups["dev_nodes"].desired
+    wait_for(lambda: ready_nodes(kube_client(plan, dr_cluster), "dev_nodes") == shrunk, 60,
+             f"the DR node group back to its {shrunk} node(s)")
     worker = k8s.AppsV1Api(kube_client(plan, primary_cluster)).read_namespaced_deployment(
         "devonn-worker", primary_cluster.namespace).spec.replicas
     assert worker == 2 != plan.failover.scale["devonn-worker"]  # its manifest's size, not the failover's

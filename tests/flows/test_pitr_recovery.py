@@ -34,7 +34,7 @@ from flows.shared.gates import lock_name
 from sandbox import stack
 from tasks.k8s import find_database_secret, read_secret_value, roll_back
 from tasks.targets import PostgresArchive
-from tests.helpers import REPO, logged_text, stack_snapshot, wait_for
+from tests.helpers import REPO, free_port, logged_text, stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 
@@ -257,10 +257,21 @@ def test_cli_refuses_bad_input_in_one_line_before_anything_runs(sandbox, sandbox
         assert result.exit_code == 2, result.output
         errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and message in errors[0], result.stderr
+        assert "Traceback" not in result.output  # the one line, nothing before it
     unknown = CliRunner().invoke(app, ["recover", "--plan", str(sandbox_plan_path), "--database", "nope", "--to",
                                        "latest"])
     assert unknown.exit_code == 2 and "nope" in unknown.stderr
     assert not list(PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers.glob("*recovery*"))
+
+
+def test_cli_with_an_unreachable_aws_endpoint_says_so_in_one_line(plan_variant):
+    closed = free_port()
+    path = plan_variant(lambda d: d["aws"].update(endpoint_url=f"http://127.0.0.1:{closed}"))
+    result = CliRunner().invoke(app, ["recover", "--plan", str(path), "--database", "devonn-postgres", "--to",
+                                      "latest"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: http://127.0.0.1:{closed} is unreachable; is the sandbox up? (drplan sandbox up)"], result.stderr
 
 
 def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_plan_path, point_in_time):

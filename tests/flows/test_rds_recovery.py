@@ -5,10 +5,12 @@ changing nothing."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -127,7 +129,10 @@ def test_recover_to_t_and_promote_moves_the_worker_to_the_rows_at_t(sandbox, san
     with copy_target.connect(autocommit=True) as conn:  # a direct query of the restored instance
         assert conn.execute("SELECT count(*), bool_or(pg_is_in_recovery()) FROM orders").fetchone() == (
             orders_at_t, False)
-    assert "fenced" in result.output and "drplan reprotect --database devonn-rds" in result.output
+    written = next(line.removeprefix("report: ") for line in result.stderr.splitlines() if line.startswith("report: "))
+    steps = {s["action"]: s for s in json.loads(Path(written).with_suffix(".json").read_text())["steps"]}
+    assert steps["fenced"]["resource"] == sandbox.database(DB).primary
+    assert steps["offered"]["resource"] == f"drplan reprotect --database {DB}"
     with pytest.raises(DrplanError, match="cannot connect"):  # the damaged primary is cut off: no more writes
         orders(sandbox)
     assert unfence_rds(sandbox, sandbox.aws.region, sandbox.database(DB).primary)

@@ -110,7 +110,7 @@ def test_crashed_drill_leftover_is_swept_by_the_next_drill(sandbox, sandbox_plan
     path = plan_variant(lambda d: d.setdefault("drill", {}).update(sweep_after="1s"))
     (report,) = run_drill(path, database="devonn-postgres")
     assert leftover.name in report.swept
-    assert target.leftovers() == [] and not target._local().data_dir(leftover.name).exists()
+    assert target.leftovers() == [] and not target.local().data_dir(leftover.name).exists()
     assert report.cleanup == "removed"
 
 
