@@ -93,7 +93,7 @@ def main() -> None:
     db = plan.database(args.database)
     target = PostgresArchive(plan, db)
     target_time = choose_target_time(target.window(), None, None, plan.drill.target_margin)
-    backup = target._local().backup_for(target_time)
+    backup = target.local().backup_for(target_time)
     workdir = plan.resolve_path(plan.drill.work_dir) / "benchmark"
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.chown(workdir, plan.drill.os_user)
