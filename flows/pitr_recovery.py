@@ -118,7 +118,9 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
         report.outcome = "refused: nothing changed"
         return
     topology = discover_topology(dr_plan, [db.name]).databases[0]
-    old = next((m for m in topology.used if m.identifier != report.recovery_copy), None)
+    old = next((topology.member(b.member) for b in topology.bindings  # what the service in its own cluster uses
+                if b.service == service.name and b.cluster == service.cluster and b.member
+                and b.member != report.recovery_copy), None)
     fence = apply_fence(report, dr_plan, db, old, credentials, topology) if old else None
     url = database_url(credentials, scratch.host, scratch.port, db.dbname)
     instance = (dr_plan.aws.region, report.recovery_copy) if db.kind is DatabaseKind.rds else None
