@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from drplan.clients import DbCredentials, aws_client
 from drplan.errors import DrplanError
 from drplan.pgserver import HOST, LocalPostgres, PostgresError
-from drplan.plan import Database, DatabaseKind, Plan
+from drplan.plan import Database, DatabaseKind, Plan, host_port
 from drplan.timeutil import utcnow
 from drplan.topology import DatabaseTopology, Member
 from tasks.barman import holds_timeline
@@ -82,8 +82,7 @@ def enable_archiving(plan: Plan, db: Database, primary: Member, credentials: DbC
 def take_base_backup(plan: Plan, db: Database, primary: Member, credentials: DbCredentials) -> str:
     """A base backup of the live primary now (postgres), so that its lineage restores from its own backup."""
     server = _run_here(local_server(plan, db, primary, credentials), primary, "take a base backup",
-                       f"barman-cloud-backup {db.backup.destination if db.backup else ''} "
-                       f"{db.backup.server_name if db.backup else ''}")
+                       f"barman-cloud-backup {db.backup.destination} {db.backup.server_name}")
     try:
         return server.base_backup(primary.identifier)
     except PostgresError as exc:
@@ -114,7 +113,7 @@ def rebuild_postgres_replica(plan: Plan, db: Database, identifier: str, primary:
     member = Member(database=db.name, identifier=identifier, role="replica")
     server = _run_here(local_server(plan, db, member, credentials), member, "rebuild it as a replica",
                        f"pg_basebackup -h {primary.host} -p {primary.port} -D DATA -R -X stream, then start it")
-    port = int(db.endpoints[identifier].rsplit(":", 1)[1])
+    _, port = host_port(db.endpoints[identifier])
     host = HOST if primary.host in ("localhost", HOST) else primary.host
     try:
         server.rebuild_standby(identifier, port, host, primary.port)
