@@ -1,9 +1,12 @@
-"""The `drplan` command line. Exit codes: 0 success / objectives met, 1 objectives breached, 2 error."""
+"""The `drplan` command line. Exit codes: 0 success / objectives met, 1 objectives breached, 2 error.
+
+Every error is one line on stderr (`--debug`, anywhere on the command line, shows the traceback instead)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -15,11 +18,13 @@ from rich.table import Table  # noqa: E402
 
 from cli import platform as cli_platform  # noqa: E402
 from cli import recovery as cli_recovery
-from cli.console import PlanOption, err, out, plan_or_exit, refusals  # noqa: E402
+from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
 from cli.copies import copies_app
+from cli.prefect_api import prefect_api
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.",
+                  pretty_exceptions_enable=False)
 plan_app = typer.Typer(no_args_is_help=True, help="Check DR plans.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="The local sandbox: moto, PostgreSQL, Kubernetes API, app.")
 app.add_typer(plan_app, name="plan")
@@ -36,6 +41,22 @@ app.command("region-failover")(cli_recovery.region_failover)
 app.command("s3-backup")(s3_backup)
 app.command("s3-restore")(s3_restore)
 app.command("s3-verify")(s3_verify)
+
+
+def main() -> None:
+    """The `drplan` entry point: an unexpected error is one line and exit 2, its traceback only with --debug."""
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except Exception as exc:
+        if debug:
+            raise
+        from drplan.errors import first_line
+
+        raise SystemExit(fail(f"{type(exc).__name__}: {first_line(exc)} (--debug shows the traceback)").exit_code
+                         ) from None
 
 
 @plan_app.command("validate")
@@ -60,7 +81,7 @@ def verify_rpo(
     from flows.rpo_verification import rpo_verification
     from flows.shared.report import run_report
 
-    with refusals("RPO verification did not complete"), \
+    with refusals("RPO verification did not complete"), prefect_api(), \
             err.status("verifying RPO (databases, buckets, configuration)..."):
         result = run_report(rpo_verification, RpoReport, plan=plan)
     if as_json:
@@ -158,7 +179,7 @@ def drill(
     plan_or_exit(plan)
     with refusals():
         validate_request(plan, database, target_time, random_within)  # refused before anything runs
-    with refusals("restore drill did not complete"), \
+    with refusals("restore drill did not complete"), prefect_api(), \
             err.status("restore drill: restoring a scratch copy, checking it, cleaning up..."):
         reports = run_report(restore_drill, list, plan=plan, database=database, target_time=target_time,
                              random_within=random_within, keep=keep)
@@ -184,7 +205,8 @@ def readiness(
     region = region or dr_plan.aws.dr_region
     with refusals():
         placements(dr_plan, region)
-    with refusals("readiness check did not complete"), err.status(f"checking whether {region} could take over..."):
+    with refusals("readiness check did not complete"), prefect_api(), \
+            err.status(f"checking whether {region} could take over..."):
         report = run_report(dr_readiness, ReadinessReport, plan=plan, region=region)
     out.print(Markdown(report.markdown()))
     raise typer.Exit(0 if report.ready else 1)
@@ -205,7 +227,7 @@ def dr_test(
     plan_or_exit(plan)
     with refusals():
         validate_request(plan, database, None, None)  # refused before anything runs
-    with refusals("DR test did not complete"), \
+    with refusals("DR test did not complete"), prefect_api(), \
             err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
         report = run_report(dr_test_flow, DrTestReport, plan=plan, database=database)
     out.print(Markdown(report.markdown()))
@@ -242,10 +264,13 @@ def sandbox_break(
 
 @sandbox_app.command("status")
 def sandbox_status(plan: str = PlanOption) -> None:
-    """Every sandbox component, its address and whether it is healthy (exit 1 if any is not)."""
+    """Every sandbox component (and `drplan serve`'s processes while it runs), its address and whether it is
+    healthy (exit 1 if any is not)."""
+    from cli import serve as platform
     from sandbox import stack
 
-    components = stack.status(plan_or_exit(plan))
+    dr_plan = plan_or_exit(plan)
+    components = stack.status(dr_plan) + platform.status(dr_plan)
     _show_status(components)
     raise typer.Exit(0 if all(c.healthy for c in components) else 1)
 
@@ -255,10 +280,12 @@ def sandbox_down(
     plan: str = PlanOption,
     purge: bool = typer.Option(False, "--purge", help="Also delete the sandbox's state directory."),
 ) -> None:
-    """Stop every process the sandbox started; with --purge delete its state."""
+    """Stop every process the sandbox and `drplan serve` started; with --purge delete their state."""
+    from cli import serve as platform
     from sandbox import stack
 
-    for line in stack.down(plan_or_exit(plan), purge=purge):
+    dr_plan = plan_or_exit(plan)
+    for line in platform.down(dr_plan) + stack.down(dr_plan, purge=purge):
         out.print(line, highlight=False)
 
 
@@ -273,4 +300,4 @@ def _show_status(components) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

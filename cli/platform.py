@@ -31,7 +31,7 @@ def serve(
     dr_plan = plan_or_exit(plan)
     with refusals():
         if stop:
-            for line in platform.down(dr_plan):
+            for line in platform.down(dr_plan) or ["nothing was running"]:
                 out.print(line, highlight=False)
         else:
             platform.up(plan, out, port)

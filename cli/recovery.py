@@ -2,14 +2,15 @@
 from a terminal.
 
 The flow runs in this process against the Prefect API in the environment (a server with the UI when
-PREFECT_API_URL is set, else a temporary local one). Without --yes the run pauses for approval like it does from
-the UI: this command then shows the summary and asks on the terminal, and an approval given in the UI or through
-the API resumes it just as well (without an answer on stdin, only those). Exit 0 done, 1 refused or validation failed
-(rolled back), 2 error.
+PREFECT_API_URL is set, else a temporary local one that dies with this command, see cli.prefect_api). Without
+--yes the run pauses for approval like it does from the UI: this command then shows the summary and asks on the
+terminal, and an approval given in the UI or through the API resumes it just as well (without an answer on stdin,
+only those). Exit 0 done, 1 refused or validation failed (rolled back), 2 error.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import typer
 from rich.markdown import Markdown
 
 from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals
+from cli.prefect_api import prefect_api
 from drplan.errors import DrplanError, first_line
 
 POLL_SECONDS = 1.0
@@ -162,14 +164,15 @@ def run_towards(flow_fn: Any, label: str, plan: str, to: str | None, dry_run: bo
 
 def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
     """Run the flow in a thread; answer its approval pause from the terminal; print the report; exit."""
-    from prefect.client.orchestration import get_client
+    with refusals(), prefect_api():
+        _run(flow_fn, label, parameters)
 
+
+def _run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
     from flows.shared.report import RecoveryReport, run_report
 
     name = f"{label}-{uuid4().hex[:8]}"
     result: dict[str, Any] = {}
-    with get_client(sync_client=True) as client:  # start the API (a temporary server if none is configured) here,
-        client.api_healthcheck()  # once: the flow's thread and this one racing would each start their own
 
     def target() -> None:
         try:
@@ -177,7 +180,8 @@ def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below, the thread must not die silently
             result["error"] = exc
 
-    worker = threading.Thread(target=target, name=name, daemon=True)
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(target,), name=name,
+                              daemon=True)  # the context carries the Prefect API settings (cli.prefect_api)
     worker.start()
     err.print(f"{name}: running", highlight=False)
     asked = set()

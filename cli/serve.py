@@ -32,10 +32,12 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from rich.console import Console
 
+from cli.prefect_api import SERVER_LEASE_SETTINGS
 from deployments import automations
 from drplan import processes
 from drplan.errors import DrplanError
 from drplan.plan import Plan, load_plan
+from sandbox.stack import Component
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -133,10 +135,29 @@ def up(plan_ref: str, console: Console, port: int | None = None) -> Platform:
 
 
 def down(plan: Plan) -> list[str]:
-    """Stop the worker, the receiver and the server (their state stays for the next `up`)."""
+    """Stop the worker, the receiver and the server (their state stays for the next `up`); one line each."""
     directory = platform_of(plan).directory
-    return [f"stopped {name}" for name in (WORKER, RECEIVER, SERVER) if processes.stop(directory, name)] or [
-        "nothing was running"]
+    return [f"stopped {name}" for name in (WORKER, RECEIVER, SERVER) if processes.stop(directory, name)]
+
+
+def status(plan: Plan) -> list[Component]:
+    """The platform's processes, if `up` started them and no `down` stopped them since: running, and the server
+    answering."""
+    platform = platform_of(plan)
+    rows = []
+    for name in (SERVER, WORKER, RECEIVER):
+        if processes.get(platform.directory, name) is None:
+            continue
+        proc = processes.running(platform.directory, name)
+        port = platform.ports.get(name)
+        address = f"127.0.0.1:{port}" if port else "-"
+        if proc is None:
+            rows.append(Component(name, address, None, False, "not running (drplan serve --stop, then serve again)"))
+        elif name == SERVER and not _healthy(platform.api_url()):
+            rows.append(Component(name, address, proc.pid, False, "running, API not answering"))
+        else:
+            rows.append(Component(name, address, proc.pid, True, "running"))
+    return rows
 
 
 def start_server(platform: Platform, port: int | None, console: Console) -> None:
@@ -145,7 +166,7 @@ def start_server(platform: Platform, port: int | None, console: Console) -> None
         processes.stop(platform.directory, WORKER)  # a worker outliving its server may point at another port
         default = platform.ports.get(SERVER) or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port())
         platform.record_port(SERVER, port or default)
-        env = {**platform.env(), "PREFECT_SERVER_API_AUTH_STRING": platform.auth()}
+        env = {**platform.env(), **SERVER_LEASE_SETTINGS, "PREFECT_SERVER_API_AUTH_STRING": platform.auth()}
         processes.start(platform.directory, SERVER, [PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                                      str(platform.ports[SERVER])], env=env, cwd=ROOT)
         console.print(f"starting the Prefect server on {platform.api_url()} (log {platform.directory}/logs)",

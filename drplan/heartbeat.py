@@ -1,12 +1,13 @@
 """Heartbeat writer: one row into the heartbeat table every interval; the newest row in a copy measures RPO.
 
-    python -m drplan.heartbeat --host H --port P --dbname D --user U --source NAME
+    python -m drplan.heartbeat --host H --port P --dbname D --user U --source NAME [--status-file F]
     python -m drplan.heartbeat --secret NAMESPACE/SECRET:KEY [--kubeconfig F --context C] --source NAME
 
 The first writes to one server (the password from PGPASSWORD in the environment, never from argv). The second
 follows the application: it writes wherever the DATABASE_URL in the application's Kubernetes Secret points, re-read
 every interval, so every cutover (recovery, failover) moves the heartbeat with the application. Reconnects after
-any failure (one log line each) and exits cleanly on SIGTERM.
+any failure (one log line each) and exits cleanly on SIGTERM. With --status-file, the file is touched after every
+committed row: its age is how long ago the writer last really wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", default="drplan_heartbeat")
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--source", required=True)
+    parser.add_argument("--status-file", type=Path, help="touched after every committed row")
     args = parser.parse_args(argv)
     if not args.secret and not (args.port and args.dbname and args.user):
         parser.error("give --port, --dbname and --user, or --secret to follow the application's Secret")
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 conn = psycopg.connect(**wanted, autocommit=True, connect_timeout=5,
                                        application_name="drplan-heartbeat")
             conn.execute(insert, (args.source,))
+            if args.status_file:
+                args.status_file.touch()
         except (psycopg.Error, OSError, ValueError) as exc:
             first_line = (str(exc).strip().splitlines() or [""])[0]
             log.warning("insert failed (%s: %s); reconnecting", type(exc).__name__, first_line)

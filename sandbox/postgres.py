@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 from drplan import processes
 from drplan.pgserver import HOST, PG_BIN, VENV_BIN, LocalPostgres, PostgresError
@@ -83,10 +85,26 @@ class SandboxPostgres(LocalPostgres):
         argv = [
             sys.executable, "-m", "drplan.heartbeat", "--host", HOST, "--port", str(self._port(member)),
             "--dbname", self.dbname, "--user", self.superuser, "--table", table, "--interval", str(interval),
-            "--source", source or member,
+            "--source", source or member, "--status-file", heartbeat_mark(self.state_dir, member),
         ]  # fmt: skip
         env = {**os.environ, "PGPASSWORD": self._password, "PYTHONUNBUFFERED": "1"}
         return processes.start(self.state_dir, f"heartbeat-{member}", argv, env=env)
 
     def stop_heartbeat(self, member: str) -> bool:
         return processes.stop(self.state_dir, f"heartbeat-{member}")
+
+
+def heartbeat_mark(state_dir: Path, member: str) -> Path:
+    """The file the heartbeat writer of `member` touches after every row it commits."""
+    return state_dir / "logs" / f"heartbeat-{member}.last"
+
+
+def heartbeat_state(state_dir: Path, member: str, interval: float) -> str:
+    """`writing (last row 0.8s ago)`; RuntimeError when its last row is older than three intervals (or none)."""
+    try:
+        age = time.time() - heartbeat_mark(state_dir, member).stat().st_mtime
+    except FileNotFoundError:
+        raise RuntimeError("not writing: no row written yet") from None
+    if age > max(3 * interval, 5):
+        raise RuntimeError(f"not writing: last row {age:.0f}s ago")
+    return f"writing (last row {age:.1f}s ago)"

@@ -40,7 +40,7 @@ from flows.config_backup import export_configuration
 from sandbox import aws_seed, demo_data
 from sandbox.kube_api import write_kubeconfig
 from sandbox.launchers import http_ok, start_moto, wait_until
-from sandbox.postgres import SandboxPostgres
+from sandbox.postgres import SandboxPostgres, heartbeat_state
 
 PYTHON = sys.executable
 TOKEN_SECRET = "devonn-api-token"
@@ -346,6 +346,10 @@ def status(plan: Plan) -> list[Component]:
             return "healthy"
         return check
 
+    def heartbeat(member: str) -> Callable[[], str]:
+        interval = plan.sandbox.heartbeat_interval.total_seconds() if plan.sandbox else 5.0
+        return lambda: heartbeat_state(directory, member, interval)
+
     host, port = moto_address(plan)
     tracked("moto", f"{host}:{port}", http_check(f"http://{host}:{port}/moto-api/"))
     values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
@@ -358,10 +362,10 @@ def status(plan: Plan) -> list[Component]:
                     raise RuntimeError("not answering")
                 return "standby, streaming" if st.in_recovery else "primary"
             tracked(member, db.endpoints[member], check)
-        tracked(f"heartbeat-{db.primary}", db.endpoints[db.primary], lambda: "writing")
+        tracked(f"heartbeat-{db.primary}", db.endpoints[db.primary], heartbeat(db.primary))
     for db in _rds_databases(plan):
         components += rds_status(plan, db)
-        tracked(f"heartbeat-{db.primary}", db.primary, lambda: "writing")
+        tracked(f"heartbeat-{db.primary}", db.primary, heartbeat(db.primary))
     apis = dict(kube_api_of(plan, cluster) for cluster in plan.clusters) if plan.sandbox else {}
     for name, endpoint in sorted(apis.items()):
         tracked(name, endpoint, http_check(f"http://{endpoint}/version"))

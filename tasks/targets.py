@@ -197,6 +197,8 @@ class PostgresArchive(RestoreTarget):
             restored = local.restore(name, scratch.port, target_time, backup,
                                      timeout=self.plan.drill.restore_timeout.total_seconds())
         except PostgresError as exc:
+            if not local.data_dir(name).exists():  # the restore removed what it had half-done
+                marker.unlink(missing_ok=True)
             raise DrplanError(str(exc)) from None
         return scratch.model_copy(update={"reused": not restored})
 

@@ -1,12 +1,14 @@
 """The gates before a destructive step: the one-recovery-per-database lock and the approval.
 
-The lock is a Prefect global concurrency limit `drplan-recovery-<database>` (limit 1, created on first use),
-acquired without waiting: a second recovery of the same database fails at once. Its lease is renewed while the
-run lives; a killed run's slot is freed when the lease expires (LOCK_LEASE, plus the server's repossessor loop),
-or at once with `prefect gcl update drplan-recovery-<database> --active-slots 0` once you know the other run is dead."""
+The lock is a Prefect global concurrency limit `drplan-recovery-<database>` (limit 1, created on first use): a
+second recovery of the same database is refused within LOCK_RECHECK_SECONDS. Its lease is renewed while the run
+lives; a killed run's slot is freed when the lease expires (LOCK_LEASE_SECONDS, plus the server's repossessor loop;
+drplan's servers keep leases on disk, so this holds across a server restart and for a killed CLI), or at once with
+`prefect gcl update drplan-recovery-<database> --active-slots 0` once you know the other run is dead."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -27,6 +29,9 @@ from flows.shared.report import RecoveryReport
 
 LOCK_LEASE_SECONDS = 60
 """Prefect's shortest lease: how long a killed recovery keeps its database locked."""
+LOCK_RECHECK_SECONDS = 10
+"""How long a taken lock is looked at again before refusing: a lease that expired while no server ran (a killed
+CLI's temporary server died with it) is freed by the next server's repossessor within its first loop."""
 
 
 
@@ -53,15 +58,20 @@ def recovery_lock(db: Database) -> Iterator[None]:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except Exception:  # created concurrently by another run: fine, it exists now
                 client.read_global_concurrency_limit_by_name(name)
-    try:
-        with concurrency(name, occupy=1, max_retries=0, lease_duration=LOCK_LEASE_SECONDS, strict=True,
-                         raise_on_lease_renewal_failure=False):
-            yield
-            return
-    except ConcurrencySlotAcquisitionError as exc:
-        cause = exc.__cause__
-        if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):  # 423: taken
-            raise
+    deadline = time.monotonic() + LOCK_RECHECK_SECONDS
+    while True:
+        try:
+            with concurrency(name, occupy=1, max_retries=0, lease_duration=LOCK_LEASE_SECONDS, strict=True,
+                             raise_on_lease_renewal_failure=False):
+                yield
+                return
+        except ConcurrencySlotAcquisitionError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):  # 423: taken
+                raise
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
     raise DrplanError(
         f"another recovery of {db.name} is in progress (Prefect concurrency limit {name} is taken); wait for it "
         f"to finish, or if that run is dead, wait {LOCK_LEASE_SECONDS}s for its lease to expire or free it with "

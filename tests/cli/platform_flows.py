@@ -4,21 +4,25 @@ same RunInput) without a restore before it, and a synthetic RPO breach published
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import timedelta
 
 from prefect import flow, pause_flow_run
 
+from drplan.plan import Database
 from drplan.results import Status
 from drplan.rpo import Measurement, RpoReport
 from drplan.timeutil import utcnow
 from flows.rpo_verification import publish
-from flows.shared.gates import Approval
+from flows.shared.gates import Approval, recovery_lock
 
 
 @flow(name="platform-approval-probe")
-def approval_probe(change: str = "promote the replica") -> str:
-    """Pause until someone answers with an Approval; fail when they refuse."""
-    answer = pause_flow_run(wait_for_input=Approval, timeout=120, poll_interval=2)  # default 10 s: slow tests
+def approval_probe(change: str = "promote the replica", database: str = "") -> str:
+    """Pause until someone answers with an Approval (holding `database`'s recovery lock, if given, as the recovery
+    flows do); fail when they refuse."""
+    with recovery_lock(Database.model_construct(name=database)) if database else nullcontext():
+        answer = pause_flow_run(wait_for_input=Approval, timeout=180, poll_interval=2)  # default 10 s: slow tests
     if not answer.approve:
         raise RuntimeError(f"{change}: refused ({answer.reason})")
     return f"{change}: approved ({answer.reason})"

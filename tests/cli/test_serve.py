@@ -197,6 +197,25 @@ def test_paused_recovery_is_announced_and_approved_through_rest(platform: serve.
     assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
 
 
+def test_a_server_restart_keeps_a_paused_recovery_and_its_lock(platform: serve.Platform, api: httpx.Client) -> None:
+    """The Prefect server restarts while a recovery holds its database's lock and waits for approval: the lock is
+    still held afterwards (its lease is on disk, not in the old server's memory), the approval given to the new
+    server completes the run, and the lock is free again."""
+    def active_slots() -> int:
+        return api.get("/v2/concurrency_limits/drplan-recovery-probe-db").json()["active_slots"]
+
+    run_id = run_deployment(api, f"platform-approval-probe/{PROBE}", {"change": "restart", "database": "probe-db"})
+    wait_for_state(api, run_id, {"PAUSED"})
+    assert active_slots() == 1
+    assert processes.stop(platform.directory, serve.SERVER)
+    serve.start_server(platform, None, Console(quiet=True))  # the same port and database
+    assert active_slots() == 1
+    accepted = api.post(f"/flow_runs/{run_id}/resume", json={"run_input": {"approve": True, "reason": "restarted"}})
+    assert accepted.json()["status"] == "ACCEPT", accepted.text
+    assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
+    assert active_slots() == 0
+
+
 def test_rpo_breach_event_notifies_the_channel(platform: serve.Platform, api: httpx.Client) -> None:
     resource = f"db-{uuid.uuid4().hex[:8]}"
     run_id = run_deployment(api, f"platform-breach-probe/{PROBE}", {"resource": resource, "age_s": 900})
@@ -240,3 +259,21 @@ def test_the_auth_string_stays_out_of_logs_and_this_process(platform: serve.Plat
     logs = "".join(p.read_text(errors="replace") for p in (platform.directory / "logs").glob("*.log"))
     assert platform.auth().split(":", 1)[1] not in logs
     assert "PREFECT_SERVER_API_AUTH_STRING" not in os.environ and "PREFECT_API_AUTH_STRING" not in os.environ
+
+
+def test_sandbox_status_shows_and_sandbox_down_stops_serve(platform: serve.Platform) -> None:
+    """Last in this module: it stops the platform. While `drplan serve` runs, `sandbox status` lists its processes;
+    `sandbox down` stops them too (and every flow run process of its worker)."""
+    from cli.main import app
+
+    plan_path = platform.directory.parent / "plan.yaml"
+    rows = {c.name: c for c in serve.status(load_plan(plan_path))}
+    assert set(rows) == {serve.SERVER, serve.WORKER, serve.RECEIVER}
+    assert all(c.healthy and c.pid for c in rows.values()), rows
+    shown = CliRunner().invoke(app, ["sandbox", "status", "--plan", str(plan_path)])
+    assert serve.WORKER in shown.stdout
+    down = CliRunner().invoke(app, ["sandbox", "down", "--plan", str(plan_path)])
+    assert down.exit_code == 0, down.output
+    assert {f"stopped {name}" for name in rows} <= set(down.stdout.splitlines())
+    assert serve.status(load_plan(plan_path)) == []
+    assert not processes_with_env("PREFECT_HOME", str(platform.home))

@@ -4,20 +4,26 @@ data plane), checks that catch overshoot and corruption, measured RTO/RPO, clean
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import aws_client, db_credentials
 from drplan.drill_report import DrillReport
+from drplan.pgserver import TARGET_NOT_REACHED
 from drplan.results import Status
 from flows.restore_drill import restore_drill
 from sandbox import stack
 from tasks.rds import find_instance
-from tasks.targets import DRILL_TAG, PostgresArchive, RdsInstance
+from tasks.targets import DRILL_TAG, PostgresArchive, RdsInstance, copy_stamp
+from tests.helpers import REPO, wait_for
 
 runner = CliRunner()
 
@@ -202,3 +208,76 @@ def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, san
     assert result.exit_code == 1
     evidence = json.loads((sandbox_dir / "reports" / f"drill-{report['scratch']}.json").read_text())
     assert evidence["checks"] == report["checks"] and evidence["cleanup"] == "removed"
+
+
+def barman_restores_of(name: str) -> list[int]:
+    """PIDs of the barman-cloud-restore processes writing copy `name`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"barman-cloud-restore") for a in argv) and any(a.endswith(name.encode()) for a in argv):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_restore_killed_during_the_download_leaves_no_helper_and_the_rerun_restores(sandbox, sandbox_plan_path):
+    """The process restoring a copy is killed while barman-cloud-restore downloads the base backup: the helper dies
+    with it (nothing keeps writing into the directory), and the same restore rerun starts over and finishes."""
+    db = sandbox.database("devonn-postgres")
+    target, credentials = PostgresArchive(sandbox, db), db_credentials(sandbox, db)
+    at = target.window().latest
+    name = f"devonn-postgres-recovery-{copy_stamp(at)}"
+    script = ("import sys; from datetime import datetime; from drplan.clients import db_credentials; "
+              "from drplan.plan import load_plan; from tasks.targets import PostgresArchive; "
+              "plan = load_plan(sys.argv[1]); db = plan.database('devonn-postgres'); "
+              "PostgresArchive(plan, db).restore(sys.argv[2], datetime.fromisoformat(sys.argv[3]), "
+              "db_credentials(plan, db))")
+    restorer = subprocess.Popen([sys.executable, "-c", script, str(sandbox_plan_path), name, at.isoformat()],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: barman_restores_of(name), 60, "barman-cloud-restore to start", interval=0.02)
+    finally:
+        restorer.kill()
+        restorer.wait(10)
+    try:
+        wait_for(lambda: not barman_restores_of(name), 5, "barman-cloud-restore to die with the killed restore")
+        scratch = target.restore(name, at, credentials)
+        assert not scratch.reused  # a half-done download is never reused: restored again from a clean state
+        with psycopg.connect(host=scratch.host, port=scratch.port, dbname=db.dbname, user=credentials.username,
+                             password=credentials.password.get_secret_value()) as conn:
+            assert conn.execute("SELECT count(*) FROM users").fetchone()[0] > 0
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
+    finally:
+        target.drop(name)
+
+
+def test_the_window_end_is_a_time_a_restore_reaches(sandbox, sandbox_dir):
+    """With the archiver paused, no WAL in the archive holds a commit after the newest segment was archived (the
+    window's end, which S3 gives to the second: the test asks for one second later). PostgreSQL's recovery to that
+    time runs out of WAL before it meets its target; drplan then replays the whole archive, which is the state at
+    that time: heartbeats up to it, none after it."""
+    db, pg = primary(sandbox, sandbox_dir)
+    target, credentials = PostgresArchive(sandbox, db), db_credentials(sandbox, db)
+    name = None
+    with pg.connect(db.primary) as conn:
+        conn.execute("ALTER SYSTEM SET archive_command = 'false'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            time.sleep(2)  # an archive_command already running finishes
+            at = target.window().latest + timedelta(seconds=1)
+            name = f"devonn-postgres-drill-{copy_stamp(at)}"
+            scratch = target.restore(name, at, credentials)
+            with psycopg.connect(host=scratch.host, port=scratch.port, dbname=db.dbname, user=credentials.username,
+                                 password=credentials.password.get_secret_value()) as copy:
+                newest = copy.execute("SELECT max(ts) FROM drplan_heartbeat").fetchone()[0]
+                assert copy.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
+            assert at - sandbox.sandbox.archive_timeout - timedelta(seconds=3) < newest <= at
+            assert TARGET_NOT_REACHED in target.local().log_file(name).read_text()
+        finally:
+            conn.execute("ALTER SYSTEM RESET archive_command")
+            conn.execute("SELECT pg_reload_conf()")
+            if name:
+                target.drop(name)

@@ -17,7 +17,7 @@ from flows.dr_readiness import dr_readiness
 from sandbox import stack
 from tasks.eks import scale_nodegroup
 from tasks.route53 import read_records, switch_records
-from tests.helpers import own_postgres_topology
+from tests.helpers import own_postgres_topology, wait_for
 
 DB = "devonn-postgres"
 
@@ -82,10 +82,17 @@ def test_deleted_orders_name_the_time_to_recover_to(sandbox, sandbox_plan_path):
 @pytest.mark.usefixtures("prefect_server")
 def test_stopped_primary_names_a_failover_the_plan_accepts(sandbox, sandbox_plan_path, sandbox_dir):
     with own_postgres_topology(sandbox_plan_path, sandbox_dir, DB, rpo="5m") as path:
+        plan = load_plan(path)
+        primary, heartbeat = plan.database(DB).primary, f"heartbeat-{plan.database(DB).primary}"
+        writing = wait_for(lambda: next((c for c in stack.status(plan) if c.name == heartbeat and c.healthy), None),
+                           10, "the heartbeat writing")
+        assert writing.detail.startswith("writing (last row "), writing
         what, command = broken(drplan("sandbox", "break", "stop-primary", "--plan", str(path)))
         again, _ = broken(drplan("sandbox", "break", "stop-primary", "--plan", str(path)))
-        primary = load_plan(path).database(DB).primary
         assert (what, again) == (f"stopped the primary {primary} of {DB}", f"{primary} was already stopped")
+        stalled = wait_for(lambda: next((c for c in stack.status(plan) if c.name == heartbeat and not c.healthy),
+                                        None), 15, "sandbox status to see the heartbeat stall")
+        assert stalled.pid and stalled.detail.startswith("not writing: last row "), stalled
         assert command == ["failover", "--plan", str(path), "--database", DB, "--mode", "multi-az"]
         planned = drplan(*command, "--dry-run")
         assert planned.exit_code == 0, planned.output
