@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -53,3 +55,23 @@ def test_topology_prints_members_and_differences_and_exits_1_on_a_difference(mon
     assert as_json.exit_code == 1
     assert json.loads(as_json.stdout)["differences"] == [
         "db: plan member dr_replica db-dr is down: cannot connect: [Errno 111] refused"]
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    """The entry point's own handling of an error no command turned into a refusal (the command itself is replaced
+    by one that fails; everything else is the real entry point)."""
+    from cli import main as entry
+
+    def failing() -> None:
+        raise RuntimeError("the disk is on fire\nsecond line of the message")
+
+    monkeypatch.setattr(entry, "app", failing)
+    monkeypatch.setattr(sys, "argv", ["drplan", "verify-rpo"])
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: RuntimeError: the disk is on fire (--debug shows the traceback)")
+    monkeypatch.setattr(sys, "argv", ["drplan", "verify-rpo", "--debug"])
+    with pytest.raises(RuntimeError, match="the disk is on fire"):
+        entry.main()
