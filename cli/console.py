@@ -43,3 +43,4 @@ def plan_or_exit(ref: str) -> Plan:
 
 
 PlanOption = typer.Option("plans/sandbox.yaml", "--plan", "-p", help="Plan file, or a name under plans/.")
+JsonOption = typer.Option(False, "--json", help="Print the report as JSON instead of markdown.")

@@ -20,7 +20,7 @@ import click
 import typer
 from rich.markdown import Markdown
 
-from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals
+from cli.console import JsonOption, PlanOption, err, fail, out, plan_or_exit, refusals
 from cli.prefect_api import prefect_api
 from drplan.errors import DrplanError, first_line
 
@@ -34,6 +34,7 @@ def recover(
     promote: bool = typer.Option(False, "--promote", help="Cut the application over to the recovered copy."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
 ) -> None:
     """Point-in-time recovery to <database>-recovery-<T>; with --promote, cut the app over after approval."""
     from drplan.clients import check_aws_access
@@ -49,7 +50,7 @@ def recover(
         if when is not None:
             restore_target(dr_plan, db, discover(dr_plan, [db.name]).databases[0].last_primary).window().check(when)
     run(pitr_recovery, f"recover-{database}", dict(plan=plan, database=database, target_time=to, promote=promote,
-                                                   dry_run=dry_run, approve=yes))
+                                                   dry_run=dry_run, approve=yes), as_json)
 
 
 def failover(
@@ -61,6 +62,7 @@ def failover(
     dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
     force: bool = typer.Option(False, "--force", help="Promote even if the replica lags beyond the RPO."),
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
     no_fence: bool = typer.Option(False, "--no-fence", help="Do not fence the old primary (needs --force)."),
 ) -> None:
     """Multi-AZ failover test, or promote a replica (lag guard), fence the old primary, cut the app over,
@@ -74,7 +76,8 @@ def failover(
         if no_fence and not force:
             raise DrplanError("--no-fence needs --force: both primaries could accept writes")
     run(db_failover, f"failover-{database}", dict(plan=plan, database=database, mode=mode, member=member,
-                                                  dry_run=dry_run, force=force, approve=yes, fence=not no_fence))
+                                                  dry_run=dry_run, force=force, approve=yes, fence=not no_fence),
+        as_json)
 
 
 def reprotect(
@@ -82,6 +85,7 @@ def reprotect(
     database: str = typer.Option(..., "--database", "-d", help="The database whose live primary to protect."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
 ) -> None:
     """Give the live primary what the plan requires: WAL archiving, a base backup of its lineage, a replica in
     its region and in the other region. A no-op on a protected database."""
@@ -90,7 +94,7 @@ def reprotect(
     dr_plan = plan_or_exit(plan)
     with refusals():
         dr_plan.database(database)  # refused before anything runs
-    run(flow_fn, f"reprotect-{database}", dict(plan=plan, database=database, dry_run=dry_run, approve=yes))
+    run(flow_fn, f"reprotect-{database}", dict(plan=plan, database=database, dry_run=dry_run, approve=yes), as_json)
 
 
 def dns_failover(
@@ -100,11 +104,12 @@ def dns_failover(
                                                           "change nothing."),
     force: bool = typer.Option(False, "--force", help="Switch even if the region's services fail validation."),
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
 ) -> None:
     """DNS failover alone: once the region's services pass validation, UPSERT the records to its target."""
     from flows.dns_failover import dns_failover as flow_fn
 
-    run_towards(flow_fn, "dns-failover", plan, to, dry_run, force, yes)
+    run_towards(flow_fn, "dns-failover", plan, to, dry_run, force, yes, as_json)
 
 
 def eks_recover(
@@ -115,6 +120,7 @@ def eks_recover(
     manifests: bool = typer.Option(True, "--manifests/--no-manifests",
                                    help="Apply clusters[].manifests with the cluster's overrides."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
+    as_json: bool = JsonOption,
 ) -> None:
     """EKS recovery: node groups until their nodes are Ready, manifests, scale, rollouts, cluster health."""
     from flows.eks_recovery import eks_recovery
@@ -124,7 +130,7 @@ def eks_recover(
         dr_plan.cluster(cluster)  # refused before anything runs
         parameters = dict(plan=plan, cluster=cluster, nodes=counts(nodes, "--nodes"), scale=counts(scale, "--scale"),
                           apply_manifests=manifests, dry_run=dry_run)
-    run(eks_recovery, f"eks-recovery-{cluster}", parameters)
+    run(eks_recovery, f"eks-recovery-{cluster}", parameters, as_json)
 
 
 def counts(pairs: list[str], option: str) -> dict[str, int]:
@@ -145,30 +151,34 @@ def region_failover(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every step and resource; change nothing."),
     force: bool = typer.Option(False, "--force", help="Fail over even if readiness or the lag guard says no."),
     yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
 ) -> None:
     """Move the services to another region: readiness, approval, promote, Secret, deploy, scale, validate, DNS."""
     from flows.region_failover import region_failover as flow_fn
 
-    run_towards(flow_fn, "region-failover", plan, to, dry_run, force, yes)
+    run_towards(flow_fn, "region-failover", plan, to, dry_run, force, yes, as_json)
 
 
-def run_towards(flow_fn: Any, label: str, plan: str, to: str | None, dry_run: bool, force: bool, yes: bool) -> None:
+def run_towards(flow_fn: Any, label: str, plan: str, to: str | None, dry_run: bool, force: bool, yes: bool,
+                as_json: bool) -> None:
     """The commands that move traffic to a region: the region is refused before anything runs, then the flow."""
     from drplan.regions import traffic_target
 
     dr_plan = plan_or_exit(plan)
     with refusals():
         region, _ = traffic_target(dr_plan, to)
-    run(flow_fn, f"{label}-{region}", dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes))
+    run(flow_fn, f"{label}-{region}", dict(plan=plan, to=to or "", dry_run=dry_run, force=force, approve=yes),
+        as_json)
 
 
-def run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
-    """Run the flow in a thread; answer its approval pause from the terminal; print the report; exit."""
+def run(flow_fn: Any, label: str, parameters: dict[str, Any], as_json: bool) -> None:
+    """Run the flow in a thread; answer its approval pause from the terminal; print the report (markdown, or
+    JSON); exit."""
     with refusals(), prefect_api():
-        _run(flow_fn, label, parameters)
+        _run(flow_fn, label, parameters, as_json)
 
 
-def _run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
+def _run(flow_fn: Any, label: str, parameters: dict[str, Any], as_json: bool) -> None:
     from flows.shared.report import RecoveryReport, run_report
 
     name = f"{label}-{uuid4().hex[:8]}"
@@ -194,7 +204,10 @@ def _run(flow_fn: Any, label: str, parameters: dict[str, Any]) -> None:
     if "error" in result:
         raise fail(f"{name}: {first_line(result['error'])}")
     report = result["report"]
-    out.print(Markdown(report.markdown()))
+    if as_json:
+        out.print_json(report.model_dump_json())
+    else:
+        out.print(Markdown(report.markdown()))
     if report.written_to:
         err.print(f"report: {report.written_to}", highlight=False, soft_wrap=True)
     if report.error:

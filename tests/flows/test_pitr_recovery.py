@@ -89,11 +89,13 @@ def point_in_time(sandbox, sandbox_dir):
 def test_dry_run_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
     at_t, _ = point_in_time
     before, snapshot = app_secret(sandbox), stack_snapshot(sandbox, "devonn-postgres")
-    report = pitr_recovery(plan=str(sandbox_plan_path), database="devonn-postgres", target_time=at_t.isoformat(),
-                           promote=True, dry_run=True)
-    assert report.outcome == "planned (dry run)"
-    assert [s.action for s in report.steps] == ["found", "would restore", "would check", "would ask approval",
-                                                "would fence", "would rewrite", "would restart"]
+    planned = CliRunner().invoke(app, ["recover", "--plan", str(sandbox_plan_path), "--database", "devonn-postgres",
+                                       "--to", at_t.isoformat(), "--promote", "--dry-run", "--json"])
+    assert planned.exit_code == 0, planned.output
+    report = json.loads(planned.stdout)  # the whole report, nothing cut off the way a narrow table would be
+    assert report["outcome"] == "planned (dry run)"
+    assert [s["action"] for s in report["steps"]] == ["found", "would restore", "would check", "would ask approval",
+                                                      "would fence", "would rewrite", "would restart"]
     assert app_secret(sandbox) == before and stack_snapshot(sandbox, "devonn-postgres") == snapshot
     assert not list(PostgresArchive(sandbox, sandbox.database("devonn-postgres")).markers.glob("*recovery*"))
 
