@@ -163,8 +163,9 @@ def status(plan: Plan) -> list[Component]:
 def start_server(platform: Platform, port: int | None, console: Console) -> None:
     running = processes.running(platform.directory, SERVER)
     if running is None:
-        processes.stop(platform.directory, WORKER)  # a worker outliving its server may point at another port
         default = platform.ports.get(SERVER) or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port())
+        if (port or default) != platform.ports.get(SERVER):  # a worker outliving its server points at the old port
+            processes.stop(platform.directory, WORKER)  # else it (and the flow runs it started) goes on, reconnecting
         platform.record_port(SERVER, port or default)
         env = {**platform.env(), **SERVER_LEASE_SETTINGS, "PREFECT_SERVER_API_AUTH_STRING": platform.auth()}
         processes.start(platform.directory, SERVER, [PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
