@@ -1,0 +1,99 @@
+"""The runbooks under AWS faults: the session sandbox's plan with its AWS endpoint behind `sandbox/fault_proxy.py`
+(30% of requests throttled or reset). Each run ends as it does without faults, and its report counts the retries.
+One proxy for the module; the faults it injected are asserted per run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drplan.clients import aws_client
+from drplan.results import Status
+from flows.restore_drill import restore_drill
+from flows.rpo_verification import rpo_verification
+from flows.s3_backup import s3_backup
+from flows.s3_recovery import s3_recovery
+from sandbox.fault_proxy import FaultProxy
+from tasks.targets import RdsInstance
+from tests.s3_moto import listing
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def proxy(sandbox) -> Iterator[FaultProxy]:
+    with FaultProxy(sandbox.aws.endpoint_url, fraction=0.3, seed=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def faulty_plan(sandbox_plan_path: Path, proxy: FaultProxy, tmp_path_factory) -> Path:
+    data = yaml.safe_load(sandbox_plan_path.read_text())
+    data["aws"]["endpoint_url"] = proxy.url
+    path = tmp_path_factory.mktemp("faults") / "plan.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def injected(proxy: FaultProxy) -> Iterator[None]:
+    """The test's runs met faults of the proxy."""
+    before = proxy.injected
+    yield
+    assert proxy.injected > before, proxy.counts()
+
+
+def result(state):
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+@pytest.mark.usefixtures("injected")
+def test_rpo_verification_measures_the_same(sandbox_plan_path, faulty_plan):
+    def statuses(report) -> dict[tuple[str, str], Status]:
+        return {(m.resource, m.measure): m.status for m in report.measurements}
+
+    clean = result(rpo_verification(plan=str(sandbox_plan_path), return_state=True))
+    faulty = result(rpo_verification(plan=str(faulty_plan), return_state=True))
+    assert statuses(faulty) == statuses(clean) and set(statuses(faulty).values()) == {Status.passed}
+    assert faulty.aws_retries > 0 and f"AWS retries: {faulty.aws_retries}" in faulty.markdown()
+
+
+@pytest.mark.usefixtures("injected", "fresh_base_backup")
+def test_postgres_drill_replays_to_the_target(sandbox, faulty_plan):
+    """barman-cloud fetches the base backup and every WAL segment through the proxy: a throttled fetch that were
+    not retried would end the replay early, and the fingerprints compared with the source would differ."""
+    (report,) = result(restore_drill(plan=str(faulty_plan), database="devonn-postgres", return_state=True))
+    assert report.status is Status.passed, report.markdown()
+    checks = {c.name: c.status for c in report.checks}
+    assert checks["orders: fingerprint"] is Status.passed
+    assert report.cleanup == "removed" and f"AWS retries: {report.aws_retries}" in report.markdown()
+
+
+@pytest.mark.usefixtures("injected")
+def test_rds_drill_passes(faulty_plan, monkeypatch):
+    monkeypatch.setattr(RdsInstance, "poll_seconds", 0.5)
+    (report,) = result(restore_drill(plan=str(faulty_plan), database="devonn-rds", return_state=True))
+    assert report.status is Status.passed, report.markdown()
+    assert report.aws_retries > 0 and report.cleanup == "removed"
+
+
+@pytest.mark.usefixtures("injected")
+def test_s3_backup_and_restore(sandbox, faulty_plan):
+    (bucket,) = sandbox.buckets
+    live = bucket.live.removeprefix("s3://").rstrip("/")
+    s3 = aws_client(sandbox, "s3")  # not through the proxy
+    before = [(key, size, etag) for key, size, etag, _ in listing(s3, live)]
+
+    (backup,) = result(s3_backup(plan=str(faulty_plan), return_state=True))
+    assert backup.objects == len(before) and backup.aws_retries > 0
+
+    lost = [key for key, *_ in before[:20]]
+    s3.delete_objects(Bucket=live, Delete={"Objects": [{"Key": key} for key in lost]})
+    report = result(s3_recovery(plan=str(faulty_plan), dry_run=False, workers=8, return_state=True))
+    assert report.complete and report.copied.objects == len(lost) and report.verification.ok, report.summary
+    assert [(key, size, etag) for key, size, etag, _ in listing(s3, live)] == before
+    assert f"{report.aws_retries} AWS retries" in report.summary
