@@ -1,6 +1,7 @@
 """The runbooks under AWS faults: the session sandbox's plan with its AWS endpoint behind `sandbox/fault_proxy.py`
 (30% of requests throttled or reset). Each run ends as it does without faults, and its report counts the retries.
-One proxy for the module; the faults it injected are asserted per run."""
+One proxy for the module; the faults it injected are asserted per run. The failover is RDS Multi-AZ, which leaves
+the session's topology as it was (same instance and endpoint, the standby promoted behind it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import yaml
 
 from drplan.clients import aws_client
 from drplan.results import Status
+from flows.db_failover import db_failover
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
 from flows.s3_backup import s3_backup
@@ -20,7 +22,7 @@ from sandbox.fault_proxy import FaultProxy
 from tasks.targets import RdsInstance
 from tests.s3_moto import listing
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,11 @@ def faulty_plan(sandbox_plan_path: Path, proxy: FaultProxy, tmp_path_factory) ->
 @pytest.fixture
 def injected(proxy: FaultProxy) -> Iterator[None]:
     """The test's runs met faults of the proxy."""
-    before = proxy.injected
+    before = proxy.counts()
     yield
-    assert proxy.injected > before, proxy.counts()
+    during = {kind: count - before[kind] for kind, count in proxy.counts().items()}
+    print(f"proxy during the test: {during}")
+    assert sum(during.values()) > during["forwarded"], during
 
 
 def result(state):
@@ -59,6 +63,7 @@ def test_rpo_verification_measures_the_same(sandbox_plan_path, faulty_plan):
     clean = result(rpo_verification(plan=str(sandbox_plan_path), return_state=True))
     faulty = result(rpo_verification(plan=str(faulty_plan), return_state=True))
     assert statuses(faulty) == statuses(clean) and set(statuses(faulty).values()) == {Status.passed}
+    print(f"rpo-verification: AWS retries {faulty.aws_retries}")
     assert faulty.aws_retries > 0 and f"AWS retries: {faulty.aws_retries}" in faulty.markdown()
 
 
@@ -70,14 +75,22 @@ def test_postgres_drill_replays_to_the_target(sandbox, faulty_plan):
     assert report.status is Status.passed, report.markdown()
     checks = {c.name: c.status for c in report.checks}
     assert checks["orders: fingerprint"] is Status.passed
+    print(f"postgres drill: AWS retries {report.aws_retries}")
     assert report.cleanup == "removed" and f"AWS retries: {report.aws_retries}" in report.markdown()
 
 
-@pytest.mark.usefixtures("injected")
-def test_rds_drill_passes(faulty_plan, monkeypatch):
+@pytest.fixture
+def fast_rds_polls(monkeypatch):
     monkeypatch.setattr(RdsInstance, "poll_seconds", 0.5)
+    monkeypatch.setattr("flows.shared.promotion.RDS_POLL_SECONDS", 0.5)
+    monkeypatch.setattr("flows.db_failover.RDS_POLL_SECONDS", 0.5)
+
+
+@pytest.mark.usefixtures("injected", "fast_rds_polls")
+def test_rds_drill_passes(faulty_plan):
     (report,) = result(restore_drill(plan=str(faulty_plan), database="devonn-rds", return_state=True))
     assert report.status is Status.passed, report.markdown()
+    print(f"rds drill: AWS retries {report.aws_retries}")
     assert report.aws_retries > 0 and report.cleanup == "removed"
 
 
@@ -89,6 +102,7 @@ def test_s3_backup_and_restore(sandbox, faulty_plan):
     before = [(key, size, etag) for key, size, etag, _ in listing(s3, live)]
 
     (backup,) = result(s3_backup(plan=str(faulty_plan), return_state=True))
+    print(f"s3-backup: AWS retries {backup.aws_retries}")
     assert backup.objects == len(before) and backup.aws_retries > 0
 
     lost = [key for key, *_ in before[:20]]
@@ -96,4 +110,18 @@ def test_s3_backup_and_restore(sandbox, faulty_plan):
     report = result(s3_recovery(plan=str(faulty_plan), dry_run=False, workers=8, return_state=True))
     assert report.complete and report.copied.objects == len(lost) and report.verification.ok, report.summary
     assert [(key, size, etag) for key, size, etag, _ in listing(s3, live)] == before
+    print(f"s3-restore: {report.summary}")
     assert f"{report.aws_retries} AWS retries" in report.summary
+
+
+@pytest.mark.usefixtures("injected", "fast_rds_polls")
+def test_multi_az_failover(sandbox, faulty_plan):
+    db = sandbox.database("devonn-rds")
+    before = aws_client(sandbox, "rds").describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0]
+    report = result(db_failover(plan=str(faulty_plan), database=db.name, mode="multi-az", approve=True,
+                                return_state=True))
+    assert report.outcome == "failed over", report.markdown()
+    after = aws_client(sandbox, "rds").describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0]
+    assert (after["AvailabilityZone"], after["Endpoint"]) == (before["SecondaryAvailabilityZone"], before["Endpoint"])
+    print(f"multi-az failover: AWS retries {report.aws_retries}")
+    assert report.aws_retries > 0 and f"AWS retries: {report.aws_retries}" in report.markdown()
