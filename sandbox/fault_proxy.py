@@ -35,7 +35,7 @@ _BLOCK = 1 << 16
 
 class FaultProxy:
     """`with FaultProxy(upstream) as proxy:` proxy.url is the endpoint to use; stopped (every connection and
-    thread ended) on exit. `kinds` limits the faults it picks from (those that fit each request)."""
+    thread ended) on exit. `kinds` limits the faults it picks from; a request no kind fits is forwarded."""
 
     def __init__(self, upstream: str, fraction: float = 0.3, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> None:
         if not set(kinds) <= set(KINDS) or not kinds:
@@ -98,9 +98,9 @@ class FaultProxy:
 
     def _pick(self, s3: bool) -> str | None:
         """The fault for the next request, or None: forward it."""
-        fitting = [k for k in self.kinds if k != ("throttling" if s3 else "slowdown")] or ["reset"]
+        fitting = [k for k in self.kinds if k != ("throttling" if s3 else "slowdown")]
         with self._lock:
-            if self._random.random() >= self.fraction:
+            if self._random.random() >= self.fraction or not fitting:
                 self.forwarded += 1
                 return None
             kind = self._random.choice(fitting)

@@ -1,7 +1,8 @@
 """The runbooks under AWS faults: the session sandbox's plan with its AWS endpoint behind `sandbox/fault_proxy.py`
 (30% of requests throttled or reset). Each run ends as it does without faults, and its report counts the retries.
-One proxy for the module; the faults it injected are asserted per run. The failover is RDS Multi-AZ, which leaves
-the session's topology as it was (same instance and endpoint, the standby promoted behind it)."""
+One proxy for the module; the faults it injected are asserted per run. The Multi-AZ failover leaves the session's
+topology as it was (same instance and endpoint, the standby promoted behind it); the region failover runs on
+topologies of its own and puts the clusters and DNS records back afterwards."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import pytest
 import yaml
 
 from drplan.clients import aws_client
+from drplan.plan import load_plan
 from drplan.results import Status
 from flows.db_failover import db_failover
+from flows.region_failover import region_failover
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
 from flows.s3_backup import s3_backup
 from flows.s3_recovery import s3_recovery
 from sandbox.fault_proxy import FaultProxy
+from tasks.rds import read_replica_lag
+from tasks.route53 import switch_records
 from tasks.targets import RdsInstance
+from tests.helpers import clusters_restored, own_postgres_topology, own_rds_topology, wait_for
 from tests.s3_moto import listing
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure")
@@ -31,13 +37,17 @@ def proxy(sandbox) -> Iterator[FaultProxy]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def faulty_plan(sandbox_plan_path: Path, proxy: FaultProxy, tmp_path_factory) -> Path:
-    data = yaml.safe_load(sandbox_plan_path.read_text())
+def behind(proxy: FaultProxy, plan_path: Path, path: Path) -> Path:
+    """A copy of the plan at `plan_path`, written to `path`, whose AWS endpoint is the proxy."""
+    data = yaml.safe_load(plan_path.read_text())
     data["aws"]["endpoint_url"] = proxy.url
-    path = tmp_path_factory.mktemp("faults") / "plan.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def faulty_plan(sandbox_plan_path: Path, proxy: FaultProxy, tmp_path_factory) -> Path:
+    return behind(proxy, sandbox_plan_path, tmp_path_factory.mktemp("faults") / "plan.yaml")
 
 
 @pytest.fixture
@@ -124,4 +134,31 @@ def test_multi_az_failover(sandbox, faulty_plan):
     after = aws_client(sandbox, "rds").describe_db_instances(DBInstanceIdentifier=db.primary)["DBInstances"][0]
     assert (after["AvailabilityZone"], after["Endpoint"]) == (before["SecondaryAvailabilityZone"], before["Endpoint"])
     print(f"multi-az failover: AWS retries {report.aws_retries}")
+    assert report.aws_retries > 0 and f"AWS retries: {report.aws_retries}" in report.markdown()
+
+
+@pytest.fixture
+def own_topologies(sandbox, sandbox_plan_path, sandbox_dir) -> Iterator[Path]:
+    """Both databases of their own (set up without faults); afterwards the clusters and DNS records as they were."""
+    with clusters_restored(sandbox), own_postgres_topology(sandbox_plan_path, sandbox_dir, "devonn-postgres") as pg, \
+            own_rds_topology(pg, "devonn-rds") as path:
+        plan = load_plan(path)
+        db = plan.database("devonn-rds")
+        cloudwatch = aws_client(plan, "cloudwatch", db.dr_replica.region)
+        wait_for(lambda: read_replica_lag.fn(cloudwatch, db.dr_replica.identifier) is not None, 30,
+                 "the first ReplicaLag datapoint of the RDS DR replica")
+        try:
+            yield path
+        finally:
+            switch_records(aws_client(plan, "route53"), plan.dns, plan.dns.targets[plan.aws.region])
+
+
+@pytest.mark.usefixtures("injected")
+def test_region_failover(proxy, own_topologies):
+    plan = load_plan(own_topologies)
+    report = result(region_failover(plan=str(behind(proxy, own_topologies, own_topologies.with_name("faults.yaml"))),
+                                    approve=True, return_state=True))
+    assert report.outcome == f"serving from {plan.aws.dr_region}" and report.validation.passed, report.markdown()
+    assert report.rto_seconds < report.rto_objective_seconds
+    print(f"region failover: AWS retries {report.aws_retries}")
     assert report.aws_retries > 0 and f"AWS retries: {report.aws_retries}" in report.markdown()
