@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,10 +27,17 @@ for _name in ("botocore.endpoint", "botocore.parsers"):
     logging.getLogger(_name).setLevel(logging.INFO)
 
 
+MAX_ATTEMPTS = 10
+"""Attempts per AWS call (botocore's standard mode, backoff with jitter up to 20 s): a call fails only when all
+ten were throttled or reset (0.3^10 at a 30% fault rate). Standard mode also keeps a retry quota per client (500
+tokens, 5 per retried throttle, 14 per other retry, given back on success): a long run of a client under a high
+sustained fault rate can drain it, and then a faulted call fails at its first error, as botocore intends."""
+
+
 def botocore_config(aws: AwsSettings) -> Config:
     """Standard retry mode; for non-AWS endpoints only the checksums S3-compatible stores accept."""
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 5},
+        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
         "connect_timeout": 5,
         "read_timeout": 60,
     }
@@ -51,6 +60,43 @@ def boto3_session(aws: AwsSettings) -> boto3.Session:
     return session
 
 
+class _RetryCount:
+    """The retries of every AWS call drplan's clients made in this process, thread-safe. Retries inside child
+    processes (barman-cloud fetching WAL, taking a base backup) happen in their own botocore and are not counted."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def seen(self, context: dict[str, Any], **_: Any) -> None:
+        """after-call and after-call-error handler: the call's attempts beyond the first (ClientErrors and
+        exhausted retries included)."""
+        retries = context.get("retries", {}).get("attempt", 1) - 1
+        if retries > 0:
+            with self._lock:
+                self.total += retries
+
+
+_RETRIES = _RetryCount()
+
+
+def retries_since() -> Callable[[], int]:
+    """A function giving the AWS retries made since this call, for a run's report. Process-wide: runs going on in
+    parallel in one process count each other's."""
+    start = _RETRIES.total
+    return lambda: _RETRIES.total - start
+
+
+def new_client(aws: AwsSettings, service: str, region: str, config: Config | None = None) -> Any:
+    """A boto3 client (botocore_config, merged with `config`) whose retries are counted (`retries_since`)."""
+    base = botocore_config(aws)
+    client = boto3_session(aws).client(service, region_name=region, endpoint_url=aws.endpoint_url,
+                                       config=base.merge(config) if config else base)
+    for event in ("after-call", "after-call-error"):
+        client.meta.events.register(event, _RETRIES.seen, unique_id=f"drplan-retries-{event}")
+    return client
+
+
 def aws_client(plan: Plan, service: str, region: str | None = None) -> Any:
     """A boto3 client for `service` in `region` (default: the plan's primary region)."""
     return _cached_client(plan.aws, service, region or plan.aws.region)
@@ -58,9 +104,7 @@ def aws_client(plan: Plan, service: str, region: str | None = None) -> Any:
 
 @lru_cache(maxsize=64)
 def _cached_client(aws: AwsSettings, service: str, region: str) -> Any:
-    return boto3_session(aws).client(
-        service, region_name=region, endpoint_url=aws.endpoint_url, config=botocore_config(aws)
-    )
+    return new_client(aws, service, region)
 
 
 def check_aws_access(plan: Plan) -> str:
@@ -190,7 +234,9 @@ def pg_target(plan: Plan, db: Database, role: str, credentials: DbCredentials) -
 
 
 def child_aws_env(plan: Plan) -> dict[str, str]:
-    """AWS settings for child processes (barman-cloud) as environment variables, never argv."""
+    """AWS settings for child processes (barman-cloud) as environment variables, never argv: the same retries as
+    drplan's clients, so that a throttled WAL fetch in a restore_command is retried, not taken for the end of the
+    archive (which would end the replay early)."""
     credentials = boto3_session(plan.aws).get_credentials()
     if credentials is None:
         raise DrplanError("no AWS credentials found; configure the default chain or aws.credentials_block")
@@ -199,6 +245,8 @@ def child_aws_env(plan: Plan) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": frozen.access_key,
         "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
         "AWS_DEFAULT_REGION": plan.aws.region,
+        "AWS_RETRY_MODE": "standard",
+        "AWS_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
     }
     if frozen.token:
         env["AWS_SESSION_TOKEN"] = frozen.token

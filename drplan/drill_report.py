@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, Field
 
-from drplan.results import CheckResult, Status, markdown_table, overall
+from drplan.results import CheckResult, RetriesCounted, Status, markdown_table, overall
 from drplan.timeutil import format_duration
 
 
@@ -25,7 +25,7 @@ class Measured(BaseModel):
         return f"{format_duration(self.measured)} (objective {format_duration(self.objective)}, {verdict})"
 
 
-class DrillReport(BaseModel):
+class DrillReport(RetriesCounted):
     plan: str
     database: str
     kind: str
@@ -68,6 +68,7 @@ class DrillReport(BaseModel):
             f"- RTO {self.rto or '-'}",
             f"- RPO measured {self.rpo or '-'}; nominal {self.nominal_rpo or '-'}",
             f"- cleanup: {self.cleanup}" + (f"; swept leftovers: {', '.join(self.swept)}" if self.swept else ""),
+            f"- {self.retries_line}",
         ]
         if self.error:
             lines.append(f"- **error**: {self.error}")

@@ -71,6 +71,17 @@ class CheckResult(BaseModel):
         return self.status is Status.passed
 
 
+class RetriesCounted(BaseModel):
+    """A run's report that counts the AWS retries made during the run (`drplan.clients.retries_since`)."""
+
+    aws_retries: int = 0
+    """Retries of drplan's own AWS calls (throttled, reset, timed out); barman-cloud's own are not counted."""
+
+    @property
+    def retries_line(self) -> str:
+        return f"AWS retries: {self.aws_retries}"
+
+
 def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 

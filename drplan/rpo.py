@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer
 
 from drplan.errors import first_line
-from drplan.results import Status, markdown_table, overall
+from drplan.results import RetriesCounted, Status, markdown_table, overall
 from drplan.timeutil import format_duration
 
 DataClass = Literal["database", "file_storage", "configuration"]
@@ -113,7 +113,7 @@ def join(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
-class RpoReport(BaseModel):
+class RpoReport(RetriesCounted):
     plan: str
     started_at: datetime
     finished_at: datetime
@@ -146,7 +146,7 @@ class RpoReport(BaseModel):
     def markdown(self) -> str:
         lines = [
             f"# RPO verification: {self.plan}",
-            f"{self.started_at:%Y-%m-%d %H:%M:%SZ}, {self.summary}",
+            f"{self.started_at:%Y-%m-%d %H:%M:%SZ}, {self.summary}; {self.retries_line}",
             "",
             markdown_table(["resource", "class", "measure", "newest", "age", "objective", "status", "detail"],
                            [m.row.values() for m in self.measurements]),

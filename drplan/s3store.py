@@ -15,7 +15,7 @@ from typing import Any
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from drplan.clients import boto3_session, botocore_config
+from drplan.clients import new_client
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan
 from drplan.s3fastcopy import FastCopy
@@ -190,9 +190,8 @@ def delete_objects(s3, bucket: str, keys: list[str]) -> dict[str, str]:
 
 def transfer_client(plan: Plan, workers: int) -> Any:
     """An S3 client for many concurrent requests: one connection per worker, shared by all threads."""
-    config = botocore_config(plan.aws).merge(Config(max_pool_connections=workers + 2, parameter_validation=False))
-    return boto3_session(plan.aws).client("s3", region_name=plan.aws.region, endpoint_url=plan.aws.endpoint_url,
-                                          config=config)
+    return new_client(plan.aws, "s3", plan.aws.region,
+                      Config(max_pool_connections=workers + 2, parameter_validation=False))
 
 
 class ThrottleCounter:

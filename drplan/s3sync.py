@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, computed_field
 from rich.filesize import decimal
 
+from drplan.clients import retries_since
 from drplan.errors import DrplanError
 from drplan.progress import Reporter, Silent
+from drplan.results import RetriesCounted
 from drplan.s3fastcopy import FastCopy
 from drplan.s3manifest import Manifest, Verification, compare, manifest_uri, read_manifest, resolve_backup
 from drplan.s3store import (
@@ -72,7 +74,7 @@ class Failure(BaseModel):
     error: str
 
 
-class SyncReport(BaseModel):
+class SyncReport(RetriesCounted):
     source: str
     target: str
     manifest: str | None = None
@@ -121,7 +123,7 @@ class SyncReport(BaseModel):
             head = f"dry run: would copy {self.planned_copy}, delete {self.planned_delete}; {self.skipped} unchanged"
         else:
             head = (f"copied {self.copied}, deleted {self.deleted}, {self.skipped} unchanged, "
-                    f"{self.failed.objects} failed, {self.throttled} throttled; "
+                    f"{self.failed.objects} failed, {self.throttled} throttled, {self.aws_retries} AWS retries; "
                     f"{self.duration_s:.1f}s, {self.objects_per_s:.0f} objects/s")
         return head + (f"; {self.verification.summary}" if self.verification else "")
 
@@ -139,6 +141,7 @@ def sync(s3, source: str, target: str, options: SyncOptions = DEFAULTS, *, progr
     """Make the objects under `target` equal to those under `source` (see the module docstring). Errors that
     would fail every request (access denied, missing bucket) raise DrplanError; per-object failures are
     counted in the report, which a rerun resumes from."""
+    retries = retries_since()
     src_bucket, src_prefix = parse_prefix(source)
     dst_bucket, dst_prefix = parse_prefix(target)
     if src_bucket == dst_bucket and (src_prefix.startswith(dst_prefix) or dst_prefix.startswith(src_prefix)):
@@ -177,7 +180,7 @@ def sync(s3, source: str, target: str, options: SyncOptions = DEFAULTS, *, progr
             report.verification = _verify(target, src, result.copies, failed, manifest,
                                           extra=[key for key in deletes if key in failed])
         report.throttled += throttle.count
-    report.finished_at = utcnow()
+    report.aws_retries, report.finished_at = retries(), utcnow()
     return result
 
 

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.states import Failed
 
-from drplan.clients import check_aws_access, db_credentials, pg_target
+from drplan.clients import check_aws_access, db_credentials, pg_target, retries_since
 from drplan.drill_report import DrillReport, Measured
 from drplan.errors import DrplanError, first_line
 from drplan.plan import DEFAULT_PLAN, Database, Plan
@@ -38,7 +38,7 @@ from tasks.topology import discover_topology
 def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: timedelta | None,
                    keep: bool) -> DrillReport:
     logger = get_run_logger()
-    started = utcnow()
+    retries, started = retries_since(), utcnow()
     live = discover_topology(dr_plan, [db.name]).databases[0].last_primary  # the source is what serves now
     target = restore_target(dr_plan, db, live)
     name = scratch_name(db, started)
@@ -81,7 +81,7 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
                 report.cleanup = f"FAILED: {exc}; the next drill sweeps it"
         else:
             report.cleanup = "nothing restored"
-        report.finished_at = utcnow()
+        report.aws_retries, report.finished_at = retries(), utcnow()
     return report
 
 

@@ -21,7 +21,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from drplan import rpo
-from drplan.clients import PgTarget, aws_client, check_aws_access, db_credentials
+from drplan.clients import PgTarget, aws_client, check_aws_access, db_credentials, retries_since
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, load_plan
 from drplan.results import Status
@@ -228,6 +228,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     """Measure the age of the newest recoverable copy of everything in the plan against its RPO."""
     dr_plan = load_plan(plan)
     logger = get_run_logger()
+    retries = retries_since()
     logger.info("AWS access as %s", check_aws_access(dr_plan))
     started = utcnow()
     topology = discover_topology(dr_plan)
@@ -244,7 +245,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     now = utcnow()
     report = rpo.RpoReport(
         plan=dr_plan.name, started_at=started, finished_at=now,
-        measurements=[p.collect(now) for p in pending], differences=topology.differences,
+        measurements=[p.collect(now) for p in pending], differences=topology.differences, aws_retries=retries(),
     )
     publish(report)
     for m in report.breaches + report.errors:

@@ -34,10 +34,10 @@ def s3_backup(plan: str = DEFAULT_PLAN, bucket: str | None = None) -> list[Backu
     failed = {name: state.message for name, state in states.items() if not state.is_completed()}
     create_table_artifact(
         key="s3-backup", description=f"bucket backups of plan {dr_plan.name}",
-        table=[{"bucket": name, "backup": "-", "objects": "-", "status": f"failed: {message}"}
+        table=[{"bucket": name, "backup": "-", "objects": "-", "AWS retries": "-", "status": f"failed: {message}"}
                for name, message in failed.items()]
-        + [{"bucket": r.source, "backup": r.backup, "objects": str(r.objects), "status": "complete"}
-           for r in results],
+        + [{"bucket": r.source, "backup": r.backup, "objects": str(r.objects), "AWS retries": str(r.aws_retries),
+            "status": "complete"} for r in results],
     )
     if failed:
         return Failed(message="; ".join(f"{name}: {message}" for name, message in failed.items()), data=results)

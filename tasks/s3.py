@@ -76,6 +76,7 @@ class BackupResult(BaseModel):
     bytes: int
     copied: int
     throttled: int
+    aws_retries: int
     duration_s: float
 
 
@@ -105,7 +106,7 @@ def back_up_prefix(s3, live_uri: str, backup_uri: str, at: datetime, options: Sy
     run_logger().info("backup %s: %d objects, manifest %s", target, len(manifest.objects), location)
     return BackupResult(source=live_uri, backup=target, manifest=location, taken_at=manifest.taken_at,
                         objects=len(manifest.objects), bytes=manifest.bytes, copied=report.copied.objects,
-                        throttled=report.throttled, duration_s=report.duration_s)
+                        throttled=report.throttled, aws_retries=report.aws_retries, duration_s=report.duration_s)
 
 
 @task(cache_policy=NO_CACHE)

@@ -14,9 +14,10 @@ from prefect.events import emit_event
 from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
+from drplan.clients import retries_since
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan
-from drplan.results import markdown_table
+from drplan.results import RetriesCounted, markdown_table
 from drplan.timeutil import utcnow
 from tasks.health import ServiceValidation
 
@@ -34,7 +35,7 @@ class Step(BaseModel):
     after: str | None = None
 
 
-class RecoveryReport(BaseModel):
+class RecoveryReport(RetriesCounted):
     flow: str
     plan: str
     subject: str
@@ -68,9 +69,10 @@ class RecoveryReport(BaseModel):
             )
 
     def timeline(self) -> str:
+        """The steps as a table, and the AWS retries they took."""
         return markdown_table(["at", "action", "resource", "detail", "before", "after"],
                               [[f"{s.at:%H:%M:%SZ}", s.action, s.resource, s.detail, s.before or "", s.after or ""]
-                               for s in self.steps])
+                               for s in self.steps]) + f"\n\n{self.retries_line}"
 
     def validation_table(self) -> str:
         if self.validation is None:
@@ -84,11 +86,13 @@ def published(report: RecoveryReport, key: str, plan: Plan) -> Iterator[None]:
     """The body of a recovery run: an exception becomes the report's error (outcome `failed`) instead of escaping,
     and the report (each flow's report class has `markdown()`) is published whatever happens: as artifact `key`,
     and as `<drill.report_dir>/<key>-<stamp>.md` and `.json` (the evidence outlives the Prefect server)."""
+    retries = retries_since()
     try:
         yield
     except Exception as exc:
         report.error, report.outcome = first_line(exc), "failed"
     finally:
+        report.aws_retries = retries()
         directory = plan.resolve_path(plan.drill.report_dir)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{key.lower()}-{utcnow().strftime('%Y%m%dT%H%M%S%fZ')}"
