@@ -173,7 +173,6 @@ class LocalPostgres:
             "PGPASSFILE": str(self.passfile),
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-            "AWS_RETRY_MODE": "standard",
             **self._aws_env,
             **(extra or {}),
         }
