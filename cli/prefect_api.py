@@ -47,6 +47,14 @@ def prefect_api() -> Iterator[None]:
     if PREFECT_API_URL.value():
         yield
         return
+    with temporary_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
+        yield
+
+
+@contextmanager
+def temporary_server() -> Iterator[str]:
+    """A Prefect server on a free loopback port for the block (PREFECT_HOME from the environment); yields its API
+    URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -62,8 +70,7 @@ def prefect_api() -> Iterator[None]:
     )
     try:
         _wait_healthy(server, api, output)
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            yield
+        yield api
     finally:
         server.terminate()
         try:

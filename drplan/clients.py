@@ -87,13 +87,26 @@ def retries_since() -> Callable[[], int]:
     return lambda: _RETRIES.total - start
 
 
+UNREACHABLE_ATTEMPTS = 3
+"""Attempts for a call whose endpoint refuses the connection or does not resolve: that is no throttle to ride out,
+and ten attempts would take a minute and a half to say so."""
+
+
+def _give_up_when_unreachable(attempts: int, caught_exception: Exception | None = None, **_: Any) -> None:
+    """needs-retry handler, ahead of botocore's own: raise the connection error after UNREACHABLE_ATTEMPTS."""
+    if isinstance(caught_exception, EndpointConnectionError) and attempts >= UNREACHABLE_ATTEMPTS:
+        raise caught_exception
+
+
 def new_client(aws: AwsSettings, service: str, region: str, config: Config | None = None) -> Any:
-    """A boto3 client (botocore_config, merged with `config`) whose retries are counted (`retries_since`)."""
+    """A boto3 client (botocore_config, merged with `config`) whose retries are counted (`retries_since`) and that
+    gives up on an unreachable endpoint after UNREACHABLE_ATTEMPTS."""
     base = botocore_config(aws)
     client = boto3_session(aws).client(service, region_name=region, endpoint_url=aws.endpoint_url,
                                        config=base.merge(config) if config else base)
     for event in ("after-call", "after-call-error"):
         client.meta.events.register(event, _RETRIES.seen, unique_id=f"drplan-retries-{event}")
+    client.meta.events.register_first("needs-retry", _give_up_when_unreachable, unique_id="drplan-unreachable")
     return client
 
 

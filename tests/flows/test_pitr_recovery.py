@@ -269,11 +269,13 @@ def test_cli_refuses_bad_input_in_one_line_before_anything_runs(sandbox, sandbox
 def test_cli_with_an_unreachable_aws_endpoint_says_so_in_one_line(plan_variant):
     closed = free_port()
     path = plan_variant(lambda d: d["aws"].update(endpoint_url=f"http://127.0.0.1:{closed}"))
+    started = time.monotonic()
     result = CliRunner().invoke(app, ["recover", "--plan", str(path), "--database", "devonn-postgres", "--to",
                                       "latest"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [
         f"error: http://127.0.0.1:{closed} is unreachable; is the sandbox up? (drplan sandbox up)"], result.stderr
+    assert time.monotonic() - started < 30  # at once, not after the ten attempts (a minute and a half) of a call
 
 
 def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_plan_path, point_in_time):
