@@ -204,8 +204,9 @@ def append(store: Store, report: dict[str, Any], at: datetime | None = None) -> 
     body = {"format": FORMAT, "sequence": head.sequence + 1 if head else 1,
             "recorded_at": (at or utcnow()).isoformat(), "previous": head.sha256 if head else None,
             "report": report}
-    store.create(record_name(body["sequence"]), seal(body))
-    return Record.model_validate(body | {"sha256": digest(body)})
+    record = Record.model_validate(body | {"sha256": digest(body)})  # a naive time is refused before writing
+    store.create(record_name(record.sequence), seal(body))
+    return record
 
 
 class ChainCheck(BaseModel):
