@@ -105,13 +105,13 @@ def backup_parts(plan: Plan) -> list[Part]:
 
 
 @task(cache_policy=NO_CACHE)
-def restore_parts(plan: Plan, stamp: str) -> list[Part]:
+def restore_parts(plan: Plan, at: datetime) -> list[Part]:
     """Each bucket's newest backup restored into a scratch bucket named for the test, verified, removed."""
     parts = []
     for bucket in plan.buckets:
         name = f"restore of bucket {bucket.name}"
         try:
-            result = restore_into_scratch(transfer_client(plan, DEFAULTS.workers), bucket, stamp)
+            result = restore_into_scratch(transfer_client(plan, DEFAULTS.workers), bucket, at, plan.drill.sweep_after)
         except Exception as exc:  # the report says what could not be checked; the other parts still run
             parts.append(Part(name=name, status=Status.error, summary=first_line(exc)))
             continue
@@ -200,7 +200,7 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestRepo
 
     record([rpo_part(plan)])
     record(backup_parts(dr_plan))
-    record(restore_parts(dr_plan, f"{report.started_at:%Y%m%dt%H%M%Sz}"))
+    record(restore_parts(dr_plan, report.started_at))
     if has_dr:
         record([readiness_part(plan, dr_plan.aws.dr_region)])
     record(drill_parts(plan, database))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from botocore.exceptions import ClientError
 from prefect import task
@@ -157,6 +157,8 @@ class ScratchRestore(BaseModel):
     verification: Verification | None = None
     error: str | None = None
     removed: bool = False
+    swept: list[str] = []
+    """Scratch buckets an earlier, killed test left, removed before this one."""
     duration_s: float = 0.0
 
     @property
@@ -171,14 +173,38 @@ class ScratchRestore(BaseModel):
             done += (f": {self.restore.copied} objects restored in {self.restore.duration_s:.1f}s; "
                      f"{self.verification.summary}")
         problems = ([f"error: {self.error}"] if self.error else []) + (
-            [] if self.removed else [f"scratch bucket {self.scratch} NOT removed; delete it by hand"])
+            [] if self.removed else [f"scratch bucket {self.scratch} NOT removed; delete it by hand"]) + (
+            [f"removed the leftovers {', '.join(self.swept)}"] if self.swept else [])
         return "; ".join([done, *problems, f"{self.duration_s:.1f}s in all"])
 
 
-def scratch_bucket_name(live_uri: str, stamp: str) -> str:
+SCRATCH_STAMP = "%Y%m%dt%H%M%Sz"
+"""The time in a scratch bucket's name (bucket names are lowercase)."""
+
+
+def scratch_bucket_name(live_uri: str, at: datetime) -> str:
     """`<live bucket>-drtest-<stamp>`, the live name shortened to keep within S3's 63 characters."""
-    suffix = f"-drtest-{stamp}"
+    suffix = f"-drtest-{at.astimezone(UTC):{SCRATCH_STAMP}}"
     return split_uri(live_uri)[0][:63 - len(suffix)].rstrip(".-") + suffix
+
+
+def sweep_scratch_buckets(s3, live_uri: str, before: datetime) -> list[str]:
+    """Remove the scratch buckets of `live_uri` named for a time before `before` (left by a DR test that was killed).
+    Returns their names."""
+    name = scratch_bucket_name(live_uri, before)
+    base, length = name[:name.rindex("-drtest-") + 8], len(f"{before:{SCRATCH_STAMP}}")
+    swept = []
+    for bucket in s3.list_buckets().get("Buckets", []):
+        stamp = bucket["Name"].removeprefix(base)
+        if bucket["Name"].startswith(base) and len(stamp) == length:
+            try:
+                made = datetime.strptime(stamp, SCRATCH_STAMP).replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            if made < before:
+                remove_bucket(s3, bucket["Name"])
+                swept.append(bucket["Name"])
+    return swept
 
 
 def remove_bucket(s3, name: str) -> None:
@@ -191,13 +217,16 @@ def remove_bucket(s3, name: str) -> None:
     s3.delete_bucket(Bucket=name)
 
 
-def restore_into_scratch(s3, bucket: Bucket, stamp: str, options: SyncOptions = DEFAULTS) -> ScratchRestore:
-    """Restore the newest complete backup of `bucket` into a new bucket named for the test (`stamp`), verify the
-    copy against the backup's manifest, and remove the bucket whatever happened (the result says if it could not)."""
+def restore_into_scratch(s3, bucket: Bucket, at: datetime, sweep_after: timedelta,
+                         options: SyncOptions = DEFAULTS) -> ScratchRestore:
+    """Restore the newest complete backup of `bucket` into a new bucket named for the test (started `at`), verify the
+    copy against the backup's manifest, and remove the bucket whatever happened (the result says if it could not).
+    Scratch buckets of earlier tests older than `sweep_after` (a killed run's) are removed first."""
     started = utcnow()
-    result = ScratchRestore(bucket=bucket.name, scratch=scratch_bucket_name(bucket.live, stamp))
+    result = ScratchRestore(bucket=bucket.name, scratch=scratch_bucket_name(bucket.live, at))
     created = False
     try:
+        result.swept = sweep_scratch_buckets(s3, bucket.live, started - sweep_after)
         result.backup = resolve_backup(s3, bucket.backup)
         if stamp_of(result.backup) is None:
             raise DrplanError(f"{bucket.backup} holds no complete backup; run drplan s3-backup")

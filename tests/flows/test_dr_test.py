@@ -89,7 +89,7 @@ def test_the_restore_part_and_the_evidence_record_without_the_sandbox(tmp_path):
             s3.create_bucket(Bucket=bucket)
         put_objects(s3, "live", {"a": b"1", "b/c": b"22"})
         back_up_prefix(s3, "s3://live/", "s3://backup/data/", utcnow())
-        parts = restore_parts.fn(plan, "20261202t000000z")
+        parts = restore_parts.fn(plan, utcnow())
     assert [(p.name, p.status) for p in parts] == [("restore of bucket data", Status.passed),
                                                    ("restore of bucket none", Status.error)]
     assert "2 (3 bytes) objects restored" in parts[0].summary and "verified, 2 objects, 3 bytes" in parts[0].summary
