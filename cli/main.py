@@ -20,6 +20,7 @@ from cli import platform as cli_platform  # noqa: E402
 from cli import recovery as cli_recovery
 from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
 from cli.copies import copies_app
+from cli.evidence import evidence_app
 from cli.prefect_api import prefect_api
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 
@@ -30,6 +31,7 @@ sandbox_app = typer.Typer(no_args_is_help=True, help="The local sandbox: moto, P
 app.add_typer(plan_app, name="plan")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(copies_app, name="copies")
+app.add_typer(evidence_app, name="evidence")
 app.command("serve")(cli_platform.serve)
 app.command("trigger")(cli_platform.trigger)
 app.command("recover")(cli_recovery.recover)

@@ -50,6 +50,15 @@ def _s3_uri(value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
+def _evidence_location(value: str) -> str:
+    if value.startswith("s3://"):
+        return _s3_uri(value)
+    if not value.strip() or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", value):
+        raise ValueError(f"{value!r} is neither an S3 prefix nor a directory; write s3://bucket-name/prefix/ "
+                         "or a directory path (relative to the plan file)")
+    return value
+
+
 def _endpoint(value: str) -> str:
     match = re.fullmatch(r"([A-Za-z0-9.\-\[\]:]+):(\d{1,5})", value)
     if not match or not 0 < int(match.group(2)) < 65536:
@@ -341,6 +350,16 @@ class DrillSettings(_Model):
     """Where drill reports (JSON) are written, relative to the plan file."""
 
 
+class EvidenceSettings(_Model):
+    """Where every DR test result is kept as an append-only hash chain (drplan/evidence.py), and how late a DR test
+    may be before readiness reports it."""
+
+    location: Annotated[str, AfterValidator(_evidence_location)]
+    """s3://bucket/prefix/, or a local directory (relative to the plan file)."""
+    grace: Duration = timedelta(days=14)
+    """Readiness: a DR test older than a quarter (92 days) plus this is a not-ready finding."""
+
+
 class SandboxSettings(_Model):
     """Only for the local sandbox: where its state lives and on which loopback ports its parts listen."""
 
@@ -368,6 +387,7 @@ class Plan(_Model):
     notifications: Notifications = Notifications()
     approval: ApprovalSettings = ApprovalSettings()
     drill: DrillSettings = DrillSettings()
+    evidence: EvidenceSettings | None = None
     sandbox: SandboxSettings | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 

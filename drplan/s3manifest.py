@@ -8,13 +8,13 @@ and carries the SHA-256 of its own canonical JSON, so a truncated or edited mani
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import AwareDatetime, BaseModel, ValidationError
 
+from drplan.canonical import digest, seal
 from drplan.errors import DrplanError
 from drplan.s3store import S3Object, describe, error_code, fatal, parse_prefix
 
@@ -55,9 +55,7 @@ class Manifest(BaseModel):
 
     def dump(self) -> bytes:
         """Canonical JSON with `sha256` (of the JSON without it) as the last field."""
-        body = self.model_dump(mode="json")
-        digest = hashlib.sha256(_canonical(body)).hexdigest()
-        return _canonical(body | {"sha256": digest})
+        return seal(self.model_dump(mode="json"))
 
     @classmethod
     def load(cls, raw: bytes, where: str) -> Manifest:
@@ -68,7 +66,7 @@ class Manifest(BaseModel):
         except (ValueError, KeyError, TypeError, AttributeError):
             raise DrplanError(f"{where}: manifest is not valid JSON with a sha256 field; the backup is "
                               "unverifiable") from None
-        if hashlib.sha256(_canonical(body)).hexdigest() != claimed:
+        if digest(body) != claimed:
             raise DrplanError(f"{where}: manifest checksum mismatch (damaged or edited); the backup is unverifiable")
         try:
             manifest = cls.model_validate(body)
@@ -77,10 +75,6 @@ class Manifest(BaseModel):
         if manifest.format != FORMAT:
             raise DrplanError(f"{where}: unknown manifest format {manifest.format!r}; expected {FORMAT}")
         return manifest
-
-
-def _canonical(body: dict) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 class Verification(BaseModel):

@@ -7,7 +7,10 @@ readiness checks). One finding per question, each ready or not with what was see
 - the cluster is ACTIVE with at least `failover.min_ready_nodes` Ready nodes (a node group at zero is not ready);
 - its manifests load with the cluster's overrides, hold the deployments `failover.scale` names, and the Secrets
   they reference exist in the namespace (the Kubernetes credentials can read them);
-- the DNS records exist, the region has a target, and a Route 53 health check watches it.
+- the DNS records exist, the region has a target, and a Route 53 health check watches it;
+- with `evidence:` in the plan, the newest DR test recorded there is at most a quarter (92 days) plus
+  `evidence.grace` old (the DR test itself and a region failover leave this out: it says nothing about whether
+  the region could take over now).
 An unready region emits `drplan.readiness.unready` (notified by deployments/automations.py); the run fails.
 """
 
@@ -26,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client
 from drplan.errors import first_line
+from drplan.evidence import QUARTER, newest, open_store
 from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
 from drplan.results import markdown_table
@@ -167,8 +171,25 @@ def dns_probe(plan: Plan, region: str) -> Callable[[], tuple[bool, str]]:
     return probe
 
 
+def dr_test_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
+    """The newest DR test in the evidence chain is no older than a quarter plus the plan's grace."""
+    def probe() -> tuple[bool, str]:
+        store = open_store(plan)
+        record = newest(store)
+        if record is None:
+            return False, f"no DR test recorded in {store.location}; run drplan dr-test"
+        age, limit = utcnow() - record.recorded_at, QUARTER + plan.evidence.grace
+        seen = (f"last DR test {record.recorded_at:%Y-%m-%d} ({format_duration(age)} ago, "
+                f"{record.report.get('status', 'status unknown')}, record {record.sequence})")
+        if age > limit:
+            return False, (f"{seen}: older than a quarter ({QUARTER.days}d) plus grace "
+                           f"{format_duration(plan.evidence.grace)}; run drplan dr-test")
+        return True, f"{seen}; next due by {record.recorded_at + limit:%Y-%m-%d}"
+    return probe
+
+
 @task(cache_policy=NO_CACHE)
-def check_region(plan: Plan, region: str) -> ReadinessReport:
+def check_region(plan: Plan, region: str, dr_test_age: bool = True) -> ReadinessReport:
     report = ReadinessReport(plan=plan.name, region=region, checked_at=utcnow())
     _finding(report, "AWS credentials", lambda: (True, check_aws_access(plan)))
     for fence in apply_pending_fences(plan):  # a member back from a region loss is fenced before anything else
@@ -187,16 +208,19 @@ def check_region(plan: Plan, region: str) -> ReadinessReport:
         _finding(report, f"{name}: cluster capacity", capacity_probe(plan, placement))
         _finding(report, f"{name}: manifests and Secrets", manifests_probe(plan, placement))
     _finding(report, "DNS", dns_probe(plan, region))
+    if dr_test_age and plan.evidence:
+        _finding(report, "DR test", dr_test_probe(plan))
     return report
 
 
 @flow(name="dr-readiness")
-def dr_readiness(plan: str = DEFAULT_PLAN, region: str = "") -> ReadinessReport:
-    """Could `region` (default: the DR region) take over right now? Fails, with an event, when it could not."""
+def dr_readiness(plan: str = DEFAULT_PLAN, region: str = "", dr_test_age: bool = True) -> ReadinessReport:
+    """Could `region` (default: the DR region) take over right now? Fails, with an event, when it could not.
+    `dr_test_age`: also judge how old the newest recorded DR test is."""
     dr_plan = load_plan(plan)
     region = region or dr_plan.aws.dr_region
     placements(dr_plan, region)  # a wrong region or a plan without dr services is refused before any check
-    report = check_region(dr_plan, region)
+    report = check_region(dr_plan, region, dr_test_age)
     create_markdown_artifact(key=f"dr-readiness-{region}", markdown=report.markdown())
     emit_event(event=f"drplan.readiness.{'ready' if report.ready else 'unready'}",
                resource={"prefect.resource.id": f"drplan.region.{region}", "prefect.resource.name": region},

@@ -1,14 +1,14 @@
 """Full region failover (and failback): the runbook's "Full Region Recovery", step by step as the runbook has it.
 
-readiness (sub-flow dr-readiness; refuse an unready region unless forced) -> each database resolved on the live
-topology: its live primary and the replica in the target region (none: refused, re-protect first) -> approval gate
-(summary of every change) -> the applications in the region traffic leaves scaled to zero -> each live primary
-fenced (tasks/fencing.py; pending until it answers when the region is lost) and, when it answers, the replica
-waits until it has replayed its last WAL (else the lag guard) -> promote it, count the heartbeat rows lost (goal 0)
--> point the region's application Secret at it -> deploy the core services from the manifests, node capacity and
-scale (sub-flow eks-recovery) -> recovery validation -> switch the Route 53 records to the region (UPSERT,
-TTL <= 60 s, INSYNC) -> verify the records answer the new target -> report the measured RTO against the tier
-objective, and offer `drplan reprotect` for each promoted database.
+readiness (sub-flow dr-readiness, without the DR test's age; refuse an unready region unless forced) -> each
+database resolved on the live topology: its live primary and the replica in the target region (none: refused,
+re-protect first) -> approval gate (summary of every change) -> the applications in the region traffic leaves scaled
+to zero -> each live primary fenced (tasks/fencing.py; pending until it answers when the region is lost) and, when
+it answers, the replica waits until it has replayed its last WAL (else the lag guard) -> promote it, count the
+heartbeat rows lost (goal 0) -> point the region's application Secret at it -> deploy the core services from the
+manifests, node capacity and scale (sub-flow eks-recovery) -> recovery validation -> switch the Route 53 records to
+the region (UPSERT, TTL <= 60 s, INSYNC) -> verify the records answer the new target -> report the measured RTO
+against the tier objective, and offer `drplan reprotect` for each promoted database.
 
 Failback is the same planned switchover towards the primary region (re-protect toward it first: its replica of the
 DR primary is what gets promoted); both regions end at the plan's normal sizes. Every step finds what an earlier,
@@ -141,7 +141,7 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
                      force: bool, approve: bool) -> None:
     moving = moves(dr_plan, to, placed)  # a database with nothing to promote there is refused before anything runs
     try:
-        report.readiness = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=to)
+        report.readiness = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=to, dr_test_age=False)
     except DrplanError as exc:
         raise DrplanError(f"readiness check of {to} did not complete: {exc}") from None
     unready = [f.check for f in report.readiness.unready]

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from botocore.exceptions import ClientError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import AwareDatetime, BaseModel
 
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Bucket
 from drplan.progress import ArtifactProgress, Reporter
@@ -28,9 +28,11 @@ from drplan.s3manifest import (
     backups,
     compare,
     read_manifest,
+    resolve_backup,
+    stamp_of,
     write_manifest,
 )
-from drplan.s3store import list_objects, parse_prefix
+from drplan.s3store import delete_objects, list_objects, parse_prefix
 from drplan.s3store import parse_uri as split_uri
 from drplan.s3sync import DEFAULTS, SyncOptions, SyncReport, restore, sync
 from drplan.timeutil import utcnow
@@ -117,20 +119,22 @@ def back_up_bucket(s3, bucket: Bucket, at: datetime, options: SyncOptions = DEFA
     return back_up_prefix(s3, bucket.live, bucket.backup, at, options, progress)
 
 
-def verify_backup(s3, backup_dir: str) -> Verification:
-    """One backup (…/<stamp>/) against its manifest: missing, corrupt (size or ETag differs) and extra keys.
-    Without a usable manifest only the listing is reported, flagged unverified."""
-    actual = list_objects(s3, backup_dir)
+def verify_backup(s3, backup_dir: str, copy: str | None = None) -> Verification:
+    """One backup (…/<stamp>/), or `copy` (a prefix restored from it), against the backup's manifest: missing,
+    corrupt (size or ETag differs) and extra keys. Without a usable manifest only the listing is reported, flagged
+    unverified."""
+    location = copy or backup_dir
+    actual = list_objects(s3, location)
     try:
         manifest = read_manifest(s3, backup_dir)
         note = "" if manifest else "no manifest: the backup is incomplete; only its listing was checked"
     except DrplanError as exc:
         manifest, note = None, str(exc)
     if manifest is None:
-        checked = Verification(location=backup_dir, verified=False, objects=len(actual),
+        checked = Verification(location=location, verified=False, objects=len(actual),
                                bytes=sum(obj.size for obj in actual.values()), note=note)
     else:
-        checked = compare(backup_dir, manifest.expected(), actual)
+        checked = compare(location, manifest.expected(), actual)
     run_logger().info("%s", checked.summary)
     return checked
 
@@ -141,6 +145,109 @@ def restore_backup(s3, source: str, target: str, options: SyncOptions) -> SyncRe
     report = restore(s3, source, target, options, progress=ArtifactProgress("s3-recovery", f"{source} -> {target}"))
     run_logger().info("%s -> %s: %s", report.source, report.target, report.summary)
     return report
+
+
+class ScratchRestore(BaseModel):
+    """The newest backup of a plan bucket restored into a scratch bucket, verified against its manifest, removed."""
+
+    bucket: str
+    backup: str | None = None
+    scratch: str
+    restore: SyncReport | None = None
+    verification: Verification | None = None
+    error: str | None = None
+    removed: bool = False
+    swept: list[str] = []
+    """Scratch buckets an earlier, killed test left, removed before this one."""
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.removed and bool(self.verification and self.verification.ok) and \
+            bool(self.restore and self.restore.complete)
+
+    @property
+    def summary(self) -> str:
+        done = f"{self.backup} -> s3://{self.scratch}/"
+        if self.restore and self.verification:
+            done += (f": {self.restore.copied} objects restored in {self.restore.duration_s:.1f}s; "
+                     f"{self.verification.summary}")
+        problems = ([f"error: {self.error}"] if self.error else []) + (
+            [] if self.removed else [f"scratch bucket {self.scratch} NOT removed; delete it by hand"]) + (
+            [f"removed the leftovers {', '.join(self.swept)}"] if self.swept else [])
+        return "; ".join([done, *problems, f"{self.duration_s:.1f}s in all"])
+
+
+SCRATCH_STAMP = "%Y%m%dt%H%M%Sz"
+"""The time in a scratch bucket's name (bucket names are lowercase)."""
+
+
+def scratch_bucket_name(live_uri: str, at: datetime) -> str:
+    """`<live bucket>-drtest-<stamp>`, the live name shortened to keep within S3's 63 characters."""
+    suffix = f"-drtest-{at.astimezone(UTC):{SCRATCH_STAMP}}"
+    return split_uri(live_uri)[0][:63 - len(suffix)].rstrip(".-") + suffix
+
+
+def sweep_scratch_buckets(s3, live_uri: str, before: datetime) -> list[str]:
+    """Remove the scratch buckets of `live_uri` named for a time before `before` (left by a DR test that was killed).
+    Returns their names."""
+    name = scratch_bucket_name(live_uri, before)
+    base, length = name[:name.rindex("-drtest-") + 8], len(f"{before:{SCRATCH_STAMP}}")
+    swept = []
+    for bucket in s3.list_buckets().get("Buckets", []):
+        stamp = bucket["Name"].removeprefix(base)
+        if bucket["Name"].startswith(base) and len(stamp) == length:
+            try:
+                made = datetime.strptime(stamp, SCRATCH_STAMP).replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            if made < before:
+                remove_bucket(s3, bucket["Name"])
+                swept.append(bucket["Name"])
+    return swept
+
+
+def remove_bucket(s3, name: str) -> None:
+    """Empty a bucket (every object; it has no versions: drplan created it unversioned) and delete it."""
+    keys = list(list_objects(s3, f"s3://{name}/"))
+    refused = delete_objects(s3, name, keys)
+    if refused:
+        key, reason = next(iter(refused.items()))
+        raise DrplanError(f"emptying s3://{name}/: {len(refused)} objects not deleted, first {key}: {reason}")
+    s3.delete_bucket(Bucket=name)
+
+
+def restore_into_scratch(s3, bucket: Bucket, at: datetime, sweep_after: timedelta,
+                         options: SyncOptions = DEFAULTS) -> ScratchRestore:
+    """Restore the newest complete backup of `bucket` into a new bucket named for the test (started `at`), verify the
+    copy against the backup's manifest, and remove the bucket whatever happened (the result says if it could not).
+    Scratch buckets of earlier tests older than `sweep_after` (a killed run's) are removed first."""
+    started = utcnow()
+    result = ScratchRestore(bucket=bucket.name, scratch=scratch_bucket_name(bucket.live, at))
+    created = False
+    try:
+        result.swept = sweep_scratch_buckets(s3, bucket.live, started - sweep_after)
+        result.backup = resolve_backup(s3, bucket.backup)
+        if stamp_of(result.backup) is None:
+            raise DrplanError(f"{bucket.backup} holds no complete backup; run drplan s3-backup")
+        region = s3.meta.region_name
+        s3.create_bucket(Bucket=result.scratch, **({} if region == "us-east-1" else
+                                                   {"CreateBucketConfiguration": {"LocationConstraint": region}}))
+        created = True
+        result.restore = restore(s3, result.backup, f"s3://{result.scratch}/", options)
+        result.verification = verify_backup(s3, result.backup, copy=f"s3://{result.scratch}/")
+    except Exception as exc:  # reported; the scratch bucket is removed all the same
+        result.error = first_line(exc)
+    finally:
+        try:
+            if created:
+                remove_bucket(s3, result.scratch)
+            result.removed = True
+        except Exception as exc:
+            result.error = result.error or f"removing s3://{result.scratch}/: {first_line(exc)}"
+    result.duration_s = round((utcnow() - started).total_seconds(), 3)
+    run_logger().info("%s", result.summary)
+    return result
 
 
 def put_json(s3, uri: str, document: dict) -> None:

@@ -63,6 +63,9 @@ def sandbox_plan_data(state_dir: Path) -> dict:
         service["dr"]["health"] = f"http://127.0.0.1:{app_dr}/health"
     data["drill"] = {"work_dir": str(state_dir / "drills"), "report_dir": str(state_dir / "reports"),
                      "target_margin": "10s", "sweep_after": "30m", "restore_timeout": "5m"}
+    # No evidence chain: a fresh sandbox has no DR test recorded, which readiness would report; tests of the chain
+    # give their plan variant one.
+    del data["evidence"]
     data["sandbox"] = {
         "state_dir": str(state_dir), "kube_api": f"127.0.0.1:{kube}", "kube_api_dr": f"127.0.0.1:{kube_dr}",
         "demo_rows": 2000, "heartbeat_interval": "1s", "archive_timeout": "5s",

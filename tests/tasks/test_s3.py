@@ -7,17 +7,26 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 
+import boto3
 import pytest
 
 from drplan.errors import DrplanError
-from drplan.plan import load_plan
+from drplan.plan import Bucket, load_plan
 from drplan.s3manifest import Manifest, backups, manifest_uri, read_manifest, resolve_backup
 from drplan.s3store import transfer_client
 from drplan.s3sync import SyncOptions
+from drplan.timeutil import utcnow
 from flows.s3_backup import s3_backup
 from sandbox.launchers import moto
-from tasks.s3 import back_up_prefix, find_newest_backup, verify_backup
-from tests.s3_moto import put_objects, s3_plan
+from tasks.s3 import (
+    back_up_prefix,
+    find_newest_backup,
+    remove_bucket,
+    restore_into_scratch,
+    scratch_bucket_name,
+    verify_backup,
+)
+from tests.s3_moto import inject, put_objects, s3_plan, uninject
 
 LIVE = {f"uploads/{i // 10:02d}/file-{i:03d}.txt": f"content {i}\n".encode() * (1 + i % 7) for i in range(60)}
 LIVE["empty"] = b""
@@ -178,3 +187,91 @@ def test_backup_cli_reports_json_and_refuses_an_unknown_bucket_in_one_line(moto_
     result = CliRunner().invoke(app, ["--plan", str(path), "--bucket", "nope"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == ["error: plan: unknown bucket 'nope'; the plan defines: data, other"]
+
+
+DRTEST = Bucket(name="drtest", live="s3://b-live/", backup="s3://b-backup/drtest/")
+STAMP = "20260102t030405z"  # AT's
+SWEEP = timedelta(hours=2)
+
+
+def scratch_buckets(s3) -> list[str]:
+    return [b["Name"] for b in s3.list_buckets()["Buckets"] if "-drtest-" in b["Name"]]
+
+
+def test_the_newest_backup_restored_into_a_scratch_bucket_verifies_and_the_bucket_is_removed(moto_env):
+    _, s3 = moto_env
+    back_up_prefix(s3, DRTEST.live, DRTEST.backup, AT)
+    newest = back_up_prefix(s3, DRTEST.live, DRTEST.backup, AT + timedelta(days=1)).backup
+    result = restore_into_scratch(s3, DRTEST, AT, SWEEP)
+    assert result.ok, result.summary
+    assert (result.backup, result.scratch) == (newest, f"b-live-drtest-{STAMP}")
+    assert result.restore.copied.objects == len(LIVE) and result.verification.objects == len(LIVE)
+    assert result.verification.bytes == sum(map(len, LIVE.values()))
+    assert result.summary.startswith(f"{newest} -> s3://b-live-drtest-{STAMP}/: {len(LIVE)} (")
+    assert "verified, 61 objects" in result.summary and result.removed and scratch_buckets(s3) == []
+
+
+def test_a_corrupted_scratch_object_fails_verification_and_the_bucket_is_still_removed(moto_env):
+    """An object rewritten in the scratch bucket after the restore and before its verification (at the listing
+    that verifies it: the restore's own listing of the empty bucket comes first)."""
+    _, s3 = moto_env
+    back_up_prefix(s3, DRTEST.live, DRTEST.backup, AT + timedelta(days=2))
+    other = boto3.client("s3", region_name="us-east-1", endpoint_url=s3.meta.endpoint_url, aws_access_key_id="x",
+                         aws_secret_access_key="x")
+    listings = []
+
+    def corrupt(params, **_):
+        if "-drtest-" in params["Bucket"]:
+            listings.append(params["Bucket"])
+            if len(listings) == 2:
+                other.put_object(Bucket=params["Bucket"], Key="uploads/01/file-013.txt", Body=b"tampered")
+
+    s3.meta.events.register("before-parameter-build.s3.ListObjectsV2", corrupt, unique_id="corrupt-scratch")
+    try:
+        result = restore_into_scratch(s3, DRTEST, AT, SWEEP)
+    finally:
+        s3.meta.events.unregister("before-parameter-build.s3.ListObjectsV2", unique_id="corrupt-scratch")
+    assert len(listings) >= 2 and result.restore.complete and result.error is None
+    assert not result.ok and result.verification.corrupt == ["uploads/01/file-013.txt"], result.summary
+    assert "does not match its manifest: 1 corrupt (uploads/01/file-013.txt)" in result.summary
+    assert result.removed and scratch_buckets(s3) == []
+
+
+def test_a_failed_restore_is_an_error_and_the_scratch_bucket_is_removed(moto_env):
+    _, s3 = moto_env
+    back_up_prefix(s3, DRTEST.live, DRTEST.backup, AT + timedelta(days=3))
+    inject(s3, "ListObjectsV2", 403, "AccessDenied", when=lambda url: "-drtest-" in url, times=1)
+    try:
+        result = restore_into_scratch(s3, DRTEST, AT, SWEEP)
+    finally:
+        uninject(s3, "ListObjectsV2", "AccessDenied")
+    assert not result.ok and result.error == f"listing s3://b-live-drtest-{STAMP}/: access denied (AccessDenied)"
+    assert result.removed and scratch_buckets(s3) == []
+
+
+def test_no_complete_backup_is_an_error_and_no_bucket_is_made(moto_env):
+    _, s3 = moto_env
+    result = restore_into_scratch(s3, DRTEST.model_copy(update={"backup": "s3://b-backup/never/"}), AT, SWEEP)
+    assert result.error == "s3://b-backup/never/ holds no complete backup; run drplan s3-backup"
+    assert not result.ok and result.removed and scratch_buckets(s3) == []
+
+
+def test_a_killed_test_s_scratch_bucket_is_swept_by_the_next_one_a_recent_one_kept(moto_env):
+    _, s3 = moto_env
+    back_up_prefix(s3, DRTEST.live, DRTEST.backup, AT + timedelta(days=4))
+    old, young = "b-live-drtest-20200101t000000z", scratch_bucket_name(DRTEST.live, utcnow() - timedelta(hours=1))
+    for name in (old, young, "b-live-drtest-notastamp0000000"):
+        s3.create_bucket(Bucket=name)
+        s3.put_object(Bucket=name, Key="left/behind", Body=b"x")
+    result = restore_into_scratch(s3, DRTEST, AT, SWEEP)
+    assert result.ok and result.swept == [old] and f"removed the leftovers {old}" in result.summary
+    assert sorted(scratch_buckets(s3)) == sorted([young, "b-live-drtest-notastamp0000000"])
+    for name in scratch_buckets(s3):
+        remove_bucket(s3, name)
+
+
+def test_a_scratch_bucket_name_keeps_to_s3_naming_rules():
+    long = "s3://" + "a" * 38 + "-" + "b" * 24 + "/prefix/"  # cut after the '-': no '--' in the name
+    assert scratch_bucket_name(long, AT) == "a" * 38 + f"-drtest-{STAMP}"
+    assert len(scratch_bucket_name("s3://" + "c" * 63, AT)) == 63
+    assert scratch_bucket_name("s3://devonn-data-production/", AT) == f"devonn-data-production-drtest-{STAMP}"
