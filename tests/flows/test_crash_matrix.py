@@ -5,10 +5,14 @@ one recovery copy / no second promotion, nothing of the killed run left running,
 
 The test Prefect server runs no repossessor, so after a kill the test frees the lock as the operator would
 (`tests.crash.free_lock`); with drplan's own temporary server the lease expires by itself (tests/cli/
-test_prefect_api.py)."""
+test_prefect_api.py).
+
+About 8 minutes by default; DRPLAN_FULL_CRASH_MATRIX=1 adds db-failover's last kill point and the region failover
+(about 14 minutes more: a PostgreSQL and an RDS topology per run)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -40,6 +44,7 @@ RDS = "devonn-rds"
 CLUSTER = "devonn-eks-sandbox"
 DR = "devonn-eks-dr-sandbox"
 STRAYS = 20
+FULL = os.environ.get("DRPLAN_FULL_CRASH_MATRIX") == "1"
 
 
 def postgres_server(cmdline: str) -> bool:
@@ -156,7 +161,8 @@ def test_db_failover_promote_replica(sandbox, sandbox_plan_path, sandbox_dir):
         assert state["app on"] == "dr_replica" and state["app serves"]
         assert state["members"] == {"primary": "fenced", "replica": "standby", "dr_replica": "primary"}
 
-    crash_matrix(lambda: failover_scene(sandbox, sandbox_plan_path, sandbox_dir), at_events, check)
+    crash_matrix(lambda: failover_scene(sandbox, sandbox_plan_path, sandbox_dir),
+                 lambda clean: at_events(clean) if FULL else at_events(clean)[:2], check)
 
 
 def bucket(s3, uri: str) -> dict[str, str]:
@@ -230,7 +236,7 @@ def region_scene(sandbox, sandbox_plan_path: Path, sandbox_dir: Path) -> Iterato
                 "rds dr replica of": aws_client(plan, "rds", rds.dr_replica.region).describe_db_instances(
                     DBInstanceIdentifier=rds.dr_replica.identifier)["DBInstances"][0].get(
                     "ReadReplicaSourceDBInstanceIdentifier"),
-                "running": running(plan),
+                "running": [name.replace(rds.primary, RDS) for name in running(plan)],  # its heartbeat
                 "lock slots": [lock_slots(lock_name(plan.database(name))) for name in (DB, RDS)],
             }
 
@@ -241,6 +247,7 @@ def region_scene(sandbox, sandbox_plan_path: Path, sandbox_dir: Path) -> Iterato
             switch_records(r53, plan.dns, plan.dns.targets[plan.aws.region])
 
 
+@pytest.mark.skipif(not FULL, reason="the slowest matrix: DRPLAN_FULL_CRASH_MATRIX=1")
 def test_region_failover(sandbox, sandbox_plan_path, sandbox_dir):
     """The slowest matrix (a PostgreSQL and an RDS topology per run): one kill point, after the Secrets are
     rewritten and before the DR cluster is deployed and DNS switched (the promotions: test_region_failover.py)."""
