@@ -8,7 +8,7 @@ The test Prefect server runs no repossessor, so after a kill the test frees the 
 test_prefect_api.py).
 
 About 8 minutes by default; DRPLAN_FULL_CRASH_MATRIX=1 adds db-failover's last kill point and the region failover
-(about 14 minutes more: a PostgreSQL and an RDS topology per run)."""
+(5 to 13 minutes more, by the load: a PostgreSQL and an RDS topology per run)."""
 
 from __future__ import annotations
 
