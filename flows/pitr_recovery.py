@@ -2,25 +2,27 @@
 
 validate (plan, database, a target time inside the restorable window, the app's deployment and its Secret)
 -> restore `<db>-recovery-<T>` (a rerun finds it) -> integrity checks -> [promote] approval gate showing exactly
-what changes -> fence the database the app uses now (the damaged history takes no more writes) -> mark the copy
-as serving (no rerun reuses it) -> point the app's Secret at the restored database, roll the deployment, wait until
-available -> validate the service -> on failed validation, lift the fence and roll the Secret back; on success
-offer `drplan reprotect` (the copy does not archive and has no replicas yet). Dry run lists each step and changes
-nothing.
+what changes -> fence the database the app uses now (the damaged history takes no more writes) -> point the app's
+Secret at the restored database, roll the deployment, wait until available -> mark the copy as serving (no other
+run reuses it as the database at T) -> validate the service -> on failed validation, lift the fence and roll the
+Secret back; on success offer `drplan reprotect` (the copy does not archive and has no replicas yet). A rerun after
+a crash resumes: it finds the restored copy, or, once the app uses it, only completes the cutover. Dry run lists
+each step and changes nothing.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from prefect import flow
 
 from checks.integrity import ROW_COUNT
-from drplan.clients import check_aws_access, db_credentials, pg_target
+from drplan.clients import check_aws_access, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult
-from drplan.topology import Member
+from drplan.topology import DatabaseTopology, Member
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import apply_fence
@@ -28,6 +30,7 @@ from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, mark_copy_served, restore_scratch
 from tasks.fencing import FENCE_HOW, unfence_member_task
+from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value
 from tasks.targets import RestoreTarget, restore_target, scratch_name
 from tasks.topology import discover_topology
 
@@ -89,42 +92,42 @@ def pitr_recovery(
 def recover(dr_plan: Plan, db: Database, service: Service | None, target: RestoreTarget, live: Member | None,
             report: PitrReport, approve: bool) -> None:
     """Restore (or find the copy a crashed run restored) and check it against the live primary (`live`); with a
-    service: approval, fence, cutover, validation, rollback on failure."""
+    service: approval, fence, cutover, validation, rollback on failure. A rerun after a crash that had already cut
+    the service over to the copy resumes there: the cutover is checked and validated, nothing restored or fenced."""
     credentials = db_credentials(dr_plan, db)
-    source = live.target(db.dbname, credentials) if live and live.host else pg_target(dr_plan, db, "primary",
-                                                                                     credentials)
-    scratch = restore_scratch(target, report.recovery_copy, report.target_time, credentials)
-    report.record("found restored" if scratch.reused else "restored", report.recovery_copy,
-                  f"{scratch.host}:{scratch.port}", mutating=not scratch.reused)
-    report.checks = check_restored_copy(source, scratch.target(db, credentials), db.integrity, report.target_time,
-                                        dr_plan.objectives.rpo.database)
-    failed = [c.name for c in report.checks if not c.passed]
-    report.record("checked", report.recovery_copy, f"{len(report.checks)} checks, not passed: {failed or 'none'}")
-    report.outcome = "restored"
-    if service is None:
-        return
-    broken = [name for name in failed if not name.endswith(f": {ROW_COUNT}")]
-    if approve and broken:
-        raise DrplanError(f"{report.recovery_copy} did not pass {', '.join(broken)}; approval in advance (--yes) "
-                          "does not cover a copy that fails its checks: inspect it, then approve in the UI or at the "
-                          "CLI prompt")
-    decision = request_approval(report, f"pitr-approval-{db.name}".lower(), (
-        f"## Approve PITR recovery of {db.name}?\n\nThe application **{service.name}** will be pointed at "
-        f"`{report.recovery_copy}` (restored to {report.target_time}): the database it uses now is fenced first "
-        f"({FENCE_HOW[db.kind]}), its Kubernetes Secret is rewritten and the deployment restarted. Validation "
-        "failure lifts the fence and rolls the Secret back.\n\nChecks of the copy that did not pass: "
-        f"{', '.join(failed) or 'none'}."), approve, dr_plan.approval.timeout)
-    if not decision.approve:
-        report.outcome = "refused: nothing changed"
-        return
     topology = discover_topology(dr_plan, [db.name]).databases[0]
-    old = next((topology.member(b.member) for b in topology.bindings  # what the service in its own cluster uses
-                if b.service == service.name and b.cluster == service.cluster and b.member
-                and b.member != report.recovery_copy), None)
-    fence = apply_fence(report, dr_plan, db, old, credentials, topology) if old else None
+    users = [b for b in topology.bindings if b.member == report.recovery_copy]
+    if users:  # a crash may have come between the cutover and its mark
+        mark_copy_served(target, report.recovery_copy, ", ".join(b.service for b in users))
+    serving = service is not None and any(b.service == service.name and b.cluster == service.cluster for b in users)
+    scratch = restore_scratch(target, report.recovery_copy, report.target_time, credentials, serving)
+    if serving:
+        report.record("found serving", report.recovery_copy, f"{service.name} was cut over to it by an earlier run")
+        report.outcome = "promoted"
+        old = previous_member(dr_plan, service, topology)  # fenced by that run: unfenced again on a rollback
+        fence = "fenced" if old else None
+    else:
+        source = live.target(db.dbname, credentials) if live and live.host else pg_target(dr_plan, db, "primary",
+                                                                                         credentials)
+        report.record("found restored" if scratch.reused else "restored", report.recovery_copy,
+                      f"{scratch.host}:{scratch.port}", mutating=not scratch.reused)
+        report.checks = check_restored_copy(source, scratch.target(db, credentials), db.integrity,
+                                            report.target_time, dr_plan.objectives.rpo.database)
+        failed = [c.name for c in report.checks if not c.passed]
+        report.record("checked", report.recovery_copy, f"{len(report.checks)} checks, not passed: {failed or 'none'}")
+        report.outcome = "restored"
+        if service is None:
+            return
+        if not approved(dr_plan, db, service, report, failed, approve):
+            report.outcome = "refused: nothing changed"
+            return
+        old = next((topology.member(b.member) for b in topology.bindings  # what the service in its cluster uses
+                    if b.service == service.name and b.cluster == service.cluster and b.member
+                    and b.member != report.recovery_copy), None)
+        fence = apply_fence(report, dr_plan, db, old, credentials, topology) if old else None
+        report.outcome = "promoted"
     url = database_url(credentials, scratch.host, scratch.port, db.dbname)
     instance = (dr_plan.aws.region, report.recovery_copy) if db.kind is DatabaseKind.rds else None
-    report.outcome = "promoted"
 
     def unfence() -> None:  # the app returns to the database it left: it must take writes again
         if old is not None and fence in ("fenced", "pending"):
@@ -133,8 +136,35 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
                                    target):
                 report.record("unfenced", old.identifier, "the application returns to it", mutating=True)
 
-    mark_copy_served(target, report.recovery_copy, service.name)
-    cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance, unfence)
+    cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance, unfence,
+                          lambda: mark_copy_served(target, report.recovery_copy, service.name))
     if report.outcome == "promoted":
         report.record("offered", f"drplan reprotect --database {db.name}",
                       f"{report.recovery_copy} serves without archiving or replicas until then")
+
+
+def approved(dr_plan: Plan, db: Database, service: Service, report: PitrReport, failed: list[str],
+             approve: bool) -> bool:
+    """The approval gate before the cutover; approval in advance covers a copy failing only its row counts."""
+    broken = [name for name in failed if not name.endswith(f": {ROW_COUNT}")]
+    if approve and broken:
+        raise DrplanError(f"{report.recovery_copy} did not pass {', '.join(broken)}; approval in advance (--yes) "
+                          "does not cover a copy that fails its checks: inspect it, then approve in the UI or at the "
+                          "CLI prompt")
+    return request_approval(report, f"pitr-approval-{db.name}".lower(), (
+        f"## Approve PITR recovery of {db.name}?\n\nThe application **{service.name}** will be pointed at "
+        f"`{report.recovery_copy}` (restored to {report.target_time}): the database it uses now is fenced first "
+        f"({FENCE_HOW[db.kind]}), its Kubernetes Secret is rewritten and the deployment restarted. Validation "
+        "failure lifts the fence and rolls the Secret back.\n\nChecks of the copy that did not pass: "
+        f"{', '.join(failed) or 'none'}."), approve, dr_plan.approval.timeout).approve
+
+
+def previous_member(dr_plan: Plan, service: Service, topology: DatabaseTopology) -> Member | None:
+    """The member the service's Secret pointed at before its cutover (the URL kept for a rollback)."""
+    cluster = dr_plan.cluster(service.cluster)
+    api = kube_client(dr_plan, cluster)
+    secret, key = find_database_secret(api, cluster.namespace, service.name)
+    previous = read_secret_value(api, cluster.namespace, secret, key + PREVIOUS_SUFFIX)
+    address = urlsplit(previous) if previous else None
+    return next((m for m in topology.members
+                 if address and (m.host, m.port) == (address.hostname, address.port)), None)

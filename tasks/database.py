@@ -23,18 +23,21 @@ def find_restorable_window(target: RestoreTarget) -> RestorableWindow:
 
 
 @task(cache_policy=NO_CACHE)
-def restore_scratch(target: RestoreTarget, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
-    """Restore to a scratch copy (no retries: a failed restore is the finding, and it is cleaned up)."""
+def restore_scratch(target: RestoreTarget, name: str, target_time: datetime, credentials: DbCredentials,
+                    serving: bool = False) -> Scratch:
+    """Restore to a scratch copy (no retries: a failed restore is the finding, and it is cleaned up); `serving`:
+    the copy may already serve the application being recovered (see Copy.check_reusable)."""
     run_logger().info("restoring %s to %s as of %s", target.db.name, name, target_time.isoformat())
-    scratch = target.restore(name, target_time, credentials)
+    scratch = target.restore(name, target_time, credentials, serving)
     run_logger().info("scratch copy %s accepting connections on %s:%s", name, scratch.host, scratch.port)
     return scratch
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def mark_copy_served(target: RestoreTarget, name: str, service: str) -> None:
-    """Record on the copy, before `service` is cut over to it, that it serves: from then on no rerun reuses it as the
-    database as of its target time (recorded first, so that a crash during the cutover cannot leave it unmarked)."""
+    """Record on the copy that `service` is cut over to it: from then on no rerun reuses it as the database as of its
+    target time (a rerun also marks a copy it finds an application using: a crash between the cutover and this
+    mark cannot leave a serving copy unmarked)."""
     target.mark_served(name)
     run_logger().info("copy %s marked as serving %s: a rerun will not reuse it", name, service)
 

@@ -71,10 +71,11 @@ class Copy(BaseModel):
         """`drill` or `recovery`, from the name."""
         return self.name.rsplit("-", 2)[-2]
 
-    def check_reusable(self, target_time: datetime) -> None:
-        """Refuse reusing the copy (a rerun after a crash) unless it was restored to `target_time` and never served."""
+    def check_reusable(self, target_time: datetime, serving: bool = False) -> None:
+        """Refuse reusing the copy (a rerun after a crash) unless it was restored to `target_time` and never served,
+        or `serving`: it serves the application the rerun recovers (the crashed run had cut it over)."""
         fix = f"remove it with `drplan copies remove {self.name}` or choose another target time"
-        if self.served_at is not None:
+        if self.served_at is not None and not serving:
             raise DrplanError(f"copy {self.name} has served an application since {self.served_at.isoformat()}, so it "
                               f"is no longer the database as of {target_time.isoformat()}; {fix}")
         if self.target_time != target_time:
@@ -123,9 +124,10 @@ class RestoreTarget(ABC):
         """The times this database can be restored to right now."""
 
     @abstractmethod
-    def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+    def restore(self, name: str, target_time: datetime, credentials: DbCredentials, serving: bool = False
+                ) -> Scratch:
         """Restore to a scratch copy `name` as of `target_time`; a rerun finds an existing copy and returns it
-        (refused unless it was restored to `target_time` and never served)."""
+        (refused unless it was restored to `target_time` and never served, or `serving`: see Copy.check_reusable)."""
 
     @abstractmethod
     def drop(self, name: str) -> bool:
@@ -137,7 +139,8 @@ class RestoreTarget(ABC):
 
     @abstractmethod
     def mark_served(self, name: str) -> None:
-        """Record that an application is cut over to copy `name`: no rerun reuses it from then on."""
+        """Record that an application is cut over to copy `name`: no rerun reuses it from then on (but the one
+        resuming that application's recovery). Idempotent."""
 
     def leftovers(self) -> list[Copy]:
         """Copies earlier drills left behind (never a recovery's)."""
@@ -179,12 +182,13 @@ class PostgresArchive(RestoreTarget):
         latest = max(newest_wal or done[-1].end_time, done[-1].end_time)
         return RestorableWindow(earliest=done[0].end_time, latest=latest)
 
-    def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+    def restore(self, name: str, target_time: datetime, credentials: DbCredentials, serving: bool = False
+                ) -> Scratch:
         local = self.local(credentials)
         marker = self.markers / f"{name}.json"
         if marker.is_file():  # a rerun: the same backup and port as the first attempt
             found = marker.read_text()
-            Copy.model_validate_json(found).check_reusable(target_time)  # also a marker without a target time
+            Copy.model_validate_json(found).check_reusable(target_time, serving)  # also one without a target time
             scratch = Scratch.model_validate_json(found)
             backup = next(b for b in local.list_backups() if b.id == scratch.backup_id)
         else:
@@ -273,12 +277,13 @@ class RdsInstance(RestoreTarget):
             request["DBParameterGroupName"] = source["DBParameterGroups"][0]["DBParameterGroupName"]
         return request
 
-    def restore(self, name: str, target_time: datetime, credentials: DbCredentials) -> Scratch:
+    def restore(self, name: str, target_time: datetime, credentials: DbCredentials, serving: bool = False
+                ) -> Scratch:
         existing = find_instance(self.rds, name)
         if existing is None:
             self.rds.restore_db_instance_to_point_in_time(**self.restore_request(name, target_time))
         else:
-            as_copy(existing).check_reusable(target_time)
+            as_copy(existing).check_reusable(target_time, serving)
         instance = wait_instance_available(self.rds, name, self.plan.drill.restore_timeout, self.poll_seconds)
         endpoint = instance.get("Endpoint") or {}
         return Scratch(name=name, host=endpoint["Address"], port=int(endpoint["Port"]),

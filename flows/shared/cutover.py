@@ -40,12 +40,15 @@ def find_app_secret(plan: Plan, service: Service) -> str:
 
 def cut_over_and_validate(plan: Plan, report: RecoveryReport, service: Service, url: SecretStr, database: PgTarget,
                           metrics_instance: tuple[str, str] | None = None,
-                          before_rollback: Callable[[], None] | None = None) -> None:
-    """Point the service at `url` (Secret, rollout, wait), validate it against `database`, and roll the Secret
-    back if validation fails (after `before_rollback`, e.g. lifting the fence of the database it returns to).
-    Sets the report's outcome to `validation failed: rolled back` on failure."""
+                          before_rollback: Callable[[], None] | None = None,
+                          after_cutover: Callable[[], None] | None = None) -> None:
+    """Point the service at `url` (Secret, rollout, wait; then `after_cutover`), validate it against `database`,
+    and roll the Secret back if validation fails (after `before_rollback`, e.g. lifting the fence of the database
+    it returns to). Sets the report's outcome to `validation failed: rolled back` on failure."""
     cluster = plan.cluster(service.cluster)
     result = cut_over_task(plan, cluster, service.name, url)
+    if after_cutover is not None:
+        after_cutover()
     report.record("cut over", f"deployment {service.name}", f"Secret {result.secret}, rollout restarted"
                   if result.changed else f"Secret {result.secret} already set", before=result.previous_url_redacted,
                   after=result.url_redacted, mutating=True)
