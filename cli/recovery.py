@@ -16,7 +16,6 @@ import time
 from typing import Any
 from uuid import uuid4
 
-import click
 import typer
 from rich.markdown import Markdown
 
@@ -257,7 +256,7 @@ def _ask(flow_run_id: Any) -> None:
         approve = typer.confirm("Approve?", default=False, err=True)
         reason = typer.prompt("Reason (for the timeline)", default="approved at the terminal" if approve
                               else "refused at the terminal", err=True)
-    except (click.exceptions.Abort, EOFError):  # no terminal to answer from: the UI or the API will
+    except (typer.Abort, EOFError):  # no terminal to answer from (typer's own Abort): the UI or the API will
         err.print("no answer from the terminal; waiting for the approval in the UI or through the API")
         return
     try:

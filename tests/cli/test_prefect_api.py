@@ -49,7 +49,7 @@ def test_killed_cli_takes_its_server_along_and_its_lock_frees_itself(sandbox, sa
                                  stdout=subprocess.DEVNULL, stderr=sink)
     copy = None
     try:
-        wait_for(lambda: "is waiting for approval" in stderr.read_text(), 240,
+        wait_for(lambda: "waiting for the approval in the UI or through the API" in stderr.read_text(), 240,
                  "the recovery to restore and wait for approval (no terminal to ask on)", interval=0.5)
         copy = next(c.name for c in target.copies() if c.kind == "recovery")
         server = next(pid for pid, cmd in children(first.pid).items() if "prefect.server.api.server" in cmd)

@@ -289,6 +289,32 @@ def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_p
     assert app_secret(sandbox) == before
 
 
+def test_without_a_terminal_the_cli_waits_and_an_api_answer_ends_the_run(sandbox, sandbox_plan_path, point_in_time):
+    """No terminal to answer on (stdin at EOF, as under cron or nohup): the CLI says where to approve and keeps
+    waiting; the answer given through the API (here a refusal: nothing changes) ends the run and the command."""
+    at_t, _ = point_in_time
+    before = app_secret(sandbox)
+    answered, started = {}, datetime.now(UTC)
+
+    def answer_through_the_api() -> None:
+        def paused_run():
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="recover-")))
+            return next((r for r in runs if r.state and r.state.is_paused() and r.created > started), None)
+
+        with get_client(sync_client=True) as client:
+            paused = wait_for(paused_run, 180, "the paused recovery", interval=0.5)
+        time.sleep(3)  # the CLI has met the end of its stdin by now, and goes on waiting
+        answered["reply"] = resume_flow_run(paused.id, run_input={"approve": False, "reason": "answered by API"})
+
+    threading.Thread(target=answer_through_the_api, daemon=True).start()
+    result = CliRunner().invoke(app, ["recover", "--plan", str(sandbox_plan_path), "--database", "devonn-postgres",
+                                      "--to", at_t.isoformat(), "--promote"], input="")
+    assert result.exit_code == 1, result.output
+    assert "waiting for the approval in the UI or through the API" in result.stderr
+    assert "refused: nothing changed" in result.stdout and "answered by API" in result.stdout
+    assert app_secret(sandbox) == before
+
+
 def test_missing_app_deployment_is_refused_before_any_restore(sandbox, plan_variant):
     def renamed(data: dict) -> None:
         data["services"][0]["name"] = "devonn-api-gone"
