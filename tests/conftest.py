@@ -136,6 +136,17 @@ def fresh_base_backup(sandbox: Plan) -> None:
 
 
 @pytest.fixture
+def fresh_backups(sandbox: Plan) -> None:
+    """A bucket and a configuration backup taken now: other tests of the session change the live bucket and the
+    cluster, so the session's first backups may be older than the objectives by the time an RPO test runs."""
+    from flows.config_backup import export_configuration
+    from sandbox import aws_seed
+
+    aws_seed.back_up_buckets(sandbox)
+    export_configuration(sandbox)
+
+
+@pytest.fixture
 def own_processes(tmp_path: Path) -> Iterator[Path]:
     """The state dir for processes a test starts itself (`drplan.processes`); whatever still runs is stopped after."""
     from drplan import processes

@@ -186,8 +186,8 @@ def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, san
                                                                     monkeypatch):
     real_restore = PostgresArchive.restore
 
-    def corrupted(self, name, target_time, credentials):
-        scratch = real_restore(self, name, target_time, credentials)
+    def corrupted(self, name, target_time, credentials, serving=False):
+        scratch = real_restore(self, name, target_time, credentials, serving)
         with scratch.target(self.db, credentials).connect(autocommit=True) as conn:
             conn.execute("UPDATE users SET updated_at = %s WHERE id = 1", (target_time + timedelta(hours=1),))
             conn.execute("ALTER TABLE orders DROP CONSTRAINT orders_user_id_fkey")

@@ -38,7 +38,7 @@ def wait_until_archiving(pg, member: str, timeout: float = 120) -> None:
             time.sleep(1)
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("prefect_server", "fresh_backups")
 def test_every_objective_met_on_a_healthy_sandbox(sandbox, sandbox_plan_path):
     state, report = run_report(sandbox_plan_path)
     assert state.is_completed(), state.message
@@ -70,7 +70,7 @@ def run_artifact(flow_run_id):
     return artifact
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("prefect_server", "fresh_backups")
 def test_cli_json_report_and_exit_code(sandbox, sandbox_plan_path):
     result = runner.invoke(app, ["verify-rpo", "--plan", str(sandbox_plan_path), "--json"])
     assert result.exit_code == 0, result.output
@@ -140,7 +140,7 @@ def test_missing_secret_is_an_error(sandbox, plan_variant):
     assert "secret devonn/db/missing: not found in Secrets Manager" in errors[0]["detail"]
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("prefect_server", "fresh_backups")
 def test_a_plan_naming_a_missing_primary_is_measured_on_the_live_one(sandbox, plan_variant):
     """The plan's names are where discovery starts: its replicas lead to the primary that really serves."""
     def rename(d):
