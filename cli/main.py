@@ -21,6 +21,7 @@ from cli import recovery as cli_recovery
 from cli.console import PlanOption, err, fail, out, plan_or_exit, refusals  # noqa: E402
 from cli.copies import copies_app
 from cli.evidence import evidence_app
+from cli.metrics import metrics
 from cli.prefect_api import prefect_api
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
 
@@ -43,6 +44,7 @@ app.command("region-failover")(cli_recovery.region_failover)
 app.command("s3-backup")(s3_backup)
 app.command("s3-restore")(s3_restore)
 app.command("s3-verify")(s3_verify)
+app.command("metrics")(metrics)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from drplan.errors import first_line
 from drplan.evidence import QUARTER, newest, open_store
 from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
+from drplan.report_files import READINESS_PREFIX, write_json
 from drplan.results import markdown_table
 from drplan.timeutil import format_duration, utcnow
 from drplan.topology import DatabaseTopology
@@ -222,6 +223,7 @@ def dr_readiness(plan: str = DEFAULT_PLAN, region: str = "", dr_test_age: bool =
     placements(dr_plan, region)  # a wrong region or a plan without dr services is refused before any check
     report = check_region(dr_plan, region, dr_test_age)
     create_markdown_artifact(key=f"dr-readiness-{region}", markdown=report.markdown())
+    write_json(dr_plan, f"{READINESS_PREFIX}{region}-", report)
     emit_event(event=f"drplan.readiness.{'ready' if report.ready else 'unready'}",
                resource={"prefect.resource.id": f"drplan.region.{region}", "prefect.resource.name": region},
                payload={"plan": dr_plan.name,

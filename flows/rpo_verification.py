@@ -24,6 +24,7 @@ from drplan import rpo
 from drplan.clients import PgTarget, aws_client, check_aws_access, db_credentials, retries_since
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, load_plan
+from drplan.report_files import RPO_PREFIX, write_json
 from drplan.results import Status
 from drplan.timeutil import utcnow
 from drplan.topology import DatabaseTopology, Member, State
@@ -202,8 +203,10 @@ def configuration_checks(plan: Plan) -> list[Pending]:
     )]
 
 
-def publish(report: rpo.RpoReport) -> None:
-    """Table artifact for the UI, one event per breach or failed measurement for automations."""
+def publish(plan: Plan, report: rpo.RpoReport) -> None:
+    """Table artifact for the UI, a JSON file in the report directory (for `drplan metrics`), one event per breach
+    or failed measurement for automations."""
+    write_json(plan, RPO_PREFIX, report)
     create_table_artifact(
         key="rpo-verification", table=[m.row for m in report.measurements],
         description=f"RPO verification of plan {report.plan}: {report.summary}",
@@ -247,7 +250,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
         plan=dr_plan.name, started_at=started, finished_at=now,
         measurements=[p.collect(now) for p in pending], differences=topology.differences, aws_retries=retries(),
     )
-    publish(report)
+    publish(dr_plan, report)
     for m in report.breaches + report.errors:
         logger.warning("%s %s: %s (age %s, objective %s) %s", m.resource, m.measure, m.label,
                        m.age, m.objective, m.detail)
