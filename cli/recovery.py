@@ -11,6 +11,7 @@ only those). Exit 0 done, 1 refused or validation failed (rolled back), 2 error.
 from __future__ import annotations
 
 import contextvars
+import getpass
 import threading
 import time
 from typing import Any
@@ -260,7 +261,8 @@ def _ask(flow_run_id: Any) -> None:
         err.print("no answer from the terminal; waiting for the approval in the UI or through the API")
         return
     try:
-        resume_flow_run(flow_run_id, run_input={"approve": approve, "reason": reason})
+        resume_flow_run(flow_run_id, run_input={"approve": approve, "reason": reason,
+                                                "approver": f"{getpass.getuser()} at the terminal"})
     except Exception as exc:  # approved elsewhere in the meantime
         err.print(f"not resumed from here: {first_line(exc)}")
     time.sleep(POLL_SECONDS)

@@ -57,6 +57,13 @@ class FailoverReport(RecoveryReport):
     fence: str | None = None
     """What happened to the old primary: fenced, already fenced, pending, stopped, or skipped (forced)."""
 
+    def data_at_risk(self) -> str:
+        if self.lag_seconds is None:
+            return "replica lag not measured (Multi-AZ replication is synchronous)" if self.mode is Mode.multi_az \
+                else "replica lag not measured"
+        forced = ", promoted with --force past the lag guard" if self.forced else ""
+        return f"replica lag {self.lag_seconds:.1f}s at promotion{forced}; old primary {self.fence or 'not fenced'}"
+
     def markdown(self) -> str:
         lag = "-" if self.lag_seconds is None else format_duration(timedelta(seconds=self.lag_seconds))
         lines = [f"# {self.mode} failover of {self.subject}: **{self.outcome}**", "",

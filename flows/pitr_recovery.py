@@ -41,6 +41,12 @@ class PitrReport(RecoveryReport):
     recovery_copy: str | None = None
     checks: list[CheckResult] = []
 
+    def data_at_risk(self) -> str:
+        if self.target_time is None:
+            return "no target time chosen"
+        return (f"restored to {self.target_time:%Y-%m-%d %H:%M:%SZ}: what was written after it is not in the recovery "
+                f"copy (it stays in the fenced old database)")
+
     def markdown(self) -> str:
         lines = [f"# PITR recovery of {self.subject}: **{self.outcome}**", "",
                  f"- target time {self.target_time or '-'}; recovery copy `{self.recovery_copy or '-'}`"]

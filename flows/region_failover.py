@@ -69,6 +69,12 @@ class RegionReport(RecoveryReport):
     """Per database: heartbeat rows committed on the old primary before its fence, missing on the new one (goal 0;
     None when the old primary did not answer)."""
 
+    def data_at_risk(self) -> str:
+        if not self.lost_rows:
+            return "not measured (no database moved)"
+        return "; ".join(f"{db}: {'unknown (old primary did not answer)' if n is None else f'{n} rows lost'}"
+                         for db, n in sorted(self.lost_rows.items()))
+
     def markdown(self) -> str:
         rto = "-" if self.rto_seconds is None else format_duration(timedelta(seconds=self.rto_seconds))
         objective = format_duration(timedelta(seconds=self.rto_objective_seconds or 0))

@@ -38,6 +38,8 @@ CLI's temporary server died with it) is freed by the next server's repossessor w
 class Approval(RunInput):
     approve: bool
     reason: str = ""
+    approver: str = ""
+    """Who decided (for the post-mortem's decisions)."""
 
 
 def lock_name(db: Database) -> str:
@@ -90,5 +92,6 @@ def request_approval(report: RecoveryReport, key: str, summary: str, approve: bo
             decision = pause_flow_run(wait_for_input=Approval, timeout=int(timeout.total_seconds()), poll_interval=2)
         except FlowPauseTimeout:
             decision = Approval(approve=False, reason=f"no approval within {format_duration(timeout)}")
-    report.record("approval", report.subject, f"approve={decision.approve} {decision.reason}".strip())
+    by = f" (by {decision.approver})" if decision.approver else ""
+    report.record("approval", report.subject, f"approve={decision.approve}{by} {decision.reason}".strip())
     return decision

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from prefect import Flow, get_run_logger, runtime
@@ -17,8 +17,10 @@ from pydantic import BaseModel, Field
 from drplan.clients import retries_since
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Plan
+from drplan.report_files import reports_dir
 from drplan.results import RetriesCounted, markdown_table
 from drplan.timeutil import utcnow
+from flows.shared.postmortem import draft
 from tasks.health import ServiceValidation
 
 R = TypeVar("R")
@@ -35,6 +37,12 @@ class Step(BaseModel):
     after: str | None = None
 
 
+def requested_time() -> datetime:
+    """When the run was asked for: its flow run's expected start (now, outside a flow run)."""
+    expected = runtime.flow_run.scheduled_start_time
+    return datetime.fromtimestamp(expected.timestamp(), UTC)
+
+
 class RecoveryReport(RetriesCounted):
     flow: str
     plan: str
@@ -43,6 +51,10 @@ class RecoveryReport(RetriesCounted):
     kind: str = "database"
     dry_run: bool
     outcome: str = "started"
+    requested_at: datetime = Field(default_factory=requested_time)
+    first_alarm: datetime | None = None
+    """When the alarm that led to this run first fired, when known (the impact window starts there)."""
+    finished_at: datetime | None = None
     steps: list[Step] = Field(default_factory=list)
     validation: ServiceValidation | None = None
     error: str | None = None
@@ -52,6 +64,17 @@ class RecoveryReport(RetriesCounted):
     @property
     def failed(self) -> bool:
         return self.outcome == "failed" or self.outcome.startswith("validation failed")
+
+    @property
+    def restored_at(self) -> datetime | None:
+        """When the service counted as restored: the end of a real run that succeeded and passed its validation."""
+        if self.dry_run or self.failed or (self.validation is not None and not self.validation.passed):
+            return None
+        return self.finished_at
+
+    def data_at_risk(self) -> str:
+        """What the recovery may have lost, in words (runbooks that measure it say more)."""
+        return "not measured by this runbook"
 
     def record(self, action: str, resource: str, detail: str = "", *, before: str | None = None,
                after: str | None = None, mutating: bool = False) -> None:
@@ -85,21 +108,25 @@ class RecoveryReport(RetriesCounted):
 def published(report: RecoveryReport, key: str, plan: Plan) -> Iterator[None]:
     """The body of a recovery run: an exception becomes the report's error (outcome `failed`) instead of escaping,
     and the report (each flow's report class has `markdown()`) is published whatever happens: as artifact `key`,
-    and as `<drill.report_dir>/<key>-<stamp>.md` and `.json` (the evidence outlives the Prefect server)."""
+    and as `<drill.report_dir>/<key>-<stamp>.md` and `.json` (the evidence outlives the Prefect server); a real run
+    also leaves its post-mortem draft (`<key>-<stamp>-postmortem.md`, artifact `<key>-postmortem`)."""
     retries = retries_since()
     try:
         yield
     except Exception as exc:
         report.error, report.outcome = first_line(exc), "failed"
     finally:
-        report.aws_retries = retries()
-        directory = plan.resolve_path(plan.drill.report_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{key.lower()}-{utcnow().strftime('%Y%m%dT%H%M%S%fZ')}"
+        report.aws_retries, report.finished_at = retries(), utcnow()
+        path = reports_dir(plan) / f"{key.lower()}-{report.finished_at:%Y%m%dT%H%M%S%fZ}"
         report.written_to = str(path.with_suffix(".md"))
         path.with_suffix(".md").write_text(report.markdown() + "\n")
         path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
         create_markdown_artifact(key=key.lower(), markdown=report.markdown())
+        if not report.dry_run:
+            postmortem = draft(plan, report)
+            path.with_name(f"{path.name}-postmortem.md").write_text(postmortem + "\n")
+            create_markdown_artifact(key=f"{key.lower()}-postmortem", markdown=postmortem,
+                                     description=f"post-mortem draft of {report.flow} of {report.subject}")
 
 
 def finished(report: RecoveryReport, what: str) -> RecoveryReport | State:

@@ -97,6 +97,8 @@ def test_multi_az_killed_after_the_promotion_is_finished_by_a_rerun_without_a_se
     written = Path(report.written_to)  # the evidence outlives the run: markdown and JSON in drill.report_dir
     assert "failed over" in written.read_text()
     assert json.loads(written.with_suffix(".json").read_text())["outcome"] == "failed over"
+    postmortem = written.with_name(f"{written.stem}-postmortem.md").read_text()
+    assert "## Root cause" in postmortem and "cut over" in postmortem and ", met)" in postmortem
     asserting_and_emitting_events_worker.drain()
     events = {e.event: e for e in asserting_and_emitting_events_worker._client.events
               if e.event.startswith("drplan.recovery.")}

@@ -1,0 +1,89 @@
+"""The post-mortem draft every recovery run leaves beside its report: what drplan knows (impact window, timeline,
+RTO against the objective, data at risk, what was verified, the decisions and who took them), and the sections only
+people can write (root cause, action items) left empty."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from drplan.plan import Plan
+from drplan.results import markdown_table
+from drplan.timeutil import format_duration
+
+if TYPE_CHECKING:  # the report module writes the draft
+    from flows.shared.report import RecoveryReport
+
+TODO = "_To be written by the incident owner._"
+
+
+def rto_objective(plan: Plan, report: RecoveryReport) -> tuple[timedelta, str]:
+    """The objective the run is measured against: its database's tier, else the most critical tier it serves."""
+    if report.kind == "database" and report.subject in {db.name for db in plan.databases}:
+        tier = plan.database(report.subject).tier
+        return plan.objectives.rto_for(tier), f"tier {tier.value}"
+    tiers = {s.tier for s in plan.services} or {db.tier for db in plan.databases}
+    if not tiers:
+        return plan.objectives.rto.critical, "tier critical"
+    tier = min(tiers, key=plan.objectives.rto_for)
+    return plan.objectives.rto_for(tier), f"tier {tier.value}, the most critical served"
+
+
+def _at(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%SZ}" if moment else "-"
+
+
+def draft(plan: Plan, report: RecoveryReport) -> str:
+    """The post-mortem draft of a finished (or failed) recovery run, in markdown."""
+    began = min(t for t in (report.first_alarm, report.requested_at) if t is not None)
+    changes = [s for s in report.steps if s.before is not None or s.after is not None]
+    started = changes[0].at if changes else None
+    restored = report.restored_at
+    objective, why = rto_objective(plan, report)
+    if restored is None:
+        rto = f"not restored by this run (objective {format_duration(objective)}, {why})"
+    else:
+        measured = restored - began
+        verdict = "met" if measured <= objective else "NOT met"
+        rto = f"{format_duration(measured)} (objective {format_duration(objective)}, {why}, {verdict})"
+    checks = report.validation.checks if report.validation else []
+    verified = markdown_table(["check", "status", "observed"], [[c.name, c.status.value, c.observed]
+                                                                 for c in checks]) if checks else "nothing validated"
+    decisions = [s for s in report.steps if s.action == "approval"]
+    return "\n".join([
+        f"# Post-mortem (draft): {report.flow} of {report.subject}, {began:%Y-%m-%d}",
+        "",
+        f"Written by drplan from the run's report ({report.written_to or 'not written'}). Outcome: "
+        f"**{report.outcome}**" + (f"; error: {report.error}" if report.error else "") + ".",
+        "",
+        "## Impact window",
+        "",
+        markdown_table(["first alarm", "recovery requested", "recovery started (first change)", "service restored"],
+                       [[_at(report.first_alarm), _at(report.requested_at), _at(started), _at(restored)]]),
+        "",
+        "## Measured against the objectives",
+        "",
+        f"- RTO (first alarm or request to service restored): {rto}",
+        f"- data at risk: {report.data_at_risk()}",
+        "",
+        "## Timeline",
+        "",
+        report.timeline(),
+        "",
+        "## What was verified",
+        "",
+        verified,
+        "",
+        "## Decisions",
+        "",
+        "\n".join(f"- {s.at:%H:%M:%SZ} {s.detail}" for s in decisions) or "- none asked (no destructive step "
+                                                                             "reached)",
+        "",
+        "## Root cause",
+        "",
+        TODO,
+        "",
+        "## Action items",
+        "",
+        TODO,
+    ])
