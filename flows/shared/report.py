@@ -40,7 +40,7 @@ class Step(BaseModel):
 def requested_time() -> datetime:
     """When the run was asked for: its flow run's expected start (now, outside a flow run)."""
     expected = runtime.flow_run.scheduled_start_time
-    return datetime.fromtimestamp(expected.timestamp(), UTC)
+    return utcnow() if expected is None else datetime.fromtimestamp(expected.timestamp(), UTC)
 
 
 class RecoveryReport(RetriesCounted):
