@@ -82,14 +82,16 @@ def recovery_lock(db: Database) -> Iterator[None]:
 
 def request_approval(report: RecoveryReport, key: str, summary: str, approve: bool, timeout: timedelta) -> Approval:
     """The gate before the first destructive step: pre-approved (`--yes` / approve=True), or pause for an
-    Approval given in the UI, through the REST API or by the CLI prompt; none within `timeout` (the plan's
-    approval.timeout) is a refusal."""
+    Approval given in the UI (its resume dialog shows `summary` and the timeline so far), through the REST API or by
+    the CLI prompt; none within `timeout` (the plan's approval.timeout) is a refusal."""
     if approve:
         decision = Approval(approve=True, reason="approved in advance (--yes / approve=true)")
     else:
-        create_markdown_artifact(key=key, markdown=f"{summary}\n\n## Timeline so far\n\n{report.timeline()}")
+        text = f"{summary}\n\n## Timeline so far\n\n{report.timeline()}"
+        create_markdown_artifact(key=key, markdown=text)
+        form = Approval.with_initial_data(description=text, approve=False)  # the UI's resume dialog shows it
         try:
-            decision = pause_flow_run(wait_for_input=Approval, timeout=int(timeout.total_seconds()), poll_interval=2)
+            decision = pause_flow_run(wait_for_input=form, timeout=int(timeout.total_seconds()), poll_interval=2)
         except FlowPauseTimeout:
             decision = Approval(approve=False, reason=f"no approval within {format_duration(timeout)}")
     by = f" (by {decision.approver})" if decision.approver else ""
