@@ -320,8 +320,27 @@ class ConfigurationBackup(_Model):
     backup: S3Uri
 
 
+class EscalationLevel(_Model):
+    name: str = Field(min_length=1)
+    """Who this level is (e.g. Engineering Manager)."""
+    block: str = Field(min_length=1)
+    """The Prefect notification block that reaches them."""
+
+
 class Notifications(_Model):
     slack_webhook_block: str | None = None
+    """The DR room: every recovery run posts its start, changes, approvals and end here."""
+    secondary_block: str | None = None
+    """SMS or email (a Prefect notification block): told when a recovery fails."""
+    escalation: list[EscalationLevel] = []
+    """Notified in turn, one more level each `escalation_interval` an approval stays unanswered."""
+    escalation_interval: Duration = timedelta(minutes=15)
+
+    @model_validator(mode="after")
+    def _interval(self) -> Notifications:
+        if self.escalation_interval.total_seconds() < 1:
+            raise ValueError("notifications.escalation_interval must be at least 1s (e.g. 15m)")
+        return self
 
 
 class ApprovalSettings(_Model):

@@ -25,6 +25,7 @@ from prefect.input import RunInput
 from drplan.errors import DrplanError
 from drplan.plan import Database
 from drplan.timeutil import format_duration
+from flows.shared import dr_room
 from flows.shared.report import RecoveryReport
 
 LOCK_LEASE_SECONDS = 60
@@ -90,8 +91,13 @@ def request_approval(report: RecoveryReport, key: str, summary: str, approve: bo
         text = f"{summary}\n\n## Timeline so far\n\n{report.timeline()}"
         create_markdown_artifact(key=key, markdown=text)
         form = Approval.with_initial_data(description=text, approve=False)  # the UI's resume dialog shows it
+        waiting = f"{report.flow} of {report.subject}"
+        dr_room.post(f"waiting for approval: {waiting}: {summary.splitlines()[0].lstrip('# ')}: approve at "
+                     f"{dr_room.run_address()}")
         try:
-            decision = pause_flow_run(wait_for_input=form, timeout=int(timeout.total_seconds()), poll_interval=2)
+            with dr_room.escalating(waiting):
+                decision = pause_flow_run(wait_for_input=form, timeout=int(timeout.total_seconds()),
+                                          poll_interval=2)
         except FlowPauseTimeout:
             decision = Approval(approve=False, reason=f"no approval within {format_duration(timeout)}")
     by = f" (by {decision.approver})" if decision.approver else ""

@@ -29,23 +29,30 @@ def rto_objective(plan: Plan, report: RecoveryReport) -> tuple[timedelta, str]:
     return plan.objectives.rto_for(tier), f"tier {tier.value}, the most critical served"
 
 
+def rto_line(plan: Plan, report: RecoveryReport) -> str:
+    """`RTO <measured> (objective, tier, met or NOT met)`, from the first alarm or the request to the validated end."""
+    objective, why = rto_objective(plan, report)
+    if report.restored_at is None:
+        return f"RTO: not restored by this run (objective {format_duration(objective)}, {why})"
+    measured = report.restored_at - impact_start(report)
+    verdict = "met" if measured <= objective else "NOT met"
+    return f"RTO {format_duration(measured)} (objective {format_duration(objective)}, {why}, {verdict})"
+
+
+def impact_start(report: RecoveryReport) -> datetime:
+    """The first alarm, or the request when no alarm is known (or the alarm came later)."""
+    return min(t for t in (report.first_alarm, report.requested_at) if t is not None)
+
+
 def _at(moment: datetime | None) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%SZ}" if moment else "-"
 
 
 def draft(plan: Plan, report: RecoveryReport) -> str:
     """The post-mortem draft of a finished (or failed) recovery run, in markdown."""
-    began = min(t for t in (report.first_alarm, report.requested_at) if t is not None)
+    began = impact_start(report)
     changes = [s for s in report.steps if s.before is not None or s.after is not None]
     started = changes[0].at if changes else None
-    restored = report.restored_at
-    objective, why = rto_objective(plan, report)
-    if restored is None:
-        rto = f"not restored by this run (objective {format_duration(objective)}, {why})"
-    else:
-        measured = restored - began
-        verdict = "met" if measured <= objective else "NOT met"
-        rto = f"{format_duration(measured)} (objective {format_duration(objective)}, {why}, {verdict})"
     checks = report.validation.checks if report.validation else []
     verified = markdown_table(["check", "status", "observed"], [[c.name, c.status.value, c.observed]
                                                                  for c in checks]) if checks else "nothing validated"
@@ -59,11 +66,11 @@ def draft(plan: Plan, report: RecoveryReport) -> str:
         "## Impact window",
         "",
         markdown_table(["first alarm", "recovery requested", "recovery started (first change)", "service restored"],
-                       [[_at(report.first_alarm), _at(report.requested_at), _at(started), _at(restored)]]),
+                       [[_at(report.first_alarm), _at(report.requested_at), _at(started), _at(report.restored_at)]]),
         "",
         "## Measured against the objectives",
         "",
-        f"- RTO (first alarm or request to service restored): {rto}",
+        f"- {rto_line(plan, report)}, from the first alarm or request to the service restored",
         f"- data at risk: {report.data_at_risk()}",
         "",
         "## Timeline",

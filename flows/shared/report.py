@@ -20,7 +20,8 @@ from drplan.plan import Plan
 from drplan.report_files import reports_dir
 from drplan.results import RetriesCounted, markdown_table
 from drplan.timeutil import utcnow
-from flows.shared.postmortem import draft
+from flows.shared import dr_room
+from flows.shared.postmortem import draft, rto_line
 from tasks.health import ServiceValidation
 
 R = TypeVar("R")
@@ -84,12 +85,19 @@ class RecoveryReport(RetriesCounted):
         change = f" ({before} -> {after})" if before is not None or after is not None else ""
         get_run_logger().info("%s %s %s%s", action, resource, detail, change)
         if mutating:
+            dr_room.post(" ".join(p for p in (action, resource, detail) if p) + change)
             emit_event(
                 event=f"drplan.recovery.{action.replace(' ', '-')}",
                 resource={"prefect.resource.id": f"drplan.{self.kind}.{self.subject}", "drplan.target": resource},
                 payload={"action": action, "resource": resource, "detail": detail, "before": before,
                          "after": after, "actor": actor(self.flow)},
             )
+
+    def markdown(self) -> str:
+        """The report: outcome, error, timeline, validation (runbooks with more to say override it)."""
+        error = f"\n\n- **error**: {self.error}" if self.error else ""
+        return (f"# {self.flow} of {self.subject}: **{self.outcome}**{error}\n\n{self.timeline()}"
+                f"{self.validation_table()}")
 
     def timeline(self) -> str:
         """The steps as a table, and the AWS retries they took."""
@@ -109,24 +117,31 @@ def published(report: RecoveryReport, key: str, plan: Plan) -> Iterator[None]:
     """The body of a recovery run: an exception becomes the report's error (outcome `failed`) instead of escaping,
     and the report (each flow's report class has `markdown()`) is published whatever happens: as artifact `key`,
     and as `<drill.report_dir>/<key>-<stamp>.md` and `.json` (the evidence outlives the Prefect server); a real run
-    also leaves its post-mortem draft (`<key>-<stamp>-postmortem.md`, artifact `<key>-postmortem`)."""
+    also leaves its post-mortem draft (`<key>-<stamp>-postmortem.md`, artifact `<key>-postmortem`). The run posts
+    to the DR room (flows/shared/dr_room.py) as it starts, changes something and ends."""
     retries = retries_since()
-    try:
-        yield
-    except Exception as exc:
-        report.error, report.outcome = first_line(exc), "failed"
-    finally:
-        report.aws_retries, report.finished_at = retries(), utcnow()
-        path = reports_dir(plan) / f"{key.lower()}-{report.finished_at:%Y%m%dT%H%M%S%fZ}"
-        report.written_to = str(path.with_suffix(".md"))
-        path.with_suffix(".md").write_text(report.markdown() + "\n")
-        path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
-        create_markdown_artifact(key=key.lower(), markdown=report.markdown())
-        if not report.dry_run:
-            postmortem = draft(plan, report)
-            path.with_name(f"{path.name}-postmortem.md").write_text(postmortem + "\n")
-            create_markdown_artifact(key=f"{key.lower()}-postmortem", markdown=postmortem,
-                                     description=f"post-mortem draft of {report.flow} of {report.subject}")
+    with dr_room.opened(plan, f"{report.flow} of {report.subject}", report.dry_run) as room:
+        try:
+            yield
+        except Exception as exc:
+            report.error, report.outcome = first_line(exc), "failed"
+        finally:
+            report.aws_retries, report.finished_at = retries(), utcnow()
+            path = reports_dir(plan) / f"{key.lower()}-{report.finished_at:%Y%m%dT%H%M%S%fZ}"
+            report.written_to = str(path.with_suffix(".md"))
+            path.with_suffix(".md").write_text(report.markdown() + "\n")
+            path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
+            create_markdown_artifact(key=key.lower(), markdown=report.markdown())
+            if not report.dry_run:
+                postmortem = draft(plan, report)
+                path.with_name(f"{path.name}-postmortem.md").write_text(postmortem + "\n")
+                create_markdown_artifact(key=f"{key.lower()}-postmortem", markdown=postmortem,
+                                         description=f"post-mortem draft of {report.flow} of {report.subject}")
+            ended = (f"finished: {report.flow} of {report.subject}: {report.outcome}"
+                     + (f" ({report.error})" if report.error else "")
+                     + ("" if report.dry_run else f"; {rto_line(plan, report)}; data at risk: {report.data_at_risk()}")
+                     + f"; report {report.written_to}")
+            (room.alert if report.failed else room.post)(ended)
 
 
 def finished(report: RecoveryReport, what: str) -> RecoveryReport | State:
