@@ -65,8 +65,22 @@ def main() -> None:
 
 @plan_app.command("validate")
 def plan_validate(file: Path = typer.Argument(..., help="The plan YAML file.")) -> None:
-    """Validate a plan: exit 0, or exit 2 with one line per problem naming the field and the fix."""
+    """Validate a plan: exit 0, or exit 2 with one line per problem naming the field and the fix. With a Prefect API
+    configured (PREFECT_API_URL), the notification blocks the plan names must exist there."""
+    from prefect.settings import PREFECT_API_URL
+
     plan = plan_or_exit(str(file))
+    if PREFECT_API_URL.value():
+        from tasks.notify import missing
+
+        with refusals("notification blocks not checked"):
+            absent = missing(plan.notifications.blocks())
+        for field, block in absent.items():
+            err.print(f"{file}: {field}: no notification block named {block!r} in the Prefect API at "
+                      f"{PREFECT_API_URL.value()}; create it (deployments/README.md) or fix the name",
+                      highlight=False, soft_wrap=True)
+        if absent:
+            raise typer.Exit(2)
     out.print(
         f"{file}: valid ({len(plan.databases)} databases, {len(plan.buckets)} buckets, "
         f"{len(plan.clusters)} clusters, {len(plan.services)} services)",

@@ -336,6 +336,13 @@ class Notifications(_Model):
     """Notified in turn, one more level each `escalation_interval` an approval stays unanswered."""
     escalation_interval: Duration = timedelta(minutes=15)
 
+    def blocks(self) -> dict[str, str]:
+        """Plan field -> the notification block it names."""
+        named = {"notifications.slack_webhook_block": self.slack_webhook_block,
+                 "notifications.secondary_block": self.secondary_block,
+                 **{f"notifications.escalation[{i}].block": level.block for i, level in enumerate(self.escalation)}}
+        return {field: block for field, block in named.items() if block}
+
     @model_validator(mode="after")
     def _interval(self) -> Notifications:
         if self.escalation_interval.total_seconds() < 1:

@@ -14,7 +14,11 @@ runner = CliRunner()
 
 
 def test_plan_validate_cli(tmp_path):
-    ok = runner.invoke(app, ["plan", "validate", "plans/devonn.yaml"])
+    """Offline (no Prefect API: the notification blocks are not looked up; see tests/flows/shared/test_dr_room)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        ok = runner.invoke(app, ["plan", "validate", "plans/devonn.yaml"])
     assert ok.exit_code == 0 and "valid (1 databases" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("aws: {region: us-east-1, dr_region: us-west-2, password: hunter2}\n")

@@ -122,3 +122,20 @@ def test_a_failed_recovery_reaches_the_secondary_channel_and_a_dead_channel_fail
     (sms,) = posts(receiver, "sms", since)
     assert "finished: room-recovery of devonn-rds: failed (the new primary did not answer)" in sms
     assert "RTO: not restored by this run" in sms
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_plan_validate_names_an_escalation_level_whose_block_does_not_exist(receiver, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    good = room_plan(tmp_path, slack_webhook_block=BLOCKS["room"],
+                     escalation=[{"name": "Team Lead", "block": BLOCKS["lead"]}])
+    assert CliRunner().invoke(app, ["plan", "validate", good]).exit_code == 0
+    bad = room_plan(tmp_path, slack_webhook_block=BLOCKS["room"],
+                    escalation=[{"name": "Team Lead", "block": BLOCKS["lead"]}, {"name": "CTO", "block": "cto-pager"}])
+    result = CliRunner().invoke(app, ["plan", "validate", bad])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "notifications.escalation[1].block: no notification block named 'cto-pager'" in line
