@@ -203,10 +203,8 @@ def configuration_checks(plan: Plan) -> list[Pending]:
     )]
 
 
-def publish(plan: Plan, report: rpo.RpoReport) -> None:
-    """Table artifact for the UI, a JSON file in the report directory (for `drplan metrics`), one event per breach
-    or failed measurement for automations."""
-    write_json(plan, RPO_PREFIX, report)
+def publish(report: rpo.RpoReport) -> None:
+    """Table artifact for the UI, one event per breach or failed measurement for automations."""
     create_table_artifact(
         key="rpo-verification", table=[m.row for m in report.measurements],
         description=f"RPO verification of plan {report.plan}: {report.summary}",
@@ -250,7 +248,8 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
         plan=dr_plan.name, started_at=started, finished_at=now,
         measurements=[p.collect(now) for p in pending], differences=topology.differences, aws_retries=retries(),
     )
-    publish(dr_plan, report)
+    publish(report)
+    write_json(dr_plan, RPO_PREFIX, report)  # for `drplan metrics`
     for m in report.breaches + report.errors:
         logger.warning("%s %s: %s (age %s, objective %s) %s", m.resource, m.measure, m.label,
                        m.age, m.objective, m.detail)
