@@ -126,6 +126,8 @@ def up(plan_ref: str, console: Console, port: int | None = None) -> Platform:
         for line in automations.ensure(channel) if channel else ["no notifications.slack_webhook_block: "
                                                                   "no automations"]:
             console.print(line, highlight=False)
+        for line in automations.ensure_alarm_runbooks(plan):
+            console.print(line, highlight=False)
     api = platform.api_url()
     console.print(f"Prefect UI  {api.removesuffix('/api')}  (log in with the auth string in {platform.auth_file})\n"
                   f"API         {api}  (basic auth; for the prefect CLI and `drplan trigger`:\n"

@@ -12,12 +12,13 @@ import sys
 from datetime import timedelta
 from uuid import UUID
 
-from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
+from prefect.automations import AutomationCore, EventTrigger, Posture, RunDeployment, SendNotification
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import BlockDocument
+from prefect.exceptions import ObjectNotFound
 
 from drplan.errors import DrplanError
-from drplan.plan import load_plan
+from drplan.plan import ALARM_FIRING, AlarmRunbook, Plan, load_plan
 
 RECOVERY_TAG = "drplan-recovery"
 """Recovery deployments carry this tag (prefect.yaml); their flow runs inherit it."""
@@ -112,6 +113,59 @@ def automations(channel: UUID) -> list[AutomationCore]:
             "drplan: recovery {{ flow.name }} {{ flow_run.state.name }}", channel,
         ),
     ]
+
+
+ALARM_PREFIX = "drplan: alarm "
+
+
+def alarm_automation(mapping: AlarmRunbook, deployment_id: UUID) -> AutomationCore:
+    """Run the mapping's deployment when its alarm fires (flows/alarm_watch.py), at most once per cooldown."""
+    parameters: dict = {**mapping.parameters,
+                        "first_alarm": {"__prefect_kind": "jinja", "template": "{{ event.payload.since }}"}}
+    if mapping.unattended:
+        parameters["approve"] = True
+    return AutomationCore(
+        name=f"{ALARM_PREFIX}{mapping.alarm} -> {mapping.deployment_name}",
+        description=f"CloudWatch alarm {mapping.alarm} in ALARM (drplan.alarm.firing from alarm-watch) runs "
+                    f"{mapping.deployment_name}" + (" approved in advance (unattended)" if mapping.unattended
+                                                     else ", which waits for approval"),
+        trigger=EventTrigger(
+            expect={ALARM_FIRING}, match={"prefect.resource.id": mapping.resource_id},
+            posture=Posture.Reactive, threshold=1, within=mapping.cooldown,
+        ),
+        actions=[RunDeployment(source="selected", deployment_id=deployment_id, parameters=parameters)],
+    )
+
+
+def ensure_alarm_runbooks(plan: Plan) -> list[str]:
+    """One automation per `alarms:` mapping (its deployment must exist), updated in place; automations of mappings
+    the plan no longer has are deleted. Returns one line per change."""
+    lines = []
+    with get_client(sync_client=True) as client:
+        wanted = {}
+        for mapping in plan.alarms:
+            try:
+                deployment = client.read_deployment_by_name(mapping.deployment_name)
+            except ObjectNotFound:
+                raise DrplanError(f"alarm {mapping.alarm}: no deployment {mapping.deployment_name}; deploy it "
+                                  f"(prefect.yaml) or fix alarms[].deployment") from None
+            automation = alarm_automation(mapping, deployment.id)
+            wanted[automation.name] = automation
+        for existing in client.read_automations():
+            if existing.name.startswith(ALARM_PREFIX) and existing.name not in wanted:
+                client.delete_automation(existing.id)
+                lines.append(f"deleted automation {existing.name!r}")
+        for name, automation in wanted.items():
+            existing = client.read_automations_by_name(name)
+            for duplicate in existing[1:]:
+                client.delete_automation(duplicate.id)
+            if existing:
+                client.update_automation(existing[0].id, automation)
+                lines.append(f"updated automation {name!r}")
+            else:
+                client.create_automation(automation)
+                lines.append(f"created automation {name!r}")
+    return lines
 
 
 def ensure(block_name: str) -> list[str]:

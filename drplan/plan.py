@@ -11,7 +11,7 @@ from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -399,6 +399,42 @@ class SandboxSettings(_Model):
     archive_timeout: Duration = timedelta(seconds=60)
 
 
+ALARM_RUNBOOKS = ("db-failover", "region-failover")
+"""The runbooks an alarm may start: they take `first_alarm` (the impact window starts there) and wait for approval."""
+
+
+class AlarmRunbook(_Model):
+    """A CloudWatch alarm that starts a runbook: the alarm-watch flow sees it in ALARM and emits an event, and an
+    automation (created by `drplan serve`) runs the runbook's deployment, which waits for approval unless
+    `unattended`."""
+
+    alarm: str = Field(min_length=1)
+    """The CloudWatch alarm's name."""
+    region: str | None = None
+    """Where the alarm lives (default aws.region)."""
+    runbook: Literal[ALARM_RUNBOOKS]  # type: ignore[valid-type]
+    deployment: str | None = Field(default=None, pattern=r"^[^/]+/[^/]+$")
+    """The deployment to run, `flow/deployment` (default `<runbook>/<runbook>`, as prefect.yaml names them)."""
+    parameters: dict[str, str] = {}
+    """The runbook's parameters (e.g. database: devonn-rds, mode: multi-az)."""
+    unattended: bool = False
+    """Start it approved in advance: a destructive step with nobody asked. Only where the plan owner decided so."""
+    cooldown: Duration = timedelta(hours=1)
+    """A flapping alarm starts at most one run per cooldown."""
+
+    @property
+    def deployment_name(self) -> str:
+        return self.deployment or f"{self.runbook}/{self.runbook}"
+
+    @property
+    def resource_id(self) -> str:
+        """The Prefect event resource of the alarm (alarm-watch emits ALARM_FIRING for it)."""
+        return f"drplan.alarm.{self.alarm}"
+
+
+ALARM_FIRING = "drplan.alarm.firing"
+
+
 class Plan(_Model):
     name: Name = "drplan"
     objectives: Objectives = Objectives()
@@ -411,6 +447,7 @@ class Plan(_Model):
     failover: RegionFailover = RegionFailover()
     configuration: ConfigurationBackup | None = None
     notifications: Notifications = Notifications()
+    alarms: list[AlarmRunbook] = []
     approval: ApprovalSettings = ApprovalSettings()
     drill: DrillSettings = DrillSettings()
     evidence: EvidenceSettings | None = None
@@ -560,6 +597,15 @@ def _cross_references(plan: Plan) -> list[str]:
     regions = {plan.aws.region, plan.aws.dr_region} - {None}
     for region in sorted(set(plan.dns.targets) - regions if plan.dns else set()):
         problems.append(f"dns.targets.{region}: not a region of this plan; use {' or '.join(sorted(regions))}")
+    databases = [db.name for db in plan.databases]
+    for index, mapping in enumerate(plan.alarms):
+        wanted = mapping.parameters.get("database")
+        if wanted is not None and wanted not in databases:
+            problems.append(f"alarms[{index}].parameters.database: {wanted!r} is not a database of this plan; use "
+                            f"one of: {', '.join(databases) or '(no databases defined)'}")
+        if mapping.region and mapping.region not in regions:
+            problems.append(f"alarms[{index}].region: {mapping.region!r} is not a region of this plan; use "
+                            f"{' or '.join(sorted(regions))}")
     return problems
 
 

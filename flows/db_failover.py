@@ -39,6 +39,7 @@ from flows.shared.promotion import (
     promotion_finished,
 )
 from flows.shared.report import RecoveryReport, finished, published
+from flows.shared.requests import first_alarm_time
 from tasks.fencing import FENCE_HOW
 from tasks.health import validate_database_task, validate_service_task
 from tasks.rds import (
@@ -84,15 +85,18 @@ def db_failover(
     force: bool = False,
     approve: bool = False,
     fence: bool = True,
+    first_alarm: str | None = None,
 ) -> FailoverReport:
     """Fail a database over to a replica (or test RDS Multi-AZ failover), fence the old primary, cut the app over,
-    validate. `fence=False` (skip the fence) needs `force`."""
+    validate. `fence=False` (skip the fence) needs `force`. `first_alarm`: when the alarm that started this fired
+    (alarm-triggered runs; the post-mortem's impact window starts there)."""
+    alarm = first_alarm_time(first_alarm)
     request = Request(plan, database, mode, member)
     if not fence and not force:
         raise DrplanError("skipping the fence of the old primary needs force (--force): both primaries could "
                           "accept writes")
     report = FailoverReport(flow="db-failover", plan=request.plan.name, subject=request.db.name, dry_run=dry_run,
-                            mode=request.mode, member=request.member, forced=force)
+                            mode=request.mode, member=request.member, forced=force, first_alarm=alarm)
     if request.service and not (request.mode is Mode.multi_az and request.db.kind is DatabaseKind.rds):
         report.record("found", find_app_secret(request.plan, request.service),
                       f"used by deployment {request.service.name}")

@@ -43,6 +43,7 @@ from flows.shared.promotion import (
     promotion_finished,
 )
 from flows.shared.report import RecoveryReport, finished, published, run_report
+from flows.shared.requests import first_alarm_time
 from tasks.eks import scale_deployment, scale_nodegroup_task
 from tasks.fencing import FENCE_HOW
 from tasks.health import ServiceValidation
@@ -96,14 +97,17 @@ def region_failover(
     dry_run: bool = False,
     force: bool = False,
     approve: bool = False,
+    first_alarm: str | None = None,
 ) -> RegionReport:
-    """Move every service with a `dr` section to region `to` (the DR region, or back to the primary)."""
+    """Move every service with a `dr` section to region `to` (the DR region, or back to the primary).
+    `first_alarm`: when the alarm that started this fired (alarm-triggered runs)."""
     started = utcnow()
+    alarm = first_alarm_time(first_alarm)
     dr_plan = load_plan(plan)
     to, placed = traffic_target(dr_plan, to)
     source = dr_plan.aws.region if to == dr_plan.aws.dr_region else dr_plan.aws.dr_region
     report = RegionReport(flow="region-failover", plan=dr_plan.name, subject=to, from_region=source,
-                          dry_run=dry_run, rto_objective_seconds=min(
+                          dry_run=dry_run, first_alarm=alarm, rto_objective_seconds=min(
                               getattr(dr_plan.objectives.rto, p.service.tier.value).total_seconds() for p in placed))
     check_aws_access(dr_plan)
     with published(report, f"region-failover-{to}", dr_plan):

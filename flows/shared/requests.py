@@ -49,3 +49,16 @@ def validate_request(plan: str, database: str | None, target_time: str | None, r
     if when and when > utcnow():
         raise DrplanError(f"target time {when:%Y-%m-%dT%H:%M:%SZ} is in the future; choose a past time")
     return dr_plan, databases, when, spread
+
+
+def first_alarm_time(value: str | None) -> datetime | None:
+    """The `first_alarm` parameter (the time the alarm that started a runbook fired), validated."""
+    if value is None:
+        return None
+    try:
+        when = parse_utc(value)
+    except ValueError as exc:
+        raise DrplanError(f"first_alarm: {exc}") from None
+    if when > utcnow():
+        raise DrplanError(f"first_alarm {when:%Y-%m-%dT%H:%M:%SZ} is in the future; pass the time the alarm fired")
+    return when

@@ -18,14 +18,14 @@ from flows.shared.gates import Approval, recovery_lock
 
 
 @flow(name="platform-approval-probe")
-def approval_probe(change: str = "promote the replica", database: str = "") -> str:
+def approval_probe(change: str = "promote the replica", database: str = "", first_alarm: str | None = None) -> str:
     """Pause until someone answers with an Approval (holding `database`'s recovery lock, if given, as the recovery
-    flows do); fail when they refuse."""
+    flows do); fail when they refuse. `first_alarm` as the alarm-triggered runbooks take it (echoed in the result)."""
     with recovery_lock(Database.model_construct(name=database)) if database else nullcontext():
         answer = pause_flow_run(wait_for_input=Approval, timeout=180, poll_interval=2)  # default 10 s: slow tests
     if not answer.approve:
         raise RuntimeError(f"{change}: refused ({answer.reason})")
-    return f"{change}: approved ({answer.reason})"
+    return f"{change}: approved ({answer.reason})" + (f", alarm since {first_alarm}" if first_alarm else "")
 
 
 @flow(name="platform-breach-probe")

@@ -240,6 +240,53 @@ def test_trigger_command(platform: serve.Platform) -> None:
     assert missing.exit_code == 2 and "no deployment" in missing.output
 
 
+def test_an_alarm_starts_its_runbook_once_and_it_waits_for_approval(platform: serve.Platform, api: httpx.Client,
+                                                                    tmp_path: Path) -> None:
+    """CloudWatch alarm in ALARM (moto) -> alarm-watch on the worker emits drplan.alarm.firing -> the automation runs
+    the mapped deployment (here the approval probe, standing in for db-failover) with first_alarm -> it waits for
+    approval -> approved -> done. The alarm still firing at the next watch (flapping) starts no second run."""
+    import boto3
+
+    from sandbox.launchers import moto
+
+    alarm = f"primary-unavailable-{uuid.uuid4().hex[:6]}"
+    with moto(tmp_path) as endpoint:
+        cloudwatch = boto3.client("cloudwatch", endpoint_url=endpoint, region_name="us-east-1",
+                                  aws_access_key_id="sandbox", aws_secret_access_key="sandbox")
+        cloudwatch.put_metric_alarm(AlarmName=alarm, MetricName="DatabaseConnections", Namespace="AWS/RDS",
+                                    Statistic="Maximum", Period=60, EvaluationPeriods=1, Threshold=1,
+                                    ComparisonOperator="LessThanThreshold")
+        cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="no connections for 1 minute")
+        since = cloudwatch.describe_alarms(AlarmNames=[alarm])["MetricAlarms"][0]["StateUpdatedTimestamp"]
+        data = yaml.safe_load((platform.directory.parent / "plan.yaml").read_text())
+        data["aws"]["endpoint_url"] = endpoint
+        data["alarms"] = [{"alarm": alarm, "runbook": "db-failover", "deployment": f"platform-approval-probe/{PROBE}",
+                           "parameters": {"change": "fail over devonn-rds"}}]
+        variant = tmp_path / "alarm-plan.yaml"
+        variant.write_text(yaml.safe_dump(data))
+        with platform.client_settings():
+            assert automations.ensure_alarm_runbooks(load_plan(variant)) == [
+                f"created automation '{automations.ALARM_PREFIX}{alarm} -> platform-approval-probe/{PROBE}'"]
+
+        def probe_runs() -> list[dict]:
+            runs = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["platform-approval-probe"]}}}).json()
+            return [r for r in runs if r["parameters"].get("change") == "fail over devonn-rds"]
+
+        for _ in range(2):  # the second watch sees the alarm still firing
+            watch = run_deployment(api, "alarm-watch/alarm-watch", {"plan": str(variant)})
+            assert wait_for_state(api, watch, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
+            (run,) = wait_for(probe_runs, 60, "the alarm's runbook run")
+        run_id = run["id"]
+        wait_for_state(api, run_id, {"PAUSED"})
+        assert run["parameters"]["first_alarm"] == since.isoformat()
+        accepted = api.post(f"/flow_runs/{run_id}/resume",
+                            json={"run_input": {"approve": True, "reason": "on call: primary is down"}}).json()
+        assert accepted["status"] == "ACCEPT", accepted
+        assert wait_for_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"})["type"] == "COMPLETED"
+        time.sleep(3)  # room for a second automation firing to show up
+        assert len(probe_runs()) == 1
+
+
 def test_serve_again_changes_nothing(platform: serve.Platform, api: httpx.Client) -> None:
     pids = {name: processes.running(platform.directory, name).pid
             for name in (serve.SERVER, serve.WORKER, serve.RECEIVER)}

@@ -69,6 +69,13 @@ CATALOGUE = [
      "dns.ttl: 3600 is out of range; write a number <= 300"),
     ("credentials_secret holding JSON", lambda d: d["databases"][0].update(credentials_secret='{"password":1}'),
      "databases[0].credentials_secret: '{\"password\":1}' is not a secret reference"),
+    ("alarm mapped to an unknown runbook", lambda d: d["alarms"].append({"alarm": "x", "runbook": "rm-rf"}),
+     "alarms[2].runbook: Input should be 'db-failover' or 'region-failover'"),
+    ("alarm naming an unknown database", lambda d: d["alarms"].append(
+        {"alarm": "x", "runbook": "db-failover", "parameters": {"database": "nope"}}),
+     "alarms[2].parameters.database: 'nope' is not a database of this plan; use one of: devonn-postgres"),
+    ("escalation interval of zero", lambda d: d["notifications"].update(escalation_interval="0s"),
+     "notifications"),
 ]
 
 
