@@ -1,0 +1,100 @@
+"""The approval as an approver meets it in the Prefect UI (headless Chromium against a real server with its UI):
+the resume dialog shows what is approved (the summary and the timeline), and approving there (the toggle, a reason,
+a name, Submit) completes the run with that decision."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from prefect import flow
+from prefect.exceptions import ObjectNotFound
+from prefect.flow_runs import resume_flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from cli.prefect_api import temporary_server
+from flows.shared.gates import Approval, request_approval
+from flows.shared.report import RecoveryReport
+from tests.browser import browser, chromium
+
+SUMMARY = "## Promote devonn-rds-replica?\n\n- fence: devonn-rds-production read-only\n- measured lag: 0.4 s"
+
+TYPE_INTO = """(label, text) => {
+  const field = [...document.querySelectorAll('[role=dialog] .schema-form-property')]
+    .find(p => p.innerText.startsWith(label)).querySelector('textarea');
+  Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set.call(field, text);
+  field.dispatchEvent(new Event('input', {bubbles: true}));
+  return true;
+}"""
+
+
+@flow(name="ui-approval-probe")
+def ui_gated() -> Approval:
+    report = RecoveryReport(flow="ui-approval-probe", plan="test", subject="devonn-rds", dry_run=False)
+    return request_approval(report, "ui-approval", SUMMARY, approve=False, timeout=timedelta(seconds=240))
+
+
+@pytest.mark.sandbox
+@pytest.mark.slow
+def test_the_ui_dialog_shows_the_summary_and_approving_there_completes_the_run(tmp_path):
+    chromium()  # skip (or fail under CI) before starting anything
+    with temporary_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
+        result: dict = {}
+        runner = threading.Thread(target=contextvars.copy_context().run,
+                                  args=(lambda: result.update(state=ui_gated(return_state=True)),))
+        runner.start()
+        run = None
+        try:
+            run = paused_with_its_form(runner)
+            approve_in_the_ui(api, run, tmp_path)
+            runner.join(60)
+        finally:
+            if run is not None and runner.is_alive():  # the UI part failed: end the run before its server goes
+                resume_flow_run(run.id, run_input={"approve": False, "reason": "test failed"})
+                runner.join(60)
+    decision = result["state"].result()
+    assert (decision.approve, decision.reason, decision.approver) == (True, "lag checked in the dialog", "alice (UI)")
+
+
+def paused_with_its_form(runner: threading.Thread):
+    """The paused run, once its form (schema and description) is stored: the UI reads them when the page opens."""
+    from prefect.client.orchestration import get_client
+    from prefect.input import keyset_from_paused_state
+
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs():
+                if run.state and run.state.is_paused():
+                    try:
+                        client.read_flow_run_input(run.id, keyset_from_paused_state(run.state)["schema"])
+                        return run
+                    except ObjectNotFound:
+                        pass
+        assert time.monotonic() < deadline and runner.is_alive(), "the run never paused"
+        time.sleep(0.5)
+
+
+def approve_in_the_ui(api: str, run, tmp_path) -> None:
+    with browser(tmp_path / "profile") as page:
+        page.call("Page.navigate", url=f"{api.removesuffix('/api')}/runs/flow-run/{run.id}")
+        page.wait("[...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Resume')",
+                  what="the Resume button")
+        page.js("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Resume').click()")
+        dialog = page.wait("(t => t?.includes('Approver') && t)(document.querySelector('[role=dialog]')?.innerText)",
+                           what="the resume dialog with its form")  # the form is fetched after the dialog opens
+        assert "Promote devonn-rds-replica?" in dialog
+        assert "fence: devonn-rds-production read-only" in dialog and "measured lag: 0.4 s" in dialog
+        assert "Timeline so far" in dialog and "Approver" in dialog
+        page.js("document.querySelector('[role=dialog] [role=switch]').click()")
+        page.wait("document.querySelector('[role=dialog] [role=switch]').getAttribute('aria-checked') === 'true'",
+                  what="the Approve toggle on")
+        page.js(f"({TYPE_INTO})('Reason', 'lag checked in the dialog')")
+        page.js(f"({TYPE_INTO})('Approver', 'alice (UI)')")
+        page.js("[...document.querySelectorAll('[role=dialog] button')].find(b => b.innerText.trim() === 'Submit')"
+                ".click()")
+        page.wait("!document.querySelector('[role=dialog]')", what="the dialog to close")
+        assert page.console_errors == []
