@@ -127,11 +127,17 @@ def _refuse_denied(region: str, http_response: Any, parsed: dict[str, Any], mode
         return
     service, operation = model.service_model.service_name, model.name
     said = _PERFORM.search(error.get("Message") or "")
-    action = said["action"] if said else " or ".join(actions_of(f"{service}:{operation}"))
-    resource = said["resource"] if said and said["resource"] else _denied_resource(
-        service, context.get("drplan-params", {}))
-    raise AccessDenied(f"AWS denied {action} on {resource} ({operation} in {region}); grant it to drplan's "
-                       "credentials (drplan plan iam-policy PLAN prints what the runbooks need)")
+    params = context.get("drplan-params", {})
+    resource = said["resource"] if said and said["resource"] else _denied_resource(service, params)
+    if said:
+        what = f"{said['action']} on {resource}"
+    elif isinstance(source := params.get("CopySource"), str | dict):  # a copy reads its source, writes its target
+        source = source if isinstance(source, str) else f"{source.get('Bucket')}/{source.get('Key')}"
+        what = f"s3:GetObject on arn:aws:s3:::{source.lstrip('/')} or s3:PutObject on {resource}"
+    else:
+        what = f"{' or '.join(actions_of(f'{service}:{operation}'))} on {resource}"
+    raise AccessDenied(f"AWS denied {what} ({operation} in {region}); grant it to drplan's credentials "
+                       "(drplan plan iam-policy PLAN prints what the runbooks need)")
 
 
 def new_client(aws: AwsSettings, service: str, region: str, config: Config | None = None) -> Any:
