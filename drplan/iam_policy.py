@@ -23,6 +23,8 @@ RESTORE = ("rds:DescribeDBInstanceAutomatedBackups", "rds:RestoreDBInstanceToPoi
 FENCE = ("rds:DescribeDBInstances", "ec2:DescribeSecurityGroups", "ec2:CreateSecurityGroup",
          "rds:ModifyDBInstance", "rds:AddTagsToResource", "rds:RemoveTagsFromResource")
 PROMOTE = ("rds:RebootDBInstance", "rds:PromoteReadReplica", "cloudwatch:GetMetricStatistics")
+HEALTH = ("cloudwatch:GetMetricStatistics", "secretsmanager:GetSecretValue", "rds:DescribeDBInstances")
+"""Recovery validation (tasks/health.py): RDS metrics, the API token secret, the database's endpoint."""
 DNS_READ = ("route53:ListHostedZonesByName", "route53:ListResourceRecordSets")
 DNS = DNS_READ + ("route53:ChangeResourceRecordSets", "route53:GetChange")
 EKS_READ = ("eks:DescribeCluster", "eks:DescribeNodegroup")
@@ -36,13 +38,13 @@ _DRILL = TOPOLOGY + RESTORE + ("sts:GetCallerIdentity",)
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "rpo-verification": _RPO,
     "restore-drill": _DRILL,
-    "pitr-recovery": _DRILL + FENCE,
-    "db-failover": TOPOLOGY + FENCE + PROMOTE + ("sts:GetCallerIdentity",),
-    "region-failover": _READINESS + FENCE + PROMOTE + DNS + EKS_READ + ("eks:UpdateNodegroupConfig",),
+    "pitr-recovery": _DRILL + FENCE + HEALTH,
+    "db-failover": TOPOLOGY + FENCE + PROMOTE + HEALTH + ("sts:GetCallerIdentity",),
+    "region-failover": _READINESS + FENCE + PROMOTE + DNS + HEALTH + EKS_READ + ("eks:UpdateNodegroupConfig",),
     "reprotect": TOPOLOGY + FENCE + BARMAN + ("rds:ModifyDBInstance", "rds:CreateDBInstanceReadReplica",
                                               "sts:GetCallerIdentity"),
     "fence-keeper": FENCE,
-    "dns-failover": TOPOLOGY + DNS + ("sts:GetCallerIdentity",),
+    "dns-failover": TOPOLOGY + DNS + HEALTH + ("sts:GetCallerIdentity",),
     "eks-recovery": EKS_READ + ("eks:UpdateNodegroupConfig",),
     "s3-backup": S3_SYNC,
     "s3-recovery": S3_SYNC,
