@@ -187,7 +187,7 @@ def permissions_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
             return True, f"{caller} may perform every action the runbooks need (IAM policy simulation)"
         actions = sorted({action for action, _ in denied})
         return False, (f"{caller} is denied {', '.join(actions)} (e.g. {denied[0][0]} on {denied[0][1]}); grant "
-                       f"the policy of drplan plan iam-policy")
+                       "the policy of drplan plan iam-policy")
     return probe
 
 
