@@ -100,7 +100,7 @@ def user(monkeypatch, admin: dict, name: str, policy: dict | None) -> None:
 
 
 @pytest.fixture
-def recorded(monkeypatch) -> list[str]:
+def recorded(monkeypatch) -> Iterator[list[str]]:
     """`service:Operation` of every call drplan's clients make from now on (botocore's before-call event)."""
     calls: list[str] = []
     built = clients.new_client
