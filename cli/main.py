@@ -88,6 +88,24 @@ def plan_validate(file: Path = typer.Argument(..., help="The plan YAML file.")) 
     )
 
 
+@plan_app.command("iam-policy")
+def plan_iam_policy(
+    file: Path = typer.Argument(..., help="The plan YAML file."),
+    flows: list[str] = typer.Option(None, "--flow", help="Only this runbook's needs (repeatable), e.g. s3-backup."),
+    account: str = typer.Option("*", "--account", help="The AWS account id to put in the ARNs."),
+) -> None:
+    """Print the least-privilege IAM policy (JSON) of the plan's runbooks: only the AWS actions they call, scoped
+    to the plan's buckets, prefixes, RDS members and copies, secrets, hosted zone and clusters."""
+    from drplan.iam_policy import iam_policy
+
+    plan = plan_or_exit(str(file))
+    if not (account == "*" or (account.isdigit() and len(account) == 12)):
+        raise fail(f"--account {account!r}: an AWS account id is 12 digits; give it or leave it out (\"*\")")
+    with refusals():
+        policy = iam_policy(plan, flows or None, account)
+    print(json.dumps(policy, indent=2))
+
+
 @app.command("verify-rpo")
 def verify_rpo(
     plan: str = PlanOption,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from pydantic import SecretStr
 
-from drplan.errors import DrplanError, first_line
+from drplan.errors import AccessDenied, DrplanError, first_line
+from drplan.iam_policy import actions_of
 from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan, host_port
 
 # botocore logs request parameters and response bodies at DEBUG, Secrets Manager values included: never let
@@ -98,15 +100,58 @@ def _give_up_when_unreachable(attempts: int, caught_exception: Exception | None 
         raise caught_exception
 
 
+DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError"})
+_PERFORM = re.compile(r"perform: (?P<action>[\w-]+:\w+)(?: on resource: \"?(?P<resource>[^\s\"]+))?")
+_NAMING_PARAMS = ("DBInstanceIdentifier", "SourceDBInstanceIdentifier", "SecretId", "HostedZoneId", "DNSName",
+                  "clusterName", "nodegroupName", "name", "GroupName", "Id")
+"""Request parameters that name what a call acts on, for a denial's line when AWS's message does not."""
+
+
+def _keep_params(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    """before-parameter-build handler: the call's parameters, for `_refuse_denied`."""
+    context["drplan-params"] = params
+
+
+def _denied_resource(service: str, params: dict[str, Any]) -> str:
+    if service == "s3" and isinstance(params.get("Bucket"), str):
+        return f"arn:aws:s3:::{params['Bucket']}" + (f"/{params['Key']}" if isinstance(params.get("Key"), str) else "")
+    return ", ".join(f"{name} {params[name]}" for name in _NAMING_PARAMS if isinstance(params.get(name), str)) or "*"
+
+
+def _refuse_denied(region: str, http_response: Any, parsed: dict[str, Any], model: Any, context: dict[str, Any],
+                   **_: Any) -> None:
+    """after-call handler: a refusal for lack of permission becomes AccessDenied, one line naming the IAM action
+    and the resource (AWS's own words when its message has them, else the operation's action and parameters)."""
+    error = parsed.get("Error", {}) if http_response.status_code >= 300 else {}
+    if error.get("Code") not in DENIED_CODES and not (error.get("Code") == "403" and http_response.status_code == 403):
+        return
+    service, operation = model.service_model.service_name, model.name
+    said = _PERFORM.search(error.get("Message") or "")
+    params = context.get("drplan-params", {})
+    resource = said["resource"] if said and said["resource"] else _denied_resource(service, params)
+    if said:
+        what = f"{said['action']} on {resource}"
+    elif isinstance(source := params.get("CopySource"), str | dict):  # a copy reads its source, writes its target
+        source = source if isinstance(source, str) else f"{source.get('Bucket')}/{source.get('Key')}"
+        what = f"s3:GetObject on arn:aws:s3:::{source.lstrip('/')} or s3:PutObject on {resource}"
+    else:
+        what = f"{' or '.join(actions_of(f'{service}:{operation}'))} on {resource}"
+    raise AccessDenied(f"AWS denied {what} ({operation} in {region}); grant it to drplan's credentials "
+                       "(drplan plan iam-policy PLAN prints what the runbooks need)")
+
+
 def new_client(aws: AwsSettings, service: str, region: str, config: Config | None = None) -> Any:
-    """A boto3 client (botocore_config, merged with `config`) whose retries are counted (`retries_since`) and that
-    gives up on an unreachable endpoint after UNREACHABLE_ATTEMPTS."""
+    """A boto3 client (botocore_config, merged with `config`) whose retries are counted (`retries_since`), that
+    gives up on an unreachable endpoint after UNREACHABLE_ATTEMPTS and raises AccessDenied for a refused call."""
     base = botocore_config(aws)
     client = boto3_session(aws).client(service, region_name=region, endpoint_url=aws.endpoint_url,
                                        config=base.merge(config) if config else base)
+    events = client.meta.events
     for event in ("after-call", "after-call-error"):
-        client.meta.events.register(event, _RETRIES.seen, unique_id=f"drplan-retries-{event}")
-    client.meta.events.register_first("needs-retry", _give_up_when_unreachable, unique_id="drplan-unreachable")
+        events.register(event, _RETRIES.seen, unique_id=f"drplan-retries-{event}")
+    events.register_first("needs-retry", _give_up_when_unreachable, unique_id="drplan-unreachable")
+    events.register("before-parameter-build", _keep_params, unique_id="drplan-params")
+    events.register("after-call", partial(_refuse_denied, region), unique_id="drplan-denied")
     return client
 
 

@@ -8,3 +8,7 @@ class DrplanError(Exception):
 def first_line(exc: BaseException) -> str:
     """An exception as one line for a report or message: its first line, or its type when it has no text."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class AccessDenied(DrplanError):
+    """AWS refused a call for lack of permission; the line names the IAM action and the resource."""

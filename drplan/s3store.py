@@ -29,8 +29,6 @@ CHECKSUM_ALGORITHM = "SHA256"
 THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
                             "TooManyRequestsException", "ServiceUnavailable", "503"})
 FATAL_CODES = {
-    "AccessDenied": "access denied",
-    "403": "access denied",
     "AllAccessDisabled": "access denied",
     "InvalidAccessKeyId": "the access key is not known to the store",
     "SignatureDoesNotMatch": "the secret key does not match",
@@ -38,7 +36,8 @@ FATAL_CODES = {
     "NoSuchBucket": "the bucket does not exist",
     "NotImplemented": "the store does not implement this operation",
 }
-"""Errors that would fail every other request too: a run stops on the first one."""
+"""Errors that would fail every other request too: a run stops on the first one. (A refusal for lack of permission
+is drplan.errors.AccessDenied already, raised by the client: drplan.clients.new_client.)"""
 
 _URI = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<prefix>\S*))?")
 

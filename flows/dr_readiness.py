@@ -2,6 +2,8 @@
 readiness checks). One finding per question, each ready or not with what was seen:
 
 - AWS credentials work (STS) and can read what the failover changes (RDS member, EKS cluster, the hosted zone);
+- they may perform every action the plan's runbooks need (`drplan plan iam-policy`), by IAM policy simulation of
+  the caller; not checked (and not counted against readiness) when the credentials may not simulate;
 - each database is protected: its live primary archives WAL and has the replicas the plan requires;
 - the database member there: a replica within the database RPO (lag), or a primary that accepts writes;
 - the cluster is ACTIVE with at least `failover.min_ready_nodes` Ready nodes (a node group at zero is not ready);
@@ -39,6 +41,7 @@ from drplan.topology import DatabaseTopology
 from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
 from tasks.fencing import apply_pending_fences
+from tasks.iam import CannotSimulate, denied_permissions
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
@@ -172,6 +175,22 @@ def dns_probe(plan: Plan, region: str) -> Callable[[], tuple[bool, str]]:
     return probe
 
 
+def permissions_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
+    """The credentials may perform what the runbooks need: a finding naming the denied actions."""
+    def probe() -> tuple[bool, str]:
+        caller = check_aws_access(plan)
+        try:
+            denied = denied_permissions(aws_client(plan, "iam"), caller, plan)
+        except CannotSimulate as exc:
+            return True, f"not checked: {exc}"
+        if not denied:
+            return True, f"{caller} may perform every action the runbooks need (IAM policy simulation)"
+        actions = sorted({action for action, _ in denied})
+        return False, (f"{caller} is denied {', '.join(actions)} (e.g. {denied[0][0]} on {denied[0][1]}); grant "
+                       "the policy of drplan plan iam-policy")
+    return probe
+
+
 def dr_test_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
     """The newest DR test in the evidence chain is no older than a quarter plus the plan's grace."""
     def probe() -> tuple[bool, str]:
@@ -193,6 +212,7 @@ def dr_test_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
 def check_region(plan: Plan, region: str, dr_test_age: bool = True) -> ReadinessReport:
     report = ReadinessReport(plan=plan.name, region=region, checked_at=utcnow())
     _finding(report, "AWS credentials", lambda: (True, check_aws_access(plan)))
+    _finding(report, "AWS permissions", permissions_probe(plan))
     for fence in apply_pending_fences(plan):  # a member back from a region loss is fenced before anything else
         detail = "fenced now (it answers again)" if fence.status != "pending" else \
             f"pending since {fence.recorded_at}: {fence.detail}; fenced as soon as it answers"

@@ -47,8 +47,6 @@ def _objects(s3, uri: str):
         code = exc.response["Error"]["Code"]
         if code == "NoSuchBucket":
             raise DrplanError(f"{uri}: bucket {bucket} does not exist; check the plan's bucket URIs") from None
-        if code in ("AccessDenied", "403"):
-            raise DrplanError(f"{uri}: access denied; grant s3:ListBucket on {bucket}") from None
         raise
 
 

@@ -84,10 +84,11 @@ def test_readiness_of_a_ready_dr_region(topology):
     report = dr_readiness(plan=str(topology))
     assert report.ready, report.markdown()
     assert [f.check for f in report.findings] == [
-        "AWS credentials", f"{DB}: protected", f"{RDS}: protected",
+        "AWS credentials", "AWS permissions", f"{DB}: protected", f"{RDS}: protected",
         f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
         "devonn-api: manifests and Secrets", f"devonn-worker: database {RDS} (dr_replica)",
         "devonn-worker: cluster capacity", "devonn-worker: manifests and Secrets", "DNS"]
+    assert report.findings[1].detail.startswith("not checked: "), report.findings[1]  # moto cannot simulate
     shown = CliRunner().invoke(app, ["readiness", "--plan", str(topology)])
     assert shown.exit_code == 0 and "Region us-west-2: ready to take over" in shown.stdout, shown.output
     wrong = CliRunner().invoke(app, ["readiness", "--plan", str(topology), "--region", "eu-west-9"])
