@@ -50,6 +50,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "s3-recovery": S3_SYNC,
     "configuration-backup": ("s3:PutObject",),
     "dr-readiness": _READINESS,
+    "alarm-watch": ("cloudwatch:DescribeAlarms",),
     "dr-test": _RPO + _READINESS + _DRILL + S3_SYNC + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket"),
     "commands": TOPOLOGY + S3_READ + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
@@ -163,6 +164,9 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
         case _ if service == "eks":
             return "EksThePlansNodeGroups", sorted(
                 f"arn:aws:eks:{plan.region_of(c)}:{account}:nodegroup/{c.name}/*/*" for c in plan.clusters)
+        case "cloudwatch:DescribeAlarms":
+            return "CloudWatchThePlansMappedAlarms", sorted(
+                f"arn:aws:cloudwatch:{m.region or plan.aws.region}:{account}:alarm:{m.alarm}" for m in plan.alarms)
         case _ if service == "cloudwatch":
             return "CloudWatchMetricReadsHaveNoResourceScope", ["*"]
         case "iam:SimulatePrincipalPolicy":
