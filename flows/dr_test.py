@@ -21,6 +21,7 @@ from prefect.states import Failed
 from pydantic import BaseModel, Field, computed_field
 
 from drplan.clients import aws_client
+from drplan.dr_test_part import Measure, Part
 from drplan.drill_report import DrillReport
 from drplan.errors import DrplanError, first_line
 from drplan.evidence import append, open_store, record_name
@@ -37,15 +38,6 @@ from flows.rpo_verification import rpo_verification
 from flows.shared.report import run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import restore_into_scratch, verify_backup
-
-
-class Part(BaseModel):
-    """One part of the test: its verdict, one line for the summary table, and its own report."""
-
-    name: str
-    status: Status
-    summary: str
-    details: str = ""
 
 
 class DrTestReport(BaseModel):
@@ -84,7 +76,9 @@ def rpo_part(plan_ref: str) -> Part:
         report = run_report(rpo_verification, RpoReport, plan=plan_ref)
     except DrplanError as exc:
         return Part(name="RPO verification", status=Status.error, summary=str(exc))
-    return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown())
+    return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown(),
+                measures=[Measure(kind="RPO", subject=f"{m.resource} {m.measure}", category=m.data_class,
+                                  measured=m.age, objective=m.objective) for m in report.measurements])
 
 
 @task(cache_policy=NO_CACHE)
@@ -160,8 +154,11 @@ def drill_part(report: DrillReport) -> Part:
                          f"{len(report.checks) - len(failed)}/{len(report.checks)} checks passed",
                          *([f"failed: {', '.join(failed)}"] if failed else []),
                          *([f"error: {report.error}"] if report.error else [])])
+    measured = [("RTO", report.tier.value, report.rto), ("RPO", "database", report.rpo)]
     return Part(name=f"restore drill of {report.database}", status=report.status, summary=summary,
-                details=report.markdown())
+                details=report.markdown(),
+                measures=[Measure(kind=kind, subject=report.database, category=category, **value.model_dump())
+                          for kind, category, value in measured if value is not None])
 
 
 def publish(plan: Plan, report: DrTestReport) -> Path:

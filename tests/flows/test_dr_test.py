@@ -5,6 +5,7 @@ on a moto_server of their own."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import aws_client
+from drplan.dr_test_part import Part
+from drplan.drill_report import DrillReport, Measured
 from drplan.evidence import DirStore, history, newest, record_name
-from drplan.plan import EvidenceSettings, load_plan
-from drplan.results import Status
+from drplan.plan import EvidenceSettings, Tier, load_plan
+from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
-from flows.dr_test import DrTestReport, dr_test, record_evidence, restore_parts
+from flows.dr_test import DrTestReport, dr_test, drill_part, record_evidence, restore_parts
 from sandbox.launchers import moto
 from tasks.s3 import back_up_prefix
 from tests.s3_moto import put_objects, s3_plan
@@ -45,6 +48,9 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     assert {p.status for p in report.parts} == {Status.passed}, report.markdown()
     drill = report.parts[-1].summary
     assert drill.startswith("RTO ") and "(objective 1h00m, met)" in drill and "checks passed" in drill
+    assert [(m.kind, m.category, m.met) for m in report.parts[-1].measures] == [("RTO", "critical", True),
+                                                                                 ("RPO", "database", True)]
+    assert {m.category for m in report.parts[0].measures} == {"database", "file_storage", "configuration"}
     assert written[1].read_text().strip() == report.markdown()
     assert report.evidence == str(written[1]) and f"evidence: {written[1]}" in result.stdout
     assert ": verified, " in report.parts[2].summary and "-drtest-" in report.parts[2].summary
@@ -107,3 +113,14 @@ def test_the_restore_part_and_the_evidence_record_without_the_sandbox(tmp_path):
     record_evidence(chained, report)
     assert report.parts[-1].name == "evidence history" and report.parts[-1].status is Status.error
     assert "is altered" in report.parts[-1].summary
+
+
+def test_a_drill_part_keeps_its_rto_and_rpo_against_its_tier_and_data_class():
+    report = DrillReport(plan="p", database="devonn-rds", kind="rds", tier=Tier.secondary, scratch="s",
+                         started_at=utcnow(), rto=Measured(measured=timedelta(minutes=5), objective=timedelta(hours=4)),
+                         checks=[CheckResult(name="users: rows", status=Status.passed)])
+    part = drill_part(report)
+    assert [(m.kind, m.subject, m.category, m.measured, m.objective, m.met) for m in part.measures] == [
+        ("RTO", "devonn-rds", "secondary", timedelta(minutes=5), timedelta(hours=4), True)]  # the RPO not measured
+    assert part.status is Status.failed and Part.model_validate_json(part.model_dump_json()) == part
+
