@@ -14,7 +14,12 @@ from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.states import Failed
@@ -24,7 +29,8 @@ from drplan.clients import aws_client
 from drplan.dr_test_part import Measure, Part
 from drplan.drill_report import DrillReport
 from drplan.errors import DrplanError, first_line
-from drplan.evidence import append, open_store, record_name
+from drplan.evidence import Record, append, history, open_store, record_name
+from drplan.html_report import render
 from drplan.plan import DEFAULT_PLAN, Plan
 from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
@@ -161,8 +167,19 @@ def drill_part(report: DrillReport) -> Part:
                           for kind, category, value in measured if value is not None])
 
 
+def evidence_history(plan: Plan) -> list[Record | str]:
+    """The plan's evidence chain for the HTML report (charts, trend); a line saying why when it cannot be read."""
+    if plan.evidence is None:
+        return []
+    try:
+        return history(open_store(plan))
+    except DrplanError as exc:
+        return [str(exc)]
+
+
 def publish(plan: Plan, report: DrTestReport) -> Path:
-    """The evidence: artifact, markdown and JSON files, event. Returns the markdown file."""
+    """The evidence: artifacts, markdown, JSON and HTML files (the HTML page for management), event. Returns the
+    markdown file."""
     create_markdown_artifact(key="dr-test", markdown=report.markdown(),
                              description=f"DR test of {report.plan}: {report.status.value}")
     directory = plan.resolve_path(plan.drill.report_dir)
@@ -171,9 +188,13 @@ def publish(plan: Plan, report: DrTestReport) -> Path:
     report.evidence = str(path)
     path.write_text(report.markdown() + "\n")
     path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
+    page = path.with_suffix(".html")
+    page.write_text(render(report, evidence_history(plan), plan.objectives), encoding="utf-8")
+    create_link_artifact(key="dr-test-html", link=page.as_uri(), link_text=page.name,
+                         description=f"DR test of {report.plan} for management (self-contained HTML, opens offline)")
     emit_event(event=f"drplan.dr_test.{report.status.value}",
                resource={"prefect.resource.id": f"drplan.plan.{report.plan}", "prefect.resource.name": report.plan},
-               payload={"report": str(path),
+               payload={"report": str(path), "html": str(page),
                         "not_passed": [f"{p.name}: {p.summary}" for p in report.parts
                                        if p.status is not Status.passed]})
     return path

@@ -15,11 +15,12 @@ from cli.main import app
 from drplan.clients import aws_client
 from drplan.dr_test_part import Part
 from drplan.drill_report import DrillReport, Measured
-from drplan.evidence import DirStore, history, newest, record_name
+from drplan.errors import DrplanError
+from drplan.evidence import DirStore, append, history, newest, record_name
 from drplan.plan import EvidenceSettings, Tier, load_plan
 from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
-from flows.dr_test import DrTestReport, dr_test, drill_part, record_evidence, restore_parts
+from flows.dr_test import DrTestReport, dr_test, drill_part, evidence_history, record_evidence, restore_parts
 from sandbox.launchers import moto
 from tasks.s3 import back_up_prefix
 from tests.s3_moto import put_objects, s3_plan
@@ -42,7 +43,8 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     result = CliRunner().invoke(app, ["dr-test", "--plan", str(plan), "--database", "devonn-postgres"])
     assert result.exit_code == 0, result.output
     written = sorted(set(reports.glob("dr-test-*")) - before)
-    assert [p.suffix for p in written] == [".json", ".md"]
+    assert [p.suffix for p in written] == [".html", ".json", ".md"]
+    page, written = written[0].read_text(), written[1:]
     report = DrTestReport.model_validate_json(written[0].read_text())
     assert [p.name for p in report.parts] == PARTS
     assert {p.status for p in report.parts} == {Status.passed}, report.markdown()
@@ -51,6 +53,8 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     assert [(m.kind, m.category, m.met) for m in report.parts[-1].measures] == [("RTO", "critical", True),
                                                                                  ("RPO", "database", True)]
     assert {m.category for m in report.parts[0].measures} == {"database", "file_storage", "configuration"}
+    assert all(f"<td>{p.name}</td>" in page for p in report.parts)
+    assert page.count("<svg") == sum(len(p.measures) for p in report.parts)
     assert written[1].read_text().strip() == report.markdown()
     assert report.evidence == str(written[1]) and f"evidence: {written[1]}" in result.stdout
     assert ": verified, " in report.parts[2].summary and "-drtest-" in report.parts[2].summary
@@ -124,3 +128,15 @@ def test_a_drill_part_keeps_its_rto_and_rpo_against_its_tier_and_data_class():
         ("RTO", "devonn-rds", "secondary", timedelta(minutes=5), timedelta(hours=4), True)]  # the RPO not measured
     assert part.status is Status.failed and Part.model_validate_json(part.model_dump_json()) == part
 
+
+def test_the_html_report_reads_the_chain_or_says_why_not(tmp_path, monkeypatch):
+    plan = load_plan(s3_plan(tmp_path, "http://127.0.0.1:9", []))
+    assert evidence_history(plan) == []
+    chained = plan.model_copy(update={"evidence": EvidenceSettings(location=str(tmp_path / "chain"))})
+    record = append(DirStore(tmp_path / "chain"), {"parts": []})
+    assert evidence_history(chained) == [record]
+
+    def unreadable(store):
+        raise DrplanError("listing s3://evidence/: AccessDenied")
+    monkeypatch.setattr("flows.dr_test.history", unreadable)
+    assert evidence_history(chained) == ["listing s3://evidence/: AccessDenied"]
