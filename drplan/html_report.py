@@ -168,10 +168,12 @@ def _parts(report: DrTest, trends: dict[str, tuple[str, str]], previous: _Earlie
 
 
 def _objective_rows(kind: str, objectives: Iterable[tuple[str, timedelta]], parts: list[Part]) -> list[list[object]]:
+    """One row per measured value of each category, against its own objective (the plan's for the category, but a
+    base backup's age is held to the database's `base_backup_max_age`); the plan's objective when none was measured."""
     rows: list[list[object]] = []
     for category, objective in objectives:
         measured = [m for p in parts for m in p.measures if m.kind == kind and m.category == category]
-        rows += [[category, format_duration(objective), m.subject, format_duration(m.measured),
+        rows += [[category, format_duration(m.objective), m.subject, format_duration(m.measured),
                   _tag("span", "met" if m.met else "NOT met", class_="badge " + ("met" if m.met else "missed"))]
                  for m in measured] or [[category, format_duration(objective), "not measured in this test", "-", "-"]]
     return rows

@@ -28,7 +28,7 @@ from flows.dr_test import DrTestReport
 STARTED = datetime(2026, 12, 6, 0, 10, tzinfo=UTC)
 DRILL, RPO, BACKUP, HOSTILE = ("restore drill of devonn-postgres", "RPO verification", "backup of bucket data",
                                '<script>alert("x")</script>')
-HEARTBEAT = "devonn-postgres-production heartbeat age"
+HEARTBEAT, BASE_BACKUP = "devonn-postgres primary newest heartbeat", "devonn-postgres base backup"
 
 
 def drill(rto: timedelta, status: Status = Status.passed) -> Part:
@@ -44,7 +44,9 @@ def rpo(age: timedelta) -> Part:
                 measures=[Measure(kind="RPO", subject=HEARTBEAT, category="database", measured=age,
                                   objective=timedelta(minutes=5)),
                           Measure(kind="RPO", subject="config backup age", category="configuration",
-                                  measured=timedelta(minutes=10), objective=timedelta(hours=1))])
+                                  measured=timedelta(minutes=10), objective=timedelta(hours=1)),
+                          Measure(kind="RPO", subject=BASE_BACKUP, category="database",
+                                  measured=timedelta(hours=20), objective=timedelta(hours=25))])
 
 
 BACKUP_PART = Part(name=BACKUP, status=Status.passed, summary="verified: 2 objects")
@@ -117,7 +119,7 @@ def test_each_part_shows_its_verdict_and_its_trend_against_the_previous_test(cha
     html = render(report, history(store), Objectives())
     page = Page(html)
     assert page.row("part")[2] == f"trend against {STARTED - QUARTER:%Y-%m-%d}"
-    assert page.row(RPO)[1:3] == ["passed", "better: RPO of devonn-postgres-production heartbeat age 4.0s, was 3m00s"]
+    assert page.row(RPO)[1:3] == ["passed", "better: RPO of devonn-postgres primary newest heartbeat 4.0s, was 3m00s"]
     assert page.row(BACKUP)[1:3] == ["passed", "same: passed, as before"]
     assert page.row(DRILL)[1:3] == ["failed", "worse: failed, was passed"]
     assert page.row(HOSTILE)[1:] == ["error", "new: not in the previous test", "<b>boom</b> & more"]
@@ -133,6 +135,7 @@ def test_rto_per_tier_and_rpo_per_data_class_against_the_plans_objectives(chain)
     assert page.row("secondary") == ["secondary", "2h00m", "not measured in this test", "-", "-"]
     assert page.row("tertiary")[:2] == ["tertiary", "24h00m"]
     assert page.rows_of("database") == [["database", "5m00s", HEARTBEAT, "4.0s", "met"],
+                                        ["database", "25h00m", BASE_BACKUP, "20h00m", "met"],  # its own objective
                                         ["database", "5m00s", "devonn-postgres", "30.0s", "met"]]
     assert page.row("file_storage")[:3] == ["file_storage", "15m00s", "not measured in this test"]
     assert page.row("configuration") == ["configuration", "1h00m", "config backup age", "10m00s", "met"]
@@ -143,7 +146,8 @@ def test_findings_name_failed_parts_missed_objectives_and_the_slowest(chain):
     items = Page(render(report, history(store), Objectives())).items
     assert f"{DRILL}: failed: RTO 1:10:00" in items and f"{HOSTILE}: error: <b>boom</b> & more" in items
     assert f"RTO of devonn-postgres (critical, {DRILL}): 1h10m (objective 1h00m, NOT met)" in items
-    assert "RTO of devonn-postgres: 1h10m, 117% of its critical objective 1h00m" in items
+    assert items[items.index("RTO of devonn-postgres: 1h10m, 117% of its critical objective 1h00m") + 1] == (
+        f"RPO of {BASE_BACKUP}: 20h00m, 80% of its database objective 25h00m")
     assert f"{DRILL}: failed, was passed" in items
 
 
@@ -152,7 +156,7 @@ def test_one_chart_per_measured_value_across_the_history_with_its_objective(chai
     html = render(report, history(store), Objectives())
     page = Page(html)
     measures = sum(len(p.measures) for p in report.parts)
-    assert page.tags["svg", None] == measures == 4
+    assert page.tags["svg", None] == measures == 5
     assert page.tags["line", "objective"] == measures and page.tags["text", "objective"] == measures
     # record 1 has no measured values (a hollow dot), records 2 and 3 do; the drill's RTO missed its objective
     assert page.tags["circle", "missing"] == measures
@@ -255,7 +259,7 @@ def test_the_page_renders_in_headless_chromium_without_console_messages(chain, t
     width, height, rows = png_rows(shot)
     assert (width, height) == (1200, 1600) and len(rows) > 100, f"{len(rows)} distinct rows: a blank screenshot"
     dom = chromium(page, "--dump-dom", profile=tmp_path / "profile")
-    assert dom.stdout.count("<svg") == 4 and "<script" not in dom.stdout and "<img" not in dom.stdout
+    assert dom.stdout.count("<svg") == 5 and "<script" not in dom.stdout and "<img" not in dom.stdout
 
     broken = tmp_path / "broken.html"  # the two checks above can fail: a blank page with a script error
     broken.write_text("<!DOCTYPE html><html><body><script>missing()</script></body></html>")
