@@ -191,7 +191,7 @@ def _objectives(report: DrTest, objectives: Objectives) -> Html:
     ])
 
 
-def chart(title: str, objective: timedelta, points: Sequence[tuple[datetime, Measure | None]]) -> Html:
+def _chart(title: str, objective: timedelta, points: Sequence[tuple[datetime, Measure | None]]) -> Html:
     """A line chart of one measured value across tests (oldest first) with its objective as a dashed line."""
     values = [m.measured for _, m in points if m is not None and m.measured is not None]
     top = max([objective, *values]) * 1.25
@@ -232,7 +232,7 @@ def chart(title: str, objective: timedelta, points: Sequence[tuple[datetime, Mea
 
 
 def _charts(report: DrTest, earlier: list[_Earlier]) -> Html:
-    figures = [chart(f"{part.name}: {m.kind} of {m.subject} ({m.category})", m.objective,
+    figures = [_chart(f"{part.name}: {m.kind} of {m.subject} ({m.category})", m.objective,
                      [*((e.at, e.measure(part.name, m.key)) for e in earlier), (report.started_at, m)])
                for part in report.parts for m in part.measures]
     legend = ("One dot per DR test, oldest first: green met its objective, red missed it, hollow not measured; "
@@ -264,8 +264,8 @@ def _findings(report: DrTest, trends: dict[str, tuple[str, str]], problems: list
 
 
 def _details(report: DrTest) -> Html:
-    return _join([_tag("h2", "Details"),
-                  *(_join([_tag("h3", p.name), _tag("pre", p.details)]) for p in report.parts if p.details)])
+    details = [_join([_tag("h3", p.name), _tag("pre", p.details)]) for p in report.parts if p.details]
+    return _join([_tag("h2", "Details"), *(details or [_tag("p", "No part has details.", class_="muted")])])
 
 
 def render(report: DrTest, history: Sequence[Record | str], objectives: Objectives) -> str:
