@@ -9,6 +9,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
+from prefect import flow
+from prefect.artifacts import Artifact
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -20,7 +23,15 @@ from drplan.evidence import DirStore, append, history, newest, record_name
 from drplan.plan import EvidenceSettings, Tier, load_plan
 from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
-from flows.dr_test import DrTestReport, dr_test, drill_part, evidence_history, record_evidence, restore_parts
+from flows.dr_test import (
+    DrTestReport,
+    dr_test,
+    drill_part,
+    evidence_history,
+    publish,
+    record_evidence,
+    restore_parts,
+)
 from sandbox.launchers import moto
 from tasks.s3 import back_up_prefix
 from tests.s3_moto import put_objects, s3_plan
@@ -140,3 +151,26 @@ def test_the_html_report_reads_the_chain_or_says_why_not(tmp_path, monkeypatch):
         raise DrplanError("listing s3://evidence/: AccessDenied")
     monkeypatch.setattr("flows.dr_test.history", unreadable)
     assert evidence_history(chained) == ["listing s3://evidence/: AccessDenied"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_publish_writes_the_html_page_beside_the_markdown_and_links_it(tmp_path):
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
+        "name": "publish-test", "aws": {"region": "us-east-1", "dr_region": "us-west-2"},
+        "drill": {"report_dir": "reports"}, "evidence": {"location": "chain"}}))
+    plan = load_plan(tmp_path / "plan.yaml")
+    report = DrTestReport(plan=plan.name, started_at=utcnow(), finished_at=utcnow(), parts=[drill_part(DrillReport(
+        plan=plan.name, database="devonn-rds", kind="rds", tier=Tier.critical, scratch="s", started_at=utcnow(),
+        rto=Measured(measured=timedelta(minutes=5), objective=timedelta(hours=1)),
+        rpo=Measured(measured=timedelta(seconds=3), objective=timedelta(minutes=5)),
+        checks=[CheckResult(name="users: rows", status=Status.passed)]))])
+    append(DirStore(tmp_path / "chain"), report.model_copy(update={"started_at": utcnow() - timedelta(days=92)})
+           .model_dump(mode="json"))
+    record_evidence(plan, report)
+
+    path = flow(name="publish-dr-test")(publish)(plan, report)
+    page = path.with_suffix(".html")
+    html = page.read_text(encoding="utf-8")
+    assert path.parent == tmp_path / "reports" and "restore drill of devonn-rds" in html
+    assert html.count("<svg") == 2 and html.count('class="passed"') == 4  # RTO and RPO, each in two tests
+    assert Artifact.get("dr-test-html").data == f"[{page.name}]({page.as_uri()})"
