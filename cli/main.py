@@ -267,7 +267,7 @@ def dr_test(
             err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
         report = run_report(dr_test_flow, DrTestReport, plan=plan, database=database)
     out.print(Markdown(report.markdown()))
-    out.print(f"evidence: {report.evidence} (and .json)", highlight=False, soft_wrap=True)
+    out.print(f"evidence: {report.evidence} (and .json; .html for management)", highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)
 
 

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, Field
 
+from drplan.plan import Tier
 from drplan.results import CheckResult, RetriesCounted, Status, markdown_table, overall
 from drplan.timeutil import format_duration
 
@@ -29,6 +30,8 @@ class DrillReport(RetriesCounted):
     plan: str
     database: str
     kind: str
+    tier: Tier
+    """The database's tier, whose RTO objective applies."""
     scratch: str
     started_at: datetime
     finished_at: datetime | None = None

@@ -14,16 +14,23 @@ from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.states import Failed
 from pydantic import BaseModel, Field, computed_field
 
 from drplan.clients import aws_client
+from drplan.dr_test_part import Measure, Part
 from drplan.drill_report import DrillReport
 from drplan.errors import DrplanError, first_line
-from drplan.evidence import append, open_store, record_name
+from drplan.evidence import Record, append, history, open_store, record_name
+from drplan.html_report import render
 from drplan.plan import DEFAULT_PLAN, Plan
 from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
@@ -37,15 +44,6 @@ from flows.rpo_verification import rpo_verification
 from flows.shared.report import run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import restore_into_scratch, verify_backup
-
-
-class Part(BaseModel):
-    """One part of the test: its verdict, one line for the summary table, and its own report."""
-
-    name: str
-    status: Status
-    summary: str
-    details: str = ""
 
 
 class DrTestReport(BaseModel):
@@ -84,7 +82,9 @@ def rpo_part(plan_ref: str) -> Part:
         report = run_report(rpo_verification, RpoReport, plan=plan_ref)
     except DrplanError as exc:
         return Part(name="RPO verification", status=Status.error, summary=str(exc))
-    return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown())
+    return Part(name="RPO verification", status=report.status, summary=report.summary, details=report.markdown(),
+                measures=[Measure(kind="RPO", subject=f"{m.resource} {m.measure}", category=m.data_class,
+                                  measured=m.age, objective=m.objective) for m in report.measurements])
 
 
 @task(cache_policy=NO_CACHE)
@@ -160,12 +160,26 @@ def drill_part(report: DrillReport) -> Part:
                          f"{len(report.checks) - len(failed)}/{len(report.checks)} checks passed",
                          *([f"failed: {', '.join(failed)}"] if failed else []),
                          *([f"error: {report.error}"] if report.error else [])])
+    measured = [("RTO", report.tier.value, report.rto), ("RPO", "database", report.rpo)]
     return Part(name=f"restore drill of {report.database}", status=report.status, summary=summary,
-                details=report.markdown())
+                details=report.markdown(),
+                measures=[Measure(kind=kind, subject=report.database, category=category, **value.model_dump())
+                          for kind, category, value in measured if value is not None])
+
+
+def evidence_history(plan: Plan) -> list[Record | str]:
+    """The plan's evidence chain for the HTML report (charts, trend); a line saying why when it cannot be read."""
+    if plan.evidence is None:
+        return []
+    try:
+        return history(open_store(plan))
+    except DrplanError as exc:
+        return [str(exc)]
 
 
 def publish(plan: Plan, report: DrTestReport) -> Path:
-    """The evidence: artifact, markdown and JSON files, event. Returns the markdown file."""
+    """The evidence: artifacts, markdown, JSON and HTML files (the HTML page for management), event. Returns the
+    markdown file."""
     create_markdown_artifact(key="dr-test", markdown=report.markdown(),
                              description=f"DR test of {report.plan}: {report.status.value}")
     directory = plan.resolve_path(plan.drill.report_dir)
@@ -174,9 +188,13 @@ def publish(plan: Plan, report: DrTestReport) -> Path:
     report.evidence = str(path)
     path.write_text(report.markdown() + "\n")
     path.with_suffix(".json").write_text(report.model_dump_json(indent=2))
+    page = path.with_suffix(".html")
+    page.write_text(render(report, evidence_history(plan), plan.objectives), encoding="utf-8")
+    create_link_artifact(key="dr-test-html", link=page.as_uri(), link_text=page.name,
+                         description=f"DR test of {report.plan} for management (self-contained HTML, opens offline)")
     emit_event(event=f"drplan.dr_test.{report.status.value}",
                resource={"prefect.resource.id": f"drplan.plan.{report.plan}", "prefect.resource.name": report.plan},
-               payload={"report": str(path),
+               payload={"report": str(path), "html": str(page),
                         "not_passed": [f"{p.name}: {p.summary}" for p in report.parts
                                        if p.status is not Status.passed]})
     return path

@@ -42,7 +42,8 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
     live = discover_topology(dr_plan, [db.name]).databases[0].last_primary  # the source is what serves now
     target = restore_target(dr_plan, db, live)
     name = scratch_name(db, started)
-    report = DrillReport(plan=dr_plan.name, database=db.name, kind=db.kind.value, scratch=name, started_at=started)
+    report = DrillReport(plan=dr_plan.name, database=db.name, kind=db.kind.value, tier=db.tier, scratch=name,
+                         started_at=started)
     restore_started = False
     try:
         window = find_restorable_window(target)

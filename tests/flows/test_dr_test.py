@@ -5,18 +5,33 @@ on a moto_server of their own."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
+from prefect import flow
+from prefect.artifacts import Artifact
 from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import aws_client
-from drplan.evidence import DirStore, history, newest, record_name
-from drplan.plan import EvidenceSettings, load_plan
-from drplan.results import Status
+from drplan.dr_test_part import Part
+from drplan.drill_report import DrillReport, Measured
+from drplan.errors import DrplanError
+from drplan.evidence import DirStore, append, history, newest, record_name
+from drplan.plan import EvidenceSettings, Tier, load_plan
+from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
-from flows.dr_test import DrTestReport, dr_test, record_evidence, restore_parts
+from flows.dr_test import (
+    DrTestReport,
+    dr_test,
+    drill_part,
+    evidence_history,
+    publish,
+    record_evidence,
+    restore_parts,
+)
 from sandbox.launchers import moto
 from tasks.s3 import back_up_prefix
 from tests.s3_moto import put_objects, s3_plan
@@ -39,12 +54,18 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     result = CliRunner().invoke(app, ["dr-test", "--plan", str(plan), "--database", "devonn-postgres"])
     assert result.exit_code == 0, result.output
     written = sorted(set(reports.glob("dr-test-*")) - before)
-    assert [p.suffix for p in written] == [".json", ".md"]
+    assert [p.suffix for p in written] == [".html", ".json", ".md"]
+    page, written = written[0].read_text(), written[1:]
     report = DrTestReport.model_validate_json(written[0].read_text())
     assert [p.name for p in report.parts] == PARTS
     assert {p.status for p in report.parts} == {Status.passed}, report.markdown()
     drill = report.parts[-1].summary
     assert drill.startswith("RTO ") and "(objective 1h00m, met)" in drill and "checks passed" in drill
+    assert [(m.kind, m.category, m.met) for m in report.parts[-1].measures] == [("RTO", "critical", True),
+                                                                                 ("RPO", "database", True)]
+    assert {m.category for m in report.parts[0].measures} == {"database", "file_storage", "configuration"}
+    assert all(f"<td>{p.name}</td>" in page for p in report.parts)
+    assert page.count("<svg") == sum(len(p.measures) for p in report.parts)
     assert written[1].read_text().strip() == report.markdown()
     assert report.evidence == str(written[1]) and f"evidence: {written[1]}" in result.stdout
     assert ": verified, " in report.parts[2].summary and "-drtest-" in report.parts[2].summary
@@ -107,3 +128,49 @@ def test_the_restore_part_and_the_evidence_record_without_the_sandbox(tmp_path):
     record_evidence(chained, report)
     assert report.parts[-1].name == "evidence history" and report.parts[-1].status is Status.error
     assert "is altered" in report.parts[-1].summary
+
+
+def test_a_drill_part_keeps_its_rto_and_rpo_against_its_tier_and_data_class():
+    report = DrillReport(plan="p", database="devonn-rds", kind="rds", tier=Tier.secondary, scratch="s",
+                         started_at=utcnow(), rto=Measured(measured=timedelta(minutes=5), objective=timedelta(hours=4)),
+                         checks=[CheckResult(name="users: rows", status=Status.passed)])
+    part = drill_part(report)
+    assert [(m.kind, m.subject, m.category, m.measured, m.objective, m.met) for m in part.measures] == [
+        ("RTO", "devonn-rds", "secondary", timedelta(minutes=5), timedelta(hours=4), True)]  # the RPO not measured
+    assert part.status is Status.failed and Part.model_validate_json(part.model_dump_json()) == part
+
+
+def test_the_html_report_reads_the_chain_or_says_why_not(tmp_path, monkeypatch):
+    plan = load_plan(s3_plan(tmp_path, "http://127.0.0.1:9", []))
+    assert evidence_history(plan) == []
+    chained = plan.model_copy(update={"evidence": EvidenceSettings(location=str(tmp_path / "chain"))})
+    record = append(DirStore(tmp_path / "chain"), {"parts": []})
+    assert evidence_history(chained) == [record]
+
+    def unreadable(store):
+        raise DrplanError("listing s3://evidence/: AccessDenied")
+    monkeypatch.setattr("flows.dr_test.history", unreadable)
+    assert evidence_history(chained) == ["listing s3://evidence/: AccessDenied"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_publish_writes_the_html_page_beside_the_markdown_and_links_it(tmp_path):
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
+        "name": "publish-test", "aws": {"region": "us-east-1", "dr_region": "us-west-2"},
+        "drill": {"report_dir": "reports"}, "evidence": {"location": "chain"}}))
+    plan = load_plan(tmp_path / "plan.yaml")
+    report = DrTestReport(plan=plan.name, started_at=utcnow(), finished_at=utcnow(), parts=[drill_part(DrillReport(
+        plan=plan.name, database="devonn-rds", kind="rds", tier=Tier.critical, scratch="s", started_at=utcnow(),
+        rto=Measured(measured=timedelta(minutes=5), objective=timedelta(hours=1)),
+        rpo=Measured(measured=timedelta(seconds=3), objective=timedelta(minutes=5)),
+        checks=[CheckResult(name="users: rows", status=Status.passed)]))])
+    append(DirStore(tmp_path / "chain"), report.model_copy(update={"started_at": utcnow() - timedelta(days=92)})
+           .model_dump(mode="json"))
+    record_evidence(plan, report)
+
+    path = flow(name="publish-dr-test")(publish)(plan, report)
+    page = path.with_suffix(".html")
+    html = page.read_text(encoding="utf-8")
+    assert path.parent == tmp_path / "reports" and "restore drill of devonn-rds" in html
+    assert html.count("<svg") == 2 and html.count('class="passed"') == 4  # RTO and RPO, each in two tests
+    assert Artifact.get("dr-test-html").data == f"[{page.name}]({page.as_uri()})"
