@@ -50,8 +50,14 @@ class ProbeResult(BaseModel):
     dropped: bool = True
 
     @property
+    def resumed(self) -> bool:
+        """Rows were committed again after the longest outage (it did not last until the end)."""
+        return self.outage_to < self.finished_at
+
+    @property
     def summary(self) -> str:
-        lost = f"{len(self.lost)} rows lost" + (f" (seq {', '.join(map(str, self.lost[:5]))}...)" if self.lost else "")
+        shown = ", ".join(map(str, self.lost[:5])) + ("..." if len(self.lost) > 5 else "")
+        lost = f"{len(self.lost)} rows lost" + (f" (seq {shown})" if self.lost else "")
         left = "" if self.dropped else f"; scratch table {self.table} left (the next probe drops it)"
         return (f"downtime {format_duration(timedelta(seconds=self.downtime_seconds))} ({_clock(self.outage_from)} "
                 f"to {_clock(self.outage_to)}); {lost} of {self.committed} committed ({self.errors} failed "
