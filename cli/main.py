@@ -251,21 +251,25 @@ def readiness(
 @app.command("dr-test")
 def dr_test(
     plan: str = PlanOption,
-    database: str = typer.Option(None, "--database", "-d", help="Drill one database of the plan (default: all)."),
+    database: str = typer.Option(None, "--database", "-d",
+                                 help="Drill and fail over one database of the plan (default: all)."),
+    include_failover: bool = typer.Option(False, "--include-failover",
+                                          help="Outside the sandbox, also test a failover of each database (a short "
+                                               "outage; asks for approval)."),
 ) -> None:
-    """The DR test: RPO, backups, DR readiness, restore drill, one evidence report (written to drill.report_dir).
-    Exit 0 passed, 1 a part failed, 2 a part could not be checked."""
+    """The DR test: RPO, backups, DR readiness, restore drill, failover test (on the sandbox; elsewhere with
+    --include-failover), one evidence report (written to drill.report_dir). Exit 0 passed, 1 a part failed, 2 a
+    part could not be checked."""
     from flows.dr_test import DrTestReport
     from flows.dr_test import dr_test as dr_test_flow
-    from flows.shared.report import run_report
     from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
         validate_request(plan, database, None, None)  # refused before anything runs
-    with refusals("DR test did not complete"), prefect_api(), \
-            err.status("DR test: RPO verification, backups, DR readiness, restore drill..."):
-        report = run_report(dr_test_flow, DrTestReport, plan=plan, database=database)
+    with refusals("DR test did not complete"), prefect_api():
+        report = cli_recovery.answered(dr_test_flow, "dr-test", DrTestReport,
+                                       dict(plan=plan, database=database, include_failover=include_failover))
     out.print(Markdown(report.markdown()))
     out.print(f"evidence: {report.evidence} (and .json; .html for management)", highlight=False, soft_wrap=True)
     raise typer.Exit(report.exit_code)

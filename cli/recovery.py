@@ -179,14 +179,31 @@ def run(flow_fn: Any, label: str, parameters: dict[str, Any], as_json: bool) -> 
 
 
 def _run(flow_fn: Any, label: str, parameters: dict[str, Any], as_json: bool) -> None:
-    from flows.shared.report import RecoveryReport, run_report
+    from flows.shared.report import RecoveryReport
+
+    report = answered(flow_fn, label, RecoveryReport, parameters)
+    if as_json:
+        out.print_json(report.model_dump_json())
+    else:
+        out.print(Markdown(report.markdown()))
+    if report.written_to:
+        err.print(f"report: {report.written_to}", highlight=False, soft_wrap=True)
+    if report.error:
+        raise fail(report.error)
+    raise typer.Exit(1 if report.failed or report.outcome.startswith("refused") else 0)
+
+
+def answered(flow_fn: Any, label: str, report_type: type, parameters: dict[str, Any]) -> Any:
+    """Run the flow in a thread (its run named `<label>-<hex>`), answer its approval pause from the terminal (an
+    approval in the UI or through the API counts the same) and return its report; an error ends the command."""
+    from flows.shared.report import run_report
 
     name = f"{label}-{uuid4().hex[:8]}"
     result: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            result["report"] = run_report(flow_fn.with_options(flow_run_name=name), RecoveryReport, **parameters)
+            result["report"] = run_report(flow_fn.with_options(flow_run_name=name), report_type, **parameters)
         except BaseException as exc:  # noqa: BLE001 - reported below, the thread must not die silently
             result["error"] = exc
 
@@ -203,16 +220,7 @@ def _run(flow_fn: Any, label: str, parameters: dict[str, Any], as_json: bool) ->
             _ask(paused.id)
     if "error" in result:
         raise fail(f"{name}: {first_line(result['error'])}")
-    report = result["report"]
-    if as_json:
-        out.print_json(report.model_dump_json())
-    else:
-        out.print(Markdown(report.markdown()))
-    if report.written_to:
-        err.print(f"report: {report.written_to}", highlight=False, soft_wrap=True)
-    if report.error:
-        raise fail(report.error)
-    raise typer.Exit(1 if report.failed or report.outcome.startswith("refused") else 0)
+    return result["report"]
 
 
 def _paused_run(name: str) -> Any:

@@ -27,7 +27,7 @@ from drplan.timeutil import format_duration
 TREND_TOLERANCE = 0.1
 """A part whose measured values (summed as shares of their objectives) moved by at most this fraction trends `same`:
 timing noise, not a change."""
-_RANK = {Status.passed: 0, Status.no_data: 1, Status.failed: 2, Status.error: 3}
+_RANK = {Status.passed: 0, Status.skipped: 1, Status.no_data: 1, Status.failed: 2, Status.error: 3}
 _WIDTH, _HEIGHT, _LEFT, _RIGHT, _TOP, _BOTTOM = 340, 170, 58, 34, 14, 26
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1f2328;background:#fff;
@@ -37,7 +37,7 @@ h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;border-bottom:1px solid #d
 table{border-collapse:collapse;width:100%;margin:8px 0}th,td{border:1px solid #d0d7de;padding:5px 8px;
  text-align:left;vertical-align:top}th{background:#f6f8fa}
 .badge{display:inline-block;border-radius:10px;padding:0 9px;color:#fff;font-weight:600;font-size:.9em}
-.badge.passed,.met{background:#1a7f37}.badge.failed,.missed{background:#cf222e}.badge.error{background:#9a6700}
+.badge.passed,.met{background:#1a7f37}.badge.failed,.missed{background:#cf222e}.badge.error{background:#9a6700}.badge.skipped{background:#8c959f}
 .badge.no-data,.badge.new{background:#6e7781}.met,.missed{color:#fff}
 .trend-better{color:#1a7f37;font-weight:600}.trend-worse{color:#cf222e;font-weight:600}
 .due{font-size:1.1em;background:#ddf4ff;border:1px solid #54aeff;border-radius:6px;padding:8px 12px}
@@ -248,7 +248,7 @@ def _findings(report: DrTest, trends: dict[str, tuple[str, str]], problems: list
                      reverse=True)[:3]
     lists = [
         ("Failed checks", [f"{p.name}: {p.status.value}: {p.summary}" for p in report.parts
-                           if p.status is not Status.passed], "none: every part passed"),
+                           if p.status not in (Status.passed, Status.skipped)], "none: every part passed"),
         ("Missed objectives", [f"{m.kind} of {m.subject} ({m.category}, {p.name}): {m}" for p, m in measures
                                if not m.met], "none"),
         ("Slowest against their objectives",

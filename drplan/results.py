@@ -18,18 +18,20 @@ class Status(StrEnum):
     """The check could not be evaluated."""
     no_data = "no data"
     """Nothing to judge (a CloudWatch metric without datapoints): not a pass."""
+    skipped = "skipped"
+    """Not run, by choice (a DR test part that needs an option to run outside the sandbox); the reason is given."""
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code: 0 passed, 1 failed (or no data), 2 error."""
-        return {Status.passed: 0, Status.error: 2}.get(self, 1)
+        """The CLI's exit code: 0 passed (or skipped), 1 failed (or no data), 2 error."""
+        return {Status.passed: 0, Status.skipped: 0, Status.error: 2}.get(self, 1)
 
 
 _WORST_FIRST = (Status.error, Status.failed, Status.no_data)
 
 
 def overall(statuses: Iterable[Status]) -> Status:
-    """The worst status: error beats failed beats no data beats passed (also for none at all)."""
+    """The worst status: error beats failed beats no data beats passed (also for none at all, or only skipped)."""
     present = set(statuses)
     return next((status for status in _WORST_FIRST if status in present), Status.passed)
 

@@ -1,11 +1,13 @@
 """The DR test: the quarterly evidence an auditor asks for (and what `make run` runs on the sandbox).
 
 RPO verification -> every bucket's newest backup checked against its manifest, then restored into a scratch bucket,
-verified against the manifest and removed -> DR readiness -> restore drill (each database, or one) -> one report of
-what was measured against which objective: appended to the plan's evidence chain (drplan/evidence.py), a markdown
-artifact, a markdown and a JSON file in `drill.report_dir`, and a `drplan.dr_test.<status>` event. A part that
-fails or errors does not stop the others; the report says which part failed and why. Nothing here changes
-production: the drill restores to scratch copies and scratch buckets and removes them.
+verified against the manifest and removed -> DR readiness -> restore drill (each database, or one) -> failover test
+(each database, or one) -> one report of what was measured against which objective: appended to the plan's
+evidence chain (drplan/evidence.py), a markdown artifact, a markdown and a JSON file in `drill.report_dir`, and a
+`drplan.dr_test.<status>` event. A part that fails or errors does not stop the others; the report says which part
+failed and why. The drill restores to scratch copies and scratch buckets and removes them; the failover test
+(Multi-AZ failover and re-protection with a client writing throughout) causes a short outage, so outside the sandbox
+it runs only with `include_failover` and after approval.
 """
 
 from __future__ import annotations
@@ -30,20 +32,26 @@ from drplan.dr_test_part import Measure, Part
 from drplan.drill_report import DrillReport
 from drplan.errors import DrplanError, first_line
 from drplan.evidence import Record, append, history, open_store, record_name
+from drplan.failover_report import FailoverTestReport, Run, approval_summary
 from drplan.html_report import render
-from drplan.plan import DEFAULT_PLAN, Plan
+from drplan.plan import DEFAULT_PLAN, Database, Plan
 from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
 from drplan.s3manifest import resolve_backup
 from drplan.s3store import transfer_client
 from drplan.s3sync import DEFAULTS
 from drplan.timeutil import utcnow
+from drplan.write_probe import WriteProbe
+from flows.db_failover import FailoverReport, db_failover
 from flows.dr_readiness import ReadinessReport, dr_readiness
+from flows.reprotect import ReprotectReport, reprotect
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
-from flows.shared.report import run_report
+from flows.shared.gates import request_approval
+from flows.shared.report import RecoveryReport, run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import restore_into_scratch, verify_backup
+from tasks.write_probe import application_target
 
 
 class DrTestReport(BaseModel):
@@ -146,6 +154,65 @@ def readiness_part(plan_ref: str, region: str) -> Part:
                 details=report.markdown())
 
 
+def failover_parts(plan: Plan, plan_ref: str, database: str | None, include: bool) -> list[Part]:
+    """The failover test of each database (or `database`): always on the sandbox; elsewhere only when included and
+    approved, since it causes a short outage."""
+    databases = [plan.database(database)] if database else plan.databases
+    skipped = None if plan.sandbox else failover_refused(plan, databases, include)
+    if skipped:
+        return [Part(name=f"failover of {db.name}", status=Status.skipped, summary=skipped) for db in databases]
+    return [failover_part(failover_test(plan_ref, plan, db)) for db in databases]
+
+
+def failover_refused(plan: Plan, databases: list[Database], include: bool) -> str | None:
+    """Why the failover part does not run outside the sandbox: not included, or not approved."""
+    if not include:
+        return "skipped: a failover causes a short outage; include it with --include-failover (include_failover)"
+    gate = RecoveryReport(flow="dr-test", plan=plan.name, subject="failover test", kind="plan", dry_run=False)
+    decision = request_approval(gate, "dr-test-failover-approval", approval_summary(databases), False,
+                                plan.approval.timeout)
+    return None if decision.approve else f"skipped: not approved ({decision.reason})"
+
+
+def failover_test(plan_ref: str, plan: Plan, db: Database) -> FailoverTestReport:
+    """A Multi-AZ failover and a re-protection while a client writes through the application's connection; when
+    another member took over (self-managed PostgreSQL: its replica), the same again back to the plan's primary, so
+    the test leaves the database as planned."""
+    report = FailoverTestReport(database=db.name, kind=db.kind.value)
+    try:
+        with WriteProbe(application_target(plan, db), sweep_after=plan.drill.sweep_after) as probe:
+            primary = fail_over_and_protect(plan_ref, db, report)
+            if primary not in (None, db.primary):
+                fail_over_and_protect(plan_ref, db, report)
+        report.probe = probe.result
+    except Exception as exc:  # the report says what could not be checked; the other parts still run
+        report.error = first_line(exc)
+    return report
+
+
+def fail_over_and_protect(plan_ref: str, db: Database, report: FailoverTestReport) -> str | None:
+    """One Multi-AZ failover, then re-protection (approved: the DR test's gate came first); returns the live primary
+    afterwards, None when a run failed."""
+    failover = run_report(db_failover, FailoverReport, plan=plan_ref, database=db.name, mode="multi-az",
+                          approve=True)
+    report.runs.append(run_of(failover))
+    if failover.failed:
+        return None
+    protection = run_report(reprotect, ReprotectReport, plan=plan_ref, database=db.name, approve=True)
+    report.runs.append(run_of(protection))
+    report.protected = protection.outcome == "protected" or protection.outcome.startswith("already protected")
+    return None if protection.failed else protection.primary
+
+
+def run_of(report: RecoveryReport) -> Run:
+    return Run(flow=report.flow, outcome=report.outcome, failed=report.failed, markdown=report.markdown())
+
+
+def failover_part(report: FailoverTestReport) -> Part:
+    return Part(name=f"failover of {report.database}", status=report.status, summary=report.summary,
+                details=report.markdown())
+
+
 def drill_parts(plan_ref: str, database: str | None) -> list[Part]:
     try:
         reports = run_report(restore_drill, list, plan=plan_ref, database=database)
@@ -201,14 +268,15 @@ def publish(plan: Plan, report: DrTestReport) -> Path:
 
 
 @flow(name="dr-test")
-def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestReport:
-    """RPO verification, backup verification and a restore of each into a scratch bucket, DR readiness and a
-    restore drill of each database (or `database`), reported together as evidence. Fails when any part failed."""
+def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None, include_failover: bool = False) -> DrTestReport:
+    """RPO verification, backup verification and a restore of each into a scratch bucket, DR readiness, a restore
+    drill and a failover test of each database (or `database`), reported together as evidence. The failover test
+    runs outside the sandbox only with `include_failover`, after approval. Fails when any part failed."""
     dr_plan, _, _, _ = validate_request(plan, database, None, None)
     has_dr = bool(dr_plan.aws.dr_region) and any(s.dr for s in dr_plan.services)
     report = DrTestReport(plan=dr_plan.name, started_at=utcnow())
     progress = create_progress_artifact(progress=0.0, key="dr-test-progress", description="DR test parts done")
-    steps, done = (5 if has_dr else 4), 0
+    steps, done = (6 if has_dr else 5), 0
 
     def record(parts: list[Part]) -> None:
         nonlocal done
@@ -222,6 +290,7 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestRepo
     if has_dr:
         record([readiness_part(plan, dr_plan.aws.dr_region)])
     record(drill_parts(plan, database))
+    record(failover_parts(dr_plan, plan, database, include_failover))
     report.finished_at = utcnow()
     record_evidence(dr_plan, report)
     path = publish(dr_plan, report)

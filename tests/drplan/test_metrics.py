@@ -55,7 +55,8 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 def drill(plan, database: str, rto_minutes: float, passed: bool, age: timedelta) -> None:
     now = utcnow() - age
     report = DrillReport(
-        plan=plan.name, database=database, kind="postgres", tier=plan.database(database).tier, scratch=f"{database}-drill-{now:%Y%m%dt%H%M%S%fz}",
+        plan=plan.name, database=database, kind="postgres", tier=plan.database(database).tier,
+        scratch=f"{database}-drill-{now:%Y%m%dt%H%M%S%fz}",
         started_at=now - timedelta(minutes=rto_minutes), finished_at=now,
         rto=Measured(measured=timedelta(minutes=rto_minutes), objective=timedelta(hours=1)),
         rpo=Measured(measured=timedelta(seconds=3), objective=timedelta(minutes=5)),

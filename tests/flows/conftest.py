@@ -1,5 +1,6 @@
 """The recovery runbooks' tests share one lock per database (the Prefect global concurrency limit
-`drplan-recovery-<database>`): a failed test must not leave it taken for the tests after it."""
+`drplan-recovery-<database>`): a failed test must not leave it taken for the tests after it. RDS waits poll the
+sandbox's data plane every half second."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectNotFound
+
+from tasks.targets import RdsInstance
 
 CALL_FAILED = pytest.StashKey[bool]()
 
@@ -34,3 +37,11 @@ def recovery_lock_freed_after_a_failure(request: pytest.FixtureRequest, prefect_
                                                        GlobalConcurrencyLimitUpdate(active_slots=0))
             except ObjectNotFound:
                 pass  # no recovery ever took it
+
+
+@pytest.fixture
+def fast_rds_polls(monkeypatch):
+    """RDS waits poll every half second (the sandbox's data plane changes within a second, not minutes)."""
+    monkeypatch.setattr(RdsInstance, "poll_seconds", 0.5)
+    monkeypatch.setattr("flows.shared.promotion.RDS_POLL_SECONDS", 0.5)
+    monkeypatch.setattr("flows.db_failover.RDS_POLL_SECONDS", 0.5)

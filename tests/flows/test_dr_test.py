@@ -1,43 +1,54 @@
 """The DR test on the sandbox: every part reported, the evidence written and appended to the chain, a failing part
-fails the whole test without stopping the others. Without the sandbox: the bucket restore part and the chain record
-on a moto_server of their own."""
+fails the whole test without stopping the others; the failover part of each database (a client writing throughout:
+its downtime, no row lost, protected and as planned afterwards). Without the sandbox: the bucket restore part and
+the chain record on a moto_server of their own; the failover part skipped on a production plan."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes import client as k8s
 from prefect import flow
 from prefect.artifacts import Artifact
 from typer.testing import CliRunner
 
 from cli.main import app
-from drplan.clients import aws_client
+from drplan.clients import aws_client, db_credentials, kube_client
 from drplan.dr_test_part import Part
 from drplan.drill_report import DrillReport, Measured
 from drplan.errors import DrplanError
 from drplan.evidence import DirStore, append, history, newest, record_name
-from drplan.plan import EvidenceSettings, Tier, load_plan
+from drplan.plan import PLANS_DIR, EvidenceSettings, Tier, load_plan
 from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
+from drplan.write_probe import PREFIX
 from flows.dr_test import (
     DrTestReport,
     dr_test,
     drill_part,
     evidence_history,
+    failover_part,
+    failover_parts,
+    failover_test,
     publish,
     record_evidence,
     restore_parts,
 )
 from sandbox.launchers import moto
+from tasks.k8s import find_database_secret, read_secret_value, write_secret_value
+from tasks.postgres import read_newest_heartbeat
 from tasks.s3 import back_up_prefix
+from tasks.topology import discover
+from tests.helpers import wait_for
 from tests.s3_moto import put_objects, s3_plan
 
 PARTS = ["RPO verification", "backup of bucket data", "restore of bucket data", "DR readiness of us-west-2",
-         "restore drill of devonn-postgres"]
+         "restore drill of devonn-postgres", "failover of devonn-postgres"]
 
 
 def with_evidence(directory: Path) -> Callable[[dict], None]:
@@ -46,7 +57,8 @@ def with_evidence(directory: Path) -> Callable[[dict], None]:
     return change
 
 
-@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "recovery_lock_freed_after_a_failure",
+                         "app_secrets_kept")
 def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tmp_path):
     reports = sandbox.resolve_path(sandbox.drill.report_dir)
     before = set(reports.glob("dr-test-*")) if reports.exists() else set()
@@ -59,9 +71,9 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     report = DrTestReport.model_validate_json(written[0].read_text())
     assert [p.name for p in report.parts] == PARTS
     assert {p.status for p in report.parts} == {Status.passed}, report.markdown()
-    drill = report.parts[-1].summary
+    drill = report.parts[4].summary
     assert drill.startswith("RTO ") and "(objective 1h00m, met)" in drill and "checks passed" in drill
-    assert [(m.kind, m.category, m.met) for m in report.parts[-1].measures] == [("RTO", "critical", True),
+    assert [(m.kind, m.category, m.met) for m in report.parts[4].measures] == [("RTO", "critical", True),
                                                                                  ("RPO", "database", True)]
     assert {m.category for m in report.parts[0].measures} == {"database", "file_storage", "configuration"}
     assert all(f"<td>{p.name}</td>" in page for p in report.parts)
@@ -77,7 +89,8 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     assert verified.exit_code == 0 and f"1 records, head {record.sha256}" in verified.stdout
 
 
-@pytest.mark.usefixtures("prefect_server", "fresh_base_backup")
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "recovery_lock_freed_after_a_failure",
+                         "app_secrets_kept")
 def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_variant, tmp_path):
     def configuration_rpo_of_one_second(data: dict) -> None:
         data["objectives"]["rpo"]["configuration"] = "1s"
@@ -174,3 +187,65 @@ def test_publish_writes_the_html_page_beside_the_markdown_and_links_it(tmp_path)
     assert path.parent == tmp_path / "reports" and "restore drill of devonn-rds" in html
     assert html.count("<svg") == 2 and html.count('class="passed"') == 4  # RTO and RPO, each in two tests
     assert Artifact.get("dr-test-html").data == f"[{page.name}]({page.as_uri()})"
+
+
+@pytest.fixture
+def app_secrets_kept(sandbox) -> Iterator[Callable[[str], str | None]]:
+    """A reader of the DATABASE_URL of the service using a database; afterwards the keys a cutover added to the
+    services' Secrets (the kept previous URL) are removed, so that no later roll back moves an app off its primary."""
+    secrets = {}
+    for service in sandbox.services:
+        cluster = sandbox.cluster(service.cluster)
+        api = kube_client(sandbox, cluster)
+        secrets[service.database] = (api, cluster.namespace, *find_database_secret(api, cluster.namespace,
+                                                                                   service.name))
+
+    def keys(api, namespace: str, secret: str) -> set[str]:
+        return set(k8s.CoreV1Api(api).read_namespaced_secret(secret, namespace).data or {})
+
+    before = {database: keys(*where[:3]) for database, where in secrets.items()}
+    yield lambda database: read_secret_value(*secrets[database])
+    for database, (api, namespace, secret, _) in secrets.items():
+        for added in keys(api, namespace, secret) - before[database]:
+            write_secret_value(api, namespace, secret, added, None)
+
+
+@pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure", "fast_rds_polls")
+@pytest.mark.parametrize("database", ["devonn-rds", "devonn-postgres"])
+def test_the_failover_part_measures_the_downtime_loses_no_row_and_leaves_the_database_protected_as_planned(
+        database, sandbox, sandbox_plan_path, app_secrets_kept):
+    db = sandbox.database(database)
+    url = app_secrets_kept(database)
+    report = failover_test(str(sandbox_plan_path), sandbox, db)
+
+    assert report.status is Status.passed, report.markdown()
+    probe = report.probe
+    assert 0 < probe.downtime_seconds < math.inf and probe.resumed
+    assert probe.lost == [] and probe.committed > 0 and probe.dropped
+    assert report.protected
+    # RDS: the standby takes over behind the same endpoint; PostgreSQL: the replica takes over, then back
+    assert [r.flow for r in report.runs] == ["db-failover", "reprotect"] * (1 if db.kind.value == "rds" else 2)
+    part = failover_part(report)
+    assert (part.name, part.status) == (f"failover of {database}", Status.passed)
+    assert "; 0 rows lost of " in part.summary and part.summary.endswith("; protected")
+    topology = discover(sandbox, [database]).databases[0]
+    assert topology.primary.identifier == db.primary and topology.differences == [], topology.markdown()
+    assert app_secrets_kept(database) == url  # the app on the plan's primary, as before
+    primary = topology.primary.target(db.dbname, db_credentials(sandbox, db))
+    with primary.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE %s", [PREFIX + "%"]).fetchone() == (0,)
+    wait_for(lambda: utcnow() - read_newest_heartbeat(primary, db.integrity.heartbeat_table) < timedelta(seconds=5),
+             30, "the sandbox's heartbeat writer to write on the primary again")  # the tests after this one need it
+
+
+def test_outside_the_sandbox_the_failover_part_is_skipped_unless_included():
+    plan = load_plan(PLANS_DIR / "devonn.yaml")
+    parts = failover_parts(plan, str(PLANS_DIR / "devonn.yaml"), None, include=False)
+    assert [(p.name, p.status) for p in parts] == [(f"failover of {db.name}", Status.skipped) for db in plan.databases]
+    assert {p.summary for p in parts} == {
+        "skipped: a failover causes a short outage; include it with --include-failover (include_failover)"}
+    report = DrTestReport(plan=plan.name, started_at=utcnow(),
+                          parts=[Part(name="RPO verification", status=Status.passed, summary="met"), *parts])
+    assert report.status is Status.passed and report.exit_code == 0
+    (one,) = failover_parts(plan, str(PLANS_DIR / "devonn.yaml"), plan.databases[-1].name, include=False)
+    assert one.name == f"failover of {plan.databases[-1].name}"

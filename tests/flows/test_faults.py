@@ -24,7 +24,6 @@ from flows.s3_recovery import s3_recovery
 from sandbox.fault_proxy import FaultProxy
 from tasks.rds import read_replica_lag
 from tasks.route53 import switch_records
-from tasks.targets import RdsInstance
 from tests.helpers import clusters_restored, own_postgres_topology, own_rds_topology, wait_for
 from tests.s3_moto import listing
 
@@ -87,13 +86,6 @@ def test_postgres_drill_replays_to_the_target(sandbox, faulty_plan):
     assert checks["orders: fingerprint"] is Status.passed
     print(f"postgres drill: AWS retries {report.aws_retries}")
     assert report.cleanup == "removed" and f"AWS retries: {report.aws_retries}" in report.markdown()
-
-
-@pytest.fixture
-def fast_rds_polls(monkeypatch):
-    monkeypatch.setattr(RdsInstance, "poll_seconds", 0.5)
-    monkeypatch.setattr("flows.shared.promotion.RDS_POLL_SECONDS", 0.5)
-    monkeypatch.setattr("flows.db_failover.RDS_POLL_SECONDS", 0.5)
 
 
 @pytest.mark.usefixtures("injected", "fast_rds_polls")

@@ -25,7 +25,6 @@ from sandbox import aws_seed
 from tasks.fencing import unfence_rds
 from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value, roll_back
 from tasks.rds import read_replica_lag
-from tasks.targets import RdsInstance
 from tests.helpers import stack_snapshot, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "recovery_lock_freed_after_a_failure", "worker_rolled_back")
@@ -70,13 +69,6 @@ def worker_rolled_back(sandbox):
     secret, key = find_database_secret(api, cluster.namespace, SERVICE)
     if read_secret_value(api, cluster.namespace, secret, key + PREVIOUS_SUFFIX) is not None:
         roll_back(sandbox, cluster, SERVICE, timeout=30)
-
-
-@pytest.fixture
-def fast_rds_polls(monkeypatch):
-    monkeypatch.setattr(RdsInstance, "poll_seconds", 0.5)
-    monkeypatch.setattr("flows.shared.promotion.RDS_POLL_SECONDS", 0.5)
-    monkeypatch.setattr("flows.db_failover.RDS_POLL_SECONDS", 0.5)
 
 
 @pytest.fixture
