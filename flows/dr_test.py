@@ -48,6 +48,7 @@ from flows.reprotect import ReprotectReport, reprotect
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
 from flows.shared.gates import request_approval
+from flows.shared.postmortem import dr_test_draft
 from flows.shared.report import RecoveryReport, run_report
 from flows.shared.requests import validate_request
 from tasks.s3 import restore_into_scratch, verify_backup
@@ -245,8 +246,8 @@ def evidence_history(plan: Plan) -> list[Record | str]:
 
 
 def publish(plan: Plan, report: DrTestReport) -> Path:
-    """The evidence: artifacts, markdown, JSON and HTML files (the HTML page for management), event. Returns the
-    markdown file."""
+    """The evidence: artifacts, markdown, JSON and HTML files (the HTML page for management), the post-mortem draft,
+    event. Returns the markdown file."""
     create_markdown_artifact(key="dr-test", markdown=report.markdown(),
                              description=f"DR test of {report.plan}: {report.status.value}")
     directory = plan.resolve_path(plan.drill.report_dir)
@@ -259,6 +260,10 @@ def publish(plan: Plan, report: DrTestReport) -> Path:
     page.write_text(render(report, evidence_history(plan), plan.objectives), encoding="utf-8")
     create_link_artifact(key="dr-test-html", link=page.as_uri(), link_text=page.name,
                          description=f"DR test of {report.plan} for management (self-contained HTML, opens offline)")
+    postmortem = dr_test_draft(report.plan, report.started_at, report.status.value, report.parts, str(path))
+    path.with_name(f"{path.stem}-postmortem.md").write_text(postmortem + "\n")
+    create_markdown_artifact(key="dr-test-postmortem", markdown=postmortem,
+                             description=f"post-mortem draft of the DR test of {report.plan}")
     emit_event(event=f"drplan.dr_test.{report.status.value}",
                resource={"prefect.resource.id": f"drplan.plan.{report.plan}", "prefect.resource.name": report.plan},
                payload={"report": str(path), "html": str(page),

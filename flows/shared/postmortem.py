@@ -7,8 +7,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from drplan.dr_test_part import Part
 from drplan.plan import Plan
-from drplan.results import markdown_table
+from drplan.results import Status, markdown_table
 from drplan.timeutil import format_duration
 
 if TYPE_CHECKING:  # the report module writes the draft
@@ -91,6 +92,41 @@ def draft(plan: Plan, report: RecoveryReport) -> str:
         TODO,
         "",
         "## Action items",
+        "",
+        TODO,
+    ])
+
+
+def dr_test_draft(plan_name: str, started_at: datetime, outcome: str, parts: list[Part], written_to: str) -> str:
+    """The post-mortem (learnings) draft of a DR test: its parts as the timeline, what they measured against the
+    objectives, what did not pass, and the sections the team writes."""
+    measures = [(p, m) for p in parts for m in p.measures]
+    missed = [f"- {m.kind} of {m.subject} ({m.category}, {p.name}): {m}" for p, m in measures if not m.met]
+    not_passed = [f"- {p.name}: {p.status.value}: {p.summary}" for p in parts
+                  if p.status not in (Status.passed, Status.skipped)]
+    return "\n".join([
+        f"# Post-mortem (draft): DR test of plan {plan_name}, {started_at:%Y-%m-%d}",
+        "",
+        f"Written by drplan from the DR test's report ({written_to}). Outcome: **{outcome}**. A test changes nothing "
+        "that serves, except the outage its failover part causes on purpose (its downtime is in its summary).",
+        "",
+        "## Timeline",
+        "",
+        markdown_table(["part", "status", "summary"], [[p.name, p.status.value, p.summary] for p in parts]),
+        "",
+        "## Measured against the objectives",
+        "",
+        "\n".join(f"- {m.kind} of {m.subject} ({m.category}): {m}" for _, m in measures) or "- nothing measured",
+        "",
+        "## What did not pass",
+        "",
+        "\n".join(not_passed + missed) or "- nothing: every part passed and every objective was met",
+        "",
+        "## Root cause of what did not pass",
+        "",
+        TODO,
+        "",
+        "## Learnings and action items",
         "",
         TODO,
     ])

@@ -187,6 +187,10 @@ def test_publish_writes_the_html_page_beside_the_markdown_and_links_it(tmp_path)
     assert path.parent == tmp_path / "reports" and "restore drill of devonn-rds" in html
     assert html.count("<svg") == 2 and html.count('class="passed"') == 4  # RTO and RPO, each in two tests
     assert Artifact.get("dr-test-html").data == f"[{page.name}]({page.as_uri()})"
+    postmortem = path.with_name(f"{path.stem}-postmortem.md").read_text()
+    assert postmortem.startswith(f"# Post-mortem (draft): DR test of plan {plan.name}")
+    assert "| restore drill of devonn-rds | passed |" in postmortem and "- RTO of devonn-rds (critical): 5m00s" \
+        in postmortem and "## Learnings and action items" in postmortem
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from drplan.plan import load_plan
 from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
 from flows.pitr_recovery import PitrReport
-from flows.shared.postmortem import TODO, draft
+from flows.shared.postmortem import TODO, dr_test_draft, draft
 from flows.shared.report import Step
 from tasks.health import ServiceValidation
 
@@ -55,3 +55,19 @@ def test_the_window_starts_at_the_first_alarm_and_a_failed_validation_is_not_res
     assert "RTO 4h20m (objective 4h00m, tier secondary, NOT met), from the first alarm or request" in late
     failed = draft(PLAN, recovery(minutes=20, passed=False))
     assert "not restored by this run" in failed and "| health | failed | 200 |" in failed
+
+
+def test_a_dr_test_draft_lists_its_parts_measures_and_what_did_not_pass():
+    from drplan.dr_test_part import Measure, Part
+
+    late = Measure(kind="RTO", subject="devonn-rds", category="secondary", measured=timedelta(hours=5),
+                   objective=timedelta(hours=4))
+    parts = [Part(name="restore drill of devonn-rds", status=Status.failed, summary="RTO 5h", measures=[late]),
+             Part(name="failover of devonn-rds", status=Status.skipped, summary="skipped: not included")]
+    text = dr_test_draft("devonn", utcnow(), "failed", parts, "reports/dr-test-x.md")
+    assert "| restore drill of devonn-rds | failed | RTO 5h |" in text
+    assert "| failover of devonn-rds | skipped |" in text
+    assert "- restore drill of devonn-rds: failed: RTO 5h" in text
+    assert "- RTO of devonn-rds (secondary, restore drill of devonn-rds): 5h00m (objective 4h00m, NOT met)" in text
+    assert "failover of devonn-rds: skipped" not in text.split("## What did not pass")[1]
+    assert text.count(TODO) == 2
