@@ -46,11 +46,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import boto3
 from barman import xlog
 from barman.clients.cloud_cli import create_argument_parser
 from barman.clients.cloud_compression import decompress_to_file
 from barman.cloud import ALLOWED_COMPRESSIONS
 from barman.cloud_providers import get_cloud_interface
+from botocore.config import Config
 
 from drplan.wal_restore import SOCKET
 
@@ -66,6 +68,8 @@ _PAGE_HEADER = struct.Struct("=HHIQI4xQII")  # XLogLongPageHeaderData: magic, in
 # seg_size, xlog_blcksz
 
 log = logging.getLogger("drplan.wal_prefetch")
+STATS: Counter[str] = Counter()
+"""What this process did (prefetched, on demand, taken from the spool, failed attempts by error), logged at the end."""
 
 
 class Missing(Exception):
@@ -86,19 +90,16 @@ def cloud_config(argv: list[str], extra: Any = None):
 
 
 class Archive:
-    """One barman-cloud WAL archive, read through barman's CloudInterface (one per thread: a boto3 resource is not
-    thread-safe)."""
+    """One barman-cloud WAL archive (S3), read through barman's CloudInterface, built once: every thread uses its
+    boto3 client (thread-safe, unlike the resource around it), with a connection for each of `connections` threads."""
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    def __init__(self, config: Any, connections: int = 10) -> None:
         self.server_name = config.server_name
-        self._local = threading.local()
-
-    @property
-    def cloud(self):
-        if not hasattr(self._local, "cloud"):
-            self._local.cloud = get_cloud_interface(self.config)
-        return self._local.cloud
+        self.cloud = get_cloud_interface(config)
+        client = self.cloud.s3.meta.client
+        self._client = boto3.Session(profile_name=self.cloud.profile_name).client(
+            "s3", endpoint_url=self.cloud.endpoint_url, region_name=client.meta.region_name,
+            config=client.meta.config.merge(Config(max_pool_connections=max(10, connections))))
 
     def _dir(self, hash_dir: str) -> str:
         return "/".join(p.strip("/") for p in (self.cloud.path, self.server_name, "wals", hash_dir) if p) + "/"
@@ -137,11 +138,9 @@ class Archive:
         raise AssertionError("unreachable")
 
     def _download(self, key: str, name: str, dest: Path) -> int | None:
-        cloud = self.cloud
-        client = cloud.s3.meta.client
         try:
-            response = client.get_object(Bucket=cloud.bucket_name, Key=key)
-        except client.exceptions.NoSuchKey:
+            response = self._client.get_object(Bucket=self.cloud.bucket_name, Key=key)
+        except self._client.exceptions.NoSuchKey:
             raise Missing(key) from None
         body = _Counted(response["Body"])
         temp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -218,10 +217,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-STATS: Counter[str] = Counter()
-"""What the daemon did (prefetched, on demand, taken from the spool, errors by kind), logged when it stops."""
-
-
 class Prefetcher:
     """The daemon's state: a window of segments after the one recovery asked for last (`cursor`), fetched by a
     thread pool into the spool, bounded by `spool_bytes`."""
@@ -243,7 +238,8 @@ class Prefetcher:
         return max(1, self.spool_bytes // (self._seg_size or 1 << 24))
 
     def request(self, name: str) -> str:
-        """PostgreSQL's restore_command asks for `name`: `ready` (in the spool now), `missing` or `error <why>`."""
+        """PostgreSQL's restore_command asks for `name`: `ready` (in the spool now), `missing` or `error <why>`. The
+        window moves there; `tick` fills it."""
         if not xlog.is_wal_file(name):  # history files: on demand only
             return self._fetch_now(name)
         with self._lock:
@@ -254,11 +250,8 @@ class Prefetcher:
             running.exception()  # wait; a failed prefetch is fetched again below
         if (self.spool / name).exists():
             STATS["ready"] += 1
-            answer = "ready"
-        else:
-            answer = self._fetch_now(name)
-        self.tick()
-        return answer
+            return "ready"
+        return self._fetch_now(name)
 
     def _fetch_now(self, name: str) -> str:
         try:
@@ -385,6 +378,7 @@ def _answer(prefetcher: Prefetcher, conn: socket.socket) -> None:
         else:
             answer = prefetcher.request(name)
         stream.write(answer.encode() + b"\n")
+    prefetcher.tick()  # after the answer: recovery goes on while the window fills
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    prefetcher = Prefetcher(Archive(config), spool, config.parallel, config.spool_bytes)
+    archive = Archive(config, config.parallel + 2)
+    archive.listing("")  # credentials, endpoint and bucket checked (and botocore warmed up) before the socket exists
+    prefetcher = Prefetcher(archive, spool, config.parallel, config.spool_bytes)
     try:
         serve(prefetcher, stop)
     finally:
