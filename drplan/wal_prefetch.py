@@ -123,19 +123,17 @@ class Archive:
     def fetch(self, key: str, name: str, dest: Path) -> int | None:
         """Download `key` into `dest` (decompressed, checked, then renamed into place); FETCH_ATTEMPTS tries. Returns a
         segment's size (None for a history file). Missing when the key is gone; the last error otherwise."""
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
+        for attempt in range(1, FETCH_ATTEMPTS):
             try:
                 return self._download(key, name, dest)
             except Missing:
                 raise
             except Exception as exc:  # noqa: BLE001 - a cut body, a failed check, an exhausted retry: fetch again
                 STATS[type(exc).__name__] += 1
-                if attempt == FETCH_ATTEMPTS:
-                    raise
                 log.warning("%s: attempt %d failed (%s: %s); fetching again", name, attempt, type(exc).__name__,
                             _first_line(exc))
                 time.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")
+        return self._download(key, name, dest)  # the last attempt: its error is the caller's
 
     def _download(self, key: str, name: str, dest: Path) -> int | None:
         try:
