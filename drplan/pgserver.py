@@ -42,6 +42,7 @@ VENV_BIN = Path(sysconfig.get_path("scripts"))
 CODE_ROOT = Path(__file__).resolve().parent.parent
 """Where this drplan's packages live: the OS user's Python imports drplan (the WAL prefetcher) from here."""
 PREFETCH_START_SECONDS = 30
+"""How long the WAL prefetch daemon may take to list the archive and open its socket."""
 HOST = "127.0.0.1"
 TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 RESTORED = "drplan-restored"
