@@ -312,14 +312,15 @@ def probe_fingerprint(pg: SandboxPostgres, member: str) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def probe(pg) -> tuple[datetime, tuple]:
+def probe_wal(pg) -> tuple[datetime, tuple]:
     """A fresh base backup, then PROBE_SEGMENTS segments of WAL with rows in each, a target time T, rows after T, all
     archived; returns T and the table's fingerprint at T."""
+    demo_data.create_and_load(pg, PRIMARY, ROWS)  # the database (loaded already when the whole module runs)
     pg.base_backup(PRIMARY)
     with pg.connect(PRIMARY) as conn:
         conn.execute("CREATE TABLE prefetch_probe (id int PRIMARY KEY, payload text)")
         for batch in range(PROBE_SEGMENTS):
-            conn.execute("INSERT INTO prefetch_probe SELECT g, md5(g::text) FROM generate_series(%s, %s) g",
+            conn.execute("INSERT INTO prefetch_probe SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
                          (batch * 100 + 1, batch * 100 + 100))
             conn.execute("SELECT pg_switch_wal()")
     at_target = probe_fingerprint(pg, PRIMARY)
@@ -341,10 +342,10 @@ def restorer(pg: SandboxPostgres, endpoint_url: str) -> SandboxPostgres:
     return make_sandbox(pg.state_dir, endpoint_url, aws_env=aws, prefetch=WalPrefetch(parallel=4, spool="64MiB"))
 
 
-def test_restore_through_a_faulty_store_matches_the_source_at_t(pg, moto_s3, probe):
+def test_restore_through_a_faulty_store_matches_the_source_at_t(pg, moto_s3, probe_wal):
     """Throttles and resets on any request; WAL downloads also corrupted or cut mid-body: the prefetcher fetches
     those again, and the copy holds exactly the rows committed by T."""
-    target, at_target = probe
+    target, at_target = probe_wal
     member = f"t{TOKEN}-restored"
     with FaultProxy(moto_s3.meta.endpoint_url, fraction=0.3, seed=19, body_match="/wals/",
                     kinds=("slowdown", "reset", "corrupt", "cut")) as proxy:
@@ -363,13 +364,13 @@ def test_restore_through_a_faulty_store_matches_the_source_at_t(pg, moto_s3, pro
     assert "fetching again" in log and "stopped:" in log
 
 
-def test_a_wal_spool_the_os_user_cannot_write_is_refused_before_the_restore(pg, probe):
+def test_a_wal_spool_the_os_user_cannot_write_is_refused_before_the_restore(pg, probe_wal):
     hidden = Path(tempfile.mkdtemp(prefix=f"drplan-pg-{TOKEN}-spool-", dir="/tmp"))  # 0700 root: locked out
     engine = make_sandbox(pg.state_dir, pg.endpoint_url, spool_dir=hidden)
     member = f"t{TOKEN}-unspooled"
     try:
         with pytest.raises(PostgresError, match=r"WAL spool .* is not writable by OS user drplan-pg; ") as caught:
-            engine.restore(member, free_port(), probe[0], engine.backup_for(probe[0]))
+            engine.restore(member, free_port(), probe_wal[0], engine.backup_for(probe_wal[0]))
         assert "\n" not in str(caught.value)
         assert not engine.data_dir(member).exists()  # nothing downloaded
     finally:
@@ -388,11 +389,11 @@ pg.restore(a["member"], a["port"], target, pg.backup_for(target))
 """
 
 
-def test_a_killed_restore_leaves_no_prefetch_daemon_behind(pg, moto_s3, probe, state_dir):
+def test_a_killed_restore_leaves_no_prefetch_daemon_behind(pg, moto_s3, probe_wal, state_dir):
     member = f"t{TOKEN}-killed"
     with FaultProxy(moto_s3.meta.endpoint_url, fraction=0.0, latency=0.05) as proxy:  # a slower store
         args = {"state": str(state_dir), "endpoint": proxy.url, "aws": AWS, "destination": f"s3://{BUCKET}/{PREFIX}",
-                "server": SERVER, "target": probe[0].isoformat(), "member": member, "port": free_port()}
+                "server": SERVER, "target": probe_wal[0].isoformat(), "member": member, "port": free_port()}
         child = subprocess.Popen([sys.executable, "-c", KILLED_RESTORE, json.dumps(args)],
                                  env={**os.environ, "PROBE_PASSWORD": PASSWORD, "PYTHONPATH": str(REPO)})
         try:
