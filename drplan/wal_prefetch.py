@@ -351,7 +351,8 @@ def serve(prefetcher: Prefetcher, stop: threading.Event) -> None:
     path = prefetcher.spool / SOCKET
     path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
+    os.chdir(prefetcher.spool)  # bound by its relative name: a spool's path may be longer than AF_UNIX allows (107)
+    server.bind(SOCKET)
     server.listen(64)
     server.settimeout(TICK_SECONDS)
     log.info("listening on %s: %d in parallel, spool %d bytes", path, prefetcher.parallel, prefetcher.spool_bytes)

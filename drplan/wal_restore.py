@@ -33,10 +33,12 @@ def command(python: str, spool: Path, cloud_args: list[str]) -> str:
 
 
 def ask(spool: Path, name: str) -> str | None:
-    """The daemon's answer for `name` (`ready`, `missing`, `error ...`); None when no daemon answers."""
+    """The daemon's answer for `name` (`ready`, `missing`, `error ...`); None when no daemon answers. Changes the
+    working directory to `spool`."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(str(spool / SOCKET))
+            os.chdir(spool)  # by its relative name: the spool's path may be longer than AF_UNIX allows (107 bytes)
+            conn.connect(SOCKET)
             conn.sendall(name.encode() + b"\n")
             answer = conn.makefile("rb").readline().decode(errors="replace").strip()
     except OSError:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m drplan.wal_restore --spool DIR [barman-cloud options] SOURCE_URL SERVER_NAME %f %p",
               file=sys.stderr)
         return FAILED
-    spool, cloud_args, name, dest = Path(args[1]), args[2:-2], args[-2], Path(args[-1])
+    spool, cloud_args, name, dest = Path(args[1]).absolute(), args[2:-2], args[-2], Path(args[-1]).absolute()
     try:
         answer = ask(spool, name)
         if answer == "ready":

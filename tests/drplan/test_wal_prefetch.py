@@ -152,7 +152,7 @@ def spool_use(spool: Path) -> int:
 
 
 def test_recovery_gets_every_file_in_order_from_a_bounded_spool_filled_ahead(moto_env, own_processes, tmp_path):
-    spool, data = tmp_path / "spool", tmp_path / "data"
+    spool, data = tmp_path / ("long-" * 16) / "spool", tmp_path / "data"  # its socket's path: beyond AF_UNIX's 107
     (data / "pg_wal").mkdir(parents=True)
     daemon = start_daemon(own_processes, spool, moto_env["url"], parallel=2, spool_bytes=4 * SEG)
     command = wal_restore.command(sys.executable, spool, cloud_args(moto_env["url"]))
