@@ -54,7 +54,7 @@ from barman.cloud import ALLOWED_COMPRESSIONS
 from barman.cloud_providers import get_cloud_interface
 from botocore.config import Config
 
-from drplan.wal_restore import SOCKET
+from drplan.wal_restore import SOCKET, socket_path
 
 FETCH_ATTEMPTS = 5
 """Downloads of one file before it counts as failed: a check that fails, or a connection cut mid-body, is fetched
@@ -351,8 +351,8 @@ def serve(prefetcher: Prefetcher, stop: threading.Event) -> None:
     path = prefetcher.spool / SOCKET
     path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    os.chdir(prefetcher.spool)  # bound by its relative name: a spool's path may be longer than AF_UNIX allows (107)
-    server.bind(SOCKET)
+    with socket_path(prefetcher.spool) as short:
+        server.bind(short)
     server.listen(64)
     server.settimeout(TICK_SECONDS)
     log.info("listening on %s: %d in parallel, spool %d bytes", path, prefetcher.parallel, prefetcher.spool_bytes)

@@ -17,6 +17,8 @@ import shlex
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SOCKET = "prefetch.sock"
@@ -32,13 +34,22 @@ def command(python: str, spool: Path, cloud_args: list[str]) -> str:
     return f"{fast} || exec {slow} %f %p"
 
 
-def ask(spool: Path, name: str) -> str | None:
-    """The daemon's answer for `name` (`ready`, `missing`, `error ...`); None when no daemon answers. Changes the
-    working directory to `spool`."""
+@contextmanager
+def socket_path(spool: Path) -> Iterator[str]:
+    """The daemon's socket as a path short enough for AF_UNIX (at most 107 bytes, less than a spool's path may be):
+    through a descriptor of the spool directory."""
+    fd = os.open(spool, os.O_PATH | os.O_DIRECTORY)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            os.chdir(spool)  # by its relative name: the spool's path may be longer than AF_UNIX allows (107 bytes)
-            conn.connect(SOCKET)
+        yield f"/proc/self/fd/{fd}/{SOCKET}"
+    finally:
+        os.close(fd)
+
+
+def ask(spool: Path, name: str) -> str | None:
+    """The daemon's answer for `name` (`ready`, `missing`, `error ...`); None when no daemon answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, socket_path(spool) as path:
+            conn.connect(path)
             conn.sendall(name.encode() + b"\n")
             answer = conn.makefile("rb").readline().decode(errors="replace").strip()
     except OSError:
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m drplan.wal_restore --spool DIR [barman-cloud options] SOURCE_URL SERVER_NAME %f %p",
               file=sys.stderr)
         return FAILED
-    spool, cloud_args, name, dest = Path(args[1]).absolute(), args[2:-2], args[-2], Path(args[-1]).absolute()
+    spool, cloud_args, name, dest = Path(args[1]), args[2:-2], args[-2], Path(args[-1])
     try:
         answer = ask(spool, name)
         if answer == "ready":
