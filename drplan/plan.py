@@ -18,9 +18,11 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -361,6 +363,33 @@ class ApprovalSettings(_Model):
         return self
 
 
+WAL_SEGMENT = 16 * 1024 * 1024
+"""PostgreSQL's default WAL segment size: the least a prefetch spool must hold."""
+
+
+def _spool_size(value: Any) -> int:
+    try:
+        size = TypeAdapter(ByteSize).validate_python(value)
+    except ValidationError:
+        raise ValueError(f"{value!r} is not a size; write e.g. 1GiB or 512MiB") from None
+    if size < WAL_SEGMENT:
+        raise ValueError(f"{value!r} is smaller than one WAL segment (16 MiB); write 16MiB or more (default 1GiB)")
+    return int(size)
+
+
+class WalPrefetch(_Model):
+    """Self-managed PostgreSQL restores: the WAL segments after the one recovery asks for are fetched in parallel into
+    a bounded local spool (drplan/wal_prefetch.py)."""
+
+    parallel: int = Field(default=8, ge=1, le=64)
+    """Segments fetched at once."""
+    spool: Annotated[int, BeforeValidator(_spool_size)] = 1024**3
+    """Disk the spool may use (e.g. 1GiB, 512MiB): segments fetched ahead, at most this much at a time."""
+    spool_dir: str | None = None
+    """Where spools live (one directory per restore below it, relative to the plan file); default: next to the
+    restored copies, under drill.work_dir. The OS user must be able to write there."""
+
+
 class DrillSettings(_Model):
     """Restore drills: where scratch copies go, how long they may take, which target time by default."""
 
@@ -374,6 +403,8 @@ class DrillSettings(_Model):
     """Leftovers of earlier drills (crashed runs) older than this are removed before each drill."""
     report_dir: str = "../reports"
     """Where drill reports (JSON) are written, relative to the plan file."""
+    wal_prefetch: WalPrefetch = WalPrefetch()
+    """postgres kind: how restores (drills and recoveries) fetch archived WAL."""
 
 
 class EvidenceSettings(_Model):

@@ -55,13 +55,16 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
         scratch = restore_scratch(target, name, report.target_time, credentials)
         report.backup_id = scratch.backup_id
         report.restore_duration = utcnow() - started
+        report.download, report.replay = scratch.download, scratch.replay
         copy = scratch.target(db, credentials)
         source = live.target(db.dbname, credentials) if live and live.host else pg_target(dr_plan, db, "primary",
                                                                                          credentials)
+        checks_started = utcnow()
         report.checks = check_restored_copy(source, copy, db.integrity, report.target_time,
                                             dr_plan.objectives.rpo.database)
         if db.integrity.fingerprint:
             report.checks += compare_fingerprints(source, copy, db.integrity, report.target_time)
+        report.checks_duration = utcnow() - checks_started
         report.rto = Measured(measured=utcnow() - started, objective=dr_plan.objectives.rto_for(db.tier))
         try:
             newest = read_newest_heartbeat_task(copy, db.integrity.heartbeat_table)

@@ -8,6 +8,11 @@ A seeded random fraction of requests (default 0.3) gets a fault instead of being
   with code `Throttling`, and the `x-amzn-ErrorType` header REST-JSON clients read);
 - `reset`: the connection closed with a TCP RST (SO_LINGER 0) before any answer.
 
+Two more kinds, only when asked for (`kinds=`) and only for S3 object GETs: `corrupt` (the answer forwarded with one
+byte of its body flipped, headers intact: what a client's checksum must catch) and `cut` (the headers and part of
+the body, then a reset: a connection lost mid-download), for keys matching `body_match` (a regex; default any).
+`limit` caps the faults injected; `latency` (seconds) delays every request, as a distant store would.
+
 The others go to the upstream byte for byte (the request body buffered, the answer streamed back, so barman-cloud
 can fetch WAL and base backups through it). `GET /__faults` answers the counts as JSON; `counts()` returns them.
 """
@@ -21,11 +26,13 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 KINDS = ("slowdown", "throttling", "reset")
+BODY_KINDS = ("corrupt", "cut")
 FAULTS_PATH = "/__faults"
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
                "expect"}
@@ -37,13 +44,17 @@ class FaultProxy:
     """`with FaultProxy(upstream) as proxy:` proxy.url is the endpoint to use; stopped (every connection and
     thread ended) on exit. `kinds` limits the faults it picks from; a request no kind fits is forwarded."""
 
-    def __init__(self, upstream: str, fraction: float = 0.3, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> None:
-        if not set(kinds) <= set(KINDS) or not kinds:
-            raise ValueError(f"kinds must be among {KINDS}")
+    def __init__(self, upstream: str, fraction: float = 0.3, seed: int = 0, kinds: tuple[str, ...] = KINDS,
+                 limit: int | None = None, body_match: str = "", latency: float = 0.0) -> None:
+        if not set(kinds) <= {*KINDS, *BODY_KINDS} or not kinds:
+            raise ValueError(f"kinds must be among {KINDS + BODY_KINDS}")
         target = urlsplit(upstream)
         self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self.fraction = fraction
         self.kinds = kinds
+        self.limit = limit
+        self.body_match = re.compile(body_match)
+        self.latency = latency
         self.forwarded = 0
         self.faults: Counter[str] = Counter()
         self._random = random.Random(seed)
@@ -60,7 +71,8 @@ class FaultProxy:
     def counts(self) -> dict[str, int]:
         """Faults injected by kind, and the requests forwarded."""
         with self._lock:
-            return {**{kind: self.faults[kind] for kind in KINDS}, "forwarded": self.forwarded}
+            return {**{kind: self.faults[kind] for kind in dict.fromkeys((*KINDS, *self.kinds))},
+                    "forwarded": self.forwarded}
 
     @property
     def injected(self) -> int:
@@ -96,11 +108,13 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _pick(self, s3: bool) -> str | None:
+    def _pick(self, s3: bool, object_get: bool) -> str | None:
         """The fault for the next request, or None: forward it."""
-        fitting = [k for k in self.kinds if k != ("throttling" if s3 else "slowdown")]
+        fitting = [k for k in self.kinds if k != ("throttling" if s3 else "slowdown")
+                   and (object_get or k not in BODY_KINDS)]
         with self._lock:
-            if self._random.random() >= self.fraction or not fitting:
+            spent = self.limit is not None and sum(self.faults.values()) >= self.limit
+            if self._random.random() >= self.fraction or not fitting or spent:
                 self.forwarded += 1
                 return None
             kind = self._random.choice(fitting)
@@ -150,7 +164,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(200, "application/json", json.dumps(self.proxy.counts()).encode())
             return
         s3 = _service(self) == "s3"
-        kind = self.proxy._pick(s3)
+        parts = urlsplit(self.path)
+        object_get = (s3 and self.command == "GET" and "/" in parts.path.strip("/") and "list-type" not in parts.query
+                      and self.proxy.body_match.search(unquote(parts.path)) is not None)
+        time.sleep(self.proxy.latency)
+        kind = self.proxy._pick(s3, object_get)
         if kind == "reset":
             self._reset()
         elif kind == "slowdown":
@@ -159,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "throttling":
             self._throttle()
         else:
-            self._forward(body)
+            self._forward(body, kind)
 
     def _body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -196,7 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
         socket.close(self.connection.detach())  # close at once (not after makefile's references): an RST
         self.close_connection = True
 
-    def _forward(self, body: bytes) -> None:
+    def _forward(self, body: bytes, fault: str | None = None) -> None:
+        """Send the request upstream and stream its answer back; `corrupt` flips a byte of the body's first block,
+        `cut` resets the connection after half of it."""
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         if body or self.command in ("PUT", "POST", "PATCH"):
             headers["Content-Length"] = str(len(body))
@@ -217,6 +237,14 @@ class _Handler(BaseHTTPRequestHandler):
             if bodiless:
                 return
             while block := response.read(_BLOCK):
+                if fault == "cut" and response.status == 200:
+                    self.wfile.write(block[: len(block) // 2])
+                    self.wfile.flush()
+                    self._reset()
+                    return
+                if fault == "corrupt" and response.status == 200:
+                    block, fault = block[: len(block) // 2] + bytes([block[len(block) // 2] ^ 0xFF]) \
+                        + block[len(block) // 2 + 1:], None
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")

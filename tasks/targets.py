@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 import socket
 from abc import ABC, abstractmethod
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, child_aws_env
 from drplan.errors import DrplanError
-from drplan.pgserver import HOST, LocalPostgres, PostgresError
+from drplan.pgserver import HOST, LocalPostgres, PostgresError, spool_dir
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.timeutil import utcnow
 from drplan.topology import Member
@@ -93,6 +93,10 @@ class Scratch(Copy):
     backup_id: str | None = None
     reused: bool = False
     """An earlier run had already restored it (a rerun after a crash): nothing was restored this time."""
+    download: timedelta | None = None
+    """postgres: how long the base backup's download took (None when reused, and for rds)."""
+    replay: timedelta | None = None
+    """postgres: how long WAL took to fetch and replay, up to the promotion."""
 
     def target(self, db: Database, credentials: DbCredentials) -> PgTarget:
         return PgTarget(f"{db.name}/scratch {self.name}", self.host, self.port, db.dbname, credentials)
@@ -161,7 +165,7 @@ class PostgresArchive(RestoreTarget):
             password=credentials.password.get_secret_value() if credentials else "",
             dbname=self.db.dbname, endpoint_url=self.plan.aws.endpoint_url, aws_env=child_aws_env(self.plan),
             destination=self.db.backup.destination, server_name=self.db.backup.server_name,
-            archive_timeout=self.archive_timeout,
+            archive_timeout=self.archive_timeout, prefetch=self.plan.drill.wal_prefetch, spool_dir=spool_dir(self.plan),
         )
 
     @property
@@ -204,7 +208,8 @@ class PostgresArchive(RestoreTarget):
             if not local.data_dir(name).exists():  # the restore removed what it had half-done
                 marker.unlink(missing_ok=True)
             raise DrplanError(str(exc)) from None
-        return scratch.model_copy(update={"reused": not restored})
+        times = {"download": restored.download, "replay": restored.replay} if restored else {}
+        return scratch.model_copy(update={"reused": restored is None, **times})
 
     def drop(self, name: str) -> bool:
         existed = self.local().remove(name)

@@ -30,7 +30,7 @@ TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 # Markers follow from the fixtures a test requests (directly or through other fixtures), never written by hand:
 # `slow` = the session sandbox or a Prefect server (a minute or more to start); `sandbox` = any real server, those
 # and the ones a test module starts for itself. `pytest -m "not sandbox"` is the fast suite.
-SLOW_FIXTURES = frozenset({"sandbox", "prefect_server", "platform"})
+SLOW_FIXTURES = frozenset({"sandbox", "prefect_server", "platform", "probe_wal", "ui_server"})  # probe_wal: WAL
 SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_s3", "moto_rds", "iam_moto", "pg_cluster", "postgres_port",
                                    "kube_api", "own_processes"}
 

@@ -26,6 +26,7 @@ def test_shipped_plans_load():
     assert prod.objectives.rpo.database == timedelta(minutes=5)
     assert prod.objectives.rto.critical == timedelta(hours=1)
     assert prod.aws.endpoint_url is None
+    assert (prod.drill.wal_prefetch.parallel, prod.drill.wal_prefetch.spool) == (8, 1 << 30)
     sandbox = load_plan(PLANS_DIR / "sandbox.yaml")
     assert sandbox.aws.is_loopback and sandbox.sandbox is not None
     assert {d.kind.value for d in sandbox.databases} == {"postgres", "rds"}
@@ -67,6 +68,12 @@ CATALOGUE = [
      "databases[1].name: 'devonn-postgres' is already used by databases[0]; names must be unique"),
     ("DNS TTL too long", lambda d: d["dns"].update(ttl=3600),
      "dns.ttl: 3600 is out of range; write a number <= 300"),
+    ("WAL prefetch parallelism 0", lambda d: d["drill"]["wal_prefetch"].update(parallel=0),
+     "drill.wal_prefetch.parallel: 0 is out of range; write a number >= 1"),
+    ("WAL spool smaller than a segment", lambda d: d["drill"]["wal_prefetch"].update(spool="8MiB"),
+     "drill.wal_prefetch.spool: '8MiB' is smaller than one WAL segment (16 MiB); write 16MiB or more"),
+    ("WAL spool not a size", lambda d: d["drill"]["wal_prefetch"].update(spool="lots"),
+     "drill.wal_prefetch.spool: 'lots' is not a size; write e.g. 1GiB or 512MiB"),
     ("credentials_secret holding JSON", lambda d: d["databases"][0].update(credentials_secret='{"password":1}'),
      "databases[0].credentials_secret: '{\"password\":1}' is not a secret reference"),
     ("alarm mapped to an unknown runbook", lambda d: d["alarms"].append({"alarm": "x", "runbook": "rm-rf"}),

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from drplan import processes
 from drplan.clients import aws_client, db_credentials
 from drplan.drill_report import DrillReport
 from drplan.pgserver import TARGET_NOT_REACHED
@@ -168,6 +169,11 @@ def test_drill_to_t_equals_the_snapshot_at_t_and_a_later_drill_finds_exactly_the
     try:
         assert report.status is Status.passed, report.markdown()
         assert report.target_time == at_t and report.rpo.measured < timedelta(seconds=5)
+        assert report.rto_split.startswith("download ") and ", replay " in report.markdown()
+        work = sandbox.resolve_path(sandbox.drill.work_dir)  # WAL came through the prefetcher, which stopped after
+        assert "stopped: " in (work / "logs" / f"wal-prefetch-{report.scratch}.log").read_text()
+        assert not processes.running(work, f"wal-prefetch-{report.scratch}")
+        assert not list((work / "postgres" / "spool").glob(f"{report.scratch}*"))
         copy_at_t, copy_later = kept_scratch(sandbox, report), kept_scratch(sandbox, later)
         for table in ("users", "orders"):
             assert fingerprint_diff(snapshot, copy_at_t, table).differing == 0

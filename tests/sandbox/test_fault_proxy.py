@@ -14,6 +14,7 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+from botocore.exceptions import ResponseStreamingError
 
 from drplan.clients import aws_client, retries_since
 from drplan.plan import load_plan
@@ -108,3 +109,25 @@ def test_a_reset_is_a_tcp_reset_and_stop_leaves_nothing_running(moto_env):
     assert not [t for t in threading.enumerate() if t.name == "fault-proxy" or "process_request" in t.name]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=2)
+
+
+def test_body_faults_hit_only_matching_object_gets_and_at_most_limit_times(moto_env, tmp_path):
+    payload = os.urandom(200_000)
+    with FaultProxy(moto_env, fraction=0.0) as plain:
+        s3 = aws_client(load_plan(s3_plan(tmp_path, plain.url, [])), "s3")
+        s3.create_bucket(Bucket="body-faults")
+        for key in ("wals/a", "base/b"):
+            s3.put_object(Bucket="body-faults", Key=key, Body=payload)
+    with FaultProxy(moto_env, fraction=1.0, kinds=("corrupt",), limit=1, body_match="/wals/") as proxy:
+        s3 = aws_client(load_plan(s3_plan(tmp_path, proxy.url, [])), "s3")
+        assert s3.list_objects_v2(Bucket="body-faults")["KeyCount"] == 2  # a listing: never a body fault
+        assert s3.get_object(Bucket="body-faults", Key="base/b")["Body"].read() == payload  # not matching
+        corrupted = s3.get_object(Bucket="body-faults", Key="wals/a")["Body"].read()
+        assert len(corrupted) == len(payload) and corrupted != payload  # headers intact, one byte flipped
+        assert s3.get_object(Bucket="body-faults", Key="wals/a")["Body"].read() == payload  # the limit is spent
+        assert proxy.counts()["corrupt"] == 1
+    with FaultProxy(moto_env, fraction=1.0, kinds=("cut",), limit=1) as proxy:
+        s3 = aws_client(load_plan(s3_plan(tmp_path, proxy.url, [])), "s3")
+        with pytest.raises(ResponseStreamingError, match="Connection reset by peer"):
+            s3.get_object(Bucket="body-faults", Key="wals/a")["Body"].read()
+        assert proxy.counts()["cut"] == 1

@@ -5,10 +5,13 @@ Real processes, no mocks. Needs root (it creates the OS user and runs PostgreSQL
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,10 +26,12 @@ from botocore.config import Config
 
 from drplan import processes
 from drplan.pgserver import PostgresError
+from drplan.plan import WalPrefetch
 from sandbox import demo_data
+from sandbox.fault_proxy import FaultProxy
 from sandbox.launchers import moto, world_traversable_dir
 from sandbox.postgres import SandboxPostgres
-from tests.helpers import free_port, wait_for
+from tests.helpers import REPO, free_port, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser")
 
@@ -296,3 +301,107 @@ def test_100k_demo_rows_load_fast(pg):
     assert elapsed < 30, f"100k demo rows took {elapsed:.1f}s"
     assert scalar(bulk, PRIMARY, "SELECT count(*) FROM users") == 100_000
     assert scalar(bulk, PRIMARY, "SELECT count(*) FROM orders") == 200_000
+
+
+PROBE_SEGMENTS = 40  # WAL segments to replay: enough WAL downloads that the fault proxy hits some mid-body
+
+
+def probe_fingerprint(pg: SandboxPostgres, member: str) -> tuple:
+    return tuple(scalar(pg, member, "SELECT ARRAY[count(*)::text, md5(string_agg(payload, ',' ORDER BY id))] "
+                        "FROM prefetch_probe"))
+
+
+@pytest.fixture(scope="module")
+def probe_wal(pg) -> tuple[datetime, tuple]:
+    """A fresh base backup, then PROBE_SEGMENTS segments of WAL with rows in each, a target time T, rows after T, all
+    archived; returns T and the table's fingerprint at T."""
+    demo_data.create_and_load(pg, PRIMARY, ROWS)  # the database (loaded already when the whole module runs)
+    pg.base_backup(PRIMARY)
+    with pg.connect(PRIMARY) as conn:
+        conn.execute("CREATE TABLE prefetch_probe (id int PRIMARY KEY, payload text)")
+        for batch in range(PROBE_SEGMENTS):
+            conn.execute("INSERT INTO prefetch_probe SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
+                         (batch * 100 + 1, batch * 100 + 100))
+            conn.execute("SELECT pg_switch_wal()")
+    at_target = probe_fingerprint(pg, PRIMARY)
+    time.sleep(1.1)
+    target = datetime.now(UTC)
+    time.sleep(1.1)
+    with pg.connect(PRIMARY) as conn:
+        conn.execute("INSERT INTO prefetch_probe SELECT g, 'after T' FROM generate_series(100001, 100100) g")
+        last = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+    wait_for(lambda: (scalar(pg, PRIMARY, "SELECT last_archived_wal FROM pg_stat_archiver") or "") >= last, 240,
+             f"the archiver to pass {last}")
+    return target, at_target
+
+
+def restorer(pg: SandboxPostgres, endpoint_url: str) -> SandboxPostgres:
+    """A restore engine on the same archive through `endpoint_url`, with botocore's standard retries (as
+    drplan.clients.child_aws_env gives it) and a small spool."""
+    aws = {**AWS, "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
+    return make_sandbox(pg.state_dir, endpoint_url, aws_env=aws, prefetch=WalPrefetch(parallel=4, spool="64MiB"))
+
+
+def test_restore_through_a_faulty_store_matches_the_source_at_t(pg, moto_s3, probe_wal):
+    """Throttles and resets on any request; WAL downloads also corrupted or cut mid-body: the prefetcher fetches
+    those again, and the copy holds exactly the rows committed by T."""
+    target, at_target = probe_wal
+    member = f"t{TOKEN}-restored"
+    with FaultProxy(moto_s3.meta.endpoint_url, fraction=0.3, seed=19, body_match="/wals/",
+                    kinds=("slowdown", "reset", "corrupt", "cut")) as proxy:
+        engine = restorer(pg, proxy.url)
+        try:
+            restored = engine.restore(member, free_port(), target, engine.backup_for(target))
+            assert restored is not None  # restored now, not found from an earlier run
+            assert not processes.running(pg.state_dir, f"wal-prefetch-{member}")  # stopped with the restore...
+            assert not engine.spool(member).exists()  # ...and its spool removed
+            assert probe_fingerprint(engine, member) == at_target
+            counts = proxy.counts()
+        finally:
+            engine.remove(member)
+    assert counts["slowdown"] and counts["reset"] and counts["corrupt"] + counts["cut"], counts
+    log = (pg.state_dir / "logs" / f"wal-prefetch-{member}.log").read_text()
+    assert "fetching again" in log and "stopped:" in log
+
+
+def test_a_wal_spool_the_os_user_cannot_write_is_refused_before_the_restore(pg, probe_wal):
+    hidden = Path(tempfile.mkdtemp(prefix=f"drplan-pg-{TOKEN}-spool-", dir="/tmp"))  # 0700 root: locked out
+    engine = make_sandbox(pg.state_dir, pg.endpoint_url, spool_dir=hidden)
+    member = f"t{TOKEN}-unspooled"
+    try:
+        with pytest.raises(PostgresError, match=r"WAL spool .* is not writable by OS user drplan-pg; ") as caught:
+            engine.restore(member, free_port(), probe_wal[0], engine.backup_for(probe_wal[0]))
+        assert "\n" not in str(caught.value)
+        assert not engine.data_dir(member).exists()  # nothing downloaded
+    finally:
+        shutil.rmtree(hidden)
+
+
+KILLED_RESTORE = """
+import json, os, sys
+from datetime import datetime
+from drplan.pgserver import LocalPostgres
+a = json.loads(sys.argv[1])
+pg = LocalPostgres(a["state"], superuser="drplan_admin", password=os.environ["PROBE_PASSWORD"], dbname="devonn",
+                   endpoint_url=a["endpoint"], aws_env=a["aws"], destination=a["destination"], server_name=a["server"])
+target = datetime.fromisoformat(a["target"])
+pg.restore(a["member"], a["port"], target, pg.backup_for(target))
+"""
+
+
+def test_a_killed_restore_leaves_no_prefetch_daemon_behind(pg, moto_s3, probe_wal, state_dir):
+    member = f"t{TOKEN}-killed"
+    with FaultProxy(moto_s3.meta.endpoint_url, fraction=0.0, latency=0.05) as proxy:  # a slower store
+        args = {"state": str(state_dir), "endpoint": proxy.url, "aws": AWS, "destination": f"s3://{BUCKET}/{PREFIX}",
+                "server": SERVER, "target": probe_wal[0].isoformat(), "member": member, "port": free_port()}
+        child = subprocess.Popen([sys.executable, "-c", KILLED_RESTORE, json.dumps(args)],
+                                 env={**os.environ, "PROBE_PASSWORD": PASSWORD, "PYTHONPATH": str(REPO)})
+        try:
+            daemon = wait_for(lambda: processes.running(state_dir, f"wal-prefetch-{member}"), 120,
+                              "the restore's prefetch daemon", interval=0.02)
+            child.kill()
+            child.wait()
+            wait_for(lambda: not daemon.alive, 10, "the prefetch daemon to die with its restore")
+        finally:
+            child.kill()
+            make_sandbox(state_dir, proxy.url).remove(member)  # the postmaster outlives it: a rerun starts over

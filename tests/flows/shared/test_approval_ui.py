@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -37,24 +38,29 @@ def ui_gated() -> Approval:
     return request_approval(report, "ui-approval", SUMMARY, approve=False, timeout=timedelta(seconds=240))
 
 
-@pytest.mark.sandbox
-@pytest.mark.slow
-def test_the_ui_dialog_shows_the_summary_and_approving_there_completes_the_run(tmp_path):
+@pytest.fixture
+def ui_server() -> Iterator[str]:
+    """A Prefect server with its UI (as `drplan serve` and the CLI run it), the API in this process's settings."""
     chromium()  # skip (or fail under CI) before starting anything
     with temporary_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
-        result: dict = {}
-        runner = threading.Thread(target=contextvars.copy_context().run,
-                                  args=(lambda: result.update(state=ui_gated(return_state=True)),))
-        runner.start()
-        run = None
-        try:
-            run = paused_with_its_form(runner)
-            approve_in_the_ui(api, run, tmp_path)
+        yield api
+
+
+def test_the_ui_dialog_shows_the_summary_and_approving_there_completes_the_run(ui_server, tmp_path):
+    api = ui_server
+    result: dict = {}
+    runner = threading.Thread(target=contextvars.copy_context().run,
+                              args=(lambda: result.update(state=ui_gated(return_state=True)),))
+    runner.start()
+    run = None
+    try:
+        run = paused_with_its_form(runner)
+        approve_in_the_ui(api, run, tmp_path)
+        runner.join(60)
+    finally:
+        if run is not None and runner.is_alive():  # the UI part failed: end the run before its server goes
+            resume_flow_run(run.id, run_input={"approve": False, "reason": "test failed"})
             runner.join(60)
-        finally:
-            if run is not None and runner.is_alive():  # the UI part failed: end the run before its server goes
-                resume_flow_run(run.id, run_input={"approve": False, "reason": "test failed"})
-                runner.join(60)
     decision = result["state"].result()
     assert (decision.approve, decision.reason, decision.approver) == (True, "lag checked in the dialog", "alice (UI)")
 
