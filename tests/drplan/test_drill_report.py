@@ -10,8 +10,8 @@ S = timedelta(seconds=1)
 
 
 def report(**fields) -> DrillReport:
-    return DrillReport(**{"plan": "p", "database": "db", "kind": "postgres", "scratch": "db-drill-x",
-                          "started_at": datetime(2026, 12, 6, tzinfo=UTC), **fields})
+    return DrillReport(**{"plan": "p", "database": "db", "kind": "postgres", "tier": "critical",
+                          "scratch": "db-drill-x", "started_at": datetime(2026, 12, 6, tzinfo=UTC), **fields})
 
 
 def test_rto_splits_into_download_replay_checks_and_the_rest():
