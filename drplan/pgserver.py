@@ -17,6 +17,7 @@ import pwd
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -40,6 +41,13 @@ TARGET_NOT_REACHED = "recovery ended before configured recovery target was reach
 RESTORED = "drplan-restored"
 """Written into a restored copy's data directory once it has finished recovery and accepts writes: without it,
 whatever is there is a restore killed half-way and is redone from scratch."""
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a server about to bind it)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
 
 
 class PostgresError(RuntimeError):
