@@ -1,7 +1,8 @@
 """The DR test: the quarterly evidence an auditor asks for (and what `make run` runs on the sandbox).
 
 RPO verification -> every bucket's newest backup checked against its manifest, then restored into a scratch bucket,
-verified against the manifest and removed -> DR readiness -> restore drill (each database, or one) -> one report of
+verified against the manifest and removed -> DR readiness -> cross-region rehearsal (flows/rehearsal.py) -> restore
+drill (each database, or one) -> one report of
 what was measured against which objective: appended to the plan's evidence chain (drplan/evidence.py), a markdown
 artifact, a markdown and a JSON file in `drill.report_dir`, and a `drplan.dr_test.<status>` event. A part that
 fails or errors does not stop the others; the report says which part failed and why. Nothing here changes
@@ -32,6 +33,7 @@ from drplan.s3store import transfer_client
 from drplan.s3sync import DEFAULTS
 from drplan.timeutil import utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
+from flows.rehearsal import RehearsalReport, dr_rehearsal
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
 from flows.shared.report import run_report
@@ -146,6 +148,15 @@ def readiness_part(plan_ref: str, region: str) -> Part:
                 details=report.markdown())
 
 
+def rehearsal_part(plan_ref: str) -> Part:
+    name = "cross-region rehearsal"
+    try:
+        report = run_report(dr_rehearsal, RehearsalReport, plan=plan_ref)
+    except DrplanError as exc:
+        return Part(name=name, status=Status.error, summary=str(exc))
+    return Part(name=name, status=report.status, summary=report.summary, details=report.markdown())
+
+
 def drill_parts(plan_ref: str, database: str | None) -> list[Part]:
     try:
         reports = run_report(restore_drill, list, plan=plan_ref, database=database)
@@ -190,7 +201,7 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestRepo
     has_dr = bool(dr_plan.aws.dr_region) and any(s.dr for s in dr_plan.services)
     report = DrTestReport(plan=dr_plan.name, started_at=utcnow())
     progress = create_progress_artifact(progress=0.0, key="dr-test-progress", description="DR test parts done")
-    steps, done = (5 if has_dr else 4), 0
+    steps, done = (6 if has_dr else 4), 0
 
     def record(parts: list[Part]) -> None:
         nonlocal done
@@ -203,6 +214,7 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None) -> DrTestRepo
     record(restore_parts(dr_plan, report.started_at))
     if has_dr:
         record([readiness_part(plan, dr_plan.aws.dr_region)])
+        record([rehearsal_part(plan)])
     record(drill_parts(plan, database))
     report.finished_at = utcnow()
     record_evidence(dr_plan, report)

@@ -22,7 +22,7 @@ from tasks.s3 import back_up_prefix
 from tests.s3_moto import put_objects, s3_plan
 
 PARTS = ["RPO verification", "backup of bucket data", "restore of bucket data", "DR readiness of us-west-2",
-         "restore drill of devonn-postgres"]
+         "cross-region rehearsal", "restore drill of devonn-postgres"]
 
 
 def with_evidence(directory: Path) -> Callable[[dict], None]:
