@@ -25,11 +25,11 @@ import psycopg
 
 from drplan import processes
 from drplan.clients import child_aws_env, db_credentials
-from drplan.pgserver import PG_BIN, VENV_BIN
+from drplan.pgserver import PG_BIN, VENV_BIN, free_port
 from drplan.plan import load_plan
 from drplan.timeutil import utcnow
 from flows.shared.requests import choose_target_time
-from tasks.targets import PostgresArchive, free_port
+from tasks.targets import PostgresArchive
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "restore_drill.json"

@@ -34,6 +34,9 @@ _READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ
               + ("route53:ListHealthChecks", "cloudwatch:GetMetricStatistics") + SELF_CHECK)
 _RPO = TOPOLOGY + S3_READ + ("rds:DescribeDBSnapshots", "sts:GetCallerIdentity")
 _DRILL = TOPOLOGY + RESTORE + ("sts:GetCallerIdentity",)
+_REHEARSAL = TOPOLOGY + HEALTH + ("rds:CreateDBInstanceReadReplica", "rds:PromoteReadReplica", "rds:DeleteDBInstance",
+                                  "sts:GetCallerIdentity")
+"""The cross-region rehearsal: copies of the DR replicas (tasks/clones.py), validation, removal."""
 
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "rpo-verification": _RPO,
@@ -51,7 +54,10 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "configuration-backup": ("s3:PutObject",),
     "dr-readiness": _READINESS,
     "alarm-watch": ("cloudwatch:DescribeAlarms",),
-    "dr-test": _RPO + _READINESS + _DRILL + S3_SYNC + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket"),
+    "dr-rehearsal": _REHEARSAL,
+    "dr-test": _RPO + _READINESS + _DRILL + _REHEARSAL + S3_SYNC + PROMOTE + FENCE
+    + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket", "rds:ModifyDBInstance",
+       "rds:CreateDBInstanceReadReplica"),
     "commands": TOPOLOGY + S3_READ + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
 """Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence), the

@@ -21,6 +21,7 @@ import pwd
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -48,6 +49,13 @@ TARGET_NOT_REACHED = "recovery ended before configured recovery target was reach
 RESTORED = "drplan-restored"
 """Written into a restored copy's data directory once it has finished recovery and accepts writes: without it,
 whatever is there is a restore killed half-way and is redone from scratch."""
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a server about to bind it)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
 
 
 class PostgresError(RuntimeError):
@@ -554,12 +562,27 @@ class LocalPostgres:
                         ) -> None:
         """Replace `member`'s data with a pg_basebackup of the server at source_host:source_port and start it as
         its streaming standby on `port` (it archives once promoted). What `member` held is gone."""
+        self._replace_with_clone(member, port, source_host, source_port, timeout)
+        self._start(member, port)
+
+    def clone(self, member: str, port: int, source_host: str, source_port: int, timeout: float = 600) -> None:
+        """A standalone copy of the server at source_host:source_port (a primary or a standby) as `member` on
+        `port`: pg_basebackup, started without archiving (a copy must never write its timeline into the source's
+        archive), then promoted. What `member` held is gone."""
+        self._replace_with_clone(member, port, source_host, source_port, timeout)
+        self._start(member, port, recovery={})
+        with self.connect(member) as conn:
+            if not conn.execute("SELECT pg_promote(true, %s)", (int(timeout),)).fetchone()[0]:
+                raise PostgresError(f"{member} was not promoted within {timeout:g}s; see {self.log_file(member)}")
+
+    def _replace_with_clone(self, member: str, port: int, source_host: str, source_port: int, timeout: float
+                            ) -> None:
+        """`member` stopped, its data replaced by a clone of the source, to run on `port`."""
         self.ports[member] = port
         self._prepare()
         self.stop(member)
         shutil.rmtree(self.data_dir(member), ignore_errors=True)
         self._clone(member, source_host, source_port, timeout)
-        self._start(member, port)
 
     def _clone(self, member: str, source_host: str, source_port: int, timeout: float = 600) -> None:
         """pg_basebackup of the source into `member`'s data directory, set up to stream from it (-R)."""

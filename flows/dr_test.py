@@ -1,13 +1,14 @@
 """The DR test: the quarterly evidence an auditor asks for (and what `make run` runs on the sandbox).
 
 RPO verification -> every bucket's newest backup checked against its manifest, then restored into a scratch bucket,
-verified against the manifest and removed -> DR readiness -> restore drill (each database, or one) -> failover test
-(each database, or one) -> one report of what was measured against which objective: appended to the plan's
-evidence chain (drplan/evidence.py), a markdown artifact, a markdown and a JSON file in `drill.report_dir`, and a
-`drplan.dr_test.<status>` event. A part that fails or errors does not stop the others; the report says which part
-failed and why. The drill restores to scratch copies and scratch buckets and removes them; the failover test
-(Multi-AZ failover and re-protection with a client writing throughout) causes a short outage, so outside the sandbox
-it runs only with `include_failover` and after approval.
+verified against the manifest and removed -> DR readiness -> cross-region rehearsal (flows/rehearsal.py) -> restore
+drill (each database, or one) -> failover test (each database, or one) -> one report of what was measured against
+which objective: appended to the plan's evidence chain (drplan/evidence.py), a markdown artifact, a markdown, a JSON,
+an HTML file and a post-mortem draft in `drill.report_dir`, and a `drplan.dr_test.<status>` event. A part that fails
+or errors does not stop the others; the report says which part failed and why. The drill and the rehearsal restore
+to scratch copies (and the rehearsal deploys into a scratch namespace) and remove them; the failover test (Multi-AZ
+failover and re-protection with a client writing throughout) causes a short outage, so outside the sandbox it runs
+only with `include_failover` and after approval.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from drplan.timeutil import utcnow
 from drplan.write_probe import WriteProbe
 from flows.db_failover import FailoverReport, db_failover
 from flows.dr_readiness import ReadinessReport, dr_readiness
+from flows.rehearsal import RehearsalReport, dr_rehearsal
 from flows.reprotect import ReprotectReport, reprotect
 from flows.restore_drill import restore_drill
 from flows.rpo_verification import rpo_verification
@@ -214,6 +216,21 @@ def failover_part(report: FailoverTestReport) -> Part:
                 details=report.markdown())
 
 
+def rehearsal_part(plan: Plan, plan_ref: str) -> Part:
+    """The rehearsal, its whole-stack RTO kept against the strictest tier of the services it deploys."""
+    name = "cross-region rehearsal"
+    try:
+        report = run_report(dr_rehearsal, RehearsalReport, plan=plan_ref)
+    except DrplanError as exc:
+        return Part(name=name, status=Status.error, summary=str(exc))
+    tiers = [s.tier for s in plan.services if s.dr]
+    measures = [Measure(kind="RTO", subject=f"whole stack in {report.region}",
+                        category=min(tiers, key=plan.objectives.rto_for).value, measured=report.rto.measured,
+                        objective=report.rto.objective)] if report.rto and tiers else []
+    return Part(name=name, status=report.status, summary=report.summary, details=report.markdown(),
+                measures=measures)
+
+
 def drill_parts(plan_ref: str, database: str | None) -> list[Part]:
     try:
         reports = run_report(restore_drill, list, plan=plan_ref, database=database)
@@ -281,7 +298,7 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None, include_failo
     has_dr = bool(dr_plan.aws.dr_region) and any(s.dr for s in dr_plan.services)
     report = DrTestReport(plan=dr_plan.name, started_at=utcnow())
     progress = create_progress_artifact(progress=0.0, key="dr-test-progress", description="DR test parts done")
-    steps, done = (6 if has_dr else 5), 0
+    steps, done = (7 if has_dr else 5), 0
 
     def record(parts: list[Part]) -> None:
         nonlocal done
@@ -294,6 +311,7 @@ def dr_test(plan: str = DEFAULT_PLAN, database: str | None = None, include_failo
     record(restore_parts(dr_plan, report.started_at))
     if has_dr:
         record([readiness_part(plan, dr_plan.aws.dr_region)])
+        record([rehearsal_part(dr_plan, plan)])
     record(drill_parts(plan, database))
     record(failover_parts(dr_plan, plan, database, include_failover))
     report.finished_at = utcnow()

@@ -10,14 +10,12 @@ token are never logged or returned; only host:port/dbname is.
     GET /api/users/<id>   200 {"id", "email", "name", "updated_at"} or 404
     POST /api/orders      201 {"id": N}: a new order (of user 1), committed before the answer
 
-With `--deployment NAME` the process stands for that Deployment's pods: it serves only while the Deployment
-exists in the namespace and has status.availableReplicas > 0 (checked in the same 1 s loop); otherwise /health
-and the API answer 503 with the reason (e.g. "deployment devonn-api not running in namespace default"). The
-pilot-light DR region's app is such a process: it serves once a region failover has deployed the manifests.
+Each process is one pod of a Deployment, started by the sandbox's kubelet (`sandbox/kubelet.py`) with the names of
+the Secrets its pod template references (without `--token-secret`, /api/me answers 401). `--broken` is the
+sandbox's broken build: the process runs but never listens.
 
 Run as `python -m sandbox.demo_app --listen 127.0.0.1:PORT --kubeconfig FILE --context CTX
---namespace NS --db-secret devonn-api-db --token-secret devonn-api-token [--deployment devonn-api]`;
-SIGTERM stops it.
+--namespace NS --db-secret devonn-api-db [--token-secret devonn-api-token] [--broken]`; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import psycopg
-from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
+from kubernetes.client import CoreV1Api
 from kubernetes.config import new_client_from_config
 
 log = logging.getLogger("devonn-api")
@@ -133,23 +131,16 @@ class Database:
 
 
 class App:
-    """The app's state: its database and token, kept in step with the two Secrets."""
+    """The app's state: its database and token, kept in step with its Secrets."""
 
-    def __init__(self, core: CoreV1Api, namespace: str, db_secret: str, token_secret: str,
-                 apps: AppsV1Api | None = None, deployment: str | None = None):
+    def __init__(self, core: CoreV1Api, namespace: str, db_secret: str, token_secret: str | None):
         self.core = core
-        self.apps = apps
         self.namespace = namespace
         self.db_secret = db_secret
         self.token_secret = token_secret
-        self.deployment = deployment
         self.db = Database()
         self.token: str | None = None
         self._secrets_ok: bool | None = None
-        self.not_serving: str | None = (
-            f"deployment {deployment} not checked yet in namespace {namespace}" if deployment else None)
-        """Why the app does not serve (its Deployment is not running), or None when it serves."""
-        self._deployment_ok: bool | None = None
 
     def _secret_value(self, name: str, key: str) -> str:
         secret = self.core.read_namespaced_secret(name, self.namespace, _request_timeout=2)
@@ -158,11 +149,10 @@ class App:
         return base64.b64decode(secret.data[key]).decode()
 
     def refresh(self) -> None:
-        """Re-read the Deployment's state and both Secrets; switch to the database the URL names when it changed."""
-        self.refresh_deployment()
+        """Re-read the Secrets; switch to the database the URL names when it changed."""
         try:
             url = self._secret_value(self.db_secret, "DATABASE_URL")
-            token = self._secret_value(self.token_secret, "token")
+            token = self._secret_value(self.token_secret, "token") if self.token_secret else None
         except Exception as exc:
             if self._secrets_ok is not False:
                 log.warning("cannot read the Secrets, keeping the last values: %s", self.reason(exc))
@@ -177,34 +167,6 @@ class App:
         if token != self.token:
             log.info("API token %s", "loaded" if self.token is None else "changed")
             self.token = token
-
-    def refresh_deployment(self) -> None:
-        """Serve only while the Deployment exists and has available replicas (kept as is if it cannot be read)."""
-        if not self.deployment or self.apps is None:
-            return
-        where = f"namespace {self.namespace}"
-        try:
-            obj = self.apps.read_namespaced_deployment(self.deployment, self.namespace, _request_timeout=2)
-        except ApiException as exc:
-            if exc.status != 404:
-                return self._deployment_unreadable(exc)
-            reason: str | None = f"deployment {self.deployment} not running in {where}"
-        except Exception as exc:
-            return self._deployment_unreadable(exc)
-        else:
-            available = (obj.status.available_replicas if obj.status else None) or 0
-            reason = None if available > 0 else f"deployment {self.deployment} has no available replicas in {where}"
-        if self._deployment_ok is False:
-            log.info("deployment %s readable again", self.deployment)
-        self._deployment_ok = True
-        if reason != self.not_serving:
-            log.info("%s", reason or f"deployment {self.deployment} running in {where}: serving")
-            self.not_serving = reason
-
-    def _deployment_unreadable(self, exc: BaseException) -> None:
-        if self._deployment_ok is not False:
-            log.warning("cannot read deployment %s, keeping the last state: %s", self.deployment, self.reason(exc))
-        self._deployment_ok = False
 
     def poll(self, stop: threading.Event) -> None:
         while True:
@@ -228,11 +190,6 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         app = self.server.app
         path = self.path.split("?", 1)[0].rstrip("/")
-        if app.not_serving:
-            body = {"status": "unavailable", "error": app.not_serving} if path == "/health" else {
-                "error": app.not_serving}
-            self.reply(503, body)
-            return
         try:
             if path == "/health":
                 app.db.query("SELECT 1")
@@ -268,9 +225,6 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         app = self.server.app
         path = self.path.split("?", 1)[0].rstrip("/")
-        if app.not_serving:
-            self.reply(503, {"error": app.not_serving})
-            return
         if path != "/api/orders":
             self.reply(404, {"error": "not found"})
             return
@@ -307,16 +261,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", required=True)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--db-secret", required=True)
-    parser.add_argument("--token-secret", required=True)
-    parser.add_argument("--deployment", default=None, metavar="NAME",
-                        help="serve only while this Deployment exists and has available replicas")
+    parser.add_argument("--token-secret", default=None)
+    parser.add_argument("--broken", action="store_true", help="the broken build: run, never listen")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # retry warnings while the API is away
+    if args.broken:
+        log.error("broken build: never listening on %s", args.listen)
+        stopping = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+        signal.sigwait(stopping)
+        return
 
     api = new_client_from_config(config_file=args.kubeconfig, context=args.context)
-    app = App(CoreV1Api(api), args.namespace, args.db_secret, args.token_secret,
-              apps=AppsV1Api(api), deployment=args.deployment)
+    app = App(CoreV1Api(api), args.namespace, args.db_secret, args.token_secret)
     host, _, port = args.listen.rpartition(":")
     server = Server((host.strip("[]"), int(port)), app)
     stop = threading.Event()

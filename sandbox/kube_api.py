@@ -11,10 +11,10 @@ kmock's `KubernetesEmulator` stores objects and serves create, get, list, watch,
 * status subresource semantics: writes to the object keep its status, writes to `/status` change only it;
 * label selectors on list and watch (`a=b`, `a!=b`, `a`, `!a`, `a in (b,c)`, `a notin (b,c)`), watch
   `timeoutSeconds`;
-* a deployment controller: shortly after a deployment is written, its status reports the rollout done
-  (all replicas available), unless it is annotated `sandbox/unavailable: "true"` (a failed rollout).
+* a Deployment's status belongs to the sandbox's kubelet (`sandbox/kubelet.py`), which runs its pods: created
+  with an empty status, changed only through `/status`.
 
-Not emulated: pods for deployments, namespace deletion cascading, field selectors, admission/validation.
+Not emulated: pod objects, namespace deletion cascading, field selectors, admission/validation.
 
 Run as `python -m sandbox.kube_api --listen 127.0.0.1:PORT`; SIGTERM stops it.
 """
@@ -44,16 +44,14 @@ from kmock._internal.k8s import KubernetesObjectConflictError
 log = logging.getLogger("sandbox.kube_api")
 
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
-UNAVAILABLE_ANNOTATION = "sandbox/unavailable"
-ROLLOUT_SECONDS = 0.3
 
 
 @attrs.define(kw_only=True)
 class Cluster(kmock.KubernetesEmulator):
-    """kmock's Kubernetes emulator with metadata, PATCH/PUT semantics, label selectors and a rollout controller."""
+    """kmock's Kubernetes emulator with metadata, PATCH/PUT semantics and label selectors."""
 
     _version: int = attrs.field(default=0, init=False)
-    _tasks: set[asyncio.Task[Any]] = attrs.field(factory=set, init=False)  # rollouts and open watches
+    _tasks: set[asyncio.Task[Any]] = attrs.field(factory=set, init=False)  # open watches
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -79,11 +77,7 @@ class Cluster(kmock.KubernetesEmulator):
             return await self._update(request)
         if request.action is kmock.action.CREATE and isinstance(request.data, dict):
             self._prepare_create(request)
-        response = await super()._handle(request)
-        if request.action is kmock.action.CREATE and request.resource == DEPLOYMENTS and response.status < 300:
-            meta = request.data["metadata"]
-            self._schedule_rollout((DEPLOYMENTS, request.namespace or meta.get("namespace"), meta["name"]))
-        return response
+        return await super()._handle(request)
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         """Errors with the reasons the real API server gives (clients match on NotFound, AlreadyExists)."""
@@ -119,7 +113,7 @@ class Cluster(kmock.KubernetesEmulator):
         if "spec" in obj:
             meta["generation"] = 1
         if request.resource == DEPLOYMENTS:
-            obj["status"] = {}  # owned by the controller
+            obj["status"] = {}  # owned by the kubelet
 
     async def _update(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         """PATCH or PUT an existing object (or its status subresource) and record it as a new version."""
@@ -164,27 +158,7 @@ class Cluster(kmock.KubernetesEmulator):
                 await self._buses[request.resource].put({"type": "DELETED", "object": new})
             else:
                 await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
-        if request.resource == DEPLOYMENTS:
-            self._schedule_rollout(key)
         return aiohttp.web.json_response(new)
-
-    def _schedule_rollout(self, key: tuple[Any, str | None, str]) -> None:
-        task = asyncio.get_running_loop().create_task(self._rollout(key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _rollout(self, key: tuple[Any, str | None, str]) -> None:
-        """The deployment controller: after a short delay, report the rollout of the current spec."""
-        await asyncio.sleep(ROLLOUT_SECONDS)
-        async with self._lock:
-            if key not in self.objects or self.objects[key].deleted:
-                return
-            stored = self.objects[key]
-            obj = copy.deepcopy(stored.raw)
-            obj["status"] = _deployment_status(obj)
-            obj["metadata"]["resourceVersion"] = self._next_version()
-            stored.history.append(obj)
-            await self._buses[key[0]].put({"type": "MODIFIED", "object": obj})
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         listing = await super()._serve_list(request)
@@ -219,7 +193,7 @@ class Cluster(kmock.KubernetesEmulator):
             self._tasks.discard(task)
 
     def cancel_tasks(self) -> None:
-        """Stop the pending rollouts and end the open watches."""
+        """End the open watches."""
         for task in list(self._tasks):
             task.cancel()
 
@@ -312,46 +286,6 @@ def _selected(selector: str, obj: dict[str, Any]) -> bool:
         if ok == bool(negated):
             return False
     return True
-
-
-def _deployment_status(obj: dict[str, Any]) -> dict[str, Any]:
-    """The status a finished (or, when annotated unavailable, a failed) rollout of this deployment reports."""
-    replicas = (obj.get("spec") or {}).get("replicas", 1)
-    annotations = obj["metadata"].get("annotations") or {}
-    available = annotations.get(UNAVAILABLE_ANNOTATION) != "true"
-    now = _now()
-
-    def condition(kind: str, reason: str, message: str) -> dict[str, str]:
-        return {
-            "type": kind,
-            "status": str(available),
-            "reason": reason,
-            "message": message,
-            "lastUpdateTime": now,
-            "lastTransitionTime": now,
-        }
-
-    if available:
-        conditions = [
-            condition("Available", "MinimumReplicasAvailable", "Deployment has minimum availability."),
-            condition("Progressing", "NewReplicaSetAvailable", "ReplicaSet has successfully progressed."),
-        ]
-    else:
-        conditions = [
-            condition("Available", "MinimumReplicasUnavailable", "Deployment does not have minimum availability."),
-            condition("Progressing", "ProgressDeadlineExceeded", "ReplicaSet has timed out progressing."),
-        ]
-    counts = {
-        "replicas": replicas,
-        "updatedReplicas": replicas,
-        "readyReplicas": replicas if available else 0,
-        "availableReplicas": replicas if available else 0,
-        "unavailableReplicas": 0 if available else replicas,
-    }
-    status: dict[str, Any] = {"observedGeneration": obj["metadata"].get("generation", 1)}
-    status.update({k: v for k, v in counts.items() if v})  # the API server omits zero counts
-    status["conditions"] = conditions
-    return status
 
 
 def _now() -> str:

@@ -17,8 +17,8 @@ import httpx
 
 from drplan import processes
 from drplan.errors import DrplanError
+from drplan.pgserver import free_port
 from sandbox.postgres import SandboxPostgres
-from tasks.targets import free_port
 
 PART_MIN_SIZE = 5 * 1024 * 1024  # AWS's minimum multipart part size, whatever the environment says
 

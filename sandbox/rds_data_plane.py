@@ -44,10 +44,10 @@ import psycopg
 from psycopg import sql
 
 from drplan import processes
+from drplan.pgserver import free_port
 from drplan.timeutil import utcnow
 from sandbox.endpoint_proxy import EndpointProxy
 from sandbox.postgres import SandboxPostgres
-from tasks.targets import free_port
 
 log = logging.getLogger("sandbox.rds")
 BACKUP_BUCKET = "sandbox-rds-automated-backups"

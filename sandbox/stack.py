@@ -4,9 +4,10 @@ Order of `up`: moto (AWS, with the RDS data plane: real PostgreSQL behind every 
 instances available) -> self-managed PostgreSQL primary, demo data, base backup, replicas, heartbeat -> demo data
 and heartbeat of each RDS database -> per cluster a Kubernetes API (one for the primary region, one for the DR
 region), a node controller that keeps its Nodes in step with the EKS node groups in moto, each service's Secrets
-and (primary region only: the DR region is a pilot light) the deployments from its manifests -> each service's
-demo app on its health URL's address, and its stand-in in the DR region (serving only once its Deployment exists
-there) -> a first bucket and configuration backup. Each step finds what is already there and only completes what
+and (primary region only: the DR region is a pilot light) the deployments from its manifests -> per cluster a
+kubelet running its Deployments' pods as demo app processes, with a load balancer on each service's health URL
+address (in the DR region answering 503 until a region failover deploys the app there) -> a first bucket and
+configuration backup. Each step finds what is already there and only completes what
 is missing.
 """
 
@@ -262,26 +263,28 @@ def listen_address(health_url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
-def _start_app(plan: Plan, directory: Path, name: str, service: Service, health: str, cluster: Cluster) -> None:
-    processes.start(directory, name, [
-        PYTHON, "-m", "sandbox.demo_app", "--listen", listen_address(health),
-        "--kubeconfig", str(kubeconfig_of(plan, cluster, directory)), "--context", cluster.context,
-        "--namespace", cluster.namespace, "--db-secret", db_secret(service), "--token-secret", TOKEN_SECRET,
-        "--deployment", service.name,
-    ])
+def kubelet_of(cluster: Cluster) -> str:
+    """Process name of the cluster's kubelet; its pods are tracked in the state directory's folder of that name."""
+    return f"kubelet-{cluster.name}"
 
 
-def up_apps(plan: Plan, directory: Path) -> None:
-    """Each service's app in its cluster (healthy before this returns) and, when the service has a `dr`, its
-    stand-in in the DR cluster (only listening: it serves once a region failover deploys it)."""
+def up_kubelets(plan: Plan, directory: Path) -> None:
+    """Each cluster's kubelet, with a load balancer on the health URL address of each service there; returns once
+    the primary region's apps are healthy and the DR region's load balancers answer (503 in pilot light)."""
+    for cluster in plan.clusters:
+        balancers = []
+        for service, role in apps_of(plan, cluster):
+            health = service.health if role == "primary" or service.dr is None else service.dr.health
+            balancers += ["--load-balancer", f"{cluster.namespace}/{service.name}={listen_address(health)}"]
+        processes.start(directory, kubelet_of(cluster), [
+            PYTHON, "-m", "sandbox.kubelet", "--kubeconfig", str(kubeconfig_of(plan, cluster, directory)),
+            "--context", cluster.context, "--state-dir", str(directory / kubelet_of(cluster)), *balancers,
+        ], env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for service in (s for s in plan.services if s.cluster):
-        _start_app(plan, directory, service.name, service, service.health, plan.cluster(service.cluster))
-        wait_until(service.name, lambda s=service: httpx.get(s.health, timeout=2).status_code == 200, timeout=30)
+        wait_until(service.name, lambda s=service: httpx.get(s.health, timeout=2).status_code == 200, timeout=60)
         if service.dr:
-            dr = service.dr
-            _start_app(plan, directory, f"{service.name}-dr", service, dr.health, plan.cluster(dr.cluster))
-            wait_until(f"{service.name}-dr", lambda d=dr: httpx.get(d.health, timeout=2).status_code > 0,
-                       timeout=30)
+            wait_until(f"{service.name} in the DR region", lambda d=service.dr: httpx.get(
+                d.health, timeout=2).status_code > 0, timeout=60)
 
 
 def up(plan: Plan, console: Console) -> None:
@@ -310,9 +313,9 @@ def up(plan: Plan, console: Console) -> None:
                       f"nodes from its EKS node groups")
         up_kubernetes(plan, cluster, directory, values)
     for service in (s for s in plan.services if s.cluster):
-        console.print(f"  demo app {service.name} on {listen_address(service.health)}"
-                      + (f", DR stand-in on {listen_address(service.dr.health)}" if service.dr else ""))
-    up_apps(plan, directory)
+        console.print(f"  demo app {service.name} run by the kubelet behind {listen_address(service.health)}"
+                      + (f", DR region's load balancer on {listen_address(service.dr.health)}" if service.dr else ""))
+    up_kubelets(plan, directory)
     console.print("  first bucket and configuration backups")
     aws_seed.back_up_buckets(plan)
     export_configuration(plan)
@@ -328,15 +331,18 @@ def status(plan: Plan) -> list[Component]:
     directory = plan.state_dir()
     components = []
 
+    def probed(name: str, address: str, pid: int | None, check: Callable[[], str]) -> None:
+        try:
+            components.append(Component(name, address, pid, True, check()))
+        except Exception as exc:  # noqa: BLE001 - a status line, not a crash
+            components.append(Component(name, address, pid, False, str(exc).splitlines()[0][:80]))
+
     def tracked(name: str, address: str, check: Callable[[], str]) -> None:
         proc = processes.running(directory, name)
         if proc is None:
             components.append(Component(name, address, None, False, "not running"))
             return
-        try:
-            components.append(Component(name, address, proc.pid, True, check()))
-        except Exception as exc:  # noqa: BLE001 - a status line, not a crash
-            components.append(Component(name, address, proc.pid, False, str(exc).splitlines()[0][:80]))
+        probed(name, address, proc.pid, check)
 
     def http_check(url: str) -> Callable[[], str]:
         def check() -> str:
@@ -376,11 +382,19 @@ def status(plan: Plan) -> list[Component]:
                 raise RuntimeError(detail)
             return detail
         tracked(f"nodes-{cluster.name}", kube_api_of(plan, cluster)[1], nodes)
+        pods = directory / kubelet_of(cluster)
+        tracked(kubelet_of(cluster), kube_api_of(plan, cluster)[1], lambda pods=pods: pods_running(pods))
     for service in (s for s in plan.services if s.cluster):
-        tracked(service.name, listen_address(service.health), http_check(service.health))
+        probed(service.name, listen_address(service.health), None, http_check(service.health))
         if service.dr:
-            tracked(f"{service.name}-dr", listen_address(service.dr.health), dr_app_check(service.dr.health))
+            probed(f"{service.name}-dr", listen_address(service.dr.health), None, dr_app_check(service.dr.health))
     return components
+
+
+def pods_running(pods: Path) -> str:
+    """A kubelet's status line: how many of its pods' processes run."""
+    names = processes.tracked_names(pods) if pods.is_dir() else []
+    return f"{sum(processes.running(pods, name) is not None for name in names)} pods running"
 
 
 def rds_status(plan: Plan, db: Database) -> list[Component]:
@@ -413,15 +427,18 @@ def dr_app_check(url: str) -> Callable[[], str]:
 
 
 def down(plan: Plan, purge: bool = False) -> list[str]:
-    """Stop every process the sandbox started (apps, node controllers, heartbeats, PostgreSQL, Kubernetes APIs,
-    moto), and the restored copies that drills and recoveries of its databases left running."""
+    """Stop every process the sandbox started (kubelets and their apps, node controllers, heartbeats, PostgreSQL,
+    Kubernetes APIs, moto), and the restored copies that drills and recoveries of its databases left running."""
     directory = plan.state_dir()
     lines = []
     values = sandbox_secrets(directory) if (directory / "secrets.json").is_file() else None
-    for service in plan.services:
-        for name in (service.name, f"{service.name}-dr"):
-            if processes.stop(directory, name):
-                lines.append(f"stopped {name}")
+    for cluster in plan.clusters:
+        if processes.stop(directory, kubelet_of(cluster)):  # stops its pods
+            lines.append(f"stopped {kubelet_of(cluster)}")
+        pods = directory / kubelet_of(cluster)  # a killed kubelet's pods
+        for name in processes.tracked_names(pods) if pods.is_dir() else []:
+            if processes.stop(pods, name):
+                lines.append(f"stopped app {name}")
     copies = plan.resolve_path(plan.drill.work_dir)  # restored by drills (--keep) and recoveries, still serving
     for name in processes.tracked_names(copies) if copies.is_dir() else []:
         if processes.stop(copies, name):

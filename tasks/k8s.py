@@ -149,15 +149,21 @@ def restart_deployment(api_client, namespace: str, deployment: str) -> str:
 
 
 def availability(obj) -> tuple[bool, str]:
-    """Whether the rollout of the current generation is done, and the status in one phrase."""
+    """Whether the rollout of the current generation is done (as `kubectl rollout status` sees it: every replica
+    updated and available, no old one left), and the status in one phrase (with the message of a failing
+    condition: why it fails)."""
     wanted = obj.spec.replicas if obj.spec.replicas is not None else 1
     status = obj.status
     available = (status.available_replicas if status else 0) or 0
+    updated = (status.updated_replicas if status else 0) or 0
+    total = (status.replicas if status else 0) or 0
     observed = (status.observed_generation if status else 0) or 0
-    done = observed >= (obj.metadata.generation or 0) and available == wanted
-    conditions = ", ".join(f"{c.type}={c.status} ({c.reason})" for c in (status.conditions if status else None) or [])
-    return done, (f"{available}/{wanted} replicas available, observed generation {observed} of "
-                  f"{obj.metadata.generation}" + (f"; {conditions}" if conditions else ""))
+    done = observed >= (obj.metadata.generation or 0) and available == updated == total == wanted
+    conditions = ", ".join(
+        f"{c.type}={c.status} ({c.reason}" + (f": {' '.join(c.message.split())}" if c.status == "False" and c.message
+                                             else "") + ")" for c in (status.conditions if status else None) or [])
+    return done, (f"{available}/{wanted} replicas available ({updated} updated, {total} in all), observed "
+                  f"generation {observed} of {obj.metadata.generation}" + (f"; {conditions}" if conditions else ""))
 
 
 def wait_deployment_available(api_client, namespace: str, deployment: str, timeout: float = 300,

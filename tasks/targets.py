@@ -12,7 +12,6 @@ and, once an application is cut over to it, when: a rerun reuses only a copy of 
 from __future__ import annotations
 
 import re
-import socket
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime, timedelta
 
@@ -20,7 +19,7 @@ from pydantic import BaseModel
 
 from drplan.clients import DbCredentials, PgTarget, aws_client, child_aws_env
 from drplan.errors import DrplanError
-from drplan.pgserver import HOST, LocalPostgres, PostgresError, spool_dir
+from drplan.pgserver import HOST, LocalPostgres, PostgresError, free_port, spool_dir
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.timeutil import utcnow
 from drplan.topology import Member
@@ -332,12 +331,6 @@ def as_copy(instance: dict) -> Copy:
     return Copy(name=instance["DBInstanceIdentifier"], host=endpoint.get("Address"), port=endpoint.get("Port"),
                 created_at=tag_time(instance, CREATED_TAG), target_time=tag_time(instance, TARGET_TIME_TAG),
                 served_at=tag_time(instance, SERVED_TAG))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def restore_target(plan: Plan, db: Database, live: Member | None = None) -> RestoreTarget:

@@ -88,11 +88,13 @@ def stack_snapshot(plan, database: str) -> dict:
 @contextmanager
 def clusters_restored(plan) -> Iterator[None]:
     """Put every cluster of `plan` back as it was afterwards (for tests that fail over a region): deployments
-    created since are deleted, replicas and Secret data set back, node groups resized and their nodes awaited."""
+    created since are deleted, replicas and Secret data set back and the deployments awaited, node groups resized
+    and their nodes awaited."""
     from kubernetes import client as k8s
 
     from drplan.clients import aws_client, kube_client
     from tasks.eks import ready_nodes
+    from tasks.k8s import wait_deployment_available
 
     def state(cluster):
         api = kube_client(plan, cluster)
@@ -119,6 +121,8 @@ def clusters_restored(plan) -> Iterator[None]:
                                                      {"spec": {"replicas": replicas[d.metadata.name]}})
             for name, data in secrets.items():
                 core.patch_namespaced_secret(name, cluster.namespace, {"data": data})
+            for name in replicas:  # the kubelet runs their pods again
+                wait_deployment_available(api, cluster.namespace, name, timeout=120)
             for group, scaling in groups.items():
                 eks.update_nodegroup_config(clusterName=cluster.name, nodegroupName=group, scalingConfig=scaling)
                 wait_for(lambda a=api, g=group, n=scaling["desiredSize"]: ready_nodes(a, g) == n, 60,

@@ -48,7 +48,7 @@ from tests.helpers import wait_for
 from tests.s3_moto import put_objects, s3_plan
 
 PARTS = ["RPO verification", "backup of bucket data", "restore of bucket data", "DR readiness of us-west-2",
-         "restore drill of devonn-postgres", "failover of devonn-postgres"]
+         "cross-region rehearsal", "restore drill of devonn-postgres", "failover of devonn-postgres"]
 
 
 def with_evidence(directory: Path) -> Callable[[dict], None]:
@@ -66,14 +66,16 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     result = CliRunner().invoke(app, ["dr-test", "--plan", str(plan), "--database", "devonn-postgres"])
     assert result.exit_code == 0, result.output
     written = sorted(set(reports.glob("dr-test-*")) - before)
+    postmortem, written = written[0], written[1:]
+    assert postmortem.name.endswith("-postmortem.md") and "## Learnings and action items" in postmortem.read_text()
     assert [p.suffix for p in written] == [".html", ".json", ".md"]
     page, written = written[0].read_text(), written[1:]
     report = DrTestReport.model_validate_json(written[0].read_text())
     assert [p.name for p in report.parts] == PARTS
     assert {p.status for p in report.parts} == {Status.passed}, report.markdown()
-    drill = report.parts[4].summary
+    drill = report.parts[5].summary
     assert drill.startswith("RTO ") and "(objective 1h00m, met)" in drill and "checks passed" in drill
-    assert [(m.kind, m.category, m.met) for m in report.parts[4].measures] == [("RTO", "critical", True),
+    assert [(m.kind, m.category, m.met) for m in report.parts[5].measures] == [("RTO", "critical", True),
                                                                                  ("RPO", "database", True)]
     assert {m.category for m in report.parts[0].measures} == {"database", "file_storage", "configuration"}
     assert all(f"<td>{p.name}</td>" in page for p in report.parts)

@@ -51,4 +51,4 @@ def test_an_unreachable_old_primary_is_fenced_as_soon_as_it_answers_again(sandbo
             api = kube_client(sandbox, cluster)
             secret, key = find_database_secret(api, cluster.namespace, "devonn-api")
             if read_secret_value(api, cluster.namespace, secret, key + PREVIOUS_SUFFIX) is not None:
-                roll_back(sandbox, cluster, "devonn-api", timeout=30)
+                roll_back(sandbox, cluster, "devonn-api", timeout=60)

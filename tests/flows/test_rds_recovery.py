@@ -68,7 +68,7 @@ def worker_rolled_back(sandbox):
     api = kube_client(sandbox, cluster)
     secret, key = find_database_secret(api, cluster.namespace, SERVICE)
     if read_secret_value(api, cluster.namespace, secret, key + PREVIOUS_SUFFIX) is not None:
-        roll_back(sandbox, cluster, SERVICE, timeout=30)
+        roll_back(sandbox, cluster, SERVICE, timeout=60)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The sandbox's DR region (pilot light): its own Kubernetes API and nodes, the app's Secrets pointing at the DR
-replica, nothing deployed, and the DR app serving only while its Deployment is there and available. DNS points at
-the primary region's target, with a health check per region. Against the session sandbox, left as it was."""
+replica, nothing deployed, and the DR app (the kubelet's pods) serving only while its Deployment is there and
+available. DNS points at the primary region's target, with a health check per region. Against the session
+sandbox, left as it was."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import httpx
 import pytest
 from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 
+from drplan import processes
 from drplan.clients import aws_client, kube_client
 from sandbox import stack
-from sandbox.kube_api import UNAVAILABLE_ANNOTATION
 from tasks.manifests import render_manifests
 from tests.helpers import wait_for
 
@@ -54,7 +55,7 @@ def test_pilot_light_has_the_secrets_but_no_deployments(sandbox, sandbox_dir, dr
     assert url.decode().endswith(f"@{db.endpoints[db.dr_replica.identifier]}/{db.dbname}")
 
 
-def test_dr_app_serves_only_while_its_deployment_is_available(sandbox, dr):
+def test_dr_app_serves_only_while_its_deployment_is_available(sandbox, sandbox_dir, dr):
     cluster, api = dr
     apps = AppsV1Api(api)
     service = sandbox.services[0]
@@ -66,16 +67,19 @@ def test_dr_app_serves_only_while_its_deployment_is_available(sandbox, dr):
 
     manifest = copy.deepcopy(next(o for o in render_manifests(sandbox, cluster)
                                   if o["kind"] == "Deployment" and o["metadata"]["name"] == "devonn-api"))
-    manifest["metadata"]["annotations"] = {UNAVAILABLE_ANNOTATION: "true"}  # a rollout that never completes
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    image = container["image"]
+    container["image"] = image.rsplit(":", 1)[0] + ":broken"  # the sandbox's broken build: never ready
     apps.create_namespaced_deployment(cluster.namespace, manifest)
     try:
         unavailable = f"deployment devonn-api has no available replicas in namespace {cluster.namespace}"
         wait_for(lambda: get(health).json().get("error") == unavailable, 10, "503: no available replicas")
+        wait_for(lambda: len(pods(sandbox_dir, cluster)) == manifest["spec"]["replicas"], 30, "the broken pods")
         assert get(health).status_code == 503
 
-        apps.patch_namespaced_deployment("devonn-api", cluster.namespace,
-                                         {"metadata": {"annotations": {UNAVAILABLE_ANNOTATION: None}}})
-        wait_for(lambda: get(health).status_code == 200, 10, "the DR app to serve")
+        apps.patch_namespaced_deployment("devonn-api", cluster.namespace, {"spec": {"template": {"spec": {
+            "containers": [{"name": container["name"], "image": image}]}}}})
+        wait_for(lambda: get(health).status_code == 200, 60, "the DR app to serve")
         db = sandbox.database("devonn-postgres")
         assert get(health).json()["db"] == f"{db.endpoints[db.dr_replica.identifier]}/{db.dbname}"
         assert get(stats).json()["users"] == sandbox.sandbox.demo_rows  # the DR replica's data
@@ -88,11 +92,24 @@ def test_dr_app_serves_only_while_its_deployment_is_available(sandbox, dr):
                 raise
     wait_for(lambda: get(health).json().get("error") == absent, 10, "the DR app back to pilot light")
     assert stack.dr_app_check(health)() == "pilot light (not deployed)"
+    wait_for(lambda: pods(sandbox_dir, cluster) == [], 30, "the DR pods to stop")
 
 
-def test_primary_app_names_its_deployment(sandbox, sandbox_dir):
-    log = (sandbox_dir / "logs" / f"{sandbox.services[0].name}.log").read_text()
-    assert "deployment devonn-api running in namespace default: serving" in log
+def pods(sandbox_dir, cluster) -> list[str]:
+    """The cluster's pods whose app processes run."""
+    state = sandbox_dir / stack.kubelet_of(cluster)
+    return [n for n in processes.tracked_names(state) if processes.running(state, n)] if state.is_dir() else []
+
+
+def test_primary_apps_are_the_kubelets_pods_of_their_deployments(sandbox, sandbox_dir):
+    cluster = sandbox.cluster("devonn-eks-sandbox")
+    running = pods(sandbox_dir, cluster)
+    for name in cluster.deployments:
+        replicas = AppsV1Api(kube_client(sandbox, cluster)).read_namespaced_deployment(name, cluster.namespace)
+        assert len([p for p in running if p.startswith(f"{cluster.namespace}.{name}-")]) == replicas.spec.replicas
+        assert replicas.status.available_replicas == replicas.spec.replicas
+    log = (sandbox_dir / "logs" / f"{stack.kubelet_of(cluster)}.log").read_text()
+    assert f"pod {cluster.namespace}.devonn-api-" in log and "ready" in log
 
 
 def test_dns_points_at_the_primary_target_with_a_health_check_per_region(sandbox):

@@ -30,6 +30,7 @@ def test_status_reports_every_component_healthy(sandbox):
     assert names["nodes-devonn-eks-sandbox"] == "dev_nodes 3/3 Ready"
     assert names["nodes-devonn-eks-dr-sandbox"] == "dev_nodes 1/1 Ready"
     assert names["devonn-api-dr"] == "pilot light (not deployed)"
+    assert all(names[f"kubelet-{c.name}"].endswith(" pods running") for c in sandbox.clusters)
 
 
 def test_up_again_changes_nothing(sandbox, sandbox_dir):
@@ -43,7 +44,8 @@ def test_up_again_changes_nothing(sandbox, sandbox_dir):
     stack.up(sandbox, Console(quiet=True))
     after = {n: processes.get(sandbox_dir, n) for n in processes.tracked_names(sandbox_dir)}
     assert after == before
-    assert {f"nodes-{c.name}" for c in sandbox.clusters} | {"kube-api", "kube-api-dr", "devonn-api-dr"} <= set(after)
+    assert {f"{kind}-{c.name}" for c in sandbox.clusters for kind in ("nodes", "kubelet")} | {
+        "kube-api", "kube-api-dr"} <= set(after)
     assert pg.list_backups() == backups
     assert r53.list_health_checks()["HealthChecks"] == checks
     assert {c.name: export_namespace(kube_client(sandbox, c), c.namespace) for c in sandbox.clusters} == kube

@@ -18,18 +18,17 @@ from drplan.clients import db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
 from flows.shared.cutover import database_url
 from sandbox import demo_data, stack
-from sandbox.kube_api import UNAVAILABLE_ANNOTATION
 from tasks.k8s import (
     DeploymentNotAvailable,
     cut_over,
     find_database_secret,
     read_secret_value,
     redact_url,
-    restart_deployment,
     roll_back,
     wait_deployment_available,
     write_secret_value,
 )
+from tasks.manifests import render_manifests
 from tests.helpers import logged_text, wait_for
 
 CLUSTER = "devonn-eks-sandbox"
@@ -91,10 +90,10 @@ def test_cut_over_moves_the_app_and_roll_back_returns_it(sandbox, sandbox_dir, a
     apps = k8s.AppsV1Api(api)
     generation = apps.read_namespaced_deployment("devonn-api", namespace).metadata.generation
     with caplog.at_level(logging.DEBUG):
-        moved = cut_over(sandbox, cluster, "devonn-api", target_url, timeout=10)
+        moved = cut_over(sandbox, cluster, "devonn-api", target_url, timeout=60)
         wait_for(lambda: _users(sandbox) == TARGET_ROWS, 10, "the app to serve cutover_target")
-        again = cut_over(sandbox, cluster, "devonn-api", target_url, timeout=10)
-        back = roll_back(sandbox, cluster, "devonn-api", timeout=10)
+        again = cut_over(sandbox, cluster, "devonn-api", target_url, timeout=60)
+        back = roll_back(sandbox, cluster, "devonn-api", timeout=60)
         wait_for(lambda: _users(sandbox) == sandbox.sandbox.demo_rows, 10, "the app to serve devonn again")
 
     host_port = sandbox.database("devonn-postgres").endpoints["devonn-postgres-production"]
@@ -114,7 +113,7 @@ def test_cut_over_moves_the_app_and_roll_back_returns_it(sandbox, sandbox_dir, a
         assert password not in text
         assert not any(value in text for value in encoded)  # nor the Secret's base64 form
     with pytest.raises(DrplanError, match=r"holds no DATABASE_URL\.drplan-previous; nothing to roll back"):
-        roll_back(sandbox, cluster, "devonn-api", timeout=10)
+        roll_back(sandbox, cluster, "devonn-api", timeout=60)
 
 
 def test_write_secret_value_is_idempotent_and_returns_the_previous_value(api, namespace, caplog):
@@ -158,22 +157,26 @@ def test_missing_deployment_or_reference_is_one_clear_line(sandbox, api, namespa
         apps.delete_namespaced_deployment("no-database-app", namespace)
 
 
-def test_unavailable_deployment_times_out_with_its_status(api, namespace):
+def test_unavailable_deployment_times_out_with_its_status(sandbox, api, namespace):
     apps = k8s.AppsV1Api(api)
-    apps.patch_namespaced_deployment("devonn-worker", namespace,
-                                     {"metadata": {"annotations": {UNAVAILABLE_ANNOTATION: "true"}}})
+    manifest = next(o for o in render_manifests(sandbox, sandbox.cluster(CLUSTER))
+                    if o["kind"] == "Deployment" and o["metadata"]["name"] == "devonn-worker")
+    manifest = {**manifest, "metadata": {"name": "devonn-worker-broken"}}
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    container["image"] = container["image"].rsplit(":", 1)[0] + ":broken"  # the sandbox's broken build
+    apps.create_namespaced_deployment(namespace, manifest)
     try:
-        restart_deployment(api, namespace, "devonn-worker")
+        wait_for(lambda: (apps.read_namespaced_deployment("devonn-worker-broken", namespace).status
+                          .observed_generation), 30, "the kubelet to run the pods")
         with pytest.raises(DeploymentNotAvailable) as timed_out:
-            wait_deployment_available(api, namespace, "devonn-worker", timeout=1.5, interval=0.2)
+            wait_deployment_available(api, namespace, "devonn-worker-broken", timeout=1.5, interval=0.2)
         message = str(timed_out.value)
-        assert message.startswith(f"deployment devonn-worker in namespace {namespace} not available after 1.5s: "
-                                  "0/2 replicas available, observed generation")
-        assert "Progressing=False (ProgressDeadlineExceeded)" in message and "\n" not in message
+        assert message.startswith(f"deployment devonn-worker-broken in namespace {namespace} not available after "
+                                  "1.5s: 0/2 replicas available (2 updated, 2 in all), observed generation 1 of 1")
+        assert "Progressing=False (ProgressDeadlineExceeded: ReplicaSet has timed out progressing: image " in message
+        assert ":broken is the sandbox's broken build" in message and "\n" not in message
     finally:
-        apps.patch_namespaced_deployment("devonn-worker", namespace,
-                                         {"metadata": {"annotations": {UNAVAILABLE_ANNOTATION: None}}})
-        wait_deployment_available(api, namespace, "devonn-worker", timeout=10)
+        apps.delete_namespaced_deployment("devonn-worker-broken", namespace)
 
 
 @pytest.mark.parametrize(("url", "redacted"), [
