@@ -39,9 +39,11 @@ def ui_gated() -> Approval:
 
 
 @pytest.fixture
-def ui_server() -> Iterator[str]:
-    """A Prefect server with its UI (as `drplan serve` and the CLI run it), the API in this process's settings."""
+def ui_server(tmp_path_factory, monkeypatch) -> Iterator[str]:
+    """A Prefect server with its UI (as `drplan serve` and the CLI run it) on a database of its own (not
+    ~/.prefect's, where other tests' CLI runs may still be paused), the API in this process's settings."""
     chromium()  # skip (or fail under CI) before starting anything
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
     with temporary_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
         yield api
 
@@ -68,12 +70,13 @@ def test_the_ui_dialog_shows_the_summary_and_approving_there_completes_the_run(u
 def paused_with_its_form(runner: threading.Thread):
     """The paused run, once its form (schema and description) is stored: the UI reads them when the page opens."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.input import keyset_from_paused_state
 
     deadline = time.monotonic() + 60
     while True:
         with get_client(sync_client=True) as client:
-            for run in client.read_flow_runs():
+            for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["ui-approval-probe"]))):
                 if run.state and run.state.is_paused():
                     try:
                         client.read_flow_run_input(run.id, keyset_from_paused_state(run.state)["schema"])
@@ -100,6 +103,7 @@ def approve_in_the_ui(api: str, run, tmp_path) -> None:
                   what="the Approve toggle on")
         page.js(f"({TYPE_INTO})('Reason', 'lag checked in the dialog')")
         page.js(f"({TYPE_INTO})('Approver', 'alice (UI)')")
+        time.sleep(1)  # the form takes typed values into its model on a debounce, as a person's typing would allow
         page.js("[...document.querySelectorAll('[role=dialog] button')].find(b => b.innerText.trim() === 'Submit')"
                 ".click()")
         page.wait("!document.querySelector('[role=dialog]')", what="the dialog to close")
