@@ -286,10 +286,12 @@ def test_cli_waits_for_approval_and_a_refusal_changes_nothing(sandbox, sandbox_p
                                       "--to", at_t.isoformat(), "--promote"], input="n\nwrong target time\n")
     assert result.exit_code == 1, result.output
     assert "Approve PITR recovery of devonn-postgres?" in result.stderr
-    assert "refused: nothing changed" in result.stdout
+    assert "PITR recovery of devonn-postgres: refused" in result.stdout
     written = max(sandbox.resolve_path(sandbox.drill.report_dir).glob("pitr-recovery-devonn-postgres-*.json"),
                   key=lambda p: p.stat().st_mtime)
-    approval = next(s for s in json.loads(written.read_text())["steps"] if s["action"] == "approval")
+    report = json.loads(written.read_text())
+    assert report["outcome"] == "refused: nothing changed"
+    approval = next(s for s in report["steps"] if s["action"] == "approval")
     assert approval["detail"] == f"approve=False (by {getpass.getuser()} at the terminal) wrong target time"
     assert app_secret(sandbox) == before
 
