@@ -44,8 +44,13 @@ def ui_server(tmp_path_factory, monkeypatch) -> Iterator[str]:
     ~/.prefect's, where other tests' CLI runs may still be paused), the API in this process's settings."""
     chromium()  # skip (or fail under CI) before starting anything
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
     with temporary_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
         yield api
+        APILogWorker.drain_all(timeout=10)  # the runs' logs and events reach this server before it stops, not a
+        EventsWorker.drain_all(timeout=10)  # dead address the process would retry at exit
 
 
 def test_the_ui_dialog_shows_the_summary_and_approving_there_completes_the_run(ui_server, tmp_path):
