@@ -155,17 +155,20 @@ def ensure_alarm_runbooks(plan: Plan) -> list[str]:
             if existing.name.startswith(ALARM_PREFIX) and existing.name not in wanted:
                 client.delete_automation(existing.id)
                 lines.append(f"deleted automation {existing.name!r}")
-        for name, automation in wanted.items():
-            existing = client.read_automations_by_name(name)
-            for duplicate in existing[1:]:
-                client.delete_automation(duplicate.id)
-            if existing:
-                client.update_automation(existing[0].id, automation)
-                lines.append(f"updated automation {name!r}")
-            else:
-                client.create_automation(automation)
-                lines.append(f"created automation {name!r}")
+        lines += [_upsert(client, automation) for automation in wanted.values()]
     return lines
+
+
+def _upsert(client, automation: AutomationCore) -> str:
+    """Create `automation`, or update the one of its name in place (duplicates made by hand are deleted)."""
+    existing = client.read_automations_by_name(automation.name)
+    for duplicate in existing[1:]:
+        client.delete_automation(duplicate.id)
+    if existing:
+        client.update_automation(existing[0].id, automation)
+        return f"updated automation {automation.name!r}"
+    client.create_automation(automation)
+    return f"created automation {automation.name!r}"
 
 
 def ensure(block_name: str) -> list[str]:
@@ -174,19 +177,8 @@ def ensure(block_name: str) -> list[str]:
     if block is None:
         raise DrplanError(f"no notification block named {block_name!r}; create it first, e.g. "
                           f"SlackWebhook(url=...).save({block_name!r}) (deployments/README.md)")
-    lines = []
     with get_client(sync_client=True) as client:
-        for automation in automations(block.id):
-            existing = client.read_automations_by_name(automation.name)
-            for duplicate in existing[1:]:
-                client.delete_automation(duplicate.id)
-            if existing:
-                client.update_automation(existing[0].id, automation)
-                lines.append(f"updated automation {automation.name!r}")
-            else:
-                client.create_automation(automation)
-                lines.append(f"created automation {automation.name!r}")
-    return lines
+        return [_upsert(client, automation) for automation in automations(block.id)]
 
 
 def main(plan_ref: str) -> None:

@@ -36,6 +36,7 @@ from drplan.evidence import Record, append, history, open_store, record_name
 from drplan.failover_report import FailoverTestReport, Run, approval_summary
 from drplan.html_report import render
 from drplan.plan import DEFAULT_PLAN, Database, Plan
+from drplan.report_files import reports_dir
 from drplan.results import Status, markdown_table, overall
 from drplan.rpo import RpoReport
 from drplan.s3manifest import resolve_backup
@@ -267,8 +268,7 @@ def publish(plan: Plan, report: DrTestReport) -> Path:
     event. Returns the markdown file."""
     create_markdown_artifact(key="dr-test", markdown=report.markdown(),
                              description=f"DR test of {report.plan}: {report.status.value}")
-    directory = plan.resolve_path(plan.drill.report_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = reports_dir(plan)
     path = directory / f"dr-test-{report.started_at:%Y%m%dT%H%M%SZ}.md"
     report.evidence = str(path)
     path.write_text(report.markdown() + "\n")

@@ -20,6 +20,7 @@ from drplan.clients import check_aws_access, db_credentials, pg_target, retries_
 from drplan.drill_report import DrillReport, Measured
 from drplan.errors import DrplanError, first_line
 from drplan.plan import DEFAULT_PLAN, Database, Plan
+from drplan.report_files import DRILL_PREFIX, reports_dir
 from drplan.timeutil import utcnow
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import (
@@ -92,9 +93,8 @@ def drill_database(dr_plan: Plan, db: Database, when: datetime | None, spread: t
 def publish(dr_plan: Plan, report: DrillReport) -> Path:
     create_markdown_artifact(key=f"restore-drill-{report.database}".lower(), markdown=report.markdown(),
                              description=f"restore drill of {report.database}: {report.status.value}")
-    directory = dr_plan.resolve_path(dr_plan.drill.report_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"drill-{report.scratch}.json"
+    directory = reports_dir(dr_plan)
+    path = directory / f"{DRILL_PREFIX}{report.scratch}.json"
     path.write_text(report.model_dump_json(indent=2))
     emit_event(
         event=f"drplan.drill.{report.status.value}",
