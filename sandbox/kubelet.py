@@ -59,6 +59,7 @@ from kubernetes.config import new_client_from_config
 from drplan import processes
 from drplan.pgserver import free_port
 from drplan.plan import host_port
+from sandbox.reconcile import reconcile_until
 
 log = logging.getLogger("sandbox.kubelet")
 
@@ -286,7 +287,6 @@ class Kubelet:
         self._stopping: list[threading.Thread] = []
         self._failing: dict[str, str] = {}  # deployment -> the error that stops it, logged once
         self._probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
-        self._last_error: str | None = None
 
     def ready_ports(self, target: Target) -> tuple[list[int], str]:
         """Ports of the target's ready pods, and why there are none (the phrase the 503 carries)."""
@@ -412,19 +412,7 @@ class Kubelet:
                                                           _request_timeout=REQUEST_TIMEOUT)
 
     def run(self, stop: threading.Event, interval: float = POLL_SECONDS) -> None:
-        while not stop.is_set():
-            try:
-                self.reconcile()
-            except Exception as exc:  # noqa: BLE001 - the API away: keep the pods, retry on the next round
-                text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-                if text != self._last_error:
-                    log.warning("cannot reconcile, retrying: %s", text)
-                self._last_error = text
-            else:
-                if self._last_error is not None:
-                    log.info("reconciling again")
-                self._last_error = None
-            stop.wait(interval)
+        reconcile_until(stop, interval, self.reconcile, log, "")
 
     def shutdown(self) -> None:
         """Close every load balancer and stop every pod."""

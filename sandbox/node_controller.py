@@ -32,6 +32,8 @@ from botocore.config import Config
 from kubernetes.client import ApiException, CoreV1Api
 from kubernetes.config import new_client_from_config
 
+from sandbox.reconcile import reconcile_until
+
 log = logging.getLogger("sandbox.node_controller")
 
 NODEGROUP_LABEL = "eks.amazonaws.com/nodegroup"
@@ -75,7 +77,6 @@ class NodeController:
         self.cluster = cluster
         self.join_seconds = join_seconds
         self._ready_at: dict[str, float] = {}  # node uid -> when it turns Ready
-        self._last_error: str | None = None
 
     def desired_sizes(self) -> dict[str, int]:
         """Node group -> desired size, as EKS (moto) has it now."""
@@ -134,19 +135,7 @@ class NodeController:
                     log.info("node %s Ready", name)
 
     def run(self, stop: threading.Event, interval: float = POLL_SECONDS) -> None:
-        while not stop.is_set():
-            try:
-                self.reconcile()
-            except Exception as exc:  # noqa: BLE001 - moto or the API away: retry on the next round
-                text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-                if text != self._last_error:
-                    log.warning("cannot reconcile the nodes of %s, retrying: %s", self.cluster, text)
-                self._last_error = text
-            else:
-                if self._last_error is not None:
-                    log.info("reconciling again")
-                self._last_error = None
-            stop.wait(interval)
+        reconcile_until(stop, interval, self.reconcile, log, f" the nodes of {self.cluster}")
 
 
 def main(argv: list[str] | None = None) -> None:
