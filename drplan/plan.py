@@ -390,6 +390,14 @@ class WalPrefetch(_Model):
     restored copies, under drill.work_dir. The OS user must be able to write there."""
 
 
+class BaseDownload(_Model):
+    """Self-managed PostgreSQL restores: the base backup's tar files are fetched in byte ranges over several
+    connections at once and extracted as they arrive (drplan/base_restore.py)."""
+
+    parallel: int = Field(default=8, ge=1, le=64)
+    """Ranges fetched at once (each a connection)."""
+
+
 class DrillSettings(_Model):
     """Restore drills: where scratch copies go, how long they may take, which target time by default."""
 
@@ -405,6 +413,8 @@ class DrillSettings(_Model):
     """Where drill reports (JSON) are written, relative to the plan file."""
     wal_prefetch: WalPrefetch = WalPrefetch()
     """postgres kind: how restores (drills and recoveries) fetch archived WAL."""
+    base_download: BaseDownload = BaseDownload()
+    """postgres kind: how restores download the base backup."""
 
 
 class EvidenceSettings(_Model):

@@ -89,6 +89,11 @@ def running(state_dir: Path, name: str) -> Tracked | None:
     return tracked if tracked and tracked.alive else None
 
 
+def log_file(state_dir: Path, name: str) -> Path:
+    """Where the tracked process `name` writes its output (appended to by each start)."""
+    return state_dir / "logs" / f"{name}.log"
+
+
 def start(
     state_dir: Path,
     name: str,
@@ -101,7 +106,7 @@ def start(
     existing = running(state_dir, name)
     if existing:
         return existing
-    log = state_dir / "logs" / f"{name}.log"
+    log = log_file(state_dir, name)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(

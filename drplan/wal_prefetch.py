@@ -89,6 +89,15 @@ def cloud_config(argv: list[str], extra: Any = None):
     return parser.parse_args(argv)
 
 
+def s3_client(cloud: Any, connections: int) -> Any:
+    """A boto3 S3 client configured as barman's CloudInterface `cloud` is (thread-safe, unlike barman's resource), with
+    a connection for each of `connections` threads."""
+    client = cloud.s3.meta.client
+    return boto3.Session(profile_name=cloud.profile_name).client(
+        "s3", endpoint_url=cloud.endpoint_url, region_name=client.meta.region_name,
+        config=client.meta.config.merge(Config(max_pool_connections=max(10, connections))))
+
+
 class Archive:
     """One barman-cloud WAL archive (S3), read through barman's CloudInterface, built once: every thread uses its
     boto3 client (thread-safe, unlike the resource around it), with a connection for each of `connections` threads."""
@@ -96,10 +105,7 @@ class Archive:
     def __init__(self, config: Any, connections: int = 10) -> None:
         self.server_name = config.server_name
         self.cloud = get_cloud_interface(config)
-        client = self.cloud.s3.meta.client
-        self._client = boto3.Session(profile_name=self.cloud.profile_name).client(
-            "s3", endpoint_url=self.cloud.endpoint_url, region_name=client.meta.region_name,
-            config=client.meta.config.merge(Config(max_pool_connections=max(10, connections))))
+        self._client = s3_client(self.cloud, connections)
 
     def _dir(self, hash_dir: str) -> str:
         return "/".join(p.strip("/") for p in (self.cloud.path, self.server_name, "wals", hash_dir) if p) + "/"

@@ -11,7 +11,8 @@ A seeded random fraction of requests (default 0.3) gets a fault instead of being
 Two more kinds, only when asked for (`kinds=`) and only for S3 object GETs: `corrupt` (the answer forwarded with one
 byte of its body flipped, headers intact: what a client's checksum must catch) and `cut` (the headers and part of
 the body, then a reset: a connection lost mid-download), for keys matching `body_match` (a regex; default any).
-`limit` caps the faults injected; `latency` (seconds) delays every request, as a distant store would.
+`limit` caps the faults injected; `latency` (seconds) delays every request, as a distant store would; `bandwidth`
+(bytes per second, 0 unlimited) caps each connection's answer, as one connection to S3 is capped.
 
 The others go to the upstream byte for byte (the request body buffered, the answer streamed back, so barman-cloud
 can fetch WAL and base backups through it). `GET /__faults` answers the counts as JSON; `counts()` returns them.
@@ -38,6 +39,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", 
                "expect"}
 _SCOPE = re.compile(r"Credential=[^/,]+/\d{8}/[^/]+/([^/]+)/")
 _BLOCK = 1 << 16
+_BODY_OK = (200, 206)  # an object, or a range of it
 
 
 class FaultProxy:
@@ -45,7 +47,8 @@ class FaultProxy:
     thread ended) on exit. `kinds` limits the faults it picks from; a request no kind fits is forwarded."""
 
     def __init__(self, upstream: str, fraction: float = 0.3, seed: int = 0, kinds: tuple[str, ...] = KINDS,
-                 limit: int | None = None, body_match: str = "", latency: float = 0.0) -> None:
+                 limit: int | None = None, body_match: str = "", latency: float = 0.0, bandwidth: float = 0.0
+                 ) -> None:
         if not set(kinds) <= {*KINDS, *BODY_KINDS} or not kinds:
             raise ValueError(f"kinds must be among {KINDS + BODY_KINDS}")
         target = urlsplit(upstream)
@@ -55,6 +58,7 @@ class FaultProxy:
         self.limit = limit
         self.body_match = re.compile(body_match)
         self.latency = latency
+        self.bandwidth = bandwidth
         self.forwarded = 0
         self.faults: Counter[str] = Counter()
         self._random = random.Random(seed)
@@ -237,15 +241,17 @@ class _Handler(BaseHTTPRequestHandler):
             if bodiless:
                 return
             while block := response.read(_BLOCK):
-                if fault == "cut" and response.status == 200:
+                if fault == "cut" and response.status in _BODY_OK:
                     self.wfile.write(block[: len(block) // 2])
                     self.wfile.flush()
                     self._reset()
                     return
-                if fault == "corrupt" and response.status == 200:
+                if fault == "corrupt" and response.status in _BODY_OK:
                     block, fault = block[: len(block) // 2] + bytes([block[len(block) // 2] ^ 0xFF]) \
                         + block[len(block) // 2 + 1:], None
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+                if self.proxy.bandwidth:
+                    time.sleep(len(block) / self.proxy.bandwidth)
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
         finally:

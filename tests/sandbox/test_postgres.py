@@ -389,19 +389,22 @@ pg.restore(a["member"], a["port"], target, pg.backup_for(target))
 """
 
 
-def test_a_killed_restore_leaves_no_prefetch_daemon_behind(pg, moto_s3, probe_wal, state_dir):
-    member = f"t{TOKEN}-killed"
-    with FaultProxy(moto_s3.meta.endpoint_url, fraction=0.0, latency=0.05) as proxy:  # a slower store
+@pytest.mark.parametrize("helper", ["base-download", "wal-prefetch"])
+def test_a_killed_restore_leaves_no_helper_behind(pg, moto_s3, probe_wal, state_dir, helper):
+    """Killed while the base backup downloads, or while WAL is replayed: its helper process dies with it."""
+    member = f"t{TOKEN}-killed-{helper}"
+    slow = {"bandwidth": 256 * 1024} if helper == "base-download" else {}  # so that the download takes a while
+    with FaultProxy(moto_s3.meta.endpoint_url, fraction=0.0, latency=0.05, **slow) as proxy:  # a slower store
         args = {"state": str(state_dir), "endpoint": proxy.url, "aws": AWS, "destination": f"s3://{BUCKET}/{PREFIX}",
                 "server": SERVER, "target": probe_wal[0].isoformat(), "member": member, "port": free_port()}
         child = subprocess.Popen([sys.executable, "-c", KILLED_RESTORE, json.dumps(args)],
                                  env={**os.environ, "PROBE_PASSWORD": PASSWORD, "PYTHONPATH": str(REPO)})
         try:
-            daemon = wait_for(lambda: processes.running(state_dir, f"wal-prefetch-{member}"), 120,
-                              "the restore's prefetch daemon", interval=0.02)
+            running = wait_for(lambda: processes.running(state_dir, f"{helper}-{member}"), 120,
+                               f"the restore's {helper} process", interval=0.02)
             child.kill()
             child.wait()
-            wait_for(lambda: not daemon.alive, 10, "the prefetch daemon to die with its restore")
+            wait_for(lambda: not running.alive, 10, f"the {helper} process to die with its restore")
         finally:
             child.kill()
             make_sandbox(state_dir, proxy.url).remove(member)  # the postmaster outlives it: a rerun starts over
