@@ -209,16 +209,14 @@ def drill(
 ) -> None:
     """Restore to a scratch copy, check it, measure RTO/RPO, clean up. Exit 0 pass, 1 checks failed, 2 error."""
     from flows.restore_drill import restore_drill
-    from flows.shared.report import run_report
     from flows.shared.requests import validate_request
 
     plan_or_exit(plan)
     with refusals():
         validate_request(plan, database, target_time, random_within)  # refused before anything runs
-    with refusals("restore drill did not complete"), prefect_api(), \
-            err.status("restore drill: restoring a scratch copy, checking it, cleaning up..."):
-        reports = run_report(restore_drill, list, plan=plan, database=database, target_time=target_time,
-                             random_within=random_within, keep=keep)
+    with refusals("restore drill did not complete"), prefect_api():
+        reports = cli_recovery.answered(restore_drill, "drill", list, dict(
+            plan=plan, database=database, target_time=target_time, random_within=random_within, keep=keep))
     if as_json:
         out.print_json(data=[json.loads(r.model_dump_json()) for r in reports])
     else:

@@ -22,6 +22,7 @@ from rich.markdown import Markdown
 
 from cli.console import JsonOption, PlanOption, err, fail, out, plan_or_exit, refusals
 from cli.prefect_api import prefect_api
+from cli.run_progress import RunProgress
 from drplan.errors import DrplanError, first_line
 
 POLL_SECONDS = 1.0
@@ -212,12 +213,18 @@ def answered(flow_fn: Any, label: str, report_type: type, parameters: dict[str, 
     worker.start()
     err.print(f"{name}: running", highlight=False)
     asked = set()
-    while worker.is_alive():
-        worker.join(POLL_SECONDS)
-        paused = _paused_run(name) if worker.is_alive() else None
-        if paused and paused.id not in asked:
-            asked.add(paused.id)
-            _ask(paused.id)
+    progress = RunProgress(err, name)
+    try:
+        while worker.is_alive():
+            worker.join(POLL_SECONDS)
+            paused = _paused_run(name) if worker.is_alive() else None
+            if paused and paused.id not in asked:
+                asked.add(paused.id)
+                progress.pause()
+                _ask(paused.id)
+            progress.poll()
+    finally:
+        progress.close()
     if "error" in result:
         raise fail(f"{name}: {first_line(result['error'])}")
     return result["report"]

@@ -9,10 +9,11 @@ barman's layout and semantics (its catalogue finds the files, its decompressors 
 into the destination, each tablespace into its recorded location with its `pg_tblspc` link, `pg_wal` created when
 the backup left it out) and changes only how the bytes arrive.
 
-Pieces: a file uploaded in parts (barman-cloud uploads multipart; its parts vary in size) is read part by part,
-each part's range learnt from a HEAD with its part number, and checked at the end against the composite ETag (MD5 of
-the parts' MD5s, `-<parts>`); a single-part file in ranges of `--piece-bytes`, checked against its MD5 ETag. Under
-SSE-KMS/-C the ETag is no MD5: lengths only, and the compression's own checks. A piece cut mid-body or short is
+Pieces: a file is read in ranges of at most `--piece-bytes` (8 MiB, AWS's usual range size) that never straddle
+two of its upload parts (barman-cloud uploads multipart, its parts vary in size: each part's length comes from a
+HEAD with its part number), so that the bytes, consumed in order, give each part's MD5 and the composite ETag (MD5
+of the parts' MD5s, `-<parts>`) is checked at the end; a single-part file against its MD5 ETag. Under SSE-KMS/-C the
+ETag is no MD5: lengths only, and the compression's own checks. A piece cut mid-body or short is
 fetched again (FETCH_ATTEMPTS); a file whose checksum fails is downloaded again from an emptied destination (the
 whole backup: ATTEMPTS). At most `parallel + 2` pieces are held in memory.
 
@@ -60,28 +61,32 @@ class Layout:
 
     key: str
     size: int
-    ranges: list[tuple[int, int]]
+    ranges: list[tuple[int, int, bool]]  # first byte, last byte, whether it ends an upload part
     etag: str
-    by_part: bool  # ranges are the upload's parts: checked against the composite ETag
-    checked: bool  # the ETag is an MD5 (of the object, or of the parts' MD5s)
+    parts: int  # upload parts: above 1, the ETag is the MD5 of the parts' MD5s, `-<parts>`
+    checked: bool  # the ETag is an MD5 (of the object, or of its parts' MD5s)
 
 
 def layout(client: Any, bucket: str, key: str, piece_bytes: int, pool: ThreadPoolExecutor) -> Layout:
-    """How to read `key`: by its upload parts when it has several, else in `piece_bytes` ranges."""
+    """How to read `key`: in ranges of at most `piece_bytes` that never straddle two of its upload parts."""
     head = client.head_object(Bucket=bucket, Key=key)
     size, etag = head["ContentLength"], head.get("ETag", "").strip('"')
     plain = "kms" not in head.get("ServerSideEncryption", "") and not head.get("SSECustomerAlgorithm")
     multipart = _MULTIPART.fullmatch(etag)
+    sizes = [size]
     if multipart:
         parts = int(multipart.group(2))
         sizes = list(pool.map(lambda n: client.head_object(Bucket=bucket, Key=key, PartNumber=n)["ContentLength"],
                               range(1, parts + 1)))
         if sum(sizes) != size:
             raise Corrupt(f"{key}: its {parts} parts hold {sum(sizes)} bytes, the object {size}")
-        starts = [sum(sizes[:i]) for i in range(parts)]
-        return Layout(key, size, [(s, s + n - 1) for s, n in zip(starts, sizes, strict=True)], etag, True, plain)
-    ranges = [(s, min(s + piece_bytes, size) - 1) for s in range(0, size, piece_bytes)]
-    return Layout(key, size, ranges, etag, False, plain and bool(_MD5.fullmatch(etag)))
+    ranges, start = [], 0
+    for part in sizes:
+        end = start + part
+        ranges += [(s, min(s + piece_bytes, end) - 1, s + piece_bytes >= end) for s in range(start, end, piece_bytes)]
+        start = end
+    checked = plain and (multipart is not None or bool(_MD5.fullmatch(etag)))
+    return Layout(key, size, ranges, etag, len(sizes) if multipart else 1, checked)
 
 
 class Pieces(RawIOBase):
@@ -96,6 +101,7 @@ class Pieces(RawIOBase):
         self._next = 0  # the next range handed on
         self._buffer = memoryview(b"")
         self._md5 = hashlib.md5(usedforsecurity=False)  # of the object, or of the parts' digests
+        self._part = hashlib.md5(usedforsecurity=False)  # of the current upload part (multipart objects)
         for index in range(min(ahead, len(plan.ranges))):
             self._submit(index)
 
@@ -108,7 +114,13 @@ class Pieces(RawIOBase):
                 return 0
             piece = self._futures.pop(self._next).result()
             self._submit(self._next + len(self._futures) + 1)
-            self._md5.update(hashlib.md5(piece, usedforsecurity=False).digest() if self._plan.by_part else piece)
+            if self._plan.parts > 1:
+                self._part.update(piece)
+                if self._plan.ranges[self._next][2]:  # the part is complete
+                    self._md5.update(self._part.digest())
+                    self._part = hashlib.md5(usedforsecurity=False)
+            else:
+                self._md5.update(piece)
             self._next += 1
             self._buffer = memoryview(piece)
             self._advanced(len(piece))
@@ -122,7 +134,7 @@ class Pieces(RawIOBase):
         while self.read(1 << 20):
             pass
         if self._plan.checked:
-            digest = self._md5.hexdigest() + (f"-{len(self._plan.ranges)}" if self._plan.by_part else "")
+            digest = self._md5.hexdigest() + (f"-{self._plan.parts}" if self._plan.parts > 1 else "")
             if digest != self._plan.etag:
                 raise Corrupt(f"{self._plan.key}: checksum {digest} differs from its ETag {self._plan.etag}")
 
@@ -133,7 +145,7 @@ class Pieces(RawIOBase):
 
     def _submit(self, index: int) -> None:
         if index < len(self._plan.ranges) and index not in self._futures and index >= self._next:
-            self._futures[index] = self._pool.submit(self._fetch, *self._plan.ranges[index])
+            self._futures[index] = self._pool.submit(self._fetch, *self._plan.ranges[index][:2])
 
     def _fetch(self, start: int, end: int) -> bytes:
         for attempt in range(1, FETCH_ATTEMPTS + 1):

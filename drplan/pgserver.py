@@ -2,14 +2,15 @@
 barman-cloud backups and point-in-time restore.
 
 initdb refuses root, so every PostgreSQL and barman-cloud process runs as an unprivileged OS user via
-`setpriv` (`--pdeathsig KILL`: a helper such as barman-cloud-restore dies with the drplan process that started it,
+`setpriv` (`--pdeathsig KILL`: a helper such as the base backup download dies with the drplan process that started it,
 so a killed run leaves nothing writing into a directory its rerun starts over). Secrets travel only in the
 subprocess environment or in 0600 files owned by that user, never in argv or logs. Data lives in
 `<state>/postgres/<member>`, the server log next to it.
 
-A restore fetches archived WAL through drplan's prefetcher (drplan/wal_prefetch.py): a daemon per restore, started
-as the OS user with the same parent-death signal and stopped when the restore ends, spooling the segments after the
-one recovery asks for; the restore_command (drplan/wal_restore.py) takes them from the spool.
+A restore downloads the base backup with drplan's parallel downloader (drplan/base_restore.py, tracked as
+`base-download-<member>`) and fetches archived WAL through drplan's prefetcher (drplan/wal_prefetch.py): a daemon
+per restore, started as the OS user with the same parent-death signal and stopped when the restore ends, spooling
+the segments after the one recovery asks for; the restore_command (drplan/wal_restore.py) takes them from the spool.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from drplan.clients import DbCredentials, PgTarget, aws_client, child_aws_env
 from drplan.errors import DrplanError
 from drplan.pgserver import HOST, LocalPostgres, PostgresError, free_port, spool_dir
 from drplan.plan import Database, DatabaseKind, Plan
+from drplan.progress import ArtifactProgress
 from drplan.timeutil import utcnow
 from drplan.topology import Member
 from tasks.barman import find_newest_wal
@@ -202,7 +203,9 @@ class PostgresArchive(RestoreTarget):
             marker.write_text(scratch.model_dump_json())  # written first: a crash leaves something to sweep
         try:
             restored = local.restore(name, scratch.port, target_time, backup,
-                                     timeout=self.plan.drill.restore_timeout.total_seconds())
+                                     timeout=self.plan.drill.restore_timeout.total_seconds(),
+                                     progress=ArtifactProgress(f"download-{name}".lower(),
+                                                               f"base backup {backup.id} -> {name}"))
         except PostgresError as exc:
             if not local.data_dir(name).exists():  # the restore removed what it had half-done
                 marker.unlink(missing_ok=True)

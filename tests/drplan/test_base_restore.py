@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from itertools import pairwise
 from pathlib import Path
 from unittest import mock
 
@@ -70,7 +71,7 @@ def store() -> dict:
         assert len(packed) > cuts[-2] + 1
         parts = [{"PartNumber": n, "ETag": s3.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=n,
                                                           Body=packed[a:b])["ETag"]}
-                 for n, (a, b) in enumerate(zip(cuts, cuts[1:]), 1)]
+                 for n, (a, b) in enumerate(pairwise(cuts), 1)]
         s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
         s3.put_object(Bucket=BUCKET, Key=f"{base}/{SINGLE}/data.tar", Body=tar_of(files))
         for backup in (MULTIPART, SINGLE):

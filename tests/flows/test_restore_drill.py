@@ -216,22 +216,22 @@ def test_overshoot_missing_table_and_orphans_fail_the_drill_by_name(sandbox, san
     assert evidence["checks"] == report["checks"] and evidence["cleanup"] == "removed"
 
 
-def barman_restores_of(name: str) -> list[int]:
-    """PIDs of the barman-cloud-restore processes writing copy `name`."""
+def downloads_of(name: str) -> list[int]:
+    """PIDs of the base backup downloads (drplan.base_restore) writing copy `name`."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"barman-cloud-restore") for a in argv) and any(a.endswith(name.encode()) for a in argv):
+        if b"drplan.base_restore" in argv and any(a.endswith(name.encode()) for a in argv):
             found.append(int(cmdline.parent.name))
     return found
 
 
 def test_restore_killed_during_the_download_leaves_no_helper_and_the_rerun_restores(sandbox, sandbox_plan_path):
-    """The process restoring a copy is killed while barman-cloud-restore downloads the base backup: the helper dies
-    with it (nothing keeps writing into the directory), and the same restore rerun starts over and finishes."""
+    """The process restoring a copy is killed while the base backup downloads: the downloader dies with it (nothing
+    keeps writing into the directory), and the same restore rerun starts over and finishes."""
     db = sandbox.database("devonn-postgres")
     target, credentials = PostgresArchive(sandbox, db), db_credentials(sandbox, db)
     at = target.window().latest
@@ -244,12 +244,12 @@ def test_restore_killed_during_the_download_leaves_no_helper_and_the_rerun_resto
     restorer = subprocess.Popen([sys.executable, "-c", script, str(sandbox_plan_path), name, at.isoformat()],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: barman_restores_of(name), 60, "barman-cloud-restore to start", interval=0.02)
+        wait_for(lambda: downloads_of(name), 60, "the base backup download to start", interval=0.02)
     finally:
         restorer.kill()
         restorer.wait(10)
     try:
-        wait_for(lambda: not barman_restores_of(name), 5, "barman-cloud-restore to die with the killed restore")
+        wait_for(lambda: not downloads_of(name), 5, "the download to die with the killed restore")
         scratch = target.restore(name, at, credentials)
         assert not scratch.reused  # a half-done download is never reused: restored again from a clean state
         with psycopg.connect(host=scratch.host, port=scratch.port, dbname=db.dbname, user=credentials.username,
