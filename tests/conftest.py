@@ -31,8 +31,8 @@ TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 # `slow` = the session sandbox or a Prefect server (a minute or more to start); `sandbox` = any real server, those
 # and the ones a test module starts for itself. `pytest -m "not sandbox"` is the fast suite.
 SLOW_FIXTURES = frozenset({"sandbox", "prefect_server", "platform", "probe_wal", "ui_server"})  # probe_wal: WAL
-SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_s3", "moto_rds", "iam_moto", "pg_cluster", "postgres_port",
-                                   "kube_api", "own_processes", "kubelet"}
+SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_backup", "moto_s3", "moto_rds", "iam_moto", "pg_cluster",
+                                   "postgres_port", "kube_api", "own_processes", "kubelet"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -57,7 +57,7 @@ def backup_info(backup_id: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def store() -> dict:
+def moto_backup() -> dict:
     """moto with two backups of the same tree: gzip'd in parts of 5, 6 and 5 MiB and the rest; plain in one piece."""
     files = tree()
     with moto() as url, mock.patch.dict(os.environ, AWS):
@@ -101,47 +101,47 @@ def aws_env(monkeypatch):
 
 
 @pytest.mark.parametrize("backup", [MULTIPART, SINGLE])
-def test_the_backup_is_restored_identically_through_throttling_resets_and_cut_bodies(store, tmp_path, aws_env,
+def test_the_backup_is_restored_identically_through_throttling_resets_and_cut_bodies(moto_backup, tmp_path, aws_env,
                                                                                       backup):
     destination = tmp_path / "data"
-    with FaultProxy(store["url"], fraction=0.5, seed=3, kinds=("slowdown", "reset", "cut"),
+    with FaultProxy(moto_backup["url"], fraction=0.5, seed=3, kinds=("slowdown", "reset", "cut"),
                     body_match=r"data\.tar") as proxy:  # barman's catalogue reads backup.info in one GET
         emitted = run(proxy.url, backup, destination, piece=512 * 1024)
         faults = proxy.counts()
     assert faults["cut"] and faults["reset"] and faults["slowdown"], faults  # each kind really happened
-    assert restored(destination) == store["files"]
+    assert restored(destination) == moto_backup["files"]
     assert (destination / "pg_wal").is_dir()  # not in barman's tar: created, as barman-cloud-restore does
     assert destination.stat().st_mode & 0o777 == 0o700  # PostgreSQL starts only on a private data directory
-    assert emitted[0] == {"files": 1, "bytes": store["sizes"][backup]}
-    assert emitted[-1] == {"done": store["sizes"][backup]}
+    assert emitted[0] == {"files": 1, "bytes": moto_backup["sizes"][backup]}
+    assert emitted[-1] == {"done": moto_backup["sizes"][backup]}
 
 
-def test_a_corrupted_range_is_caught_by_the_checksum_and_the_backup_downloaded_again(store, tmp_path, aws_env):
+def test_a_corrupted_range_is_caught_by_the_checksum_and_the_backup_downloaded_again(moto_backup, tmp_path, aws_env):
     destination = tmp_path / "data"
-    with FaultProxy(store["url"], fraction=1.0, kinds=("corrupt",), limit=1, body_match=r"data\.tar") as proxy:
+    with FaultProxy(moto_backup["url"], fraction=1.0, kinds=("corrupt",), limit=1, body_match=r"data\.tar") as proxy:
         run(proxy.url, MULTIPART, destination)
         assert proxy.counts()["corrupt"] == 1
-    assert restored(destination) == store["files"]
+    assert restored(destination) == moto_backup["files"]
 
 
-def test_a_store_that_keeps_corrupting_fails_the_download_naming_the_checksum(store, tmp_path):
+def test_a_store_that_keeps_corrupting_fails_the_download_naming_the_checksum(moto_backup, tmp_path):
     env = {**os.environ, **AWS, "PYTHONPATH": str(REPO)}
-    with FaultProxy(store["url"], fraction=1.0, kinds=("corrupt",), body_match=r"data\.tar") as proxy:
+    with FaultProxy(moto_backup["url"], fraction=1.0, kinds=("corrupt",), body_match=r"data\.tar") as proxy:
         proc = subprocess.run([sys.executable, "-m", "drplan.base_restore",
                                *args(proxy.url, SINGLE, tmp_path / "data", piece=4 * MIB)],
                               env=env, capture_output=True, text=True, timeout=300)
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 1
-    assert lines[0] == {"files": 1, "bytes": store["sizes"][SINGLE]}
+    assert lines[0] == {"files": 1, "bytes": moto_backup["sizes"][SINGLE]}
     assert lines[-1]["error"].startswith("Corrupt: pg/db/base/20261206T020304/data.tar: checksum "), lines[-1]
     assert "differs from its ETag" in lines[-1]["error"]
 
 
-def test_an_unknown_backup_or_a_non_empty_destination_is_refused_before_any_download(store, tmp_path, aws_env):
+def test_an_unknown_backup_or_a_non_empty_destination_is_refused_before_any_download(moto_backup, tmp_path, aws_env):
     with pytest.raises(SystemExit, match="backup 20200101T000000 of db is not in the catalogue"):
-        run(store["url"], "20200101T000000", tmp_path / "data")
+        run(moto_backup["url"], "20200101T000000", tmp_path / "data")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "PG_VERSION").write_text("17\n")
     with pytest.raises(SystemExit, match="used is not empty; a restore needs an empty directory"):
-        run(store["url"], SINGLE, tmp_path / "used")
+        run(moto_backup["url"], SINGLE, tmp_path / "used")
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["PG_VERSION"]
