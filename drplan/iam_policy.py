@@ -32,7 +32,7 @@ SELF_CHECK = ("sts:GetCallerIdentity", "iam:SimulatePrincipalPolicy")
 
 _READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ
               + ("route53:ListHealthChecks", "cloudwatch:GetMetricStatistics") + SELF_CHECK)
-_RPO = TOPOLOGY + S3_READ + ("rds:DescribeDBSnapshots", "sts:GetCallerIdentity")
+_RPO = TOPOLOGY + S3_READ + ("rds:DescribeDBSnapshots", "cloudwatch:GetMetricData", "sts:GetCallerIdentity")
 _DRILL = TOPOLOGY + RESTORE + ("sts:GetCallerIdentity",)
 _REHEARSAL = TOPOLOGY + HEALTH + ("rds:CreateDBInstanceReadReplica", "rds:PromoteReadReplica", "rds:DeleteDBInstance",
                                   "sts:GetCallerIdentity")
