@@ -30,9 +30,13 @@ DNS = DNS_READ + ("route53:ChangeResourceRecordSets", "route53:GetChange")
 EKS_READ = ("eks:DescribeCluster", "eks:DescribeNodegroup")
 SELF_CHECK = ("sts:GetCallerIdentity", "iam:SimulatePrincipalPolicy")
 
-_READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ
+INVENTORY = ("rds:DescribeDBInstances", "s3:ListBuckets", "s3:GetBucketTagging")
+"""Discovery and drift (tasks/inventory.py): every RDS instance and every bucket with its tags."""
+
+_READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ + INVENTORY
               + ("route53:ListHealthChecks", "cloudwatch:GetMetricStatistics") + SELF_CHECK)
-_RPO = TOPOLOGY + S3_READ + ("rds:DescribeDBSnapshots", "cloudwatch:GetMetricData", "sts:GetCallerIdentity")
+_RPO = TOPOLOGY + S3_READ + INVENTORY + ("rds:DescribeDBSnapshots", "cloudwatch:GetMetricData",
+                                         "sts:GetCallerIdentity")
 _DRILL = TOPOLOGY + RESTORE + ("sts:GetCallerIdentity",)
 _REHEARSAL = TOPOLOGY + HEALTH + ("rds:CreateDBInstanceReadReplica", "rds:PromoteReadReplica", "rds:DeleteDBInstance",
                                   "sts:GetCallerIdentity")
@@ -58,10 +62,10 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "dr-test": _RPO + _READINESS + _DRILL + _REHEARSAL + S3_SYNC + PROMOTE + FENCE
     + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket", "rds:ModifyDBInstance",
        "rds:CreateDBInstanceReadReplica"),
-    "commands": TOPOLOGY + S3_READ + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
+    "commands": TOPOLOGY + S3_READ + INVENTORY + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
-"""Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence), the
-AWS operations it calls as `service:Operation` (botocore's names)."""
+"""Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence, plan
+drift), the AWS operations it calls as `service:Operation` (botocore's names)."""
 
 S3_ACTIONS = {
     "s3:ListObjectsV2": ("s3:ListBucket",), "s3:HeadBucket": ("s3:ListBucket",), "s3:HeadObject": ("s3:GetObject",),
@@ -131,6 +135,8 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
     match action:
         case "s3:ListAllMyBuckets":
             return "S3ListAllMyBucketsHasNoResourceScope", ["*"]
+        case "s3:GetBucketTagging":
+            return "S3TagsOfEveryBucketForDiscovery", ["arn:aws:s3:::*"]
         case "s3:CreateBucket" | "s3:DeleteBucket":
             return "S3ScratchBucketsOfTheDrTest", _scratch_buckets(plan)
         case "s3:ListBucket":

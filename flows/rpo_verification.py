@@ -1,4 +1,5 @@
 """RPO verification: how old is the newest recoverable copy of every database, bucket and configuration?
+The plan's `discover:` selectors add the buckets and RDS databases they take in (tasks/inventory.py).
 
 Runbook it replaces: "check the replica lag, check the last snapshot, check the last backup, by hand".
 Every measurement is taken concurrently, compared with the plan's objective, reported as a table artifact;
@@ -29,6 +30,7 @@ from drplan.results import Status
 from drplan.timeutil import utcnow
 from drplan.topology import DatabaseTopology, Member, State
 from tasks import barman, postgres, rds, s3
+from tasks.inventory import discovered_plan
 from tasks.topology import discover_topology
 
 Judge = Callable[[Any, datetime], rpo.Measurement]
@@ -268,6 +270,7 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     logger = get_run_logger()
     retries = retries_since()
     logger.info("AWS access as %s", check_aws_access(dr_plan))
+    dr_plan = discovered_plan(dr_plan)  # with the buckets and databases its discover: selectors take in
     started = utcnow()
     topology = discover_topology(dr_plan)
     create_markdown_artifact(key="rpo-verification-topology", markdown=topology.markdown(),

@@ -109,6 +109,12 @@ def read_replica_lag(cloudwatch, identifier: str, window: timedelta = timedelta(
 describe_instance_task = task(describe_instance, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 
 
+def replica_source(instance: dict) -> str | None:
+    """The instance it replicates from (a cross-region source is an ARN: its last part is the identifier)."""
+    source = instance.get("ReadReplicaSourceDBInstanceIdentifier")
+    return source.rsplit(":", 1)[-1] if source else None
+
+
 def describe_all(rds) -> dict[str, dict]:
     """Every instance of the client's region by identifier: one paginated DescribeDBInstances (100 a page), instead
     of a call per instance."""

@@ -26,6 +26,7 @@ from drplan.timeutil import utcnow
 from drplan.topology import Binding, DatabaseTopology, Member, State, Topology
 from tasks.fencing import FENCED_FROM_TAG
 from tasks.k8s import read_database_url
+from tasks.rds import replica_source
 from tasks.targets import DATABASE_TAG, DRILL_TAG, PLAN_TAG, PostgresArchive, instance_tag
 
 PROBE_TIMEOUT = 3
@@ -144,17 +145,11 @@ def _describe_regions(plan: Plan) -> tuple[dict[str, tuple[dict, str]], dict[str
     return found, errors
 
 
-def _source(instance: dict) -> str | None:
-    """The instance it replicates from (a cross-region source is an ARN: its last part is the identifier)."""
-    source = instance.get("ReadReplicaSourceDBInstanceIdentifier")
-    return source.rsplit(":", 1)[-1] if source else None
-
-
 def _chained(found: dict[str, tuple[dict, str]], kinds: dict[str, str]) -> dict[str, str]:
     """Instances not yet members that replicate from a member, or that a member replicates from."""
-    feeding = {_source(found[identifier][0]) for identifier in kinds if identifier in found}
+    feeding = {replica_source(found[identifier][0]) for identifier in kinds if identifier in found}
     return {identifier: "replica-chain" for identifier, (instance, _) in found.items()
-            if identifier not in kinds and (_source(instance) in kinds or identifier in feeding)}
+            if identifier not in kinds and (replica_source(instance) in kinds or identifier in feeding)}
 
 
 def _rds_member(member: Member, instance: dict, region: str) -> Member:
@@ -163,7 +158,7 @@ def _rds_member(member: Member, instance: dict, region: str) -> Member:
     status = instance["DBInstanceStatus"]
     endpoint = instance.get("Endpoint") or {}
     update = {"region": region, "archiving": instance.get("BackupRetentionPeriod", 0) > 0,
-              "upstream": _source(instance)}
+              "upstream": replica_source(instance)}
     if member.host is None and "Address" in endpoint:
         update |= {"host": endpoint["Address"], "port": int(endpoint["Port"])}
     if status in ("stopped", "stopping"):
