@@ -63,7 +63,8 @@ def drift_moto(tmp_path_factory) -> Iterator[tuple[Path, str]]:
                                 "backup": "s3://devonn-backup-sandbox/retired/"})
         data["discover"] = [
             {"kind": "bucket", "name": "ledger-*", "backup": "s3://devonn-backup-sandbox/{name}/"},
-            {"kind": "rds", "tag": f"{PROTECT}=critical", "name": "payments-*", "credentials_secret": "devonn/db/admin"},
+            {"kind": "rds", "tag": f"{PROTECT}=critical", "name": "payments-*",
+             "credentials_secret": "devonn/db/admin"},
         ]
         path = tmp_path_factory.mktemp("drift") / "plan.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
