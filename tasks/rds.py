@@ -6,12 +6,12 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.timeutil import utcnow
 from tasks.health import PERIOD
@@ -142,14 +142,21 @@ class RegionFacts(BaseModel):
     instances: dict[str, dict]
     snapshots: dict[str, datetime]
     lags: dict[str, float | None]
-    """Read replica -> its newest ReplicaLag (seconds), None without data."""
+    """Read replica -> its newest ReplicaLag (seconds), None without data (or when CloudWatch did not answer: an
+    addition to the heartbeat, not a measurement of its own)."""
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def region_facts(rds, cloudwatch) -> RegionFacts:
     instances = describe_all(rds)
     replicas = [i for i, instance in instances.items() if instance.get("ReadReplicaSourceDBInstanceIdentifier")]
-    facts = RegionFacts(instances=instances, snapshots=newest_snapshots(rds), lags=replica_lags(cloudwatch, replicas))
+    try:
+        lags = replica_lags(cloudwatch, replicas)
+    except (BotoCoreError, ClientError) as exc:
+        run_logger().warning("ReplicaLag of %d replicas in %s not read: %s", len(replicas), rds.meta.region_name,
+                             first_line(exc))
+        lags = {}
+    facts = RegionFacts(instances=instances, snapshots=newest_snapshots(rds), lags=lags)
     run_logger().info("RDS %s: %d instances (%d read replicas), %d with snapshots", rds.meta.region_name,
                       len(instances), len(replicas), len(facts.snapshots))
     return facts
