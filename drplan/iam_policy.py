@@ -98,6 +98,9 @@ def _s3_locations(plan: Plan) -> list[tuple[str, str]]:
     uris += [db.backup.destination for db in plan.databases if db.backup]
     uris += [plan.configuration.backup] if plan.configuration else []
     uris += [plan.evidence.location] if plan.evidence and plan.evidence.location.startswith("s3://") else []
+    for selector in plan.discover:  # what a selector may take in: its name pattern (any bucket for a tag alone)
+        if selector.kind == "bucket":
+            uris += [f"s3://{selector.name or '*'}/", selector.backup.replace("{name}", selector.name or "*")]
     return sorted({_bucket_prefix(uri) for uri in uris})
 
 
@@ -125,6 +128,9 @@ def _instances(plan: Plan, account: str) -> list[str]:
     arns = {f"arn:aws:rds:{plan.member_region(db, role)}:{account}:db:{identifier}"
             for db in rds for role, identifier in db.members.items()}
     arns |= {arn for db in rds for arn in _rds(plan, account, f"db:{db.name}-*")}
+    for selector in plan.discover:  # the instances a selector may take in, and the copies of each
+        if selector.kind == "rds":
+            arns |= set(_rds(plan, account, f"db:{selector.name or '*'}", f"db:{selector.name or '*'}-*"))
     return sorted(arns)
 
 
