@@ -106,6 +106,26 @@ def plan_iam_policy(
     print(json.dumps(policy, indent=2))
 
 
+@plan_app.command("drift")
+def plan_drift(
+    file: Path = typer.Argument(..., help="The plan YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the drift as JSON."),
+) -> None:
+    """What the plan and the live AWS inventory disagree on: resources tagged drplan:protect that the plan does not
+    cover, and plan entries whose bucket or RDS instance no longer exists (the plan file is not changed). Exit 0
+    none, 1 drift, 2 error."""
+    from tasks.inventory import plan_drift as read_drift
+
+    plan = plan_or_exit(str(file))
+    with refusals("drift not read"), err.status("reading the AWS inventory..."):
+        drift = read_drift(plan)
+    if as_json:
+        out.print_json(drift.model_dump_json())
+    else:
+        out.print(Markdown(drift.markdown()))
+    raise typer.Exit(1 if drift.drifted else 0)
+
+
 @app.command("verify-rpo")
 def verify_rpo(
     plan: str = PlanOption,

@@ -30,9 +30,13 @@ DNS = DNS_READ + ("route53:ChangeResourceRecordSets", "route53:GetChange")
 EKS_READ = ("eks:DescribeCluster", "eks:DescribeNodegroup")
 SELF_CHECK = ("sts:GetCallerIdentity", "iam:SimulatePrincipalPolicy")
 
-_READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ
+INVENTORY = ("rds:DescribeDBInstances", "s3:ListBuckets", "s3:GetBucketTagging")
+"""Discovery and drift (tasks/inventory.py): every RDS instance and every bucket with its tags."""
+
+_READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ + INVENTORY
               + ("route53:ListHealthChecks", "cloudwatch:GetMetricStatistics") + SELF_CHECK)
-_RPO = TOPOLOGY + S3_READ + ("rds:DescribeDBSnapshots", "sts:GetCallerIdentity")
+_RPO = TOPOLOGY + S3_READ + INVENTORY + ("rds:DescribeDBSnapshots", "cloudwatch:GetMetricData",
+                                         "sts:GetCallerIdentity")
 _DRILL = TOPOLOGY + RESTORE + ("sts:GetCallerIdentity",)
 _REHEARSAL = TOPOLOGY + HEALTH + ("rds:CreateDBInstanceReadReplica", "rds:PromoteReadReplica", "rds:DeleteDBInstance",
                                   "sts:GetCallerIdentity")
@@ -58,10 +62,10 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "dr-test": _RPO + _READINESS + _DRILL + _REHEARSAL + S3_SYNC + PROMOTE + FENCE
     + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket", "rds:ModifyDBInstance",
        "rds:CreateDBInstanceReadReplica"),
-    "commands": TOPOLOGY + S3_READ + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
+    "commands": TOPOLOGY + S3_READ + INVENTORY + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
-"""Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence), the
-AWS operations it calls as `service:Operation` (botocore's names)."""
+"""Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence, plan
+drift), the AWS operations it calls as `service:Operation` (botocore's names)."""
 
 S3_ACTIONS = {
     "s3:ListObjectsV2": ("s3:ListBucket",), "s3:HeadBucket": ("s3:ListBucket",), "s3:HeadObject": ("s3:GetObject",),
@@ -94,6 +98,9 @@ def _s3_locations(plan: Plan) -> list[tuple[str, str]]:
     uris += [db.backup.destination for db in plan.databases if db.backup]
     uris += [plan.configuration.backup] if plan.configuration else []
     uris += [plan.evidence.location] if plan.evidence and plan.evidence.location.startswith("s3://") else []
+    for selector in plan.discover:  # what a selector may take in: its name pattern (any bucket for a tag alone)
+        if selector.kind == "bucket":
+            uris += [f"s3://{selector.name or '*'}/", selector.backup.replace("{name}", selector.name or "*")]
     return sorted({_bucket_prefix(uri) for uri in uris})
 
 
@@ -121,6 +128,9 @@ def _instances(plan: Plan, account: str) -> list[str]:
     arns = {f"arn:aws:rds:{plan.member_region(db, role)}:{account}:db:{identifier}"
             for db in rds for role, identifier in db.members.items()}
     arns |= {arn for db in rds for arn in _rds(plan, account, f"db:{db.name}-*")}
+    for selector in plan.discover:  # the instances a selector may take in, and the copies of each
+        if selector.kind == "rds":
+            arns |= set(_rds(plan, account, f"db:{selector.name or '*'}", f"db:{selector.name or '*'}-*"))
     return sorted(arns)
 
 
@@ -131,6 +141,8 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
     match action:
         case "s3:ListAllMyBuckets":
             return "S3ListAllMyBucketsHasNoResourceScope", ["*"]
+        case "s3:GetBucketTagging":
+            return "S3TagsOfEveryBucketForDiscovery", ["arn:aws:s3:::*"]
         case "s3:CreateBucket" | "s3:DeleteBucket":
             return "S3ScratchBucketsOfTheDrTest", _scratch_buckets(plan)
         case "s3:ListBucket":

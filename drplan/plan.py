@@ -234,6 +234,52 @@ class Bucket(_Model):
         return self
 
 
+PROTECT_TAG = "drplan:protect"
+"""The tag that asks for protection (its value a tier: critical, secondary, tertiary): `drplan plan drift` lists the
+resources carrying it that the plan does not cover."""
+
+
+class Selector(_Model):
+    """Resources the plan takes in without listing each: those carrying a tag (`key=value`, or `key` for any value),
+    whose name matches a pattern (`*` and `?`), or both. What an entry needs besides its name comes from here."""
+
+    kind: Literal["bucket", "rds"]
+    tag: str | None = Field(default=None, pattern=r"^[^=\s]+(=\S*)?$")
+    name: str | None = Field(default=None, min_length=1)
+    """A glob on the bucket name or the RDS instance identifier."""
+    backup: str | None = None
+    """bucket: where each bucket's backups go, with `{name}` for its name (s3://devonn-backup/{name}/)."""
+    tier: Tier | None = None
+    """rds: the tier (default: the tag's value, when it is a tier)."""
+    credentials_secret: SecretRef | None = None
+    """rds: the secret of every database selected here."""
+    dbname: Name = "postgres"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Selector:
+        if not self.tag and not self.name:
+            raise ValueError("a selector needs tag: KEY=VALUE, name: PATTERN, or both")
+        if self.kind == "bucket" and (not self.backup or "{name}" not in self.backup):
+            raise ValueError("a bucket selector needs backup: s3://backup-bucket/prefix/{name}/ ({name} is "
+                             "replaced by each bucket's name)")
+        if self.kind == "bucket" and self.backup:
+            _s3_uri(self.backup.replace("{name}", "name"))
+        if self.kind == "rds" and not self.credentials_secret:
+            raise ValueError("an rds selector needs credentials_secret: the secret of the databases it selects")
+        if self.kind == "rds" and self.tier is None and self.tag_value not in {t.value for t in Tier}:
+            raise ValueError("an rds selector needs tier: critical|secondary|tertiary, unless its tag's value is one")
+        return self
+
+    @property
+    def tag_key(self) -> str | None:
+        return self.tag.split("=", 1)[0] if self.tag else None
+
+    @property
+    def tag_value(self) -> str | None:
+        """The value the tag must have; None: any value (or no tag)."""
+        return self.tag.split("=", 1)[1] if self.tag and "=" in self.tag else None
+
+
 class Nodegroup(_Model):
     min: int = Field(ge=0)
     desired: int = Field(ge=0)
@@ -487,6 +533,8 @@ class Plan(_Model):
     services: list[Service] = []
     failover: RegionFailover = RegionFailover()
     configuration: ConfigurationBackup | None = None
+    discover: list[Selector] = []
+    """Buckets and RDS databases taken in by tag or name pattern (drplan/discovery.py), besides those listed."""
     notifications: Notifications = Notifications()
     alarms: list[AlarmRunbook] = []
     approval: ApprovalSettings = ApprovalSettings()

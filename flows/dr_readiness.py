@@ -12,7 +12,9 @@ readiness checks). One finding per question, each ready or not with what was see
 - the DNS records exist, the region has a target, and a Route 53 health check watches it;
 - with `evidence:` in the plan, the newest DR test recorded there is at most a quarter (92 days) plus
   `evidence.grace` old (the DR test itself and a region failover leave this out: it says nothing about whether
-  the region could take over now).
+  the region could take over now);
+- plan drift: no resource tagged `drplan:protect` is left out of the plan, and every bucket and RDS member the plan
+  names exists (`drplan plan drift`; a region failover leaves this out, for the same reason).
 An unready region emits `drplan.readiness.unready` (notified by deployments/automations.py); the run fails.
 """
 
@@ -32,7 +34,7 @@ from pydantic import BaseModel, Field
 from drplan.clients import aws_client, check_aws_access, db_credentials, kube_client
 from drplan.errors import first_line
 from drplan.evidence import QUARTER, newest, open_store
-from drplan.plan import DEFAULT_PLAN, DatabaseKind, Plan, load_plan
+from drplan.plan import DEFAULT_PLAN, PROTECT_TAG, DatabaseKind, Plan, load_plan
 from drplan.regions import Placement, placements
 from drplan.report_files import READINESS_PREFIX, write_json
 from drplan.results import markdown_table
@@ -42,6 +44,7 @@ from flows.shared.promotion import Request, measure_lag
 from tasks.eks import cluster_status, nodegroup_state
 from tasks.fencing import apply_pending_fences
 from tasks.iam import CannotSimulate, denied_permissions
+from tasks.inventory import plan_drift
 from tasks.manifests import render_manifests, secret_refs
 from tasks.rds import describe_instance
 from tasks.route53 import health_check_for, read_records
@@ -208,8 +211,20 @@ def dr_test_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
     return probe
 
 
+def drift_probe(plan: Plan) -> Callable[[], tuple[bool, str]]:
+    """Nothing tagged drplan:protect is left out of the plan, and every bucket and RDS member it names exists."""
+    def probe() -> tuple[bool, str]:
+        found = plan_drift(plan)
+        lines = [f"{r.label} tagged {PROTECT_TAG}={r.tags[PROTECT_TAG]} is not in the plan" for r in found.uncovered]
+        lines += found.gone
+        if lines:
+            return False, f"{'; '.join(lines)}; add them to the plan (or a discover: selector) or remove them"
+        return True, f"{found.summary}; drplan plan drift lists them"
+    return probe
+
+
 @task(cache_policy=NO_CACHE)
-def check_region(plan: Plan, region: str, dr_test_age: bool = True) -> ReadinessReport:
+def check_region(plan: Plan, region: str, dr_test_age: bool = True, drift: bool = True) -> ReadinessReport:
     report = ReadinessReport(plan=plan.name, region=region, checked_at=utcnow())
     _finding(report, "AWS credentials", lambda: (True, check_aws_access(plan)))
     _finding(report, "AWS permissions", permissions_probe(plan))
@@ -231,17 +246,21 @@ def check_region(plan: Plan, region: str, dr_test_age: bool = True) -> Readiness
     _finding(report, "DNS", dns_probe(plan, region))
     if dr_test_age and plan.evidence:
         _finding(report, "DR test", dr_test_probe(plan))
+    if drift:
+        _finding(report, "plan drift", drift_probe(plan))
     return report
 
 
 @flow(name="dr-readiness")
-def dr_readiness(plan: str = DEFAULT_PLAN, region: str = "", dr_test_age: bool = True) -> ReadinessReport:
+def dr_readiness(plan: str = DEFAULT_PLAN, region: str = "", dr_test_age: bool = True,
+                 drift: bool = True) -> ReadinessReport:
     """Could `region` (default: the DR region) take over right now? Fails, with an event, when it could not.
-    `dr_test_age`: also judge how old the newest recorded DR test is."""
+    `dr_test_age`: also judge how old the newest recorded DR test is; `drift`: also judge the plan's drift from
+    the live inventory (tagged resources it leaves out, entries gone)."""
     dr_plan = load_plan(plan)
     region = region or dr_plan.aws.dr_region
     placements(dr_plan, region)  # a wrong region or a plan without dr services is refused before any check
-    report = check_region(dr_plan, region, dr_test_age)
+    report = check_region(dr_plan, region, dr_test_age, drift)
     create_markdown_artifact(key=f"dr-readiness-{region}", markdown=report.markdown())
     write_json(dr_plan, f"{READINESS_PREFIX}{region}-", report)
     emit_event(event=f"drplan.readiness.{'ready' if report.ready else 'unready'}",

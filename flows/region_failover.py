@@ -151,7 +151,8 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
                      force: bool, approve: bool) -> None:
     moving = moves(dr_plan, to, placed)  # a database with nothing to promote there is refused before anything runs
     try:
-        report.readiness = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=to, dr_test_age=False)
+        report.readiness = run_report(dr_readiness, ReadinessReport, plan=plan_ref, region=to, dr_test_age=False,
+                                      drift=False)
     except DrplanError as exc:
         raise DrplanError(f"readiness check of {to} did not complete: {exc}") from None
     unready = [f.check for f in report.readiness.unready]

@@ -1,4 +1,5 @@
 """RPO verification: how old is the newest recoverable copy of every database, bucket and configuration?
+The plan's `discover:` selectors add the buckets and RDS databases they take in (tasks/inventory.py).
 
 Runbook it replaces: "check the replica lag, check the last snapshot, check the last backup, by hand".
 Every measurement is taken concurrently, compared with the plan's objective, reported as a table artifact;
@@ -29,6 +30,7 @@ from drplan.results import Status
 from drplan.timeutil import utcnow
 from drplan.topology import DatabaseTopology, Member, State
 from tasks import barman, postgres, rds, s3
+from tasks.inventory import discovered_plan
 from tasks.topology import discover_topology
 
 Judge = Callable[[Any, datetime], rpo.Measurement]
@@ -62,20 +64,22 @@ def _aged(resource: str, data_class: rpo.DataClass, measure: str, objective: tim
     return lambda newest, now: rpo.age_of(resource, data_class, measure, newest, objective, now, **kw)
 
 
-def database_checks(plan: Plan, db: Database, topology: DatabaseTopology) -> list[Pending]:
+def database_checks(plan: Plan, db: Database, topology: DatabaseTopology,
+                    rds_facts: Callable[[str], tuple[PrefectFuture]]) -> list[Pending]:
     """The database's measurements, taken on the live topology: the heartbeat on the live primary and on its replica
     in its region and in the other region (each as the plan requires), and its WAL archive and base backup
-    (postgres) or latest restorable time and snapshot (rds). A member the plan requires but the live primary
-    lacks (no replica, archiving off) is a breach naming `drplan reprotect`."""
+    (postgres) or latest restorable time and snapshot (rds, from `rds_facts`: one submission per region, shared by
+    every database). A member the plan requires but the live primary lacks (no replica, archiving off) is a breach
+    naming `drplan reprotect`."""
     objective = plan.objectives.rpo.database
     checks: list[Pending] = []
     primary = topology.primary
     reprotect = f"drplan reprotect --database {db.name}"
 
-    def add(measure: str, objective: timedelta, judge: Judge, submit: Callable[[], tuple]) -> None:
+    def add(measure: str, objective: timedelta, judge: Judge, submit: Callable[[], tuple] | tuple) -> None:
         pending = Pending(db.name, "database", measure, objective, judge)
         try:
-            pending.futures = submit()
+            pending.futures = submit if isinstance(submit, tuple) else submit()
         except Exception as exc:
             pending.failure = exc
         checks.append(pending)
@@ -117,10 +121,15 @@ def database_checks(plan: Plan, db: Database, topology: DatabaseTopology) -> lis
                     f"run {reprotect}", topology.member(planned))
             continue
         detail = "" if member.identifier == planned else f"on {member.identifier}"
-        add(measure, objective,
-            _aged(db.name, "database", measure, objective, detail=detail, missing="heartbeat table is empty"),
-            lambda member=member: (postgres.read_newest_heartbeat_task.submit(target(member),
-                                                                              db.integrity.heartbeat_table),))
+        aged = _aged(db.name, "database", measure, objective, detail=detail, missing="heartbeat table is empty")
+
+        def heartbeat(member: Member = member) -> tuple:
+            return (postgres.read_newest_heartbeat_task.submit(target(member), db.integrity.heartbeat_table),)
+        if db.kind is DatabaseKind.rds and role != "primary":  # with what CloudWatch says of its lag
+            add(measure, objective, with_replica_lag(aged, member.identifier),
+                lambda heartbeat=heartbeat, member=member: heartbeat() + rds_facts(topology.region_of(member)))
+        else:
+            add(measure, objective, aged, heartbeat)
 
     if db.kind is DatabaseKind.postgres:
         s3_client = aws_client(plan, "s3")
@@ -156,51 +165,81 @@ def database_checks(plan: Plan, db: Database, topology: DatabaseTopology) -> lis
         missing("latest restorable time", objective, no_primary)
         missing("snapshot", db.base_backup_max_age, no_primary)
     else:
-        rds_client = aws_client(plan, "rds", topology.region_of(primary))
+        facts = rds_facts(topology.region_of(primary))
         on = "" if primary.identifier == db.primary else f"on {primary.identifier}"
 
-        def judge_restorable(instance: dict, now: datetime) -> rpo.Measurement:
+        def judge_restorable(facts: rds.RegionFacts, now: datetime) -> rpo.Measurement:
+            if primary.identifier not in facts.instances:
+                raise DrplanError(f"RDS instance {primary.identifier} not found in {topology.region_of(primary)}")
             return rpo.age_of(db.name, "database", "latest restorable time",
-                              instance.get("LatestRestorableTime"), objective, now, detail=on,
+                              facts.instances[primary.identifier].get("LatestRestorableTime"), objective, now,
+                              detail=on,
                               missing=f"{primary.identifier} reports no LatestRestorableTime (backups disabled?)")
 
-        add("latest restorable time", objective, judge_restorable,
-            lambda: (rds.describe_instance_task.submit(rds_client, primary.identifier),))
-        add("snapshot", db.base_backup_max_age,
-            _aged(db.name, "database", "snapshot", db.base_backup_max_age, detail=on,
-                  missing=f"no available snapshot of {primary.identifier}"),
-            lambda: (rds.find_newest_snapshot.submit(rds_client, primary.identifier),))
+        def judge_snapshot(facts: rds.RegionFacts, now: datetime) -> rpo.Measurement:
+            return rpo.age_of(db.name, "database", "snapshot", facts.snapshots.get(primary.identifier),
+                              db.base_backup_max_age, now, detail=on,
+                              missing=f"no available snapshot of {primary.identifier}")
+
+        add("latest restorable time", objective, judge_restorable, facts)
+        add("snapshot", db.base_backup_max_age, judge_snapshot, facts)
     return checks
 
 
-def bucket_checks(plan: Plan) -> list[Pending]:
-    objective = plan.objectives.rpo.file_storage
-    s3_client = aws_client(plan, "s3") if plan.buckets else None
-    checks = []
-    for bucket in plan.buckets:
-        def judge(results: list, now: datetime, name: str = bucket.name) -> rpo.Measurement:
-            newest_backup, newest_change = results
-            return rpo.exposure(name, "file_storage", "backup trails live", newest_backup, newest_change,
-                                objective, now)
-
-        checks.append(Pending(
-            bucket.name, "file_storage", "backup trails live", objective, judge,
-            (s3.find_newest_backup.submit(s3_client, bucket.backup),
-             s3.find_newest_object.submit(s3_client, bucket.live)),
-        ))
-    return checks
+def with_replica_lag(judge: Judge, identifier: str) -> Judge:
+    """A replica's heartbeat judged on the heartbeat, with its CloudWatch ReplicaLag (from its region's facts)
+    added to the detail."""
+    def judged(results: list, now: datetime) -> rpo.Measurement:
+        newest, facts = results
+        measurement = judge(newest, now)
+        lag = facts.lags.get(identifier)
+        return measurement if lag is None else measurement.model_copy(
+            update={"detail": rpo.join(measurement.detail, f"ReplicaLag {lag:g}s (CloudWatch)")})
+    return judged
 
 
-def configuration_checks(plan: Plan) -> list[Pending]:
-    if plan.configuration is None:
+def shared_futures(submit: Callable[[str], PrefectFuture]) -> Callable[[str], tuple[PrefectFuture]]:
+    """One submission per key (a region), shared by every measurement that reads it."""
+    submitted: dict[str, PrefectFuture] = {}
+
+    def get(key: str) -> tuple[PrefectFuture]:
+        if key not in submitted:
+            submitted[key] = submit(key)
+        return (submitted[key],)
+    return get
+
+
+def _newest(uri: str) -> Callable[[dict[str, datetime | None | Exception]], datetime | None]:
+    """The newest time of `uri` in `newest_under`'s answer (its exception raised)."""
+    def pick(found: dict[str, datetime | None | Exception]) -> datetime | None:
+        if isinstance(found[uri], Exception):
+            raise found[uri]
+        return found[uri]
+    return pick
+
+
+def listing_checks(plan: Plan) -> list[Pending]:
+    """Buckets (how far each backup trails its live data) and the configuration backup, from one task listing
+    each backup prefix once (delimited) and each live prefix, a bounded number at a time."""
+    live = [b.live for b in plan.buckets] + ([plan.configuration.backup] if plan.configuration else [])
+    if not live:
         return []
-    objective = plan.objectives.rpo.configuration
-    measure = "newest configuration backup"
-    return [Pending(
-        "configuration", "configuration", measure, objective,
-        _aged("configuration", "configuration", measure, objective, missing="no configuration backup"),
-        (s3.find_newest_object.submit(aws_client(plan, "s3"), plan.configuration.backup),),
-    )]
+    listed = (s3.newest_under.submit(aws_client(plan, "s3"), [b.backup for b in plan.buckets], live),)
+    checks = []
+    objective = plan.objectives.rpo.file_storage
+    for bucket in plan.buckets:
+        def judge(found: dict, now: datetime, bucket=bucket) -> rpo.Measurement:
+            return rpo.exposure(bucket.name, "file_storage", "backup trails live", _newest(bucket.backup)(found),
+                                _newest(bucket.live)(found), objective, now)
+
+        checks.append(Pending(bucket.name, "file_storage", "backup trails live", objective, judge, listed))
+    if plan.configuration is not None:
+        objective, measure = plan.objectives.rpo.configuration, "newest configuration backup"
+        aged = _aged("configuration", "configuration", measure, objective, missing="no configuration backup")
+        checks.append(Pending(
+            "configuration", "configuration", measure, objective,
+            lambda found, now, uri=plan.configuration.backup: aged(_newest(uri)(found), now), listed))
+    return checks
 
 
 def publish(report: rpo.RpoReport) -> None:
@@ -231,15 +270,17 @@ def rpo_verification(plan: str = DEFAULT_PLAN) -> rpo.RpoReport:
     logger = get_run_logger()
     retries = retries_since()
     logger.info("AWS access as %s", check_aws_access(dr_plan))
+    dr_plan = discovered_plan(dr_plan)  # with the buckets and databases its discover: selectors take in
     started = utcnow()
     topology = discover_topology(dr_plan)
     create_markdown_artifact(key="rpo-verification-topology", markdown=topology.markdown(),
                              description="the live topology measured")
+    facts = shared_futures(lambda region: rds.region_facts.submit(aws_client(dr_plan, "rds", region),
+                                                                  aws_client(dr_plan, "cloudwatch", region)))
     pending = [
         *(check for db, live in zip(dr_plan.databases, topology.databases, strict=True)
-          for check in database_checks(dr_plan, db, live)),
-        *bucket_checks(dr_plan),
-        *configuration_checks(dr_plan),
+          for check in database_checks(dr_plan, db, live, facts)),
+        *listing_checks(dr_plan),
     ]
     for future in (f for p in pending for f in p.futures):
         future.wait()

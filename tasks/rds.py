@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.timeutil import utcnow
 from tasks.health import PERIOD
@@ -106,3 +107,82 @@ def read_replica_lag(cloudwatch, identifier: str, window: timedelta = timedelta(
 
 
 describe_instance_task = task(describe_instance, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+
+
+def replica_source(instance: dict) -> str | None:
+    """The instance it replicates from (a cross-region source is an ARN: its last part is the identifier)."""
+    source = instance.get("ReadReplicaSourceDBInstanceIdentifier")
+    return source.rsplit(":", 1)[-1] if source else None
+
+
+def describe_all(rds) -> dict[str, dict]:
+    """Every instance of the client's region by identifier: one paginated DescribeDBInstances (100 a page), instead
+    of a call per instance."""
+    return {i["DBInstanceIdentifier"]: i for page in rds.get_paginator("describe_db_instances").paginate(
+        PaginationConfig={"PageSize": 100}) for i in page["DBInstances"]}
+
+
+def newest_snapshots(rds) -> dict[str, datetime]:
+    """Instance -> creation time of its newest available snapshot (automated or manual), for every instance of the
+    client's region: one paginated DescribeDBSnapshots (100 a page), instead of a call per instance."""
+    newest: dict[str, datetime] = {}
+    for page in rds.get_paginator("describe_db_snapshots").paginate(PaginationConfig={"PageSize": 100}):
+        for snap in page["DBSnapshots"]:
+            created, identifier = snap.get("SnapshotCreateTime"), snap.get("DBInstanceIdentifier")
+            if snap.get("Status") == "available" and created and identifier and \
+                    (identifier not in newest or created > newest[identifier]):
+                newest[identifier] = created
+    return newest
+
+
+class RegionFacts(BaseModel):
+    """What RPO verification reads of RDS in one region: a paginated call each for instances and snapshots, and one
+    GetMetricData call per 500 read replicas."""
+
+    instances: dict[str, dict]
+    snapshots: dict[str, datetime]
+    lags: dict[str, float | None]
+    """Read replica -> its newest ReplicaLag (seconds), None without data (or when CloudWatch did not answer: an
+    addition to the heartbeat, not a measurement of its own)."""
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def region_facts(rds, cloudwatch) -> RegionFacts:
+    instances = describe_all(rds)
+    replicas = [i for i, instance in instances.items() if instance.get("ReadReplicaSourceDBInstanceIdentifier")]
+    try:
+        lags = replica_lags(cloudwatch, replicas)
+    except (BotoCoreError, ClientError) as exc:
+        run_logger().warning("ReplicaLag of %d replicas in %s not read: %s", len(replicas), rds.meta.region_name,
+                             first_line(exc))
+        lags = {}
+    facts = RegionFacts(instances=instances, snapshots=newest_snapshots(rds), lags=lags)
+    run_logger().info("RDS %s: %d instances (%d read replicas), %d with snapshots", rds.meta.region_name,
+                      len(instances), len(replicas), len(facts.snapshots))
+    return facts
+
+
+METRIC_QUERIES = 500
+"""GetMetricData takes at most 500 metric queries a call."""
+
+
+def replica_lags(cloudwatch, identifiers: Iterable[str], window: timedelta = timedelta(minutes=10)
+                 ) -> dict[str, float | None]:
+    """Identifier -> its newest ReplicaLag datapoint (seconds, maximum per minute) of the last `window`, None
+    without data: GetMetricData with up to 500 instances a call, instead of GetMetricStatistics per instance."""
+    identifiers = list(dict.fromkeys(identifiers))
+    now = utcnow()
+    lags: dict[str, float | None] = dict.fromkeys(identifiers)
+    for start in range(0, len(identifiers), METRIC_QUERIES):
+        batch = identifiers[start:start + METRIC_QUERIES]
+        queries = [{"Id": f"m{n}", "ReturnData": True, "MetricStat": {
+            "Metric": {"Namespace": "AWS/RDS", "MetricName": "ReplicaLag",
+                       "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": identifier}]},
+            "Period": 60, "Stat": "Maximum"}} for n, identifier in enumerate(batch)]
+        for page in cloudwatch.get_paginator("get_metric_data").paginate(
+                MetricDataQueries=queries, StartTime=now - window, EndTime=now + PERIOD, ScanBy="TimestampDescending"):
+            for result in page["MetricDataResults"]:
+                identifier = batch[int(result["Id"][1:])]
+                if result["Values"] and lags[identifier] is None:  # newest first
+                    lags[identifier] = result["Values"][0]
+    return lags

@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel
 from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Bucket
+from drplan.pool import bounded_map
 from drplan.progress import ArtifactProgress, Reporter
 from drplan.s3manifest import (
     STAMP,
@@ -50,10 +51,21 @@ def _objects(s3, uri: str):
         raise
 
 
+def newest_backup(s3, backup_uri: str) -> datetime | None:
+    """Time of the newest complete (manifest written) bucket backup under `backup_uri`: one delimited listing."""
+    complete, _ = backups(s3, backup_uri)
+    return datetime.strptime(complete[-1], STAMP).replace(tzinfo=UTC) if complete else None
+
+
+def newest_object(s3, uri: str) -> datetime | None:
+    """LastModified of the newest object under `uri` (None when empty)."""
+    return max((obj["LastModified"] for obj in _objects(s3, uri)), default=None)
+
+
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def find_newest_object(s3, uri: str) -> datetime | None:
     """LastModified of the newest object under `uri` (None when empty)."""
-    newest = max((obj["LastModified"] for obj in _objects(s3, uri)), default=None)
+    newest = newest_object(s3, uri)
     run_logger().info("%s newest object %s", uri, newest)
     return newest
 
@@ -61,10 +73,27 @@ def find_newest_object(s3, uri: str) -> datetime | None:
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def find_newest_backup(s3, backup_uri: str) -> datetime | None:
     """Time of the newest complete (manifest written) bucket backup under `backup_uri`."""
-    complete, _ = backups(s3, backup_uri)
-    newest = datetime.strptime(complete[-1], STAMP).replace(tzinfo=UTC) if complete else None
+    newest = newest_backup(s3, backup_uri)
     run_logger().info("%s newest complete backup %s", backup_uri, newest)
     return newest
+
+
+LISTING_WORKERS = 10
+"""Listings at once: botocore's connection pool per client holds 10."""
+
+
+@task(cache_policy=NO_CACHE)
+def newest_under(s3, backups: list[str], prefixes: list[str], workers: int = LISTING_WORKERS
+                 ) -> dict[str, datetime | None | Exception]:
+    """Every URI of `backups` -> its newest complete backup (one delimited listing each) and of `prefixes` -> its
+    newest object (one listing per 1,000 objects), listed `workers` at a time; a URI that cannot be read maps to
+    its exception, so that one broken bucket does not hide the others."""
+    jobs = [(newest_backup, uri) for uri in dict.fromkeys(backups)] + \
+        [(newest_object, uri) for uri in dict.fromkeys(prefixes)]
+    found = bounded_map(lambda job: job[0](s3, job[1]), jobs, workers)
+    run_logger().info("newest of %d backup and %d live prefixes listed", len(set(backups)), len(set(prefixes)))
+    return {uri: DrplanError(first_line(result)) if isinstance(result, Exception) else result
+            for (_, uri), result in found.items()}
 
 
 class BackupResult(BaseModel):

@@ -7,6 +7,7 @@ plan (db_credentials); no password is logged or returned.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import psycopg
@@ -25,6 +26,7 @@ from drplan.timeutil import utcnow
 from drplan.topology import Binding, DatabaseTopology, Member, State, Topology
 from tasks.fencing import FENCED_FROM_TAG
 from tasks.k8s import read_database_url
+from tasks.rds import replica_source
 from tasks.targets import DATABASE_TAG, DRILL_TAG, PLAN_TAG, PostgresArchive, instance_tag
 
 PROBE_TIMEOUT = 3
@@ -52,23 +54,36 @@ SELECT pg_is_in_recovery(),
 def discover(plan: Plan, databases: list[str] | None = None) -> Topology:
     """The live topology of the named databases of the plan (all by default); an unknown name is refused."""
     chosen = [plan.database(name) for name in databases] if databases else plan.databases
-    return Topology(plan=plan.name, discovered_at=utcnow(), databases=[discover_database(plan, db) for db in chosen])
+    described = _describe_regions(plan) if any(db.kind is DatabaseKind.rds for db in chosen) else None
+    return Topology(plan=plan.name, discovered_at=utcnow(),
+                    databases=[discover_database(plan, db, described) for db in chosen])
 
 
 discover_topology = task(discover, name="discover-topology", cache_policy=NO_CACHE)
 
 
-def discover_database(plan: Plan, db: Database) -> DatabaseTopology:
-    """Members found, probed and linked to the member they replicate from; then which member each service uses."""
-    found = rds_members(plan, db) if db.kind is DatabaseKind.rds else postgres_members(plan, db)
+Described = tuple[dict[str, tuple[dict, str]], dict[str, str]]
+"""`_describe_regions`' answer: read once per discovery, shared by its RDS databases."""
+PROBE_WORKERS = 8
+"""Members probed at once."""
+
+
+def discover_database(plan: Plan, db: Database, described: Described | None = None) -> DatabaseTopology:
+    """Members found, probed (PROBE_WORKERS at a time) and linked to the member they replicate from; then which
+    member each service uses."""
+    found = rds_members(plan, db, described) if db.kind is DatabaseKind.rds else postgres_members(plan, db)
     credentials, unreadable = None, ""
     try:
         credentials = db_credentials(plan, db)
     except DrplanError as exc:  # nothing can be probed: every member is down, with the reason
         unreadable = first_line(exc)
-    probed = [(m, None) if not (m.host and m.state is State.down) else
-              probe(m, db, credentials) if credentials is not None else
-              (m.model_copy(update={"detail": unreadable}), None) for m in found]
+
+    def probed_member(m: Member) -> tuple[Member, Address | None]:
+        return ((m, None) if not (m.host and m.state is State.down) else
+                probe(m, db, credentials) if credentials is not None else
+                (m.model_copy(update={"detail": unreadable}), None))
+    with ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="probe") as pool:
+        probed = list(pool.map(probed_member, found))
     members_at = {(m.host, m.port): m.identifier for m, _ in probed if m.host}
     members = [_follow(m, sender, members_at) for m, sender in probed]
     topology = DatabaseTopology(database=db.name, members=members, bindings=bindings(plan, db, members_at),
@@ -90,10 +105,11 @@ def postgres_members(plan: Plan, db: Database) -> list[Member]:
                              port=copy.port) for copy in PostgresArchive(plan, db).copies()]
 
 
-def rds_members(plan: Plan, db: Database) -> list[Member]:
+def rds_members(plan: Plan, db: Database, described: Described | None = None) -> list[Member]:
     """The plan's instances, instances tagged for the database (restored copies among them) and every instance
-    replicating from one of those or feeding one, in both regions. Stopped instances are fenced."""
-    found, errors = _describe_regions(plan)
+    replicating from one of those or feeding one, in both regions (`described`, or read now). Stopped instances
+    are fenced."""
+    found, errors = described or _describe_regions(plan)
     kinds = {identifier: "plan" for identifier in db.members.values()}
     for identifier, (instance, _) in found.items():
         if identifier not in kinds and instance_tag(instance, DATABASE_TAG) == db.name and \
@@ -129,17 +145,11 @@ def _describe_regions(plan: Plan) -> tuple[dict[str, tuple[dict, str]], dict[str
     return found, errors
 
 
-def _source(instance: dict) -> str | None:
-    """The instance it replicates from (a cross-region source is an ARN: its last part is the identifier)."""
-    source = instance.get("ReadReplicaSourceDBInstanceIdentifier")
-    return source.rsplit(":", 1)[-1] if source else None
-
-
 def _chained(found: dict[str, tuple[dict, str]], kinds: dict[str, str]) -> dict[str, str]:
     """Instances not yet members that replicate from a member, or that a member replicates from."""
-    feeding = {_source(found[identifier][0]) for identifier in kinds if identifier in found}
+    feeding = {replica_source(found[identifier][0]) for identifier in kinds if identifier in found}
     return {identifier: "replica-chain" for identifier, (instance, _) in found.items()
-            if identifier not in kinds and (_source(instance) in kinds or identifier in feeding)}
+            if identifier not in kinds and (replica_source(instance) in kinds or identifier in feeding)}
 
 
 def _rds_member(member: Member, instance: dict, region: str) -> Member:
@@ -148,7 +158,7 @@ def _rds_member(member: Member, instance: dict, region: str) -> Member:
     status = instance["DBInstanceStatus"]
     endpoint = instance.get("Endpoint") or {}
     update = {"region": region, "archiving": instance.get("BackupRetentionPeriod", 0) > 0,
-              "upstream": _source(instance)}
+              "upstream": replica_source(instance)}
     if member.host is None and "Address" in endpoint:
         update |= {"host": endpoint["Address"], "port": int(endpoint["Port"])}
     if status in ("stopped", "stopping"):

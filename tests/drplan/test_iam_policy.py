@@ -8,6 +8,7 @@ from pathlib import Path
 
 import botocore.session
 import pytest
+import yaml
 from botocore import xform_name
 from botocore.stub import Stubber
 from typer.testing import CliRunner
@@ -16,7 +17,7 @@ from cli.main import app
 from drplan.clients import new_client
 from drplan.errors import AccessDenied
 from drplan.iam_policy import OPERATIONS, actions_of, iam_policy, operations
-from drplan.plan import PLANS_DIR, load_plan
+from drplan.plan import PLANS_DIR, load_plan, parse_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = [p for package in ("drplan", "tasks", "flows", "cli", "checks", "deployments")
@@ -124,3 +125,17 @@ def test_a_denied_call_is_one_line_naming_the_action_and_the_resource():
             s3.head_object(Bucket="b", Key="k/1")
     assert str(denied.value).startswith("AWS denied s3:GetObject on arn:aws:s3:::b/k/1 (HeadObject in us-east-1)")
     assert "\n" not in str(denied.value)
+
+
+def test_selectors_widen_the_scope_to_what_they_may_take_in():
+    data = yaml.safe_load((PLANS_DIR / "sandbox.yaml").read_text())
+    data["discover"] = [{"kind": "bucket", "name": "ledger-*", "backup": "s3://devonn-backup-sandbox/{name}/"},
+                        {"kind": "rds", "tag": "drplan:protect=critical", "credentials_secret": "devonn/db/admin"}]
+    policy = iam_policy(parse_plan(data), None, "123456789012")
+    scoped = {s["Sid"]: s["Resource"] for s in policy["Statement"]}
+
+    assert "arn:aws:s3:::ledger-*" in scoped["S3ListThePlansBuckets"]
+    assert {"arn:aws:s3:::ledger-*/*", "arn:aws:s3:::devonn-backup-sandbox/ledger-*/*"} <= set(
+        scoped["S3ObjectsUnderThePlansPrefixes"])
+    assert {"arn:aws:rds:us-east-1:123456789012:db:*", "arn:aws:rds:us-west-2:123456789012:db:*"} <= set(
+        scoped["RdsThePlansMembersAndCopies"])  # a tag alone may take in any instance

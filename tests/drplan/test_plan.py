@@ -83,6 +83,14 @@ CATALOGUE = [
      "alarms[2].parameters.database: 'nope' is not a database of this plan; use one of: devonn-postgres"),
     ("escalation interval of zero", lambda d: d["notifications"].update(escalation_interval="0s"),
      "notifications"),
+    ("selector with neither tag nor name", lambda d: d.update(discover=[{"kind": "bucket", "backup": "s3://b/{name}/"}]),
+     "discover[0]: a selector needs tag: KEY=VALUE, name: PATTERN, or both"),
+    ("bucket selector without a backup template", lambda d: d.update(discover=[{"kind": "bucket", "name": "x-*",
+                                                                               "backup": "s3://b/fixed/"}]),
+     "discover[0]: a bucket selector needs backup: s3://backup-bucket/prefix/{name}/"),
+    ("rds selector without a tier", lambda d: d.update(discover=[{"kind": "rds", "tag": "drplan:protect",
+                                                                  "credentials_secret": "a/b"}]),
+     "discover[0]: an rds selector needs tier: critical|secondary|tertiary, unless its tag's value is one"),
 ]
 
 

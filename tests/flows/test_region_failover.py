@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from drplan.clients import aws_client, db_credentials, kube_client, pg_target
 from drplan.errors import DrplanError
-from drplan.plan import load_plan
+from drplan.plan import PROTECT_TAG, load_plan
 from flows.dr_readiness import dr_readiness
 from flows.region_failover import region_failover
 from flows.shared.gates import lock_name
@@ -87,8 +87,9 @@ def test_readiness_of_a_ready_dr_region(topology):
         "AWS credentials", "AWS permissions", f"{DB}: protected", f"{RDS}: protected",
         f"devonn-api: database {DB} (dr_replica)", "devonn-api: cluster capacity",
         "devonn-api: manifests and Secrets", f"devonn-worker: database {RDS} (dr_replica)",
-        "devonn-worker: cluster capacity", "devonn-worker: manifests and Secrets", "DNS"]
+        "devonn-worker: cluster capacity", "devonn-worker: manifests and Secrets", "DNS", "plan drift"]
     assert report.findings[1].detail.startswith("not checked: "), report.findings[1]  # moto cannot simulate
+    assert report.findings[-1].detail.startswith(f"0 tagged {PROTECT_TAG} but not in the plan, 0 plan entries gone")
     shown = CliRunner().invoke(app, ["readiness", "--plan", str(topology)])
     assert shown.exit_code == 0 and "Region us-west-2: ready to take over" in shown.stdout, shown.output
     wrong = CliRunner().invoke(app, ["readiness", "--plan", str(topology), "--region", "eu-west-9"])

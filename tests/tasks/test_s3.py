@@ -276,3 +276,19 @@ def test_a_scratch_bucket_name_keeps_to_s3_naming_rules():
     assert scratch_bucket_name(long, AT) == "a" * 38 + f"-drtest-{STAMP}"
     assert len(scratch_bucket_name("s3://" + "c" * 63, AT)) == 63
     assert scratch_bucket_name("s3://devonn-data-production/", AT) == f"devonn-data-production-drtest-{STAMP}"
+
+
+def test_newest_under_lists_each_prefix_once_and_reports_a_broken_one_alone(moto_env):
+    from tasks.s3 import find_newest_object, newest_under
+
+    _, s3 = moto_env
+    fresh_backup(s3, utcnow().replace(microsecond=0))
+    found = newest_under.fn(s3, ["s3://b-backup/data/", "s3://b-backup/none/"],
+                            ["s3://b-live/", "s3://b-live-2/app/", "s3://no-such-bucket-x/"])
+
+    assert found["s3://b-backup/data/"] == find_newest_backup.fn(s3, "s3://b-backup/data/") is not None
+    assert found["s3://b-backup/none/"] is None
+    assert found["s3://b-live/"] == find_newest_object.fn(s3, "s3://b-live/") is not None
+    assert found["s3://b-live-2/app/"] == find_newest_object.fn(s3, "s3://b-live-2/app/") is not None
+    assert isinstance(found["s3://no-such-bucket-x/"], DrplanError)
+    assert "bucket no-such-bucket-x does not exist" in str(found["s3://no-such-bucket-x/"])
