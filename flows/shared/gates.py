@@ -16,7 +16,7 @@ from datetime import timedelta
 import httpx
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
 from prefect.flow_runs import pause_flow_run
@@ -47,20 +47,39 @@ def lock_name(db: Database) -> str:
     return f"drplan-recovery-{db.name}"
 
 
+def ensure_limit(name: str, limit: int) -> None:
+    """Create the global concurrency limit `name` with `limit` slots, or set an existing one's to `limit`."""
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+                return
+            except Exception:  # created concurrently by another run: fine, it exists now
+                found = client.read_global_concurrency_limit_by_name(name)
+        if found.limit != limit:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+
+
+@contextmanager
+def drill_lock(db: Database) -> Iterator[None]:
+    """Hold the database's drill lock `drplan-drill-<database>` for the block, waiting while another drill of the
+    same database holds it (two drills of one database would sweep each other's scratch copies; drills of different
+    databases run side by side)."""
+    name = f"drplan-drill-{db.name}"
+    ensure_limit(name, 1)
+    with concurrency(name, occupy=1, lease_duration=LOCK_LEASE_SECONDS, strict=True):
+        yield
+
+
 @contextmanager
 def recovery_lock(db: Database) -> Iterator[None]:
     """Hold the database's recovery lock for the block; refuse at once if another recovery holds it."""
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not exported publicly in 3.9
 
     name = lock_name(db)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except Exception:  # created concurrently by another run: fine, it exists now
-                client.read_global_concurrency_limit_by_name(name)
+    ensure_limit(name, 1)
     deadline = time.monotonic() + LOCK_RECHECK_SECONDS
     while True:
         try:
