@@ -22,9 +22,11 @@ from typer.testing import CliRunner
 from cli import serve
 from cli.main import app
 from drplan import processes
+from drplan.drill_report import DrillReport
 from drplan.fleet_report import FleetReport, max_overlap
 from drplan.plan import load_plan
 from drplan.report_files import DRILL_PREFIX, reports_dir
+from drplan.results import Status
 from flows.fleet_drill import FLEET_LIMIT, FLEET_PREFIX
 from tests.helpers import free_port, processes_with_env
 
@@ -101,8 +103,10 @@ def test_fleet_drill_shares_the_limit_across_workers_and_names_the_failed_databa
     written = sorted(reports_dir(plan).glob(f"{FLEET_PREFIX}*.json"))[-1]
     assert json.loads(written.read_text())["drills"] == json.loads(report.model_dump_json())["drills"]
     for db in databases:  # each drill's own report, written by its run on a worker
-        (drill,) = [json.loads(p.read_text()) for p in reports_dir(plan).glob(f"{DRILL_PREFIX}{db}-drill-*.json")]
-        assert drill["status"] == ("error" if db == BROKEN else "passed"), (db, drill.get("error"))
+        (drill,) = [DrillReport.model_validate_json(p.read_text())
+                    for p in reports_dir(plan).glob(f"{DRILL_PREFIX}{db}-drill-*.json")]
+        assert drill.status is (Status.error if db == BROKEN else Status.passed), (db, drill.error)
+    print(report.markdown())  # the evidence, shown with pytest -rP
 
 
 def submitter(client, run_id) -> str | None:
