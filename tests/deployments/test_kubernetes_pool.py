@@ -9,7 +9,6 @@ import asyncio
 import copy
 import json
 import uuid
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -30,8 +29,7 @@ IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/drplan:test"
 
 
 def as_v1job(manifest: dict) -> V1Job:
-    api = ApiClient()
-    return api.deserialize(SimpleNamespace(data=json.dumps(manifest)), "V1Job")
+    return ApiClient().deserialize(json.dumps(manifest), "V1Job", "application/json")
 
 
 def round_trip(manifest: dict) -> dict:
