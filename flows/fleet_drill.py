@@ -56,7 +56,8 @@ def outcome(database: str, run: FlowRun) -> FleetDrill:
 async def drill_one(database: str, deployment: str, parameters: dict) -> FleetDrill:
     """One slot of the fleet limit for the whole life of `database`'s restore-drill run."""
     try:
-        async with concurrency(FLEET_LIMIT, occupy=1, lease_duration=LOCK_LEASE_SECONDS, strict=True):
+        async with concurrency(FLEET_LIMIT, occupy=1, lease_duration=LOCK_LEASE_SECONDS, strict=True,
+                               raise_on_lease_renewal_failure=False):
             run = await run_deployment(deployment, parameters={**parameters, "database": database}, timeout=None,
                                        poll_interval=2, flow_run_name=f"fleet-drill-{database}")
     except Exception as exc:  # noqa: BLE001 - the report names it; the other databases go on
