@@ -4,10 +4,10 @@ so that the work pool's workers share them (one machine or many), at most `drill
 The limit is the Prefect global concurrency limit `drplan-fleet-drill`, set to the plan's value at the start. This
 flow takes one slot per database before it creates that database's run and gives it back when the run has ended,
 so no more runs exist at once than the limit, whichever worker takes them, and two fleet drills at once share the
-limit. A deployment concurrency limit would be static (prefect.yaml, not the plan) and would also bind the daily
-drill; a work pool or queue limit would bind every runbook on the pool (a recovery waiting behind drills); a slot
-whose holder died is freed when its lease expires. Each run also holds its database's drill lock (restore-drill),
-so a fleet drill never races the daily drill of the same database.
+limit; a slot whose holder died comes back when its lease (DRILL_LEASE_SECONDS) expires. A deployment concurrency
+limit would be static (prefect.yaml, not the plan) and would also bind the daily drill; a work pool or queue limit
+would bind every runbook on the pool (a recovery waiting behind drills). Each run also holds its database's drill
+lock (restore-drill), so a fleet drill never races the daily drill of the same database.
 
 A failed drill fails only its own run; the fleet report (artifact `fleet-drill`, JSON in `drill.report_dir`) has
 one row per database and names every one that did not pass.
@@ -31,7 +31,7 @@ from drplan.plan import DEFAULT_PLAN
 from drplan.report_files import write_json
 from drplan.results import Status
 from drplan.timeutil import utcnow
-from flows.shared.gates import LOCK_LEASE_SECONDS, ensure_limit
+from flows.shared.gates import DRILL_LEASE_SECONDS, ensure_limit
 from flows.shared.requests import validate_request
 
 FLEET_LIMIT = "drplan-fleet-drill"
@@ -56,8 +56,8 @@ def outcome(database: str, run: FlowRun) -> FleetDrill:
 async def drill_one(database: str, deployment: str, parameters: dict) -> FleetDrill:
     """One slot of the fleet limit for the whole life of `database`'s restore-drill run."""
     try:
-        async with concurrency(FLEET_LIMIT, occupy=1, lease_duration=LOCK_LEASE_SECONDS, strict=True,
-                               raise_on_lease_renewal_failure=False):
+        async with concurrency(FLEET_LIMIT, occupy=1, lease_duration=DRILL_LEASE_SECONDS, strict=True,
+                               raise_on_lease_renewal_failure=False):  # the runs go on: keep waiting for them
             run = await run_deployment(deployment, parameters={**parameters, "database": database}, timeout=None,
                                        poll_interval=2, flow_run_name=f"fleet-drill-{database}")
     except Exception as exc:  # noqa: BLE001 - the report names it; the other databases go on

@@ -30,6 +30,9 @@ from flows.shared.report import RecoveryReport
 
 LOCK_LEASE_SECONDS = 60
 """Prefect's shortest lease: how long a killed recovery keeps its database locked."""
+DRILL_LEASE_SECONDS = 300
+"""Lease of a drill's lock and of a fleet drill's slots: renewed while the run lives (a renewal late by minutes on a
+starved machine keeps the slot), so a killed drill holds them at most this long."""
 LOCK_RECHECK_SECONDS = 10
 """How long a taken lock is looked at again before refusing: a lease that expired while no server ran (a killed
 CLI's temporary server died with it) is freed by the next server's repossessor within its first loop."""
@@ -69,8 +72,8 @@ def drill_lock(db: Database) -> Iterator[None]:
     databases run side by side)."""
     name = f"drplan-drill-{db.name}"
     ensure_limit(name, 1)
-    with concurrency(name, occupy=1, lease_duration=LOCK_LEASE_SECONDS, strict=True,
-                     raise_on_lease_renewal_failure=False):  # a passing API error must not end a drill
+    with concurrency(name, occupy=1, lease_duration=DRILL_LEASE_SECONDS, strict=True,
+                     raise_on_lease_renewal_failure=False):  # a lost lease must not end a drill
         yield
 
 

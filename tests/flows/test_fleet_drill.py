@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,8 +69,10 @@ def fleet(sandbox, plan_variant, monkeypatch) -> Iterator[tuple[Path, serve.Plat
             processes.stop(platform.directory, name)
         serve.down(plan)
         leftovers = [n for n in processes.tracked_names(platform.directory) if processes.running(platform.directory, n)]
-        leftovers += processes_with_env("PREFECT_HOME", str(platform.home))  # flow runs too
-        assert not leftovers, f"processes left running: {leftovers}"
+        runs = processes_with_env("PREFECT_HOME", str(platform.home))  # flow runs: each in a session of its own
+        for run in runs:  # a drill still running when the test failed: named below, and not left behind
+            os.kill(int(run.partition(":")[0]), signal.SIGKILL)
+        assert not leftovers + runs, f"processes left running: {leftovers + runs}"
 
 
 def test_fleet_drill_shares_the_limit_across_workers_and_names_the_failed_database(fleet):
