@@ -245,6 +245,46 @@ def drill(
     raise typer.Exit(max(r.exit_code for r in reports))
 
 
+@app.command("fleet-drill")
+def fleet_drill(
+    plan: str = PlanOption,
+    database: list[str] = typer.Option([], "--database", "-d", help="A database of the plan; repeat (default: all)."),
+    target_time: str = typer.Option(None, "--target-time", help="ISO 8601 time with a zone, or 'latest'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the fleet report as JSON."),
+) -> None:
+    """Drill every database as runs of the restore-drill deployment on the pool's workers, at most the plan's
+    drill.fleet_concurrency at once. Needs PREFECT_API_URL (`drplan serve`). Exit 0 all passed, 1 a drill failed,
+    2 a drill could not complete."""
+    import asyncio
+
+    from prefect.settings import PREFECT_API_URL
+
+    from drplan.errors import DrplanError, first_line
+    from drplan.fleet_report import FleetReport
+    from flows.fleet_drill import fleet_drill as fleet_flow
+    from flows.shared.requests import validate_request
+
+    dr_plan = plan_or_exit(plan)
+    with refusals():
+        validate_request(plan, None, target_time, None)
+        for name in database:
+            dr_plan.database(name)
+    if not PREFECT_API_URL.value():
+        raise fail("a fleet drill runs on the work pool's workers: export PREFECT_API_URL and PREFECT_API_AUTH_STRING "
+                   "(`drplan serve` prints them for the local server)")
+    with refusals("fleet drill did not complete"), err.status("fleet drill: runs of restore-drill on the workers..."):
+        state = asyncio.run(fleet_flow(plan=plan, databases=database or None, target_time=target_time,
+                                       return_state=True))
+        report = state.result(raise_on_failure=False)
+        if not isinstance(report, FleetReport):
+            raise DrplanError(first_line(report))
+    if as_json:
+        out.print_json(data=json.loads(report.model_dump_json()))
+    else:
+        out.print(Markdown(report.markdown()))
+    raise typer.Exit(report.exit_code)
+
+
 @app.command("readiness")
 def readiness(
     plan: str = PlanOption,

@@ -461,6 +461,9 @@ class DrillSettings(_Model):
     """postgres kind: how restores (drills and recoveries) fetch archived WAL."""
     base_download: BaseDownload = BaseDownload()
     """postgres kind: how restores download the base backup."""
+    fleet_concurrency: int = Field(default=2, ge=1, le=64)
+    """Fleet drill (`drplan fleet-drill`): at most this many databases drilled at once, across all workers (the
+    Prefect global concurrency limit `drplan-fleet-drill`, set to this value at each fleet drill's start)."""
 
 
 class EvidenceSettings(_Model):

@@ -3,7 +3,9 @@
 For each database: choose a target time inside the restorable window -> sweep leftovers of earlier drills ->
 restore a scratch copy as of that time -> check the copy against the source (integrity suites) -> measure RTO
 (drill start to a checked, connectable copy) and RPO (target time minus the newest heartbeat in the copy) ->
-always remove the scratch copy (unless kept) -> report (markdown artifact, JSON file, event).
+always remove the scratch copy (unless kept) -> report (markdown artifact, JSON file, event). Each database's drill
+holds its drill lock (flows/shared/gates.drill_lock): drills of one database queue, of different databases (a fleet
+drill's runs of this flow on several workers) run side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from drplan.errors import DrplanError, first_line
 from drplan.plan import DEFAULT_PLAN, Database, Plan
 from drplan.report_files import DRILL_PREFIX, reports_dir
 from drplan.timeutil import utcnow
+from flows.shared.gates import drill_lock
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import (
     check_restored_copy,
@@ -123,12 +126,13 @@ def restore_drill(
     check_aws_access(dr_plan)
     reports = []
     for db in databases:
-        report = drill_database(dr_plan, db, when, spread, keep)
+        with drill_lock(db):  # a second drill of this database (another run, a fleet drill) waits for this one
+            report = drill_database(dr_plan, db, when, spread, keep)
         path = publish(dr_plan, report)
         get_run_logger().info("drill of %s: %s (report %s)", db.name, report.status.value, path)
         reports.append(report)
     worst = max(r.exit_code for r in reports)
     if worst:
-        summary = ", ".join(f"{r.database} {r.status.value}" for r in reports)
+        summary = ", ".join(f"{r.database} {r.status.value}" + (f" ({r.error})" if r.error else "") for r in reports)
         return Failed(message=f"restore drill: {summary}", data=reports)
     return reports

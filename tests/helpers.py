@@ -219,3 +219,17 @@ def in_recovery(plan, database: str, role: str) -> bool:
     db = plan.database(database)
     with pg_target(plan, db, role, db_credentials(plan, db)).connect() as conn:
         return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+
+
+def processes_with_env(key: str, value: str) -> list[str]:
+    """Every process whose environment holds `key=value` (e.g. all a Prefect home started), as `pid: command`."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{proc.name}: {command[:120]}")
+        except OSError:
+            continue
+    return found

@@ -16,7 +16,7 @@ from datetime import timedelta
 import httpx
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import FlowPauseTimeout, ObjectNotFound
 from prefect.flow_runs import pause_flow_run
@@ -30,6 +30,9 @@ from flows.shared.report import RecoveryReport
 
 LOCK_LEASE_SECONDS = 60
 """Prefect's shortest lease: how long a killed recovery keeps its database locked."""
+DRILL_LEASE_SECONDS = 300
+"""Lease of a drill's lock and of a fleet drill's slots: renewed while the run lives (a renewal late by minutes on a
+starved machine keeps the slot), so a killed drill holds them at most this long."""
 LOCK_RECHECK_SECONDS = 10
 """How long a taken lock is looked at again before refusing: a lease that expired while no server ran (a killed
 CLI's temporary server died with it) is freed by the next server's repossessor within its first loop."""
@@ -47,20 +50,40 @@ def lock_name(db: Database) -> str:
     return f"drplan-recovery-{db.name}"
 
 
+def ensure_limit(name: str, limit: int) -> None:
+    """Create the global concurrency limit `name` with `limit` slots, or set an existing one's to `limit`."""
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+                return
+            except Exception:  # created concurrently by another run: fine, it exists now
+                found = client.read_global_concurrency_limit_by_name(name)
+        if found.limit != limit:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+
+
+@contextmanager
+def drill_lock(db: Database) -> Iterator[None]:
+    """Hold the database's drill lock `drplan-drill-<database>` for the block, waiting while another drill of the
+    same database holds it (two drills of one database would sweep each other's scratch copies; drills of different
+    databases run side by side)."""
+    name = f"drplan-drill-{db.name}"
+    ensure_limit(name, 1)
+    with concurrency(name, occupy=1, lease_duration=DRILL_LEASE_SECONDS, strict=True,
+                     raise_on_lease_renewal_failure=False):  # a lost lease must not end a drill
+        yield
+
+
 @contextmanager
 def recovery_lock(db: Database) -> Iterator[None]:
     """Hold the database's recovery lock for the block; refuse at once if another recovery holds it."""
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not exported publicly in 3.9
 
     name = lock_name(db)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except Exception:  # created concurrently by another run: fine, it exists now
-                client.read_global_concurrency_limit_by_name(name)
+    ensure_limit(name, 1)
     deadline = time.monotonic() + LOCK_RECHECK_SECONDS
     while True:
         try:

@@ -31,7 +31,7 @@ from deployments import automations, receiver
 from drplan import processes
 from drplan.plan import load_plan
 from tests.conftest import sandbox_plan_data
-from tests.helpers import REPO, free_port, wait_for
+from tests.helpers import REPO, free_port, processes_with_env, wait_for
 
 DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 PROBE = "probe"  # deployment name of the flows in tests/cli/platform_flows.py
@@ -66,19 +66,6 @@ def deploy_probes() -> None:
     for name, tags in (("approval_probe", [automations.RECOVERY_TAG]), ("breach_probe", [])):
         Flow.from_source(source=str(REPO), entrypoint=f"tests/cli/platform_flows.py:{name}").deploy(
             PROBE, work_pool_name=serve.POOL, tags=tags, print_next_steps=False, ignore_warnings=True)
-
-
-def processes_with_env(key: str, value: str) -> list[str]:
-    needle = f"{key}={value}".encode()
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                found.append(f"{proc.name}: {command[:120]}")
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture

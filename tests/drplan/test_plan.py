@@ -70,6 +70,8 @@ CATALOGUE = [
      "dns.ttl: 3600 is out of range; write a number <= 300"),
     ("WAL prefetch parallelism 0", lambda d: d["drill"]["wal_prefetch"].update(parallel=0),
      "drill.wal_prefetch.parallel: 0 is out of range; write a number >= 1"),
+    ("fleet drill concurrency 0", lambda d: d["drill"].update(fleet_concurrency=0),
+     "drill.fleet_concurrency: 0 is out of range; write a number >= 1"),
     ("WAL spool smaller than a segment", lambda d: d["drill"]["wal_prefetch"].update(spool="8MiB"),
      "drill.wal_prefetch.spool: '8MiB' is smaller than one WAL segment (16 MiB); write 16MiB or more"),
     ("WAL spool not a size", lambda d: d["drill"]["wal_prefetch"].update(spool="lots"),

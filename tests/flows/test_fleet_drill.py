@@ -1,0 +1,121 @@
+"""Fleet drill across workers: six databases of a sandbox plan variant (the two sandbox databases, three more
+entries restored from devonn-postgres's archive, one whose archive prefix holds nothing), drilled as runs of the
+real `restore-drill` deployment (prefect.yaml, deployed by `drplan serve`) by two external process workers on the
+`drplan` pool, at most drill.fleet_concurrency = 2 at once. Proven from the runs the API recorded: their start and
+end times never overlap more than twice, both workers took runs (their own log line in each run), the broken
+database failed only its own run and the fleet report (CLI output and JSON file) names it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cli import serve
+from cli.main import app
+from drplan import processes
+from drplan.drill_report import DrillReport
+from drplan.fleet_report import FleetReport, max_overlap
+from drplan.plan import load_plan
+from drplan.report_files import DRILL_PREFIX, reports_dir
+from drplan.results import Status
+from flows.fleet_drill import FLEET_LIMIT, FLEET_PREFIX
+from tests.helpers import free_port, processes_with_env
+
+WORKERS = ["fleet-worker-1", "fleet-worker-2"]
+COPIES = ["fleet-pg-1", "fleet-pg-2", "fleet-pg-3"]
+BROKEN = "fleet-broken"
+
+
+def six_databases(data: dict) -> None:
+    source = next(db for db in data["databases"] if db["name"] == "devonn-postgres")
+    for name in [*COPIES, BROKEN]:
+        data["databases"].append({**copy.deepcopy(source), "name": name})
+    broken = data["databases"][-1]
+    broken["backup"]["destination"] = broken["backup"]["destination"].rstrip("/") + "-none/"  # no backup there
+    data["drill"]["fleet_concurrency"] = 2
+
+
+@pytest.fixture
+def fleet(sandbox, plan_variant, monkeypatch) -> Iterator[tuple[Path, serve.Platform]]:
+    """`drplan serve` for the variant (scheduler off: only the runs the test asks for), its worker replaced by two
+    external workers of at most one run each, tracked by PID file and stopped at the end with everything they
+    started."""
+    plan_path = plan_variant(six_databases)
+    plan = load_plan(plan_path)
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
+    platform = serve.platform_of(plan)
+    try:
+        platform = serve.up(str(plan_path), Console(quiet=True), port=free_port())
+        processes.stop(platform.directory, serve.WORKER)
+        for name in WORKERS:
+            processes.start(platform.directory, name, [serve.PREFECT, "worker", "start", "--pool", serve.POOL, "--type",
+                                                       "process", "--name", name, "--limit", "1"],
+                            env=platform.env(), cwd=serve.ROOT)
+        yield plan_path, platform
+    finally:
+        for name in WORKERS:
+            processes.stop(platform.directory, name)
+        serve.down(plan)
+        leftovers = [n for n in processes.tracked_names(platform.directory) if processes.running(platform.directory, n)]
+        runs = processes_with_env("PREFECT_HOME", str(platform.home))  # flow runs: each in a session of its own
+        for run in runs:  # a drill still running when the test failed: named below, and not left behind
+            os.kill(int(run.partition(":")[0]), signal.SIGKILL)
+        assert not leftovers + runs, f"processes left running: {leftovers + runs}"
+
+
+def test_fleet_drill_shares_the_limit_across_workers_and_names_the_failed_database(fleet):
+    plan_path, platform = fleet
+    plan = load_plan(plan_path)
+    with platform.client_settings():
+        result = CliRunner().invoke(app, ["fleet-drill", "--plan", str(plan_path), "--json"])
+        assert result.exit_code == 2, result.output  # the broken database's drill could not complete
+        report = FleetReport.model_validate_json(result.stdout)
+        with get_client(sync_client=True) as client:
+            ids = [d.flow_run.split()[-1] for d in report.drills]
+            runs = {r.parameters["database"]: r for r in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))}
+            workers = {db: submitter(client, run.id) for db, run in runs.items()}
+            limit = client.read_global_concurrency_limit_by_name(FLEET_LIMIT)
+            deployment = client.read_deployment_by_name("restore-drill/restore-drill")
+
+    databases = [db.name for db in plan.databases]
+    assert sorted(runs) == sorted(databases), "one restore-drill run per database"
+    assert {r.deployment_id for r in runs.values()} == {deployment.id}
+    for db, run in runs.items():
+        assert run.state.is_failed() if db == BROKEN else run.state.is_completed(), (db, run.state)
+    spans = [(r.start_time, r.end_time) for r in runs.values()]
+    assert max_overlap(spans) <= 2 == limit.limit, spans
+    assert limit.active_slots == 0, "every slot given back"
+    assert set(workers.values()) == set(WORKERS), workers
+
+    rows = {d.database: d for d in report.drills}
+    assert [d.database for d in report.not_passed] == [BROKEN]
+    assert "fleet-broken error" in rows[BROKEN].message, rows[BROKEN].message
+    assert report.peak_concurrency <= 2
+    written = sorted(reports_dir(plan).glob(f"{FLEET_PREFIX}*.json"))[-1]
+    assert json.loads(written.read_text())["drills"] == json.loads(report.model_dump_json())["drills"]
+    for db in databases:  # each drill's own report, written by its run on a worker
+        (drill,) = [DrillReport.model_validate_json(p.read_text())
+                    for p in reports_dir(plan).glob(f"{DRILL_PREFIX}{db}-drill-*.json")]
+        assert drill.status is (Status.error if db == BROKEN else Status.passed), (db, drill.error)
+    print(report.markdown())  # the evidence, shown with pytest -rP
+
+
+def submitter(client, run_id) -> str | None:
+    """The worker that started the run, from the line it logs into the run ("Worker 'NAME' submitting ...")."""
+    for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))):
+        if found := re.match(r"Worker '([^']+)' submitting flow run", log.message):
+            return found.group(1)
+    return None
