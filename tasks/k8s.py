@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import time
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
@@ -20,17 +22,39 @@ from drplan.plan import Cluster, Plan
 
 
 def export_namespace(api_client, namespace: str) -> dict:
-    """Deployments, services and config maps of a namespace as plain dicts; Secrets by name only, never values."""
+    """Deployments, services and config maps of a namespace as plain dicts; Secrets by name and key names only,
+    each key with a salted fingerprint of its value (`secret_fingerprints`), never a value."""
     core, apps = k8s.CoreV1Api(api_client), k8s.AppsV1Api(api_client)
     sanitize = api_client.sanitize_for_serialization
+    secrets = core.list_namespaced_secret(namespace).items
+    salt = os.urandom(16).hex()
     exported = {
         "deployments": [sanitize(d) for d in apps.list_namespaced_deployment(namespace).items],
         "services": [sanitize(s) for s in core.list_namespaced_service(namespace).items],
         "configmaps": [sanitize(c) for c in core.list_namespaced_config_map(namespace).items],
-        "secret_names": [s.metadata.name for s in core.list_namespaced_secret(namespace).items],
+        "secret_names": [s.metadata.name for s in secrets],
+        "fingerprint_salt": salt,
+        "secret_fingerprints": {s.metadata.name: secret_fingerprints(s.data or {}, salt) for s in secrets},
     }
     run_logger().info("exported %s: %s", namespace, {k: len(v) for k, v in exported.items()})
     return exported
+
+
+def secret_fingerprints(data: dict[str, str], salt: str) -> dict[str, str]:
+    """key -> a salted SHA-256 fingerprint of its (base64) value: tells a changed key without keeping the value."""
+    return {key: hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16] for key, value in data.items()}
+
+
+def live_secret_fingerprints(api_client, namespace: str, names: list[str], salt: str) -> dict[str, dict[str, str]]:
+    """The fingerprints (as `secret_fingerprints`) of the named Secrets that exist in the namespace."""
+    found, core = {}, k8s.CoreV1Api(api_client)
+    for name in names:
+        try:
+            found[name] = secret_fingerprints(core.read_namespaced_secret(name, namespace).data or {}, salt)
+        except ApiException as exc:
+            if exc.status != 404:  # missing: the difference is the Secret itself
+                raise _api_error(exc, f"secret {name} in namespace {namespace}") from None
+    return found
 
 
 # Application cutover: the app's database URL lives in a Kubernetes Secret (env valueFrom.secretKeyRef).
