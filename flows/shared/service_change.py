@@ -85,14 +85,16 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
         return
     failed = problem or ", ".join(c.name for c in report.validation.checks if not c.passed)
     if not report.changes:
-        report.outcome, report.error = "validation failed", f"nothing to change, yet {failed}"
+        report.record("validation failed", where, f"{failed}; nothing of this run's to undo")
+        report.outcome = "validation failed"
         return
     undone = apply_revision(api, cluster.namespace, service.name, before)
     report.record("rolled back", where, f"validation failed ({failed}): {', '.join(undone) or 'nothing to undo'}",
                   before=_images(target), after=_images(before), mutating=bool(undone))
     undo_problem = _rollout(api, cluster, service, timeout)
     report.outcome = "validation failed: rolled back"
-    report.error = f"{failed}" + (f"; after the roll-back: {undo_problem}" if undo_problem else "")
+    if undo_problem:  # the service is neither at the target nor back where it was: an error for a human
+        report.error = f"after the roll-back: {undo_problem}"
 
 
 def _rollout(api: Any, cluster: Cluster, service: Service, timeout: float) -> str | None:

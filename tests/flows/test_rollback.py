@@ -138,7 +138,8 @@ def test_failed_validation_undoes_the_rollback(sandbox, sandbox_plan_path, kube)
     report = json.loads(Path(report_of(failed)).with_suffix(".json").read_text())
     assert report["outcome"] == "validation failed: rolled back", report
     assert [s["action"] for s in report["steps"]][-2:] == ["changed", "rolled back"]
-    assert "GET /api/stats" in report["error"]
+    assert report["steps"][-1]["detail"].startswith("validation failed (GET /api/stats): ConfigMap devonn-api-config")
+    assert not report["error"]
     config = k8s.CoreV1Api(api).read_namespaced_config_map(CONFIG, namespace)
     assert config.data[ORDERS_TABLE] == "orders"
     wait_deployment_available(api, namespace, APP, timeout=60)
