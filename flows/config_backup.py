@@ -15,7 +15,7 @@ from drplan.logs import run_logger
 from drplan.plan import DEFAULT_PLAN, Cluster, Plan, load_plan
 from drplan.timeutil import utcnow
 from tasks.health import validate_service
-from tasks.k8s import deployment_exists, export_namespace
+from tasks.k8s import deployment_exists, export_namespace, export_secret_keys
 from tasks.revisions import remember_known_good
 from tasks.s3 import STAMP, put_json
 
@@ -28,7 +28,8 @@ def export_configuration(plan: Plan) -> list[str]:
     written = []
     for cluster in plan.clusters:
         record_validated(plan, cluster)
-        exported = export_namespace(kube_client(plan, cluster), cluster.namespace)
+        api = kube_client(plan, cluster)
+        exported = {**export_namespace(api, cluster.namespace), **export_secret_keys(api, cluster.namespace)}
         uri = f"{plan.configuration.backup}{stamp}/{cluster.name}.json"
         put_json(s3, uri, {"cluster": cluster.name, "namespace": cluster.namespace, "taken_at": stamp, **exported})
         written.append(uri)

@@ -22,19 +22,14 @@ from drplan.plan import Cluster, Plan
 
 
 def export_namespace(api_client, namespace: str) -> dict:
-    """Deployments, services and config maps of a namespace as plain dicts; Secrets by name and key names only,
-    each key with a salted fingerprint of its value (`secret_fingerprints`), never a value."""
+    """Deployments, services and config maps of a namespace as plain dicts; Secrets by name only, never values."""
     core, apps = k8s.CoreV1Api(api_client), k8s.AppsV1Api(api_client)
     sanitize = api_client.sanitize_for_serialization
-    secrets = core.list_namespaced_secret(namespace).items
-    salt = os.urandom(16).hex()
     exported = {
         "deployments": [sanitize(d) for d in apps.list_namespaced_deployment(namespace).items],
         "services": [sanitize(s) for s in core.list_namespaced_service(namespace).items],
         "configmaps": [sanitize(c) for c in core.list_namespaced_config_map(namespace).items],
-        "secret_names": [s.metadata.name for s in secrets],
-        "fingerprint_salt": salt,
-        "secret_fingerprints": {s.metadata.name: secret_fingerprints(s.data or {}, salt) for s in secrets},
+        "secret_names": [s.metadata.name for s in core.list_namespaced_secret(namespace).items],
     }
     run_logger().info("exported %s: %s", namespace, {k: len(v) for k, v in exported.items()})
     return exported
@@ -43,6 +38,15 @@ def export_namespace(api_client, namespace: str) -> dict:
 def secret_fingerprints(data: dict[str, str], salt: str) -> dict[str, str]:
     """key -> a salted SHA-256 fingerprint of its (base64) value: tells a changed key without keeping the value."""
     return {key: hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16] for key, value in data.items()}
+
+
+def export_secret_keys(api_client, namespace: str) -> dict:
+    """Each Secret's key names with a fingerprint of each value under a new random salt (for a configuration
+    backup: `secret_fingerprints` tells a changed key later without keeping the value)."""
+    salt = os.urandom(16).hex()
+    return {"fingerprint_salt": salt, "secret_fingerprints": {
+        s.metadata.name: secret_fingerprints(s.data or {}, salt)
+        for s in k8s.CoreV1Api(api_client).list_namespaced_secret(namespace).items}}
 
 
 def live_secret_fingerprints(api_client, namespace: str, names: list[str], salt: str) -> dict[str, dict[str, str]]:
