@@ -70,8 +70,13 @@ class KnownGood(Revision):
 
 
 def without_restart(template: dict[str, Any]) -> dict[str, Any]:
+    """The template without the restartedAt annotation (and without annotations when that was the only one)."""
     template = copy.deepcopy(template)
-    (template.get("metadata") or {}).get("annotations", {}).pop(RESTARTED_AT, None)
+    meta = template.get("metadata") or {}
+    if RESTARTED_AT in (meta.get("annotations") or {}):
+        del meta["annotations"][RESTARTED_AT]
+        if not meta["annotations"]:
+            del meta["annotations"]
     return template
 
 
