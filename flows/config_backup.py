@@ -7,6 +7,7 @@ that passes recovery validation gets its known-good revision recorded (tasks/rev
 
 from __future__ import annotations
 
+from kubernetes import client as k8s
 from prefect import flow
 
 from drplan.clients import aws_client, kube_client
@@ -15,7 +16,7 @@ from drplan.logs import run_logger
 from drplan.plan import DEFAULT_PLAN, Cluster, Plan, load_plan
 from drplan.timeutil import utcnow
 from tasks.health import validate_service
-from tasks.k8s import deployment_exists, export_namespace, export_secret_keys
+from tasks.k8s import availability, deployment_exists, export_namespace, export_secret_keys
 from tasks.revisions import remember_known_good
 from tasks.s3 import STAMP, put_json
 
@@ -38,11 +39,15 @@ def export_configuration(plan: Plan) -> list[str]:
 
 
 def record_validated(plan: Plan, cluster: Cluster) -> None:
-    """Each service running in the cluster that passes recovery validation now (one pass) gets what it runs
-    recorded as its newest known-good revision, before the export carries the history along."""
+    """Each service running in the cluster whose rollout is done and that passes recovery validation now (one pass)
+    gets what it runs recorded as its newest known-good revision, before the export carries the history along."""
     api = kube_client(plan, cluster)
     for service in plan.services:
         if service.cluster != cluster.name or not deployment_exists(api, cluster.namespace, service.name):
+            continue
+        done, state = availability(k8s.AppsV1Api(api).read_namespaced_deployment(service.name, cluster.namespace))
+        if not done:  # a stalled rollout (old pods still serving) would pass validation with a release that fails
+            run_logger().info("%s not recorded as known-good: its rollout is not done (%s)", service.name, state)
             continue
         validation = validate_service(plan, service)
         if validation.passed:
