@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import kube_client
+from flows.config_backup import export_configuration
 from sandbox.demo_app import ORDERS_TABLE
 from tasks.k8s import availability, wait_deployment_available
 from tasks.revisions import KNOWN_GOOD, apply_revision, known_good, live_revision
@@ -98,6 +99,8 @@ def test_bad_deploy_recovers_with_the_printed_rollback(sandbox, sandbox_plan_pat
     assert what.startswith(f"deployed registry.example/devonn/devonn-api:broken to {APP} (was ")
     assert command == ["rollback", "--plan", str(sandbox_plan_path), "--service", APP]
     wait_for(lambda: "broken build" in availability(deployment(api, namespace))[1], 30, "the rollout to stall")
+    export_configuration(sandbox)  # a backup meanwhile: the stalled release (old pods serving) is not known-good
+    assert known_good(api, namespace, APP)[-1].revision == good[-1].revision
     stalled = deployment(api, namespace).metadata.resource_version
 
     planned = drplan(*command, "--dry-run")
