@@ -167,20 +167,20 @@ def pick_known_good(history: list[KnownGood], deployment: str, revision: int | N
     return found
 
 
-def record_known_good(api_client, namespace: str, deployment: str, reason: str) -> KnownGood:
+def record_known_good(api_client, namespace: str, deployment: str, reason: str) -> tuple[KnownGood, bool]:
     """Record what the Deployment runs now as its newest known-good revision (after a passed validation); the
-    same as the newest is not recorded again. Returns the newest known-good revision."""
+    same as the newest is not recorded again. Returns the newest known-good revision and whether it is new."""
     live = live_revision(api_client, namespace, deployment)
     history = known_good(api_client, namespace, deployment)
     if history and not history[-1].differences(live):
-        return history[-1]
+        return history[-1], False
     entry = KnownGood(**live.model_dump(), revision=history[-1].revision + 1 if history else 1,
                       recorded_at=utcnow(), reason=reason)
     kept = [*history, entry][-HISTORY:]
     k8s.AppsV1Api(api_client).patch_namespaced_deployment(deployment, namespace, {"metadata": {"annotations": {
         KNOWN_GOOD: json.dumps([r.model_dump(mode="json") for r in kept], sort_keys=True)}}})
     run_logger().info("deployment %s/%s: known-good %s", namespace, deployment, entry.describe())
-    return entry
+    return entry, True
 
 
 def apply_revision(api_client, namespace: str, deployment: str, target: Revision) -> list[str]:
@@ -220,7 +220,7 @@ def remember_known_good(plan: Plan, cluster: Cluster, deployment: str, reason: s
     """`record_known_good` for a step whose own work is done (a cutover, a configuration backup): a failure to
     record is logged, not raised."""
     try:
-        return record_known_good(kube_client(plan, cluster), cluster.namespace, deployment, reason)
+        return record_known_good(kube_client(plan, cluster), cluster.namespace, deployment, reason)[0]
     except (DrplanError, ApiException) as exc:
         run_logger().warning("deployment %s/%s: known-good revision not recorded: %s", cluster.namespace,
                              deployment, first_line(exc))

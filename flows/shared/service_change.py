@@ -79,8 +79,8 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
     problem = _rollout(api, cluster, service, timeout)
     report.validation = validate_service_task(plan, service) if problem is None else None
     if problem is None and report.validation.passed:
-        good = record_known_good(api, cluster.namespace, service.name, f"validated by {report.flow}")
-        report.record("recorded known-good", where, good.describe())
+        good, new = record_known_good(api, cluster.namespace, service.name, f"validated by {report.flow}")
+        report.record("recorded known-good" if new else "known-good already", where, good.describe(), mutating=new)
         report.outcome = "recovered"
         return
     failed = problem or ", ".join(c.name for c in report.validation.checks if not c.passed)
