@@ -123,6 +123,8 @@ def test_bad_deploy_recovers_with_the_printed_rollback(sandbox, sandbox_plan_pat
 
     again = drplan(*command, "--yes")  # at the revision already: nothing to change, validated
     assert again.exit_code == 0 and "it runs the target already" in " ".join(again.stdout.split()), again.output
+    export_configuration(sandbox)  # the newest backup holds the recovered app again (for restores to later times)
+    assert known_good(api, namespace, APP)[-1].revision == good[-1].revision
 
 
 @pytest.mark.usefixtures("prefect_server")
