@@ -1,5 +1,5 @@
-"""`drplan recover`, `failover`, `reprotect`, `dns-failover`, `eks-recover`, `region-failover`: recovery flows
-from a terminal.
+"""`drplan recover`, `failover`, `reprotect`, `dns-failover`, `eks-recover`, `region-failover`, `rollback`,
+`config-restore`: recovery flows from a terminal.
 
 The flow runs in this process against the Prefect API in the environment (a server with the UI when
 PREFECT_API_URL is set, else a temporary local one that dies with this command, see cli.prefect_api). Without
@@ -132,6 +132,45 @@ def eks_recover(
         parameters = dict(plan=plan, cluster=cluster, nodes=counts(nodes, "--nodes"), scale=counts(scale, "--scale"),
                           apply_manifests=manifests, dry_run=dry_run)
     run(eks_recovery, f"eks-recovery-{cluster}", parameters, as_json)
+
+
+def rollback(
+    plan: str = PlanOption,
+    service: str = typer.Option(..., "--service", "-s", help="The service whose Deployment to roll back."),
+    to_revision: int = typer.Option(None, "--to-revision", help="A known-good revision (default: the newest)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the changes; change nothing."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Deployment failure: return the service to its newest known-good revision (or --to-revision), validate."""
+    from flows.rollback import resolve
+    from flows.rollback import rollback as flow_fn
+
+    plan_or_exit(plan)
+    with refusals():
+        resolve(plan, service, to_revision)  # refused before anything runs
+    run(flow_fn, f"rollback-{service}", dict(plan=plan, service=service, to_revision=to_revision, dry_run=dry_run,
+                                             approve=yes), as_json)
+
+
+def config_restore(
+    plan: str = PlanOption,
+    service: str = typer.Option(..., "--service", "-s", help="The service whose configuration to restore."),
+    to: str = typer.Option(..., "--to", help="The configuration backup at or before this time (ISO 8601 with a "
+                                             "zone)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the diff; change nothing."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Configuration error: ConfigMaps and pod template back to the configuration backup at TIME, validate."""
+    from flows.config_restore import config_restore as flow_fn
+    from flows.config_restore import resolve
+
+    plan_or_exit(plan)
+    with refusals():
+        resolve(plan, service, to)  # refused before anything runs
+    run(flow_fn, f"config-restore-{service}", dict(plan=plan, service=service, to=to, dry_run=dry_run, approve=yes),
+        as_json)
 
 
 def counts(pairs: list[str], option: str) -> dict[str, int]:

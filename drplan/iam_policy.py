@@ -55,7 +55,9 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "eks-recovery": EKS_READ + ("eks:UpdateNodegroupConfig",),
     "s3-backup": S3_SYNC,
     "s3-recovery": S3_SYNC,
-    "configuration-backup": ("s3:PutObject",),
+    "configuration-backup": ("s3:PutObject",) + HEALTH,  # known-good revisions of validated services
+    "rollback": HEALTH,
+    "config-restore": S3_READ + HEALTH,
     "dr-readiness": _READINESS,
     "alarm-watch": ("cloudwatch:DescribeAlarms",),
     "dr-rehearsal": _REHEARSAL,

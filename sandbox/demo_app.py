@@ -11,8 +11,10 @@ token are never logged or returned; only host:port/dbname is.
     POST /api/orders      201 {"id": N}: a new order (of user 1), committed before the answer
 
 Each process is one pod of a Deployment, started by the sandbox's kubelet (`sandbox/kubelet.py`) with the names of
-the Secrets its pod template references (without `--token-secret`, /api/me answers 401). `--broken` is the
-sandbox's broken build: the process runs but never listens.
+the Secrets its pod template references (without `--token-secret`, /api/me answers 401). Its one setting,
+ORDERS_TABLE (default `orders`, from the ConfigMap devonn-api-config), is the table /api/stats counts and
+POST /api/orders writes: a table that does not exist breaks those two endpoints while /health stays 200.
+`--broken` is the sandbox's broken build: the process runs but never listens.
 
 Run as `python -m sandbox.demo_app --listen 127.0.0.1:PORT --kubeconfig FILE --context CTX
 --namespace NS --db-secret devonn-api-db [--token-secret devonn-api-token] [--broken]`; SIGTERM stops it.
@@ -25,6 +27,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -36,12 +39,15 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from kubernetes.client import CoreV1Api
 from kubernetes.config import new_client_from_config
+from psycopg import sql
 
 log = logging.getLogger("devonn-api")
 
 DB_TIMEOUT = 2.0  # seconds a query (including connecting) may take before the database counts as down
 POLL_SECONDS = 1.0
 IDLE_CONNECTIONS = 4
+ORDERS_TABLE = "ORDERS_TABLE"
+"""The environment variable naming the orders table (the app's setting, from its ConfigMap)."""
 T = TypeVar("T")
 
 
@@ -92,27 +98,29 @@ class Database:
         for conn in stale:
             conn.close()
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Rows of `sql` on the current database, within DB_TIMEOUT."""
+    def query(self, statement: str | sql.Composed, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of `statement` on the current database, within DB_TIMEOUT."""
         with self._lock:
             url = self._url
             conn = self._idle.pop() if self._idle else None
         if url is None:
             raise ConnectionError("no database URL yet (Secret not read)")
-        return within(DB_TIMEOUT, lambda: self._run(url, conn, sql, params))
+        return within(DB_TIMEOUT, lambda: self._run(url, conn, statement, params))
 
-    def _run(self, url: str, conn: psycopg.Connection[Any] | None, sql: str, params: tuple[Any, ...]) -> Any:
+    def _run(self, url: str, conn: psycopg.Connection[Any] | None, statement: str | sql.Composed,
+             params: tuple[Any, ...]) -> Any:
         if conn is not None:
             try:
-                return self._execute(url, conn, sql, params)
+                return self._execute(url, conn, statement, params)
             except psycopg.OperationalError:
                 pass  # the server went away since this connection was made: try a fresh one
         fresh = psycopg.connect(url, connect_timeout=int(DB_TIMEOUT), autocommit=True)
-        return self._execute(url, fresh, sql, params)
+        return self._execute(url, fresh, statement, params)
 
-    def _execute(self, url: str, conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> Any:
+    def _execute(self, url: str, conn: psycopg.Connection[Any], statement: str | sql.Composed,
+                 params: tuple[Any, ...]) -> Any:
         try:
-            rows = conn.execute(sql, params).fetchall()
+            rows = conn.execute(statement, params).fetchall()
         except BaseException:
             conn.close()
             raise
@@ -141,6 +149,7 @@ class App:
         self.db = Database()
         self.token: str | None = None
         self._secrets_ok: bool | None = None
+        self.orders = sql.Identifier(os.environ.get(ORDERS_TABLE) or "orders")
 
     def _secret_value(self, name: str, key: str) -> str:
         secret = self.core.read_namespaced_secret(name, self.namespace, _request_timeout=2)
@@ -201,7 +210,8 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self.reply(401, {"error": "missing or wrong bearer token"})
             elif path == "/api/stats":
-                [(users, orders)] = app.db.query("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM orders)")
+                [(users, orders)] = app.db.query(sql.SQL(
+                    "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM {})").format(app.orders))
                 self.reply(200, {"users": users, "orders": orders})
             elif path.startswith("/api/users/") and path.removeprefix("/api/users/").isdigit():
                 rows = app.db.query(
@@ -229,9 +239,9 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, {"error": "not found"})
             return
         try:
-            [(order_id,)] = app.db.query(
-                "INSERT INTO orders (id, user_id, amount, status, created_at, updated_at) "
-                "VALUES (nextval('orders_api_id'), 1, 1.00, 'new', now(), now()) RETURNING id")
+            [(order_id,)] = app.db.query(sql.SQL(
+                "INSERT INTO {} (id, user_id, amount, status, created_at, updated_at) "
+                "VALUES (nextval('orders_api_id'), 1, 1.00, 'new', now(), now()) RETURNING id").format(app.orders))
             self.reply(201, {"id": order_id})
         except Exception as exc:
             self.reply(503, {"error": app.reason(exc)})

@@ -4,6 +4,7 @@ breaks and names the drplan command that recovers it. Only the sandbox's own ser
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,15 +13,21 @@ import psycopg
 
 from drplan.clients import aws_client, check_aws_access, kube_client
 from drplan.errors import DrplanError
-from drplan.plan import Database, DatabaseKind, Plan
+from drplan.plan import Cluster, Database, DatabaseKind, Plan, Service
 from drplan.s3store import parse_prefix
 from drplan.timeutil import utcnow
+from sandbox.demo_app import ORDERS_TABLE
+from sandbox.kubelet import BROKEN_TAG
 from sandbox.stack import is_pilot_light, sandbox_postgres
 from tasks.eks import scale_nodegroup
+from tasks.k8s import wait_deployment_available
+from tasks.revisions import apply_revision, known_good, live_revision
 from tasks.route53 import fqdn, read_records, zone_id
 
 DELETED_SHARE = 7
 """Every DELETED_SHARE-th order (by id) and object (by key order) is deleted."""
+WRONG_ORDERS_TABLE = "orders_v2"
+"""bad-config's setting: a table the demo database does not have."""
 
 
 @dataclass(frozen=True)
@@ -114,12 +121,65 @@ def delete_dns(plan: Plan, plan_ref: str) -> Disaster:
         "missing)")
 
 
+def _app(plan: Plan) -> tuple[Service, Cluster]:
+    """The first service the plan runs in a cluster of the primary region (the sandbox's devonn-api)."""
+    for service in plan.services:
+        if service.cluster and not is_pilot_light(plan, plan.cluster(service.cluster)):
+            return service, plan.cluster(service.cluster)
+    raise DrplanError(f"plan {plan.name} has no service in a cluster of {plan.aws.region}; add services[].cluster")
+
+
+def bad_deploy(plan: Plan, plan_ref: str) -> Disaster:
+    """A release whose image fails its health check (the sandbox's broken build): its pods never become ready, the
+    rollout stalls and the old pods keep serving until someone acts."""
+    service, cluster = _app(plan)
+    api = kube_client(plan, cluster)
+    if not known_good(api, cluster.namespace, service.name):
+        raise DrplanError(f"{service.name} has no known-good revision to roll back to yet; take a configuration "
+                          "backup first: drplan trigger configuration-backup/configuration-backup")
+    live = live_revision(api, cluster.namespace, service.name)
+    template = copy.deepcopy(live.template)
+    container = template["spec"]["containers"][0]
+    image = container["image"]
+    repository = image.rpartition(":")[0] if ":" in image.rsplit("/", 1)[-1] else image
+    container["image"] = f"{repository}:{BROKEN_TAG}"
+    apply_revision(api, cluster.namespace, service.name, live.model_copy(update={"template": template}))
+    return Disaster(
+        f"deployed {container['image']} to {service.name} (was {image}): its pods never pass the health check",
+        f"drplan rollback --plan {plan_ref} --service {service.name}")
+
+
+def bad_config(plan: Plan, plan_ref: str) -> Disaster:
+    """A wrong setting in the app's ConfigMap (ORDERS_TABLE names a table that does not exist), rolled out: /health
+    stays 200, /api/stats and POST /api/orders fail."""
+    service, cluster = _app(plan)
+    api = kube_client(plan, cluster)
+    live = live_revision(api, cluster.namespace, service.name)
+    refs = [(var["valueFrom"]["configMapKeyRef"]["name"]) for var in live.template["spec"]["containers"][0].get(
+        "env") or [] if var.get("name") == ORDERS_TABLE and "configMapKeyRef" in (var.get("valueFrom") or {})]
+    if not refs or refs[0] not in live.configmaps:
+        raise DrplanError(f"deployment {service.name} takes no {ORDERS_TABLE} from a ConfigMap; apply the manifests "
+                          "of kubernetes/manifests/ (drplan eks-recover)")
+    name, was = refs[0], live.configmaps[refs[0]].get(ORDERS_TABLE)
+    before = utcnow().replace(microsecond=0)
+    time.sleep(1.0)  # the change comes strictly after `before`
+    apply_revision(api, cluster.namespace, service.name, live.model_copy(update={"configmaps": {
+        **live.configmaps, name: {**live.configmaps[name], ORDERS_TABLE: WRONG_ORDERS_TABLE}}}))
+    wait_deployment_available(api, cluster.namespace, service.name, timeout=60)
+    return Disaster(
+        f"set {ORDERS_TABLE} in ConfigMap {name} of {service.name} to {WRONG_ORDERS_TABLE} (was {was}) after "
+        f"{before:%Y-%m-%dT%H:%M:%SZ} and rolled it out: GET /api/stats fails",
+        f"drplan config-restore --plan {plan_ref} --service {service.name} --to {before:%Y-%m-%dT%H:%M:%SZ}")
+
+
 SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
     "delete-orders": delete_orders,
     "stop-primary": stop_primary,
     "delete-objects": delete_objects,
     "dr-nodes-zero": dr_nodes_zero,
     "delete-dns": delete_dns,
+    "bad-deploy": bad_deploy,
+    "bad-config": bad_config,
 }
 
 

@@ -5,7 +5,8 @@ controller and the kubelet do together, only on one machine:
 
 * a pod is a process (`python -m sandbox.demo_app` on a free loopback port, tracked by `drplan.processes` in
   this kubelet's state directory) for an image of the sandbox's registry (repository `devonn-api` or
-  `devonn-worker`, any registry and tag). It gets the container's plain env values in its environment and the
+  `devonn-worker`, any registry and tag). It gets the container's plain env values and those from ConfigMaps
+  (configMapKeyRef, read when the pod starts: a changed ConfigMap takes a rollout) in its environment, and the
   names of the Secrets its env takes DATABASE_URL and API_TOKEN from (the app reads the Secrets itself);
 * a pod is ready once its /health answers at all (any HTTP status: a database outage is the app's to report)
   and unready after FAILURE_THRESHOLD probes in a row without an answer; a pod whose process exits is replaced;
@@ -114,10 +115,21 @@ def pod_argv(namespace: str, template: dict[str, Any], port: int, kubeconfig: st
     return argv
 
 
-def pod_env(template: dict[str, Any]) -> dict[str, str]:
-    """The container's plain env values (those from Secrets the app reads itself)."""
-    container = template["spec"]["containers"][0]
-    return {var["name"]: str(var["value"]) for var in container.get("env") or [] if "value" in var}
+def pod_env(template: dict[str, Any], config_map: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """The container's plain env values and those from ConfigMaps (`config_map(name)` is its data), resolved once
+    at the pod's start as a kubelet does (those from Secrets the app reads itself). A missing ConfigMap or key
+    raises KeyError: the pod does not start (CreateContainerConfigError)."""
+    env = {}
+    for var in template["spec"]["containers"][0].get("env") or []:
+        ref = (var.get("valueFrom") or {}).get("configMapKeyRef")
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        elif ref:
+            data = config_map(ref["name"])
+            if ref["key"] not in data:
+                raise KeyError(f"ConfigMap {ref['name']} has no key {ref['key']}")
+            env[var["name"]] = data[ref["key"]]
+    return env
 
 
 def template_hash(template: dict[str, Any]) -> str:
@@ -361,10 +373,12 @@ class Kubelet:
             pod = Pod(name, namespace, deployment, current, labels, None)
             log.warning("pod %s cannot run: %s", name, image_problem(image))
         else:
+            env = pod_env(template, lambda config: self.core.read_namespaced_config_map(
+                config, namespace, _request_timeout=REQUEST_TIMEOUT).data or {})
             port = free_port()
             tracked = processes.start(self.state_dir, name,
                                       pod_argv(namespace, template, port, self.kubeconfig, self.context),
-                                      env={**os.environ, **pod_env(template), "PYTHONUNBUFFERED": "1"})
+                                      env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
             pod = Pod(name, namespace, deployment, current, labels, port, tracked)
             log.info("pod %s started on port %d (%s)", name, port, image)
         with self._lock:

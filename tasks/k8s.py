@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import time
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +33,32 @@ def export_namespace(api_client, namespace: str) -> dict:
     }
     run_logger().info("exported %s: %s", namespace, {k: len(v) for k, v in exported.items()})
     return exported
+
+
+def secret_fingerprints(data: dict[str, str], salt: str) -> dict[str, str]:
+    """key -> a salted SHA-256 fingerprint of its (base64) value: tells a changed key without keeping the value."""
+    return {key: hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16] for key, value in data.items()}
+
+
+def export_secret_keys(api_client, namespace: str) -> dict:
+    """Each Secret's key names with a fingerprint of each value under a new random salt (for a configuration
+    backup: `secret_fingerprints` tells a changed key later without keeping the value)."""
+    salt = os.urandom(16).hex()
+    return {"fingerprint_salt": salt, "secret_fingerprints": {
+        s.metadata.name: secret_fingerprints(s.data or {}, salt)
+        for s in k8s.CoreV1Api(api_client).list_namespaced_secret(namespace).items}}
+
+
+def live_secret_fingerprints(api_client, namespace: str, names: list[str], salt: str) -> dict[str, dict[str, str]]:
+    """The fingerprints (as `secret_fingerprints`) of the named Secrets that exist in the namespace."""
+    found, core = {}, k8s.CoreV1Api(api_client)
+    for name in names:
+        try:
+            found[name] = secret_fingerprints(core.read_namespaced_secret(name, namespace).data or {}, salt)
+        except ApiException as exc:
+            if exc.status != 404:  # missing: the difference is the Secret itself
+                raise _api_error(exc, f"secret {name} in namespace {namespace}") from None
+    return found
 
 
 # Application cutover: the app's database URL lives in a Kubernetes Secret (env valueFrom.secretKeyRef).

@@ -76,8 +76,8 @@ def expose(api_client, namespace: str, deployment: str, timeout: float) -> str:
 
 
 def delete_namespace(api_client, namespace: str, timeout: float) -> list[str]:
-    """Delete the namespace with its Deployments, Services and Secrets and wait until it is gone; returns what was
-    deleted (nothing when the namespace did not exist)."""
+    """Delete the namespace with its Deployments, Services, Secrets and ConfigMaps and wait until it is gone;
+    returns what was deleted (nothing when the namespace did not exist)."""
     apps, core = k8s.AppsV1Api(api_client), k8s.CoreV1Api(api_client)
     try:
         core.read_namespace(namespace)
@@ -89,7 +89,8 @@ def delete_namespace(api_client, namespace: str, timeout: float) -> list[str]:
     for kind, listing, delete in (
             ("deployment", apps.list_namespaced_deployment, apps.delete_namespaced_deployment),
             ("service", core.list_namespaced_service, core.delete_namespaced_service),
-            ("secret", core.list_namespaced_secret, core.delete_namespaced_secret)):
+            ("secret", core.list_namespaced_secret, core.delete_namespaced_secret),
+            ("configmap", core.list_namespaced_config_map, core.delete_namespaced_config_map)):
         for obj in listing(namespace).items:
             if _ignore_missing(delete, obj.metadata.name, namespace):
                 deleted.append(f"{kind} {obj.metadata.name}")

@@ -281,3 +281,24 @@ def put_json(s3, uri: str, document: dict) -> None:
     bucket, key = split_uri(uri)
     s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, sort_keys=True, default=str).encode(),
                   ContentType="application/json")
+
+
+def get_json(s3, uri: str) -> dict:
+    bucket, key = split_uri(uri)
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def configuration_backup_at(s3, backup_uri: str, cluster: str, when: datetime) -> str | None:
+    """URI of the newest configuration backup of `cluster` (`<backup_uri><STAMP>/<cluster>.json`) taken at or
+    before `when`; None when there is none."""
+    _, prefix = split_uri(backup_uri)
+    taken = []
+    for obj in _objects(s3, backup_uri):
+        stamp, _, name = obj["Key"][len(prefix):].partition("/")
+        try:
+            at = datetime.strptime(stamp, STAMP).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if name == f"{cluster}.json" and at <= when:
+            taken.append((at, f"{backup_uri}{stamp}/{name}"))
+    return max(taken)[1] if taken else None

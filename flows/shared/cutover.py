@@ -1,5 +1,6 @@
 """The application cutover: the service's Kubernetes Secret pointed at the new database, rollout, validation,
-and a roll-back of the Secret when validation fails."""
+and a roll-back of the Secret when validation fails; a passed validation records the service's known-good
+revision (tasks/revisions.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from drplan.plan import Database, Plan, Service
 from flows.shared.report import RecoveryReport
 from tasks.health import validate_service_task
 from tasks.k8s import cut_over_task, find_database_secret, roll_back_task
+from tasks.revisions import remember_known_good
 
 
 def database_url(credentials: DbCredentials, host: str, port: int, dbname: str) -> SecretStr:
@@ -54,6 +56,7 @@ def cut_over_and_validate(plan: Plan, report: RecoveryReport, service: Service, 
                   after=result.url_redacted, mutating=True)
     report.validation = validate_service_task(plan, service, database, metrics_instance)
     if report.validation.passed:
+        remember_known_good(plan, cluster, service.name, f"validated by {report.flow}")
         return
     if before_rollback is not None:
         before_rollback()

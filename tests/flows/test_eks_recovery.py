@@ -34,8 +34,8 @@ def test_lost_deployment_and_capacity_come_back_and_a_rerun_changes_nothing(sand
                               scale={"devonn-worker": 4})
         assert report.outcome == "recovered", report.markdown()
         assert report.before.deployments["devonn-worker"] == "missing" and not report.before.healthy
-        assert {(a.name, a.action) for a in report.applied} == {("devonn-api", "unchanged"),
-                                                                ("devonn-worker", "created")}
+        assert {(a.name, a.action) for a in report.applied} == {
+            ("devonn-api-config", "unchanged"), ("devonn-api", "unchanged"), ("devonn-worker", "created")}
         steps = {(s.action, s.resource): (s.before, s.after) for s in report.steps}
         assert steps[("scaled", "node group dev_nodes")] == ("3", "4")
         assert steps[("scaled", "deployment devonn-worker")] == ("2", "4")

@@ -58,8 +58,9 @@ def test_app_takes_its_database_from_the_kubernetes_secret(sandbox):
     api = kube_client(sandbox, cluster)
     deployment = AppsV1Api(api).read_namespaced_deployment("devonn-api", cluster.namespace)
     env = deployment.spec.template.spec.containers[0].env
-    assert [(e.name, e.value, e.value_from.secret_key_ref.name) for e in env] == [
-        ("DATABASE_URL", None, "devonn-api-db"), ("API_TOKEN", None, stack.TOKEN_SECRET)
+    assert [(e.name, e.value, (e.value_from.secret_key_ref or e.value_from.config_map_key_ref).name) for e in env] == [
+        ("DATABASE_URL", None, "devonn-api-db"), ("API_TOKEN", None, stack.TOKEN_SECRET),
+        ("ORDERS_TABLE", None, "devonn-api-config"),  # a setting, from its ConfigMap
     ]
     secret = CoreV1Api(api).read_namespaced_secret("devonn-api-db", cluster.namespace)
     url = base64.b64decode(secret.data["DATABASE_URL"]).decode()
@@ -96,7 +97,7 @@ def test_deployments_come_from_the_manifests_and_applying_them_changes_nothing(s
     cluster = sandbox.cluster("devonn-eks-sandbox")
     api = kube_client(sandbox, cluster)
     objects = render_manifests(sandbox, cluster)
-    assert sorted(o["metadata"]["name"] for o in objects) == sorted(cluster.deployments)
+    assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Deployment") == sorted(cluster.deployments)
     before = export_namespace(api, cluster.namespace)
     assert [apply_manifest(api, cluster.namespace, o).action for o in objects] == ["unchanged"] * len(objects)
     assert export_namespace(api, cluster.namespace) == before
