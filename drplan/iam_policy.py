@@ -29,6 +29,9 @@ DNS_READ = ("route53:ListHostedZonesByName", "route53:ListResourceRecordSets")
 DNS = DNS_READ + ("route53:ChangeResourceRecordSets", "route53:GetChange")
 EKS_READ = ("eks:DescribeCluster", "eks:DescribeNodegroup")
 SELF_CHECK = ("sts:GetCallerIdentity", "iam:SimulatePrincipalPolicy")
+ROTATE = ("secretsmanager:DescribeSecret", "secretsmanager:PutSecretValue", "secretsmanager:UpdateSecretVersionStage",
+          "ec2:DescribeSecurityGroups")
+"""A credential rotation (tasks/rotation.py): versions staged and moved; the database's exposure before and after."""
 
 _READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ
               + ("route53:ListHealthChecks", "cloudwatch:GetMetricStatistics") + SELF_CHECK)
@@ -58,6 +61,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "dr-test": _RPO + _READINESS + _DRILL + _REHEARSAL + S3_SYNC + PROMOTE + FENCE
     + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket", "rds:ModifyDBInstance",
        "rds:CreateDBInstanceReadReplica"),
+    "rotate-credentials": TOPOLOGY + HEALTH + ROTATE + ("sts:GetCallerIdentity",),
     "commands": TOPOLOGY + S3_READ + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
 """Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence), the
@@ -152,7 +156,7 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
             return "Ec2FenceSecurityGroup", [
                 f"arn:aws:ec2:{region}:{account}:{kind}" for region in _regions(plan)
                 for kind in ("security-group/*", "vpc/*")]
-        case "secretsmanager:GetSecretValue":
+        case _ if service == "secretsmanager":
             refs = {db.credentials_secret for db in plan.databases} | {
                 s.token_secret for s in plan.services if s.token_secret}
             return "SecretsManagerThePlansCredentials", sorted(

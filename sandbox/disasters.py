@@ -17,6 +17,7 @@ from drplan.s3store import parse_prefix
 from drplan.timeutil import utcnow
 from sandbox.stack import is_pilot_light, sandbox_postgres
 from tasks.eks import scale_nodegroup
+from tasks.rotation import LEAKED_TAG
 from tasks.route53 import fqdn, read_records, zone_id
 
 DELETED_SHARE = 7
@@ -114,12 +115,31 @@ def delete_dns(plan: Plan, plan_ref: str) -> Disaster:
         "missing)")
 
 
+def leaked_credentials(plan: Plan, plan_ref: str) -> Disaster:
+    """The database password and the API token leaked (a pasted log, a laptop): their Secrets Manager secrets are
+    tagged with the time it leaked. Nothing is refused yet: until the rotation, whoever holds them gets in."""
+    db = _database(plan)
+    service = next((s for s in plan.services if s.token_secret and not s.token_secret.startswith("prefect:")), None)
+    if service is None:
+        raise DrplanError(f"plan {plan.name} has no service with a token_secret in Secrets Manager")
+    at = utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
+    sm = aws_client(plan, "secretsmanager")
+    for ref in (db.credentials_secret, service.token_secret):
+        sm.tag_resource(SecretId=ref, Tags=[{"Key": LEAKED_TAG, "Value": at}])
+    return Disaster(
+        f"the password in {db.credentials_secret} ({db.name}) and the API token in {service.token_secret} "
+        f"({service.name}) leaked at {at} (tag {LEAKED_TAG})",
+        f"drplan rotate-credentials --plan {plan_ref} --database {db.name} && "
+        f"drplan rotate-credentials --plan {plan_ref} --service {service.name}")
+
+
 SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
     "delete-orders": delete_orders,
     "stop-primary": stop_primary,
     "delete-objects": delete_objects,
     "dr-nodes-zero": dr_nodes_zero,
     "delete-dns": delete_dns,
+    "leaked-credentials": leaked_credentials,
 }
 
 

@@ -38,6 +38,8 @@ def export_namespace(api_client, namespace: str) -> dict:
 # Secret under PREVIOUS_SUFFIX, so a rollback needs nothing outside the cluster.
 
 DATABASE_ENV = "DATABASE_URL"
+TOKEN_ENV = "API_TOKEN"
+"""The variable a service takes its API token from (a Secret too: `drplan rotate-credentials --service`)."""
 PREVIOUS_SUFFIX = ".drplan-previous"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
