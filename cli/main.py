@@ -24,7 +24,7 @@ from cli.evidence import evidence_app
 from cli.metrics import metrics
 from cli.prefect_api import prefect_api
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
-from cli.security import rotate_credentials
+from cli.security import revoke_access, rotate_credentials
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.",
                   pretty_exceptions_enable=False)
@@ -43,6 +43,7 @@ app.command("dns-failover")(cli_recovery.dns_failover)
 app.command("eks-recover")(cli_recovery.eks_recover)
 app.command("region-failover")(cli_recovery.region_failover)
 app.command("rotate-credentials")(rotate_credentials)
+app.command("revoke-access")(revoke_access)
 app.command("s3-backup")(s3_backup)
 app.command("s3-restore")(s3_restore)
 app.command("s3-verify")(s3_verify)

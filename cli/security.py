@@ -28,3 +28,23 @@ def rotate_credentials(
         what = chosen(dr_plan, database, service)  # refused in one line before anything runs
     run(flow_fn, f"rotate-credentials-{what.name}", dict(plan=plan, database=database, service=service,
                                                          dry_run=dry_run, approve=yes), as_json)
+
+
+def revoke_access(
+    plan: str = PlanOption,
+    principal: str = typer.Option(..., "--principal", help="The IAM user or role ARN."),
+    restore: bool = typer.Option(False, "--restore", help="Undo the recorded revocation of this principal."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List every step and resource; change nothing."),
+    yes: bool = typer.Option(False, "--yes", help="Approve in advance (no pause for approval)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Account or role compromise: deactivate the principal's access keys and deny it everything (recorded on the
+    principal); --restore gives back exactly that."""
+    from flows.access_revocation import principal as find
+    from flows.access_revocation import revoke_access as flow_fn
+
+    plan_or_exit(plan)
+    with refusals():
+        who = find(plan, principal)  # refused in one line before anything runs
+    run(flow_fn, f"revoke-access-{who.name}", dict(plan=plan, principal_arn=principal, restore=restore,
+                                                   dry_run=dry_run, approve=yes), as_json)

@@ -32,6 +32,11 @@ SELF_CHECK = ("sts:GetCallerIdentity", "iam:SimulatePrincipalPolicy")
 ROTATE = ("secretsmanager:DescribeSecret", "secretsmanager:PutSecretValue", "secretsmanager:UpdateSecretVersionStage",
           "ec2:DescribeSecurityGroups")
 """A credential rotation (tasks/rotation.py): versions staged and moved; the database's exposure before and after."""
+REVOKE = ("iam:GetUser", "iam:GetRole", "iam:ListAccessKeys", "iam:UpdateAccessKey", "iam:ListUserPolicies",
+          "iam:ListRolePolicies", "iam:PutUserPolicy", "iam:PutRolePolicy", "iam:DeleteUserPolicy",
+          "iam:DeleteRolePolicy", "iam:ListUserTags", "iam:ListRoleTags", "iam:TagUser", "iam:TagRole",
+          "iam:UntagUser", "iam:UntagRole")
+"""Revoking and restoring a principal's access (tasks/iam.py Principal)."""
 
 _READINESS = (TOPOLOGY + FENCE + EKS_READ + DNS_READ + S3_READ
               + ("route53:ListHealthChecks", "cloudwatch:GetMetricStatistics") + SELF_CHECK)
@@ -62,6 +67,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket", "rds:ModifyDBInstance",
        "rds:CreateDBInstanceReadReplica"),
     "rotate-credentials": TOPOLOGY + HEALTH + ROTATE + ("sts:GetCallerIdentity",),
+    "revoke-access": REVOKE + ("sts:GetCallerIdentity",),
     "commands": TOPOLOGY + S3_READ + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
 """Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence), the
@@ -182,6 +188,9 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
         case "iam:SimulatePrincipalPolicy":
             return "IamReadinessSimulatesItsOwnPermissions", [f"arn:aws:iam::{account}:user/*",
                                                                f"arn:aws:iam::{account}:role/*"]
+        case _ if service == "iam":
+            return "IamRevokeAccessOfAnyPrincipalNamedAtRunTime", [f"arn:aws:iam::{account}:user/*",
+                                                                    f"arn:aws:iam::{account}:role/*"]
     raise ValueError(f"{action}: no resource scope known; add it to drplan/iam_policy.py")
 
 
