@@ -125,8 +125,11 @@ def test_leaked_credentials_are_rotated_and_refused(sandbox, leaky, asserting_an
               if e.event.startswith("drplan.recovery.")]
     assert {"drplan.recovery.staged", "drplan.recovery.set", "drplan.recovery.rewritten",
             "drplan.recovery.made-current"} <= {e.event for e in events}
-    with get_client(sync_client=True) as client:
-        logs = [log.message for log in client.read_logs()]
+    logs: list[str] = []
+    with get_client(sync_client=True) as client:  # every log line of the session's server, page by page
+        while page := client.read_logs(limit=200, offset=len(logs)):
+            logs += [log.message for log in page]
+    assert any("made current" in line for line in logs)
     reports = [p.read_text() for p in reports_dir(plan).glob("rotate-credentials-*")]
     server_logs = [p.read_text(errors="replace") for directory in (plan.state_dir(), sandbox.state_dir())
                    for p in Path(directory).rglob("*.log") if p.is_file()]
