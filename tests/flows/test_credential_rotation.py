@@ -139,7 +139,7 @@ def test_leaked_credentials_are_rotated_and_refused(sandbox, leaky, asserting_an
                          ("server log", server_logs), ("process argument", args), ("command output", outputs)):
         leaked = [w for w in texts for canary in canaries if canary in w]
         assert not leaked, f"a new credential in a {where}"
-    assert reports and any("statement: SELECT pg_terminate_backend" in text for text in server_logs)  # all logged
+    assert reports and any("pg_terminate_backend" in text for text in server_logs)  # every statement logged
     assert not any("ALTER ROLE" in text for text in server_logs)  # but not the password change, not even its hash
 
 
