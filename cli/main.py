@@ -24,6 +24,7 @@ from cli.evidence import evidence_app
 from cli.metrics import metrics
 from cli.prefect_api import prefect_api
 from cli.s3 import s3_backup, s3_restore, s3_verify  # noqa: E402
+from cli.security import revoke_access, rotate_credentials
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Disaster recovery as code.",
                   pretty_exceptions_enable=False)
@@ -43,6 +44,8 @@ app.command("eks-recover")(cli_recovery.eks_recover)
 app.command("region-failover")(cli_recovery.region_failover)
 app.command("rollback")(cli_recovery.rollback)
 app.command("config-restore")(cli_recovery.config_restore)
+app.command("rotate-credentials")(rotate_credentials)
+app.command("revoke-access")(revoke_access)
 app.command("s3-backup")(s3_backup)
 app.command("s3-restore")(s3_restore)
 app.command("s3-verify")(s3_verify)
@@ -348,8 +351,8 @@ def sandbox_up(plan: str = PlanOption) -> None:
 
 @sandbox_app.command("break")
 def sandbox_break(
-    scenario: str = typer.Argument(..., help="delete-orders, stop-primary, delete-objects, dr-nodes-zero or "
-                                             "delete-dns."),
+    scenario: str = typer.Argument(..., help="delete-orders, stop-primary, delete-objects, dr-nodes-zero, "
+                                             "delete-dns, bad-deploy, bad-config or leaked-credentials."),
     plan: str = PlanOption,
 ) -> None:
     """Break the sandbox the way production breaks, to rehearse a recovery; prints the command that recovers it."""

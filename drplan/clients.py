@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from drplan.errors import AccessDenied, DrplanError, first_line
 from drplan.iam_policy import actions_of
-from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan, host_port
+from drplan.plan import AwsSettings, Cluster, Database, DatabaseKind, Plan, Service, host_port
 
 # botocore logs request parameters and response bodies at DEBUG, Secrets Manager values included: never let
 # those two loggers below INFO, whatever level the caller configures.
@@ -203,9 +203,12 @@ class DbCredentials:
     password: SecretStr = field(repr=False)
 
 
-def read_secret(plan: Plan, ref: str) -> str:
-    """The value of a secret reference: `prefect:NAME` (Prefect Secret block) or a Secrets Manager id."""
+def read_secret(plan: Plan, ref: str, stage: str = "AWSCURRENT") -> str:
+    """The value of a secret reference: `prefect:NAME` (Prefect Secret block) or a Secrets Manager id (its version
+    labelled `stage`: AWSCURRENT, or AWSPENDING / AWSPREVIOUS during and after a rotation)."""
     if ref.startswith("prefect:"):
+        if stage != "AWSCURRENT":
+            raise DrplanError(f"secret {ref}: a Prefect Secret block has no {stage} version")
         from prefect.blocks.system import Secret
 
         try:
@@ -214,18 +217,21 @@ def read_secret(plan: Plan, ref: str) -> str:
             raise DrplanError(f"secret {ref}: no such Prefect Secret block; create it first") from None
         return value if isinstance(value, str) else json.dumps(value)
     try:
-        return aws_client(plan, "secretsmanager").get_secret_value(SecretId=ref)["SecretString"]
+        return aws_client(plan, "secretsmanager").get_secret_value(SecretId=ref, VersionStage=stage)["SecretString"]
     except ClientError as exc:
         code = exc.response["Error"]["Code"]
         if code == "ResourceNotFoundException":
-            raise DrplanError(f"secret {ref}: not found in Secrets Manager ({plan.aws.region}); create it") from None
+            version = "" if stage == "AWSCURRENT" else f" version {stage}"
+            raise DrplanError(f"secret {ref}{version}: not found in Secrets Manager ({plan.aws.region}); create it"
+                              ) from None
         raise DrplanError(f"secret {ref}: {code}: {exc.response['Error'].get('Message', '')}") from None
     except BotoCoreError as exc:
         raise DrplanError(f"secret {ref}: {exc}") from None
 
 
-def db_credentials(plan: Plan, db: Database) -> DbCredentials:
-    raw = read_secret(plan, db.credentials_secret)
+def db_credentials(plan: Plan, db: Database, stage: str = "AWSCURRENT") -> DbCredentials:
+    """The database's credentials (the `stage` version of its secret: see read_secret)."""
+    raw = read_secret(plan, db.credentials_secret, stage)
     try:
         data = json.loads(raw)
         return DbCredentials(data["username"], SecretStr(data["password"]))
@@ -233,6 +239,16 @@ def db_credentials(plan: Plan, db: Database) -> DbCredentials:
         raise DrplanError(
             f"secret {db.credentials_secret}: expected JSON with username and password"
         ) from None
+
+
+def api_token(plan: Plan, service: Service, stage: str = "AWSCURRENT") -> SecretStr:
+    """The service's API token (the `stage` version of its token_secret, JSON with `token`)."""
+    if not service.token_secret:
+        raise DrplanError(f"service {service.name} has no token_secret; set services[].token_secret")
+    try:
+        return SecretStr(json.loads(read_secret(plan, service.token_secret, stage))["token"])
+    except (ValueError, KeyError, TypeError):
+        raise DrplanError(f"secret {service.token_secret}: expected JSON with token") from None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,14 @@ DNS_READ = ("route53:ListHostedZonesByName", "route53:ListResourceRecordSets")
 DNS = DNS_READ + ("route53:ChangeResourceRecordSets", "route53:GetChange")
 EKS_READ = ("eks:DescribeCluster", "eks:DescribeNodegroup")
 SELF_CHECK = ("sts:GetCallerIdentity", "iam:SimulatePrincipalPolicy")
+ROTATE = ("secretsmanager:DescribeSecret", "secretsmanager:PutSecretValue", "secretsmanager:UpdateSecretVersionStage",
+          "ec2:DescribeSecurityGroups")
+"""A credential rotation (tasks/rotation.py): versions staged and moved; the database's exposure before and after."""
+REVOKE = ("iam:GetUser", "iam:GetRole", "iam:ListAccessKeys", "iam:UpdateAccessKey", "iam:ListUserPolicies",
+          "iam:ListRolePolicies", "iam:PutUserPolicy", "iam:PutRolePolicy", "iam:DeleteUserPolicy",
+          "iam:DeleteRolePolicy", "iam:ListUserTags", "iam:ListRoleTags", "iam:TagUser", "iam:TagRole",
+          "iam:UntagUser", "iam:UntagRole")
+"""Revoking and restoring a principal's access (tasks/iam.py Principal)."""
 
 INVENTORY = ("rds:DescribeDBInstances", "s3:ListBuckets", "s3:GetBucketTagging")
 """Discovery and drift (tasks/inventory.py): every RDS instance and every bucket with its tags."""
@@ -64,6 +72,8 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "dr-test": _RPO + _READINESS + _DRILL + _REHEARSAL + S3_SYNC + PROMOTE + FENCE
     + ("s3:ListBuckets", "s3:CreateBucket", "s3:DeleteBucket", "rds:ModifyDBInstance",
        "rds:CreateDBInstanceReadReplica"),
+    "rotate-credentials": TOPOLOGY + HEALTH + ROTATE + ("sts:GetCallerIdentity",),
+    "revoke-access": REVOKE + ("sts:GetCallerIdentity",),
     "commands": TOPOLOGY + S3_READ + INVENTORY + ("rds:DeleteDBInstance", "sts:GetCallerIdentity"),
 }
 """Per runbook (flow name; `commands`: the in-process CLI commands topology, copies, s3-verify, evidence, plan
@@ -166,7 +176,7 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
             return "Ec2FenceSecurityGroup", [
                 f"arn:aws:ec2:{region}:{account}:{kind}" for region in _regions(plan)
                 for kind in ("security-group/*", "vpc/*")]
-        case "secretsmanager:GetSecretValue":
+        case _ if service == "secretsmanager":
             refs = {db.credentials_secret for db in plan.databases} | {
                 s.token_secret for s in plan.services if s.token_secret}
             return "SecretsManagerThePlansCredentials", sorted(
@@ -192,6 +202,9 @@ def _resources(plan: Plan, action: str, account: str) -> tuple[str, list[str]]:
         case "iam:SimulatePrincipalPolicy":
             return "IamReadinessSimulatesItsOwnPermissions", [f"arn:aws:iam::{account}:user/*",
                                                                f"arn:aws:iam::{account}:role/*"]
+        case _ if service == "iam":
+            return "IamRevokeAccessOfAnyPrincipalNamedAtRunTime", [f"arn:aws:iam::{account}:user/*",
+                                                                    f"arn:aws:iam::{account}:role/*"]
     raise ValueError(f"{action}: no resource scope known; add it to drplan/iam_policy.py")
 
 

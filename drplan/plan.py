@@ -566,6 +566,9 @@ class Plan(_Model):
     def cluster(self, name: str) -> Cluster:
         return _lookup(self.clusters, name, "cluster")
 
+    def service(self, name: str) -> Service:
+        return _lookup(self.services, name, "service")
+
     def region_of(self, cluster: Cluster) -> str:
         return cluster.region or self.aws.region
 

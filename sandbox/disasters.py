@@ -22,6 +22,7 @@ from sandbox.stack import is_pilot_light, sandbox_postgres
 from tasks.eks import scale_nodegroup
 from tasks.k8s import wait_deployment_available
 from tasks.revisions import apply_revision, known_good, live_revision
+from tasks.rotation import LEAKED_TAG
 from tasks.route53 import fqdn, read_records, zone_id
 
 DELETED_SHARE = 7
@@ -172,6 +173,24 @@ def bad_config(plan: Plan, plan_ref: str) -> Disaster:
         f"drplan config-restore --plan {plan_ref} --service {service.name} --to {before:%Y-%m-%dT%H:%M:%SZ}")
 
 
+def leaked_credentials(plan: Plan, plan_ref: str) -> Disaster:
+    """The database password and the API token leaked (a pasted log, a laptop): their Secrets Manager secrets are
+    tagged with the time it leaked. Nothing is refused yet: until the rotation, whoever holds them gets in."""
+    db = _database(plan)
+    service = next((s for s in plan.services if s.token_secret and not s.token_secret.startswith("prefect:")), None)
+    if service is None:
+        raise DrplanError(f"plan {plan.name} has no service with a token_secret in Secrets Manager")
+    at = utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
+    sm = aws_client(plan, "secretsmanager")
+    for ref in (db.credentials_secret, service.token_secret):
+        sm.tag_resource(SecretId=ref, Tags=[{"Key": LEAKED_TAG, "Value": at}])
+    return Disaster(
+        f"the password in {db.credentials_secret} ({db.name}) and the API token in {service.token_secret} "
+        f"({service.name}) leaked at {at} (tag {LEAKED_TAG})",
+        f"drplan rotate-credentials --plan {plan_ref} --database {db.name} && "
+        f"drplan rotate-credentials --plan {plan_ref} --service {service.name}")
+
+
 SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
     "delete-orders": delete_orders,
     "stop-primary": stop_primary,
@@ -180,6 +199,7 @@ SCENARIOS: dict[str, Callable[[Plan, str], Disaster]] = {
     "delete-dns": delete_dns,
     "bad-deploy": bad_deploy,
     "bad-config": bad_config,
+    "leaked-credentials": leaked_credentials,
 }
 
 

@@ -5,27 +5,33 @@ entry answers its expected status and text (auth endpoints with the token from `
 without it); for an `rds` database, CloudWatch CPUUtilization (average) and DatabaseConnections (maximum: someone
 was connected in the last minute, as right after a cutover) of the newest period within bounds, where
 "no datapoints" is its own status (`no data`), not a pass. The token is never logged nor reported.
+
+Security posture, after any recovery: requests without the token are refused (each auth endpoint); a rotated-out
+credential (the AWSPREVIOUS version of the database's or the token's secret, when it differs from AWSCURRENT) is
+refused; and, for a runbook that took `network_exposure` before its change, the database's network exposure
+(listen addresses, port, pg_hba rules; for RDS also public accessibility and security group ingress) is unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, computed_field
 
-from drplan.clients import PgTarget, aws_client, db_credentials, pg_target, read_secret
+from drplan.clients import DbCredentials, PgTarget, api_token, aws_client, db_credentials, pg_target
 from drplan.errors import DrplanError
 from drplan.logs import run_logger
 from drplan.plan import Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
+from tasks.postgres import login_refused
 
 TIMEOUT = 5.0
 SETTLE_POLL_SECONDS = 2.0
@@ -59,7 +65,7 @@ class ServiceValidation(BaseModel):
 Probe = Callable[[], tuple[bool | Status, str]]
 
 
-def _run(name: str, expected: str, probe: Probe) -> CheckResult:
+def run_check(name: str, expected: str, probe: Probe) -> CheckResult:
     """Time one check; an exception fails it with the error's first line as what was observed."""
     start = time.monotonic()
     try:
@@ -72,15 +78,6 @@ def _run(name: str, expected: str, probe: Probe) -> CheckResult:
                          duration_s=round(time.monotonic() - start, 3))
     run_logger().info("check %s: %s (observed %s, expected %s)", name, status.value, observed, expected)
     return result
-
-
-def _api_token(plan: Plan, service: Service) -> str:
-    if not service.token_secret:
-        raise DrplanError(f"service {service.name} has auth endpoints but no token_secret; set services[].token_secret")
-    try:
-        return json.loads(read_secret(plan, service.token_secret))["token"]
-    except (ValueError, KeyError, TypeError):
-        raise DrplanError(f"secret {service.token_secret}: expected JSON with token") from None
 
 
 def _http_probe(http: httpx.Client, url: httpx.URL, statuses: set[int], contains: str | None = None,
@@ -124,12 +121,13 @@ def _metric_probe(plan: Plan, region: str, identifier: str, metric: str) -> Prob
 
 def _database_checks(plan: Plan, db: Database, database: PgTarget | None,
                      metrics_instance: tuple[str, str] | None) -> list[CheckResult]:
-    checks = [_run("database", "SELECT 1 -> 1", _database_probe(plan, db, database))]
+    checks = [run_check("database", "SELECT 1 -> 1", _database_probe(plan, db, database))]
     if db.kind is DatabaseKind.rds:
         region, instance = metrics_instance or (plan.aws.region, db.primary)
         for metric, (statistic, low, high) in RDS_METRIC_BOUNDS.items():
-            checks.append(_run(f"cloudwatch {metric}", f"{low:g} <= {statistic.lower()} <= {high:g} for {instance}",
-                               _metric_probe(plan, region, instance, metric)))
+            checks.append(run_check(f"cloudwatch {metric}",
+                                    f"{low:g} <= {statistic.lower()} <= {high:g} for {instance}",
+                                    _metric_probe(plan, region, instance, metric)))
     return checks
 
 
@@ -140,7 +138,7 @@ def validate_service(plan: Plan, service: Service, database: PgTarget | None = N
     by default the plan's primary."""
     checks = []
     with httpx.Client(timeout=TIMEOUT) as http:
-        checks.append(_run("health", "HTTP 200", _http_probe(http, httpx.URL(service.health), {200})))
+        checks.append(run_check("health", "HTTP 200", _http_probe(http, httpx.URL(service.health), {200})))
         if service.database:
             checks += _database_checks(plan, plan.database(service.database), database, metrics_instance)
         for endpoint in service.endpoints:
@@ -148,12 +146,85 @@ def validate_service(plan: Plan, service: Service, database: PgTarget | None = N
             expected = f"HTTP {endpoint.expect_status}" + (
                 f" containing {endpoint.expect_contains!r}" if endpoint.expect_contains else "")
             probe = _http_probe(http, url, {endpoint.expect_status}, endpoint.expect_contains,
-                                (lambda: _api_token(plan, service)) if endpoint.auth else None)
-            checks.append(_run(f"GET {endpoint.path}" + (" with token" if endpoint.auth else ""), expected, probe))
+                                (lambda: api_token(plan, service).get_secret_value()) if endpoint.auth else None)
+            checks.append(run_check(f"GET {endpoint.path}" + (" with token" if endpoint.auth else ""), expected, probe))
             if endpoint.auth:
-                checks.append(_run(f"GET {endpoint.path} without token", "HTTP 401 or 403",
+                checks.append(run_check(f"GET {endpoint.path} without token", "HTTP 401 or 403",
                                    _http_probe(http, url, {401, 403})))
+                if (previous := _rotated_out_token(plan, service)) is not None:
+                    checks.append(run_check(f"GET {endpoint.path} with the rotated-out token", "HTTP 401 or 403",
+                                       _http_probe(http, url, {401, 403}, token=previous.get_secret_value)))
+        if service.database:
+            checks += rotated_out_database_checks(plan, plan.database(service.database), database)
     return ServiceValidation(service=service.name, checks=checks)
+
+
+def _previous(read: Callable[[str], Any]) -> Any:
+    """The AWSPREVIOUS version read by `read(stage)` when there is one and it differs from AWSCURRENT, else None."""
+    try:
+        previous = read("AWSPREVIOUS")
+    except DrplanError:  # never rotated, or a Prefect Secret block
+        return None
+    return None if previous == read("AWSCURRENT") else previous
+
+
+def _rotated_out_token(plan: Plan, service: Service) -> Any:
+    return _previous(lambda stage: api_token(plan, service, stage)) if service.token_secret else None
+
+
+def rotated_out_database_checks(plan: Plan, db: Database, database: PgTarget | None = None) -> list[CheckResult]:
+    """A login with the database's rotated-out password is refused (no check when it was never rotated)."""
+    previous: DbCredentials | None = _previous(lambda stage: db_credentials(plan, db, stage))
+    if previous is None:
+        return []
+
+    def probe() -> tuple[bool, str]:
+        where = database or pg_target(plan, db, "primary", previous)
+        return login_refused(PgTarget(where.label, where.host, where.port, where.dbname, previous))
+    return [run_check(f"database {db.name}: rotated-out password", "login refused", probe)]
+
+
+def network_exposure(plan: Plan, db: Database, target: PgTarget, instance: tuple[str, str] | None = None
+                     ) -> dict[str, str]:
+    """What the database exposes to the network, as comparable facts: listen_addresses, port and the pg_hba rules
+    (when the role may read them); for RDS (`instance` = its region and identifier) public accessibility and the
+    ingress of its security groups."""
+    facts: dict[str, str] = {}
+    with target.connect(timeout=int(TIMEOUT)) as conn:
+        for setting in ("listen_addresses", "port"):
+            facts[setting] = str(conn.execute(f"SHOW {setting}").fetchone()[0])
+        try:
+            rules = conn.execute("SELECT type, database, user_name, address, netmask, auth_method "
+                                 "FROM pg_hba_file_rules WHERE error IS NULL ORDER BY rule_number").fetchall()
+            facts["pg_hba"] = "; ".join(" ".join(str(v) for v in rule if v is not None) for rule in rules)
+        except Exception:  # noqa: BLE001 - only superusers read pg_hba_file_rules: the other facts remain
+            pass
+    if db.kind is DatabaseKind.rds:
+        region, identifier = instance or (plan.aws.region, db.primary)
+        found = aws_client(plan, "rds", region).describe_db_instances(DBInstanceIdentifier=identifier)
+        described = found["DBInstances"][0]
+        facts["publicly accessible"] = str(described.get("PubliclyAccessible", False))
+        groups = sorted(g["VpcSecurityGroupId"] for g in described.get("VpcSecurityGroups", []))
+        if groups:
+            ec2 = aws_client(plan, "ec2", region)
+            for group in ec2.describe_security_groups(GroupIds=groups)["SecurityGroups"]:
+                facts[f"security group {group['GroupId']}"] = "; ".join(sorted(
+                    f"{p.get('IpProtocol')} {p.get('FromPort', '')}-{p.get('ToPort', '')} from "
+                    + ",".join(sorted([r["CidrIp"] for r in p.get("IpRanges", [])]
+                                      + [g["GroupId"] for g in p.get("UserIdGroupPairs", [])]))
+                    for p in group.get("IpPermissions", [])))
+    return facts
+
+
+def exposure_check(plan: Plan, db: Database, before: dict[str, str], target: PgTarget,
+                   instance: tuple[str, str] | None = None) -> CheckResult:
+    """The database's network exposure now against `before` (network_exposure taken before the recovery)."""
+    def probe() -> tuple[bool, str]:
+        now = network_exposure(plan, db, target, instance)
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        return not changed, "unchanged" if not changed else "changed: " + "; ".join(
+            f"{k} {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in changed)
+    return run_check(f"database {db.name}: network exposure", "as before the recovery", probe)
 
 
 @task(name="validate-database", cache_policy=NO_CACHE)

@@ -66,6 +66,8 @@ def live_secret_fingerprints(api_client, namespace: str, names: list[str], salt:
 # Secret under PREVIOUS_SUFFIX, so a rollback needs nothing outside the cluster.
 
 DATABASE_ENV = "DATABASE_URL"
+TOKEN_ENV = "API_TOKEN"
+"""The variable a service takes its API token from (a Secret too: `drplan rotate-credentials --service`)."""
 PREVIOUS_SUFFIX = ".drplan-previous"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 

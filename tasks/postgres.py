@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
+import psycopg
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from drplan.clients import PgTarget
 from drplan.errors import DrplanError
@@ -119,3 +120,43 @@ def count_heartbeats(target: PgTarget, table: str, until: datetime) -> int:
     with target.connect() as conn:
         return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE ts <= %s").format(sql.Identifier(table)),
                             (until,)).fetchone()[0]
+
+
+def set_role_password(target: PgTarget, role: str, password: SecretStr) -> None:
+    """ALTER ROLE `role` PASSWORD, sent as a SCRAM-SHA-256 verifier computed here (libpq's PQencryptPasswordConn):
+    the password itself never reaches the server, so no statement log, pg_stat_statements or error message can
+    hold it; statement logging is also switched off for the transaction where the role may do so."""
+    with target.connect() as conn:
+        verifier = conn.pgconn.encrypt_password(password.get_secret_value().encode(), role.encode(),
+                                                b"scram-sha-256").decode()
+        with conn.transaction():
+            for setting in ("log_statement", "log_min_duration_statement"):
+                try:
+                    with conn.transaction():
+                        conn.execute(sql.SQL("SET LOCAL {} = {}").format(
+                            sql.Identifier(setting), sql.Literal("none" if setting == "log_statement" else -1)))
+                except psycopg.errors.InsufficientPrivilege:
+                    pass  # not a superuser (RDS): the verifier is all a log could show
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
+    run_logger().info("%s: new password set for role %s", target.label, role)
+
+
+def end_sessions_of(target: PgTarget, role: str) -> int:
+    """Terminate the client sessions of `role` other than this one (a session opened with a compromised password
+    outlives the password change); replication connections are left alone. Returns how many were ended."""
+    with target.connect() as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'", (role,)).fetchall()
+    return sum(1 for (ended,) in rows if ended)
+
+
+def login_refused(target: PgTarget) -> tuple[bool, str]:
+    """Whether the server refuses `target`'s credentials: (True, its reason) or (False, what happened instead)."""
+    try:
+        with target.connect(timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except DrplanError as exc:
+        reason = str(exc).partition("cannot connect: ")[2].partition(";")[0] or str(exc)
+        return "password authentication failed" in reason, reason
+    return False, f"logged in as {target.credentials.username}"

@@ -167,7 +167,8 @@ def test_refusals_are_one_line(sandbox_plan_path):
     unknown = drplan("sandbox", "break", "meteor", "--plan", str(sandbox_plan_path))
     assert unknown.exit_code == 2
     assert unknown.stderr.strip() == ("error: no scenario 'meteor'; choose one of: delete-orders, stop-primary, "
-                                      "delete-objects, dr-nodes-zero, delete-dns, bad-deploy, bad-config")
+                                      "delete-objects, dr-nodes-zero, delete-dns, bad-deploy, bad-config, "
+                                      "leaked-credentials")
     production = drplan("sandbox", "break", "stop-primary", "--plan", "plans/devonn.yaml")
     assert production.exit_code == 2 and "has no sandbox section" in production.stderr
 
