@@ -63,7 +63,7 @@ class Layout:
     size: int
     ranges: list[tuple[int, int, bool]]  # first byte, last byte, whether it ends an upload part
     etag: str
-    parts: int  # upload parts: above 1, the ETag is the MD5 of the parts' MD5s, `-<parts>`
+    parts: int | None  # upload parts of a multipart upload (its ETag: the MD5 of the parts' MD5s, `-<parts>`)
     checked: bool  # the ETag is an MD5 (of the object, or of its parts' MD5s)
 
 
@@ -92,7 +92,7 @@ def layout(client: Any, bucket: str, key: str, piece_bytes: int, pool: ThreadPoo
         ranges += [(s, min(s + piece_bytes, end) - 1, s + piece_bytes >= end) for s in range(start, end, piece_bytes)]
         start = end
     checked = plain and (multipart is not None or bool(_MD5.fullmatch(etag)))
-    return Layout(key, size, ranges, etag, len(sizes) if multipart else 1, checked)
+    return Layout(key, size, ranges, etag, len(sizes) if multipart else None, checked)
 
 
 class Pieces(RawIOBase):
@@ -120,7 +120,7 @@ class Pieces(RawIOBase):
                 return 0
             piece = self._futures.pop(self._next).result()
             self._submit(self._next + len(self._futures) + 1)
-            if self._plan.parts > 1:
+            if self._plan.parts is not None:  # one part too: its ETag is still the MD5 of an MD5, `-1`
                 self._part.update(piece)
                 if self._plan.ranges[self._next][2]:  # the part is complete
                     self._md5.update(self._part.digest())
@@ -140,7 +140,7 @@ class Pieces(RawIOBase):
         while self.read(1 << 20):
             pass
         if self._plan.checked:
-            digest = self._md5.hexdigest() + (f"-{self._plan.parts}" if self._plan.parts > 1 else "")
+            digest = self._md5.hexdigest() + (f"-{self._plan.parts}" if self._plan.parts is not None else "")
             if digest != self._plan.etag:
                 raise Corrupt(f"{self._plan.key}: checksum {digest} differs from its ETag {self._plan.etag}")
 

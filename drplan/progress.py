@@ -50,7 +50,7 @@ class _ByBytes:
 
 
 class ArtifactProgress(_ByBytes):
-    """A Prefect progress artifact, updated at most every `interval` seconds (call inside a flow or task run)."""
+    """A Prefect progress artifact, updated at most every `interval` seconds; outside a flow or task run, nothing."""
 
     def __init__(self, key: str, description: str, interval: float = 2.0) -> None:
         super().__init__()
@@ -60,14 +60,17 @@ class ArtifactProgress(_ByBytes):
 
     def start(self, objects: int, size: int) -> None:
         from prefect.artifacts import create_progress_artifact
+        from prefect.context import FlowRunContext, TaskRunContext
 
         super().start(objects, size)
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return  # no run to attach it to (a library call): Prefect would start a server of its own for it
         self._id = create_progress_artifact(progress=0.0, key=self.key, description=self.description)
         self._last = time.monotonic()
 
     def advance(self, objects: int, size: int) -> None:
         super().advance(objects, size)
-        if time.monotonic() - self._last >= self.interval:
+        if self._id is not None and time.monotonic() - self._last >= self.interval:
             self._update()
 
     def finish(self) -> None:

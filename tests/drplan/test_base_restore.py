@@ -27,7 +27,7 @@ from sandbox.launchers import moto
 from tests.helpers import REPO
 
 BUCKET, SOURCE, SERVER = "base-backups", "s3://base-backups/pg/", "db"
-MULTIPART, SINGLE = "20261206T010203", "20261206T020304"
+MULTIPART, ONE_PART, SINGLE = "20261206T010203", "20261206T015959", "20261206T020304"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
        "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
@@ -58,7 +58,8 @@ def backup_info(backup_id: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def moto_backup() -> dict:
-    """moto with two backups of the same tree: gzip'd in parts of 5, 6 and 5 MiB and the rest; plain in one piece."""
+    """moto with three backups of the same tree: gzip'd in parts of 5, 6 and 5 MiB and the rest; plain in a multipart
+    upload of one part (as barman uploads a small backup); plain in one piece."""
     files = tree()
     with moto() as url, mock.patch.dict(os.environ, AWS):
         s3 = boto3.client("s3", endpoint_url=url)
@@ -73,10 +74,16 @@ def moto_backup() -> dict:
                                                           Body=packed[a:b])["ETag"]}
                  for n, (a, b) in enumerate(pairwise(cuts), 1)]
         s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+        key = f"{base}/{ONE_PART}/data.tar"  # a multipart upload of one part (small backups): ETag `<md5>-1`
+        upload = s3.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+        part = s3.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=1, Body=tar_of(files))["ETag"]
+        s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload,
+                                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part}]})
         s3.put_object(Bucket=BUCKET, Key=f"{base}/{SINGLE}/data.tar", Body=tar_of(files))
-        for backup in (MULTIPART, SINGLE):
+        for backup in (MULTIPART, ONE_PART, SINGLE):
             s3.put_object(Bucket=BUCKET, Key=f"{base}/{backup}/backup.info", Body=backup_info(backup))
-        yield {"url": url, "files": files, "sizes": {MULTIPART: len(packed), SINGLE: len(tar_of(files))}}
+        yield {"url": url, "files": files,
+               "sizes": {MULTIPART: len(packed), ONE_PART: len(tar_of(files)), SINGLE: len(tar_of(files))}}
 
 
 def args(url: str, backup: str, destination: Path, parallel: int = 4, piece: int = MIB) -> list[str]:
@@ -100,7 +107,7 @@ def aws_env(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-@pytest.mark.parametrize("backup", [MULTIPART, SINGLE])
+@pytest.mark.parametrize("backup", [MULTIPART, ONE_PART, SINGLE])
 def test_the_backup_is_restored_identically_through_throttling_resets_and_cut_bodies(moto_backup, tmp_path, aws_env,
                                                                                       backup):
     destination = tmp_path / "data"
