@@ -17,8 +17,8 @@ from prefect import flow
 from drplan.clients import aws_client, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Cluster, Plan, Service, load_plan
-from drplan.timeutil import parse_utc, utcnow
 from flows.shared.report import finished, published
+from flows.shared.requests import past_time
 from flows.shared.service_change import ServiceChangeReport, change_and_validate, service_in_cluster
 from tasks.k8s import live_secret_fingerprints
 from tasks.revisions import Revision, read_deployment, references
@@ -32,12 +32,7 @@ def resolve(plan: str, service: str, to: str) -> tuple[Plan, Service, Cluster, s
     svc, cluster = service_in_cluster(dr_plan, service)
     if dr_plan.configuration is None:
         raise DrplanError(f"plan {dr_plan.name} has no configuration: {{backup: s3://...}}; add one")
-    try:
-        when = parse_utc(to)
-    except ValueError as exc:
-        raise DrplanError(f"--to: {exc}") from None
-    if when > utcnow():
-        raise DrplanError(f"--to {when:%Y-%m-%dT%H:%M:%SZ} is in the future; choose a past time")
+    when = past_time(to, "--to", "choose a past time")
     uri = configuration_backup_at(aws_client(dr_plan, "s3"), dr_plan.configuration.backup, cluster.name, when)
     if uri is None:
         raise DrplanError(f"no configuration backup of cluster {cluster.name} at or before {when:%Y-%m-%dT%H:%M:%SZ} "

@@ -51,14 +51,17 @@ def validate_request(plan: str, database: str | None, target_time: str | None, r
     return dr_plan, databases, when, spread
 
 
-def first_alarm_time(value: str | None) -> datetime | None:
-    """The `first_alarm` parameter (the time the alarm that started a runbook fired), validated."""
-    if value is None:
-        return None
+def past_time(value: str, label: str, hint: str) -> datetime:
+    """A user-typed time (with a zone) that has passed; DrplanError naming `label`, and `hint` for a future one."""
     try:
         when = parse_utc(value)
     except ValueError as exc:
-        raise DrplanError(f"first_alarm: {exc}") from None
+        raise DrplanError(f"{label}: {exc}") from None
     if when > utcnow():
-        raise DrplanError(f"first_alarm {when:%Y-%m-%dT%H:%M:%SZ} is in the future; pass the time the alarm fired")
+        raise DrplanError(f"{label} {when:%Y-%m-%dT%H:%M:%SZ} is in the future; {hint}")
     return when
+
+
+def first_alarm_time(value: str | None) -> datetime | None:
+    """The `first_alarm` parameter (the time the alarm that started a runbook fired), validated."""
+    return None if value is None else past_time(value, "first_alarm", "pass the time the alarm fired")
