@@ -28,6 +28,20 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+@contextmanager
+def prefect_api_url(url: str | None) -> Iterator[None]:
+    """PREFECT_API_URL as a command sees it: `url`, or unset. The session's Prefect server (prefect_test_harness)
+    sets it in the settings context, which the environment does not override."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if url is None:
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            yield
+    else:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll until predicate() is truthy and return its value; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

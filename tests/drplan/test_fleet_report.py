@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from drplan.fleet_report import FleetDrill, FleetReport, max_overlap
 from drplan.results import Status
-from tests.helpers import REPO
+from tests.helpers import REPO, prefect_api_url
 
 T0 = datetime(2026, 12, 6, 3, 0, tzinfo=UTC)
 
@@ -52,5 +52,6 @@ def test_report_names_every_database_that_did_not_pass():
 ])
 def test_cli_refuses_before_anything_runs(args, message, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    result = CliRunner().invoke(app, ["fleet-drill", "--plan", str(REPO / "plans/sandbox.yaml"), *args])
+    with prefect_api_url(None):
+        result = CliRunner().invoke(app, ["fleet-drill", "--plan", str(REPO / "plans/sandbox.yaml"), *args])
     assert result.exit_code == 2 and message in result.stderr, result.output

@@ -26,7 +26,7 @@ from drplan.results import CheckResult, Status
 from drplan.rpo import Measurement, RpoReport
 from drplan.timeutil import utcnow
 from flows.dr_readiness import Finding, ReadinessReport
-from tests.helpers import free_ports
+from tests.helpers import free_ports, prefect_api_url
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -124,9 +124,11 @@ def test_no_prefect_and_an_unreadable_report_are_metrics_not_errors(reports):
 
 
 def test_textfile_and_bad_options_in_one_line(reports, plan_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_ports(1)[0]}/api")  # nothing listens there
+    nowhere = f"http://127.0.0.1:{free_ports(1)[0]}/api"  # nothing listens there
+    monkeypatch.setenv("PREFECT_API_URL", nowhere)
     out = tmp_path / "drplan.prom"
-    result = runner.invoke(app, ["metrics", "--plan", plan_path, "--textfile", str(out)])
+    with prefect_api_url(nowhere):
+        result = runner.invoke(app, ["metrics", "--plan", plan_path, "--textfile", str(out)])
     assert result.exit_code == 0, result.output
     got = samples(out.read_text())
     assert got[("drplan_prefect_up", ())] == 0 and got[("drplan_region_ready", (("region", "us-west-2"),))] == 0
