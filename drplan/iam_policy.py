@@ -53,6 +53,7 @@ _REHEARSAL = TOPOLOGY + HEALTH + ("rds:CreateDBInstanceReadReplica", "rds:Promot
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "rpo-verification": _RPO,
     "restore-drill": _DRILL,
+    "fleet-drill": _DRILL,  # no AWS call of its own: the restore-drill runs it starts, on the pool's workers (one role)
     "pitr-recovery": _DRILL + FENCE + HEALTH,
     "db-failover": TOPOLOGY + FENCE + PROMOTE + HEALTH + ("sts:GetCallerIdentity",),
     "region-failover": _READINESS + FENCE + PROMOTE + DNS + HEALTH + EKS_READ + ("eks:UpdateNodegroupConfig",),

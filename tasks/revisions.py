@@ -25,6 +25,9 @@ from drplan.timeutil import utcnow
 from tasks.k8s import RESTARTED_AT, restart_deployment
 
 KNOWN_GOOD = "drplan.io/known-good"
+UNDO = "drplan.io/undo"
+"""Annotation holding the revision a change in progress returns to if its validation fails, written before the
+change and removed when the run ends: a killed run's rerun finds it and still knows where to go back."""
 HISTORY = 10
 """Known-good revisions kept per Deployment (the annotation stays far below Kubernetes' 256 KiB)."""
 
@@ -67,6 +70,14 @@ class KnownGood(Revision):
     def describe(self) -> str:
         return (f"revision {self.revision} ({', '.join(self.images)}, {self.reason}, "
                 f"{self.recorded_at:%Y-%m-%d %H:%M:%SZ})")
+
+
+class PendingUndo(BaseModel):
+    revision: Revision
+    """What the Deployment ran before the change."""
+    by: str
+    """The runbook that made the change (rollback, config-restore)."""
+    started_at: AwareDatetime
 
 
 def without_restart(template: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +162,19 @@ def known_good(api_client, namespace: str, deployment: str) -> list[KnownGood]:
     """The Deployment's known-good revisions, oldest first ([] when none was recorded)."""
     annotations = read_deployment(api_client, namespace, deployment)["metadata"].get("annotations") or {}
     return [KnownGood.model_validate(r) for r in json.loads(annotations.get(KNOWN_GOOD, "[]"))]
+
+
+def pending_undo(api_client, namespace: str, deployment: str) -> PendingUndo | None:
+    """The undo a killed change left on the Deployment (annotation UNDO), or None."""
+    annotations = read_deployment(api_client, namespace, deployment)["metadata"].get("annotations") or {}
+    return PendingUndo.model_validate_json(annotations[UNDO]) if UNDO in annotations else None
+
+
+def set_pending_undo(api_client, namespace: str, deployment: str, undo: PendingUndo | None) -> None:
+    """Write the undo before a change (None: remove it once the run has ended)."""
+    value = undo.model_dump_json() if undo else None
+    k8s.AppsV1Api(api_client).patch_namespaced_deployment(deployment, namespace,
+                                                           {"metadata": {"annotations": {UNDO: value}}})
 
 
 def pick_known_good(history: list[KnownGood], deployment: str, revision: int | None) -> KnownGood:

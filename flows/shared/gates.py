@@ -1,4 +1,5 @@
-"""The gates before a destructive step: the one-recovery-per-database lock and the approval.
+"""The gates before a destructive step: the one-recovery-per-database lock, the one-change-per-service lock and
+the approval.
 
 The lock is a Prefect global concurrency limit `drplan-recovery-<database>` (limit 1, created on first use): a
 second recovery of the same database is refused within LOCK_RECHECK_SECONDS. Its lease is renewed while the run
@@ -80,9 +81,24 @@ def drill_lock(db: Database) -> Iterator[None]:
 @contextmanager
 def recovery_lock(db: Database) -> Iterator[None]:
     """Hold the database's recovery lock for the block; refuse at once if another recovery holds it."""
+    with exclusive(lock_name(db), f"another recovery of {db.name}"):
+        yield
+
+
+@contextmanager
+def service_lock(service: str) -> Iterator[None]:
+    """Hold the service's change lock `drplan-service-<service>` (rollback, config-restore, token rotation) for the
+    block; refuse at once if another change of the service holds it."""
+    with exclusive(f"drplan-service-{service}", f"another change of service {service}"):
+        yield
+
+
+@contextmanager
+def exclusive(name: str, holder: str) -> Iterator[None]:
+    """Hold the global concurrency limit `name` (one slot) for the block; refused, naming `holder`, when it stays
+    taken for LOCK_RECHECK_SECONDS."""
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError  # not exported publicly in 3.9
 
-    name = lock_name(db)
     ensure_limit(name, 1)
     deadline = time.monotonic() + LOCK_RECHECK_SECONDS
     while True:
@@ -99,8 +115,8 @@ def recovery_lock(db: Database) -> Iterator[None]:
             break
         time.sleep(1)
     raise DrplanError(
-        f"another recovery of {db.name} is in progress (Prefect concurrency limit {name} is taken); wait for it "
-        f"to finish, or if that run is dead, wait {LOCK_LEASE_SECONDS}s for its lease to expire or free it with "
+        f"{holder} is in progress (Prefect concurrency limit {name} is taken); wait for it to finish, or if that "
+        f"run is dead, wait {LOCK_LEASE_SECONDS}s for its lease to expire or free it with "
         f"`prefect gcl update {name} --active-slots 0`")
 
 

@@ -11,11 +11,20 @@ from pydantic import Field
 from drplan.clients import kube_client
 from drplan.errors import DrplanError, first_line
 from drplan.plan import Cluster, Plan, Service
-from flows.shared.gates import request_approval
+from drplan.timeutil import utcnow
+from flows.shared.gates import request_approval, service_lock
 from flows.shared.report import RecoveryReport
 from tasks.health import validate_service_task
 from tasks.k8s import DeploymentNotAvailable, wait_deployment_available
-from tasks.revisions import Revision, apply_revision, live_revision, record_known_good
+from tasks.revisions import (
+    PendingUndo,
+    Revision,
+    apply_revision,
+    live_revision,
+    pending_undo,
+    record_known_good,
+    set_pending_undo,
+)
 
 ROLLOUT_TIMEOUT = 300.0
 """Seconds a rollout may take before it counts as failed (and the change is undone)."""
@@ -52,7 +61,9 @@ def service_in_cluster(plan: Plan, name: str) -> tuple[Service, Cluster]:
 
 def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Service, cluster: Cluster,
                         target: Revision, summary: str, approve: bool, timeout: float = ROLLOUT_TIMEOUT) -> None:
-    """Return the service to `target` (dry run: only list the changes), validate, undo on failure."""
+    """Return the service to `target` (dry run: only list the changes), validate, undo on failure. One change of a
+    service at a time (its lock); the undo is kept on the Deployment while the change runs, so the rerun of a
+    killed run still undoes to where the service was before it."""
     api = kube_client(plan, cluster)
     before = live_revision(api, cluster.namespace, service.name)
     report.changes = before.differences(target)
@@ -65,12 +76,26 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
             report.record("would wait and validate", where, "roll back on failure")
         report.outcome = "planned (dry run)"
         return
+    with service_lock(service.name):
+        undo = pending_undo(api, cluster.namespace, service.name)
+        if undo:
+            report.record("found", where, f"an unfinished {undo.by} of {undo.started_at:%Y-%m-%d %H:%M:%SZ} (killed?): "
+                          f"its undo to {', '.join(undo.revision.images)} kept")
+        _change(plan, report, api, service, cluster, undo or PendingUndo(revision=before, by=report.flow,
+                                                                         started_at=utcnow()),
+                target, summary, approve, timeout, where)
+
+
+def _change(plan: Plan, report: ServiceChangeReport, api: Any, service: Service, cluster: Cluster, undo: PendingUndo,
+            target: Revision, summary: str, approve: bool, timeout: float, where: str) -> None:
+    before = undo.revision
     if report.changes:
         if not request_approval(report, f"{report.flow}-approval-{service.name}".lower(),
                                 f"{summary}\n\nChanges: {'; '.join(report.changes)}.", approve,
                                 plan.approval.timeout).approve:
             report.outcome = "refused: nothing changed"
             return
+        set_pending_undo(api, cluster.namespace, service.name, undo)
         changed = apply_revision(api, cluster.namespace, service.name, target)
         report.record("changed", where, ", ".join(changed) or "already at the target", before=_images(before),
                       after=_images(target), mutating=bool(changed))
@@ -81,11 +106,13 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
     if problem is None and report.validation.passed:
         good, new = record_known_good(api, cluster.namespace, service.name, f"validated by {report.flow}")
         report.record("recorded known-good" if new else "known-good already", where, good.describe(), mutating=new)
+        set_pending_undo(api, cluster.namespace, service.name, None)
         report.outcome = "recovered"
         return
     failed = problem or ", ".join(c.name for c in report.validation.checks if not c.passed)
-    if not report.changes:
+    if not before.differences(target):
         report.record("validation failed", where, f"{failed}; nothing of this run's to undo")
+        set_pending_undo(api, cluster.namespace, service.name, None)
         report.outcome = "validation failed"
         return
     undone = apply_revision(api, cluster.namespace, service.name, before)
@@ -95,6 +122,8 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
     report.outcome = "validation failed: rolled back"
     if undo_problem:  # the service is neither at the target nor back where it was: an error for a human
         report.error = f"after the roll-back: {undo_problem}"
+    else:
+        set_pending_undo(api, cluster.namespace, service.name, None)
 
 
 def _rollout(api: Any, cluster: Cluster, service: Service, timeout: float) -> str | None:

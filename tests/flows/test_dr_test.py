@@ -106,7 +106,7 @@ def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_va
     statuses = {p.name: p.status for p in report.parts}
     assert statuses.pop("RPO verification") is Status.failed
     assert set(statuses.values()) == {Status.passed}, report.markdown()
-    assert "1 breached" in report.parts[0].summary
+    assert "1 breached" in report.parts[0].summary, report.parts[0].details
     assert state.message == "DR test: failed: RPO verification"
     assert newest(DirStore(tmp_path / "evidence")).report["status"] == "failed"  # a failed test is recorded too
 

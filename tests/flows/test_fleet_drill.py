@@ -106,9 +106,9 @@ def test_fleet_drill_shares_the_limit_across_workers_and_names_the_failed_databa
     assert report.peak_concurrency <= 2
     written = sorted(reports_dir(plan).glob(f"{FLEET_PREFIX}*.json"))[-1]
     assert json.loads(written.read_text())["drills"] == json.loads(report.model_dump_json())["drills"]
-    for db in databases:  # each drill's own report, written by its run on a worker
-        (drill,) = [DrillReport.model_validate_json(p.read_text())
-                    for p in reports_dir(plan).glob(f"{DRILL_PREFIX}{db}-drill-*.json")]
+    for db in databases:  # each drill's own report, written by its run on a worker (the report dir is the session's)
+        (drill,) = [d for p in reports_dir(plan).glob(f"{DRILL_PREFIX}{db}-drill-*.json")
+                    if (d := DrillReport.model_validate_json(p.read_text())).started_at >= report.started_at]
         assert drill.status is (Status.error if db == BROKEN else Status.passed), (db, drill.error)
     print(report.markdown())  # the evidence, shown with pytest -rP
 

@@ -18,10 +18,20 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from drplan.clients import kube_client
+from drplan.timeutil import utcnow
 from flows.config_backup import export_configuration
+from flows.shared.gates import service_lock
 from sandbox.demo_app import ORDERS_TABLE
 from tasks.k8s import availability, wait_deployment_available
-from tasks.revisions import KNOWN_GOOD, apply_revision, known_good, live_revision
+from tasks.revisions import (
+    KNOWN_GOOD,
+    PendingUndo,
+    apply_revision,
+    known_good,
+    live_revision,
+    pending_undo,
+    set_pending_undo,
+)
 from tests.helpers import wait_for
 
 APP, CLUSTER, CONFIG = "devonn-api", "devonn-eks-sandbox", "devonn-api-config"
@@ -128,27 +138,49 @@ def test_bad_deploy_recovers_with_the_printed_rollback(sandbox, sandbox_plan_pat
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_failed_validation_undoes_the_rollback(sandbox, sandbox_plan_path, kube):
+@pytest.mark.parametrize("killed", [False, True], ids=["in-one-run", "rerun-after-a-kill"])
+def test_failed_validation_undoes_the_rollback(sandbox, sandbox_plan_path, kube, killed):
     """A known-good revision whose ConfigMap names a table that is gone: validation fails, the run's own change is
-    undone, the app serves again."""
+    undone, the app serves again. Killed after its change (the bad revision applied, its undo on the Deployment),
+    the rerun finds the service at the target and still undoes to where it was before the killed run."""
     api, namespace = kube
     history = known_good(api, namespace, APP)
     bad = history[-1].model_copy(update={"revision": history[-1].revision + 1, "configmaps": {
         CONFIG: {ORDERS_TABLE: "orders_dropped"}}})
     k8s.AppsV1Api(api).patch_namespaced_deployment(APP, namespace, {"metadata": {"annotations": {KNOWN_GOOD: json.dumps(
         [r.model_dump(mode="json") for r in [*history, bad]])}}})
+    if killed:
+        set_pending_undo(api, namespace, APP, PendingUndo(revision=live_revision(api, namespace, APP), by="rollback",
+                                                          started_at=utcnow()))
+        apply_revision(api, namespace, APP, bad)
     failed = drplan("rollback", "--plan", str(sandbox_plan_path), "--service", APP, "--to-revision",
                     str(bad.revision), "--yes")
     assert failed.exit_code == 1, failed.output
     report = json.loads(Path(report_of(failed)).with_suffix(".json").read_text())
     assert report["outcome"] == "validation failed: rolled back", report
-    assert [s["action"] for s in report["steps"]][-2:] == ["changed", "rolled back"]
+    actions = [s["action"] for s in report["steps"]]
+    if killed:
+        assert "an unfinished rollback of " in next(s["detail"] for s in report["steps"] if s["action"] == "found")
+        assert actions[-2:] == ["found", "rolled back"] and "changed" not in actions
+    else:
+        assert actions[-2:] == ["changed", "rolled back"]
+    assert pending_undo(api, namespace, APP) is None
     assert report["steps"][-1]["detail"].startswith("validation failed (GET /api/stats): ConfigMap devonn-api-config")
     assert not report["error"]
     config = k8s.CoreV1Api(api).read_namespaced_config_map(CONFIG, namespace)
     assert config.data[ORDERS_TABLE] == "orders"
     wait_deployment_available(api, namespace, APP, timeout=60)
     assert wait_for(lambda: served(sandbox, "/api/stats").status_code == 200, 15, "the app serving its stats again")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_second_change_of_the_service_is_refused(sandbox, sandbox_plan_path, kube):
+    api, namespace = kube
+    before = deployment(api, namespace).metadata.resource_version
+    with service_lock(APP):
+        result = drplan("rollback", "--plan", str(sandbox_plan_path), "--service", APP, "--to-revision", "1", "--yes")
+    assert result.exit_code != 0 and "another change of service devonn-api is in progress" in result.output
+    assert deployment(api, namespace).metadata.resource_version == before
 
 
 def test_bad_input_is_refused_in_one_line_and_changes_nothing(sandbox, sandbox_plan_path, kube):
