@@ -2,7 +2,7 @@
 own rotation functions do, and proof that the old one is refused.
 
 input validated (the database or service exists, its secret is in Secrets Manager and is its own) -> live primary
-discovered -> network exposure taken -> dry run lists the steps -> approval -> (database: the recovery lock) ->
+discovered -> network exposure taken -> dry run lists the steps -> approval -> (its lock: database or service) ->
 a new value staged AWSPENDING -> set in the system that checks it (ALTER ROLE with a SCRAM verifier, never the
 password; the role's other client sessions ended) -> tested -> AWSCURRENT (the old value becomes AWSPREVIOUS) ->
 each Kubernetes Secret that held the old value rewritten (primary and DR cluster), rollout -> validation: the old
@@ -16,7 +16,6 @@ No credential is a parameter, a log line, an event, a report entry or a process 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -29,7 +28,7 @@ from drplan.clients import kubeconfig_path as kubeconfig_of
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Cluster, Database, Plan, Service, load_plan
 from drplan.results import CheckResult
-from flows.shared.gates import recovery_lock, request_approval
+from flows.shared.gates import recovery_lock, request_approval, service_lock
 from flows.shared.report import RecoveryReport, finished, published
 from tasks.health import ServiceValidation, exposure_check, network_exposure, run_check, validate_service_task
 from tasks.k8s import (
@@ -219,7 +218,7 @@ def rotate_credentials(plan: str = DEFAULT_PLAN, database: str = "", service: st
     check_aws_access(dr_plan)
     with published(report, f"rotate-credentials-{what.name}", dr_plan):
         rotation = database_rotation(dr_plan, what) if database else token_rotation(dr_plan, what)
-        with recovery_lock(what) if database else nullcontext():
+        with recovery_lock(what) if database else service_lock(what.name):
             rotate(rotation, report, approve)
     return finished(report, f"credential rotation of {what.name}")
 

@@ -9,28 +9,31 @@ limit would be static (prefect.yaml, not the plan) and would also bind the daily
 would bind every runbook on the pool (a recovery waiting behind drills). Each run also holds its database's drill
 lock (restore-drill), so a fleet drill never races the daily drill of the same database.
 
-A failed drill fails only its own run; the fleet report (artifact `fleet-drill`, JSON in `drill.report_dir`) has
+A run not finished within drill.sweep_after (no worker took it, or it hangs) is cancelled and reported as an
+error. A failed drill fails only its own run; the fleet report (artifact `fleet-drill`, JSON in `drill.report_dir`) has
 one row per database and names every one that did not pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.asyncio import concurrency
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
-from prefect.states import Failed
+from prefect.states import Cancelling, Failed
 
 from drplan.errors import DrplanError, first_line
 from drplan.fleet_report import FleetDrill, FleetReport
 from drplan.plan import DEFAULT_PLAN
 from drplan.report_files import write_json
 from drplan.results import Status
-from drplan.timeutil import utcnow
+from drplan.timeutil import format_duration, utcnow
 from flows.shared.gates import DRILL_LEASE_SECONDS, ensure_limit
 from flows.shared.requests import validate_request
 
@@ -53,17 +56,32 @@ def outcome(database: str, run: FlowRun) -> FleetDrill:
                       started_at=run.start_time, finished_at=run.end_time)
 
 
-async def drill_one(database: str, deployment: str, parameters: dict) -> FleetDrill:
-    """One slot of the fleet limit for the whole life of `database`'s restore-drill run."""
+async def drill_one(database: str, deployment: str, parameters: dict, wait: timedelta) -> FleetDrill:
+    """One slot of the fleet limit for the whole life of `database`'s restore-drill run. A run not finished within
+    `wait` of its creation (no worker took it, or it hangs) is cancelled and reported: the fleet goes on."""
     try:
         async with concurrency(FLEET_LIMIT, occupy=1, lease_duration=DRILL_LEASE_SECONDS, strict=True,
                                raise_on_lease_renewal_failure=False):  # the runs go on: keep waiting for them
-            run = await run_deployment(deployment, parameters={**parameters, "database": database}, timeout=None,
-                                       poll_interval=2, flow_run_name=f"fleet-drill-{database}")
+            run = await run_deployment(deployment, parameters={**parameters, "database": database},
+                                       timeout=wait.total_seconds(), poll_interval=2,
+                                       flow_run_name=f"fleet-drill-{database}")
+            if run.state is None or not run.state.is_final():
+                return await cancelled(database, run, wait)
     except Exception as exc:  # noqa: BLE001 - the report names it; the other databases go on
         return FleetDrill(database=database, status=Status.error, message=first_line(exc))
     get_run_logger().info("drill of %s: %s", database, run.state.name if run.state else "no state")
     return outcome(database, run)
+
+
+async def cancelled(database: str, run: FlowRun, wait: timedelta) -> FleetDrill:
+    """Cancel a run that outlived the fleet's wait (before its slot is given back) and report it as an error."""
+    state = run.state.name if run.state else "no state"
+    message = f"{database} error: not finished within {format_duration(wait)} (still {state}); cancelled"
+    async with get_client() as client:
+        await client.set_flow_run_state(run.id, Cancelling(message=message), force=True)
+    get_run_logger().warning("drill of %s: %s", database, message)
+    return FleetDrill(database=database, status=Status.error, flow_run=f"{run.name} {run.id}", state="Cancelling",
+                      message=message, started_at=run.start_time)
 
 
 @flow(name="fleet-drill")
@@ -85,7 +103,9 @@ async def fleet_drill(
     report = FleetReport(plan=dr_plan.name, limit=limit, concurrency_limit=FLEET_LIMIT, deployment=deployment,
                          started_at=utcnow())
     parameters = {"plan": plan} | ({"target_time": target_time} if target_time else {})
-    report.drills = list(await asyncio.gather(*(drill_one(db.name, deployment, parameters) for db in selected)))
+    wait = dr_plan.drill.sweep_after  # a drill older than that is abandoned: the next one sweeps its copies
+    report.drills = list(await asyncio.gather(*(drill_one(db.name, deployment, parameters, wait)
+                                                for db in selected)))
     report.finished_at = utcnow()
     path = write_json(dr_plan, FLEET_PREFIX, report)
     await acreate_markdown_artifact(key="fleet-drill", markdown=report.markdown(), description=report.summary())

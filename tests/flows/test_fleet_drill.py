@@ -3,10 +3,12 @@ entries restored from devonn-postgres's archive, one whose archive prefix holds 
 real `restore-drill` deployment (prefect.yaml, deployed by `drplan serve`) by two external process workers on the
 `drplan` pool, at most drill.fleet_concurrency = 2 at once. Proven from the runs the API recorded: their start and
 end times never overlap more than twice, both workers took runs (their own log line in each run), the broken
-database failed only its own run and the fleet report (CLI output and JSON file) names it."""
+database failed only its own run and the fleet report (CLI output and JSON file) names it. And a run that no
+worker takes is cancelled after drill.sweep_after and reported."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -16,7 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from rich.console import Console
 from typer.testing import CliRunner
@@ -29,8 +34,8 @@ from drplan.fleet_report import FleetReport, max_overlap
 from drplan.plan import load_plan
 from drplan.report_files import DRILL_PREFIX, reports_dir
 from drplan.results import Status
-from flows.fleet_drill import FLEET_LIMIT, FLEET_PREFIX
-from tests.helpers import free_port, processes_with_env
+from flows.fleet_drill import FLEET_LIMIT, FLEET_PREFIX, fleet_drill
+from tests.helpers import REPO, free_port, processes_with_env
 
 WORKERS = ["fleet-worker-1", "fleet-worker-2"]
 COPIES = ["fleet-pg-1", "fleet-pg-2", "fleet-pg-3"]
@@ -119,3 +124,31 @@ def submitter(client, run_id) -> str | None:
         if found := re.match(r"Worker '([^']+)' submitting flow run", log.message):
             return found.group(1)
     return None
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_no_worker_takes_is_cancelled_and_reported(tmp_path):
+    """A deployment whose pool has no worker: after drill.sweep_after the run is cancelled, the fleet report names
+    it as an error, and the fleet's slot is given back."""
+    @flow(name="fleet-never-taken")
+    def never_taken(plan: str = "", database: str = "") -> None:
+        raise AssertionError("no worker serves this pool")
+
+    data = yaml.safe_load((REPO / "plans/sandbox.yaml").read_text())
+    data["drill"].update(report_dir=str(tmp_path), sweep_after="5s")
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(data))
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="fleet-nobody", type="process"))
+        client.create_deployment(flow_id=client.create_flow(never_taken), name="nobody", work_pool_name="fleet-nobody")
+    state = asyncio.run(fleet_drill(plan=str(plan_path), databases=["devonn-postgres"],
+                                    deployment="fleet-never-taken/nobody", return_state=True))
+    report = state.result(raise_on_failure=False)
+    assert state.is_failed() and report.exit_code == 2
+    (row,) = report.drills
+    assert row.status is Status.error and row.message == (
+        "devonn-postgres error: not finished within 5.0s (still Scheduled); cancelled"), row
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(row.flow_run.split()[-1])
+        assert run.state.type.value in ("CANCELLING", "CANCELLED"), run.state
+        assert client.read_global_concurrency_limit_by_name(FLEET_LIMIT).active_slots == 0
