@@ -226,18 +226,18 @@ def listing_checks(plan: Plan) -> list[Pending]:
         return []
     listed = (s3.newest_under.submit(aws_client(plan, "s3"), [b.backup for b in plan.buckets], live),)
     checks = []
-    objective = plan.objectives.rpo.file_storage
+    files = plan.objectives.rpo.file_storage
     for bucket in plan.buckets:
         def judge(found: dict, now: datetime, bucket=bucket) -> rpo.Measurement:
             return rpo.exposure(bucket.name, "file_storage", "backup trails live", _newest(bucket.backup)(found),
-                                _newest(bucket.live)(found), objective, now)
+                                _newest(bucket.live)(found), files, now)
 
-        checks.append(Pending(bucket.name, "file_storage", "backup trails live", objective, judge, listed))
+        checks.append(Pending(bucket.name, "file_storage", "backup trails live", files, judge, listed))
     if plan.configuration is not None:
-        objective, measure = plan.objectives.rpo.configuration, "newest configuration backup"
-        aged = _aged("configuration", "configuration", measure, objective, missing="no configuration backup")
+        configuration, measure = plan.objectives.rpo.configuration, "newest configuration backup"
+        aged = _aged("configuration", "configuration", measure, configuration, missing="no configuration backup")
         checks.append(Pending(
-            "configuration", "configuration", measure, objective,
+            "configuration", "configuration", measure, configuration,
             lambda found, now, uri=plan.configuration.backup: aged(_newest(uri)(found), now), listed))
     return checks
 

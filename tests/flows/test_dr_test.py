@@ -57,8 +57,8 @@ def with_evidence(directory: Path) -> Callable[[dict], None]:
     return change
 
 
-@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "recovery_lock_freed_after_a_failure",
-                         "app_secrets_kept")
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "fresh_backups",
+                         "recovery_lock_freed_after_a_failure", "app_secrets_kept")
 def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tmp_path):
     reports = sandbox.resolve_path(sandbox.drill.report_dir)
     before = set(reports.glob("dr-test-*")) if reports.exists() else set()
@@ -91,8 +91,8 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     assert verified.exit_code == 0 and f"1 records, head {record.sha256}" in verified.stdout
 
 
-@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "recovery_lock_freed_after_a_failure",
-                         "app_secrets_kept")
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "fresh_backups",
+                         "recovery_lock_freed_after_a_failure", "app_secrets_kept")
 def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_variant, tmp_path):
     def configuration_rpo_of_one_second(data: dict) -> None:
         data["objectives"]["rpo"]["configuration"] = "1s"

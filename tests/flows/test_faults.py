@@ -64,7 +64,7 @@ def result(state):
     return state.result()
 
 
-@pytest.mark.usefixtures("injected")
+@pytest.mark.usefixtures("injected", "fresh_backups")
 def test_rpo_verification_measures_the_same(sandbox_plan_path, faulty_plan):
     def statuses(report) -> dict[tuple[str, str], Status]:
         return {(m.resource, m.measure): m.status for m in report.measurements}

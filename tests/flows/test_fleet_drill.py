@@ -23,6 +23,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -52,15 +53,16 @@ def six_databases(data: dict) -> None:
 
 
 @pytest.fixture
-def fleet(sandbox, plan_variant, monkeypatch) -> Iterator[tuple[Path, serve.Platform]]:
+def fleet(sandbox, fresh_base_backup, plan_variant, monkeypatch) -> Iterator[tuple[Path, serve.Platform]]:
     """`drplan serve` for the variant (scheduler off: only the runs the test asks for), its worker replaced by two
     external workers of at most one run each, tracked by PID file and stopped at the end with everything they
-    started."""
+    started. A fresh base backup: each of the six drills replays seconds of WAL, not all since the session began."""
     plan_path = plan_variant(six_databases)
     plan = load_plan(plan_path)
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
     platform = serve.platform_of(plan)
+    ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30)  # none bound to another test's server
     try:
         platform = serve.up(str(plan_path), Console(quiet=True), port=free_port())
         processes.stop(platform.directory, serve.WORKER)
@@ -70,6 +72,9 @@ def fleet(sandbox, plan_variant, monkeypatch) -> Iterator[tuple[Path, serve.Plat
                             env=platform.env(), cwd=serve.ROOT)
         yield plan_path, platform
     finally:
+        # Prefect keeps one slot-acquiring service per limit name in this process, bound to the API of its first
+        # use: stopped here, or a later test of the session would reach this test's server, stopped below.
+        ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30)
         for name in WORKERS:
             processes.stop(platform.directory, name)
         serve.down(plan)

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
 from drplan import rpo
+from drplan.clients import aws_client
+from drplan.plan import load_plan
 from drplan.results import Status
+from drplan.timeutil import utcnow
 from flows.rpo_verification import rpo_verification
 from sandbox import stack
+from sandbox.launchers import moto
+from tasks.s3 import back_up_prefix
 from tests.helpers import free_ports
+from tests.s3_moto import put_objects, s3_plan
 
 runner = CliRunner()
 
@@ -172,3 +180,30 @@ def test_unreachable_aws_endpoint_is_one_line(plan_variant):
         f"error: RPO verification did not complete: http://127.0.0.1:{closed} is unreachable; "
         "is the sandbox up? (drplan sandbox up)"
     )
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_each_data_class_is_judged_against_its_own_objective(tmp_path):
+    """A bucket whose live data changed after its backup, against files 2s and configuration 1h: the bucket is
+    breached, the configuration backup met (each measure keeps its own class's objective)."""
+    with moto() as url:
+        path = s3_plan(tmp_path, url, [{"name": "data", "live": "s3://live/", "backup": "s3://backup/data/"}])
+        data = yaml.safe_load(path.read_text())
+        data["objectives"] = {"rpo": {"file_storage": "2s", "configuration": "1h"}}
+        data["configuration"] = {"backup": "s3://backup/config/"}
+        path.write_text(yaml.safe_dump(data))
+        s3 = aws_client(load_plan(path), "s3")
+        for bucket in ("live", "backup"):
+            s3.create_bucket(Bucket=bucket)
+        put_objects(s3, "live", {"a": b"1"})
+        back_up_prefix(s3, "s3://live/", "s3://backup/data/", utcnow())
+        s3.put_object(Bucket="backup", Key="config/manifests.json", Body=b"{}")
+        time.sleep(1.5)  # S3 times are whole seconds
+        put_objects(s3, "live", {"b": b"2"})  # not in the backup
+        time.sleep(3)
+        _, report = run_report(path)
+    found = by_measure(report)
+    files = found[("data", "backup trails live")]
+    configuration = found[("configuration", "newest configuration backup")]
+    assert (files.status, files.objective) == (Status.failed, timedelta(seconds=2)), files
+    assert (configuration.status, configuration.objective) == (Status.passed, timedelta(hours=1)), configuration
