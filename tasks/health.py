@@ -273,9 +273,8 @@ def moved_exposure_check(plan: Plan, db: Database, before: Exposure, target: PgT
     with the reason, when `before` could not be read."""
     name, expected = f"database {db.name}: network exposure", f"as {before.server}'s before the recovery"
     if before.facts is None:
-        return CheckResult(name=name, status=Status.skipped, expectation=expected,
-                           observed=f"not measured: {before.server} unreadable before the recovery "
-                                    f"({before.unreadable})")
+        return run_check(name, expected, lambda: (Status.skipped, f"not measured: {before.server} unreadable before "
+                                                                  f"the recovery ({before.unreadable})"))
     return run_check(name, expected, _exposure_probe(_server_independent(before.facts), lambda: _server_independent(
         network_exposure(plan, db, target, instance))))
 
