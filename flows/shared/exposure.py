@@ -16,7 +16,7 @@ from tasks.health import Exposure, ServiceValidation, read_exposure
 def exposure_before(report: RecoveryReport, plan: Plan, db: Database, topology: DatabaseTopology,
                     credentials: DbCredentials) -> Exposure:
     """The exposure of the live primary (else the last one); read only. A failure is recorded as a step."""
-    serving = topology.primary or topology.last_primary
+    serving = topology.last_primary
     if serving is None:
         exposure = Exposure("the primary", None, "no primary found")
     else:
