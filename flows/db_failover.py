@@ -11,6 +11,8 @@ promote-replica (the DR replica by default):
   ended, RDS cut off by a security group; unreachable: the fence is pending and applied once it answers;
   skipping it needs force) -> promote (pg_promote() / promote_read_replica, wait) -> point the app at it ->
   validate -> roll back on failure.
+Every mode reads the live primary's network exposure before approval (before any fence) and its validation checks
+the new primary's is the same (flows/shared/exposure.py).
 Every step is rerun-safe: a stopped primary stays stopped, a promoted replica is not promoted again, a Secret
 already set is left alone. Dry run reports each step and resource and changes nothing.
 """
@@ -18,6 +20,7 @@ already set is left alone. Dry run reports each step and resource and changes no
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 
 from prefect import flow
 
@@ -26,6 +29,7 @@ from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, DatabaseKind
 from drplan.timeutil import format_duration
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret
+from flows.shared.exposure import exposure_before, with_exposure
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import (
     RDS_POLL_SECONDS,
@@ -41,7 +45,7 @@ from flows.shared.promotion import (
 from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import first_alarm_time
 from tasks.fencing import FENCE_HOW
-from tasks.health import validate_database_task, validate_service_task
+from tasks.health import moved_exposure_check, validate_database_task, validate_service_task
 from tasks.rds import (
     describe_instance_task,
     reboot_with_failover,
@@ -123,6 +127,7 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
     if dry_run:
         plan_steps(request, report, already, fence)
         return
+    before = exposure_before(report, request.plan, request.db, request.topology, credentials)
     if not already:
         decision = request_approval(report, f"db-failover-approval-{request.db.name}".lower(),
                                     approval_summary(request, report, fence), approve,
@@ -135,14 +140,17 @@ def fail_over(request: Request, report: FailoverReport, credentials: DbCredentia
     if not already:
         promote(request, report, new_primary)
     report.outcome = "failed over"
+    exposure = partial(moved_exposure_check, request.plan, request.db, before, new_primary, metrics(request))
     if request.service is None:
         report.record("no cutover", request.db.name, "no service of the plan uses this database in a cluster")
-        report.validation = validate_database_task(request.plan, request.db, new_primary, metrics(request))
+        report.validation = with_exposure(
+            validate_database_task(request.plan, request.db, new_primary, metrics(request)), exposure)
         if not report.validation.passed:
             report.outcome = "validation failed: database checks"
         return
     url = database_url(credentials, new_primary.host, new_primary.port, request.db.dbname)
-    cut_over_and_validate(request.plan, report, request.service, url, new_primary, metrics(request))
+    cut_over_and_validate(request.plan, report, request.service, url, new_primary, metrics(request),
+                          exposure=exposure)
 
 
 def fence_old_primary(request: Request, report: FailoverReport, credentials: DbCredentials, fence: bool) -> None:
@@ -207,6 +215,8 @@ def rds_multi_az(request: Request, report: FailoverReport, dry_run: bool, approv
         report.record("would validate", primary, "connectivity and CloudWatch metrics")
         report.outcome = "planned (dry run)"
         return
+    credentials = db_credentials(request.plan, request.db)
+    before = exposure_before(report, request.plan, request.db, request.topology, credentials)
     if instance["DBInstanceStatus"] != "rebooting":
         summary = (f"## Approve a Multi-AZ failover test of {request.db.name}?\n\n**{primary}** "
                    f"({zones}) reboots with ForceFailover: connections drop for about a minute.")
@@ -220,7 +230,9 @@ def rds_multi_az(request: Request, report: FailoverReport, dry_run: bool, approv
     after = wait_instance_available(rds, primary, request.plan.drill.restore_timeout, RDS_POLL_SECONDS)
     report.record("available", primary,
                   f"{after.get('AvailabilityZone')} / standby {after.get('SecondaryAvailabilityZone')}")
-    target = request.target(request.old, db_credentials(request.plan, request.db))
-    report.validation = (validate_service_task(request.plan, request.service, target)
-                         if request.service else validate_database_task(request.plan, request.db, target))
+    target = request.target(request.old, credentials)
+    report.validation = with_exposure(
+        validate_service_task(request.plan, request.service, target) if request.service
+        else validate_database_task(request.plan, request.db, target),
+        partial(moved_exposure_check, request.plan, request.db, before, target, (request.region, primary)))
     report.outcome = "failed over" if report.validation.passed else "validation failed"

@@ -1,18 +1,20 @@
 """Point-in-time recovery: the runbook's "Database Point-in-Time Recovery" and "Promote to Primary".
 
 validate (plan, database, a target time inside the restorable window, the app's deployment and its Secret)
--> restore `<db>-recovery-<T>` (a rerun finds it) -> integrity checks -> [promote] approval gate showing exactly
-what changes -> fence the database the app uses now (the damaged history takes no more writes) -> point the app's
-Secret at the restored database, roll the deployment, wait until available -> mark the copy as serving (no other
-run reuses it as the database at T) -> validate the service -> on failed validation, lift the fence and roll the
-Secret back; on success offer `drplan reprotect` (the copy does not archive and has no replicas yet). A rerun after
-a crash resumes: it finds the restored copy, or, once the app uses it, only completes the cutover. Dry run lists
-each step and changes nothing.
+-> [promote] the live primary's network exposure read -> restore `<db>-recovery-<T>` (a rerun finds it) ->
+integrity checks -> [promote] approval gate showing exactly what changes -> fence the database the app uses now
+(the damaged history takes no more writes) -> point the app's Secret at the restored database, roll the
+deployment, wait until available -> mark the copy as serving (no other run reuses it as the database at T) ->
+validate the service, and the copy's network exposure against the live primary's -> on failed validation, lift
+the fence and roll the Secret back; on success offer `drplan reprotect` (the copy does not archive and has no
+replicas yet). A rerun after a crash resumes: it finds the restored copy, or, once the app uses it, only completes
+the cutover. Dry run lists each step and changes nothing.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from urllib.parse import urlsplit
 
 from prefect import flow
@@ -24,12 +26,14 @@ from drplan.plan import DEFAULT_PLAN, Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult
 from drplan.topology import DatabaseTopology, Member
 from flows.shared.cutover import cut_over_and_validate, database_url, find_app_secret, service_of
+from flows.shared.exposure import exposure_before
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import apply_fence
 from flows.shared.report import RecoveryReport, finished, published
 from flows.shared.requests import choose_target_time, validate_request
 from tasks.database import check_restored_copy, find_restorable_window, mark_copy_served, restore_scratch
 from tasks.fencing import FENCE_HOW, unfence_member_task
+from tasks.health import moved_exposure_check
 from tasks.k8s import PREVIOUS_SUFFIX, find_database_secret, read_secret_value
 from tasks.targets import RestoreTarget, restore_target, scratch_name
 from tasks.topology import discover_topology
@@ -102,6 +106,7 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
     the service over to the copy resumes there: the cutover is checked and validated, nothing restored or fenced."""
     credentials = db_credentials(dr_plan, db)
     topology = discover_topology(dr_plan, [db.name]).databases[0]
+    before = exposure_before(report, dr_plan, db, topology, credentials) if service else None
     users = [b for b in topology.bindings if b.member == report.recovery_copy]
     if users:  # a crash may have come between the cutover and its mark
         mark_copy_served(target, report.recovery_copy, ", ".join(b.service for b in users))
@@ -143,7 +148,8 @@ def recover(dr_plan: Plan, db: Database, service: Service | None, target: Restor
                 report.record("unfenced", old.identifier, "the application returns to it", mutating=True)
 
     cut_over_and_validate(dr_plan, report, service, url, scratch.target(db, credentials), instance, unfence,
-                          lambda: mark_copy_served(target, report.recovery_copy, service.name))
+                          lambda: mark_copy_served(target, report.recovery_copy, service.name),
+                          partial(moved_exposure_check, dr_plan, db, before, scratch.target(db, credentials), instance))
     if report.outcome == "promoted":
         report.record("offered", f"drplan reprotect --database {db.name}",
                       f"{report.recovery_copy} serves without archiving or replicas until then")

@@ -2,13 +2,14 @@
 
 readiness (sub-flow dr-readiness, without the DR test's age; refuse an unready region unless forced) -> each
 database resolved on the live topology: its live primary and the replica in the target region (none: refused,
-re-protect first) -> approval gate (summary of every change) -> the applications in the region traffic leaves scaled
-to zero -> each live primary fenced (tasks/fencing.py; pending until it answers when the region is lost) and, when
-it answers, the replica waits until it has replayed its last WAL (else the lag guard) -> promote it, count the
-heartbeat rows lost (goal 0) -> point the region's application Secret at it -> deploy the core services from the
-manifests, node capacity and scale (sub-flow eks-recovery) -> recovery validation -> switch the Route 53 records to
-the region (UPSERT, TTL <= 60 s, INSYNC) -> verify the records answer the new target -> report the measured RTO
-against the tier objective, and offer `drplan reprotect` for each promoted database.
+re-protect first) -> approval gate (summary of every change) -> each live primary's network exposure read -> the
+applications in the region traffic leaves scaled to zero -> each live primary fenced (tasks/fencing.py; pending
+until it answers when the region is lost) and, when it answers, the replica waits until it has replayed its last
+WAL (else the lag guard) -> promote it, count the heartbeat rows lost (goal 0) -> point the region's application
+Secret at it -> deploy the core services from the manifests, node capacity and scale (sub-flow eks-recovery) ->
+recovery validation (with each serving member's network exposure against the old primary's) -> switch the Route 53
+records to the region (UPSERT, TTL <= 60 s, INSYNC) -> verify the records answer the new target -> report the
+measured RTO against the tier objective, and offer `drplan reprotect` for each promoted database.
 
 Failback is the same planned switchover towards the primary region (re-protect toward it first: its replica of the
 DR primary is what gets promoted); both regions end at the plan's normal sizes. Every step finds what an earlier,
@@ -17,6 +18,7 @@ crashed run already did and continues from there. Dry run changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import timedelta
 
@@ -26,11 +28,13 @@ from drplan.clients import aws_client, check_aws_access, db_credentials, kube_cl
 from drplan.errors import DrplanError
 from drplan.plan import DEFAULT_PLAN, Cluster, Database, Plan, load_plan
 from drplan.regions import Placement, placements, traffic_target
+from drplan.results import CheckResult
 from drplan.timeutil import format_duration, utcnow
 from flows.dr_readiness import ReadinessReport, dr_readiness
 from flows.eks_recovery import EksReport, eks_recovery
 from flows.shared.cutover import database_url
 from flows.shared.dns import switch_dns, validate_placement
+from flows.shared.exposure import exposure_before, with_exposure
 from flows.shared.gates import recovery_lock, request_approval
 from flows.shared.promotion import (
     Request,
@@ -46,7 +50,7 @@ from flows.shared.report import RecoveryReport, finished, published, run_report
 from flows.shared.requests import first_alarm_time
 from tasks.eks import scale_deployment, scale_nodegroup_task
 from tasks.fencing import FENCE_HOW
-from tasks.health import ServiceValidation
+from tasks.health import Exposure, ServiceValidation, moved_exposure_check
 from tasks.k8s import (
     DATABASE_ENV,
     deployment_exists,
@@ -141,6 +145,15 @@ class Move:
                               f"promote; run drplan reprotect --database {db.name} first")
 
 
+def exposure_check_of(move: Move, before: Exposure) -> Callable[[], CheckResult]:
+    """The check, after the failover, of the serving member's network exposure against `before`."""
+    def check() -> CheckResult:
+        serving, plan, db = move.serving, move.plan, move.db
+        return moved_exposure_check(plan, db, before, serving.target(db.dbname, db_credentials(plan, db)),
+                                    (move.topology.region_of(serving) or plan.aws.region, serving.identifier))
+    return check
+
+
 def moves(plan: Plan, to: str, placed: list[Placement]) -> list[Move]:
     """Each database the placed services use, resolved on the live topology (refused before any change when a
     database has no replica in the target region)."""
@@ -171,6 +184,8 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
     if not decision.approve:
         report.outcome = "refused: nothing changed"
         return
+    exposures = [exposure_check_of(move, exposure_before(report, dr_plan, move.db, move.topology,
+                                                         db_credentials(dr_plan, move.db))) for move in moving]
     scale_leaving(dr_plan, report)
     for move in moving:
         promote_move(move, report, force)
@@ -189,7 +204,8 @@ def fail_over_region(dr_plan: Plan, plan_ref: str, to: str, placed: list[Placeme
                       mutating=bool(changed))
         if eks.failed:
             raise DrplanError(f"EKS recovery of {cluster.name}: {eks.error}")
-    report.validation = ServiceValidation.of_all([validate_placement(dr_plan, p) for p in placed])
+    report.validation = with_exposure(ServiceValidation.of_all([validate_placement(dr_plan, p) for p in placed]),
+                                      *exposures)
     if not report.validation.passed:
         report.outcome = "validation failed: DNS not switched"
         return

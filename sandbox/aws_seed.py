@@ -127,8 +127,9 @@ def ensure_rds(plan: Plan, db_password: str) -> None:
         primary_arn = wait_available(rds, db.primary)["DBInstanceArn"]
         if db.replica and not _exists(rds.describe_db_instances, DBInstanceIdentifier=db.replica,
                                       missing=("DBInstanceNotFound",)):
-            rds.create_db_instance_read_replica(
-                DBInstanceIdentifier=db.replica, SourceDBInstanceIdentifier=db.primary, Tags=tags)
+            rds.create_db_instance_read_replica(  # its groups named, as reprotect does (AWS's default: the VPC's)
+                DBInstanceIdentifier=db.replica, SourceDBInstanceIdentifier=db.primary, Tags=tags,
+                VpcSecurityGroupIds=network["VpcSecurityGroupIds"])
         if db.dr_replica:
             dr = aws_client(plan, "rds", db.dr_replica.region)
             if not _exists(dr.describe_db_instances, DBInstanceIdentifier=db.dr_replica.identifier,

@@ -9,7 +9,9 @@ was connected in the last minute, as right after a cutover) of the newest period
 Security posture, after any recovery: requests without the token are refused (each auth endpoint); a rotated-out
 credential (the AWSPREVIOUS version of the database's or the token's secret, when it differs from AWSCURRENT) is
 refused; and, for a runbook that took `network_exposure` before its change, the database's network exposure
-(listen addresses, port, pg_hba rules; for RDS also public accessibility and security group ingress) is unchanged.
+(listen addresses, port, pg_hba rules; for RDS also public accessibility and security group ingress) is unchanged;
+after a recovery that moved it to another server, the new server's exposure is the old one's, the port and security
+group ids aside (`skipped`, with the reason, when the old server could not be read before).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -26,11 +29,12 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, computed_field
 
 from drplan.clients import DbCredentials, PgTarget, api_token, aws_client, db_credentials, pg_target
-from drplan.errors import DrplanError
+from drplan.errors import DrplanError, first_line
 from drplan.logs import run_logger
 from drplan.plan import Database, DatabaseKind, Plan, Service
 from drplan.results import CheckResult, Status
 from drplan.timeutil import utcnow
+from drplan.topology import Member
 from tasks.postgres import login_refused
 
 TIMEOUT = 5.0
@@ -49,8 +53,8 @@ class ServiceValidation(BaseModel):
     @computed_field
     @property
     def passed(self) -> bool:
-        """Every check passed (`no data` is not a pass)."""
-        return all(check.passed for check in self.checks)
+        """Every check passed or was skipped with its reason (`no data` is not a pass)."""
+        return all(check.passed or check.status is Status.skipped for check in self.checks)
 
     @classmethod
     def of_all(cls, validations: list[ServiceValidation]) -> ServiceValidation:
@@ -216,15 +220,63 @@ def network_exposure(plan: Plan, db: Database, target: PgTarget, instance: tuple
     return facts
 
 
+def _exposure_probe(before: dict[str, str], now: Callable[[], dict[str, str]]) -> Probe:
+    def probe() -> tuple[bool, str]:
+        after = now()
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        return not changed, "unchanged" if not changed else "changed: " + "; ".join(
+            f"{k} {before.get(k, '(none)')} -> {after.get(k, '(none)')}" for k in changed)
+    return probe
+
+
 def exposure_check(plan: Plan, db: Database, before: dict[str, str], target: PgTarget,
                    instance: tuple[str, str] | None = None) -> CheckResult:
-    """The database's network exposure now against `before` (network_exposure taken before the recovery)."""
-    def probe() -> tuple[bool, str]:
-        now = network_exposure(plan, db, target, instance)
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        return not changed, "unchanged" if not changed else "changed: " + "; ".join(
-            f"{k} {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in changed)
-    return run_check(f"database {db.name}: network exposure", "as before the recovery", probe)
+    """The database's network exposure now against `before` (network_exposure of the same server, taken before
+    the recovery)."""
+    return run_check(f"database {db.name}: network exposure", "as before the recovery",
+                     _exposure_probe(before, lambda: network_exposure(plan, db, target, instance)))
+
+
+def _server_independent(facts: dict[str, str]) -> dict[str, str]:
+    """The facts two servers of one database share when equally exposed: no port, and for RDS the ingress of all
+    its security groups as one fact (group ids differ between regions)."""
+    kept = {k: v for k, v in facts.items() if k != "port" and not k.startswith("security group ")}
+    if "publicly accessible" in facts:
+        kept["security group ingress"] = "; ".join(sorted({rule for k, v in facts.items()
+                                                           if k.startswith("security group ")
+                                                           for rule in v.split("; ") if rule})) or "(none)"
+    return kept
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """network_exposure of the server that served before a recovery, or why it could not be read."""
+
+    server: str
+    facts: dict[str, str] | None
+    unreadable: str = ""
+
+
+def read_exposure(plan: Plan, db: Database, member: Member, credentials: DbCredentials, region: str) -> Exposure:
+    """The exposure of `member` (read only); a failure is kept as its first line, not raised."""
+    try:
+        facts = network_exposure(plan, db, member.target(db.dbname, credentials), (region, member.identifier))
+    except Exception as exc:  # noqa: BLE001 - the check then reports it not measured
+        return Exposure(member.identifier, None, first_line(exc))
+    return Exposure(member.identifier, facts)
+
+
+def moved_exposure_check(plan: Plan, db: Database, before: Exposure, target: PgTarget,
+                         instance: tuple[str, str] | None = None) -> CheckResult:
+    """After a recovery that may have moved the database to another server (`target`; for RDS `instance`, its
+    region and identifier): its exposure against `before`'s, the port and security group ids aside. `skipped`,
+    with the reason, when `before` could not be read."""
+    name, expected = f"database {db.name}: network exposure", f"as {before.server}'s before the recovery"
+    if before.facts is None:
+        return run_check(name, expected, lambda: (Status.skipped, f"not measured: {before.server} unreadable before "
+                                                                  f"the recovery ({before.unreadable})"))
+    return run_check(name, expected, _exposure_probe(_server_independent(before.facts), lambda: _server_independent(
+        network_exposure(plan, db, target, instance))))
 
 
 @task(name="validate-database", cache_policy=NO_CACHE)

@@ -12,6 +12,8 @@ from pydantic import SecretStr
 from drplan.clients import DbCredentials, PgTarget, kube_client
 from drplan.errors import DrplanError
 from drplan.plan import Database, Plan, Service
+from drplan.results import CheckResult
+from flows.shared.exposure import with_exposure
 from flows.shared.report import RecoveryReport
 from tasks.health import validate_service_task
 from tasks.k8s import cut_over_task, find_database_secret, roll_back_task
@@ -43,10 +45,12 @@ def find_app_secret(plan: Plan, service: Service) -> str:
 def cut_over_and_validate(plan: Plan, report: RecoveryReport, service: Service, url: SecretStr, database: PgTarget,
                           metrics_instance: tuple[str, str] | None = None,
                           before_rollback: Callable[[], None] | None = None,
-                          after_cutover: Callable[[], None] | None = None) -> None:
-    """Point the service at `url` (Secret, rollout, wait; then `after_cutover`), validate it against `database`,
-    and roll the Secret back if validation fails (after `before_rollback`, e.g. lifting the fence of the database
-    it returns to). Sets the report's outcome to `validation failed: rolled back` on failure."""
+                          after_cutover: Callable[[], None] | None = None,
+                          exposure: Callable[[], CheckResult] | None = None) -> None:
+    """Point the service at `url` (Secret, rollout, wait; then `after_cutover`), validate it against `database`
+    (with `exposure`, the network exposure check, when the runbook took the exposure before its change), and roll
+    the Secret back if validation fails (after `before_rollback`, e.g. lifting the fence of the database it returns
+    to). Sets the report's outcome to `validation failed: rolled back` on failure."""
     cluster = plan.cluster(service.cluster)
     result = cut_over_task(plan, cluster, service.name, url)
     if after_cutover is not None:
@@ -54,7 +58,7 @@ def cut_over_and_validate(plan: Plan, report: RecoveryReport, service: Service, 
     report.record("cut over", f"deployment {service.name}", f"Secret {result.secret}, rollout restarted"
                   if result.changed else f"Secret {result.secret} already set", before=result.previous_url_redacted,
                   after=result.url_redacted, mutating=True)
-    report.validation = validate_service_task(plan, service, database, metrics_instance)
+    report.validation = with_exposure(validate_service_task(plan, service, database, metrics_instance), exposure)
     if report.validation.passed:
         remember_known_good(plan, cluster, service.name, f"validated by {report.flow}")
         return

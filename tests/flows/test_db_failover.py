@@ -181,6 +181,8 @@ def test_lag_guard_refuses_a_lagging_replica_and_force_promotes_it(topology, san
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # the old primary (since Multi-AZ) refuses writes
             conn.execute("CREATE TABLE written_after_the_fence ()")
     assert report.validation.passed
+    exposure = next(c for c in report.validation.checks if c.name == f"database {DB}: network exposure")
+    assert exposure.observed == "unchanged"  # the DR replica (another port) is exposed as the old primary was
     assert not in_recovery(plan, DB, "dr_replica")
     assert app_port(sandbox) == int(db.endpoints[db.dr_replica.identifier].split(":")[1])
     assert wait_for(lambda: app_users(sandbox) == plan.sandbox.demo_rows, 15, "the app on the promoted replica")

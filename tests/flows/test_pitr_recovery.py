@@ -136,6 +136,8 @@ def test_recover_to_t_and_promote_moves_the_app_to_the_rows_at_t(sandbox, sandbo
         assert report.outcome == "promoted", report.markdown()
         assert next(s for s in report.steps if s.action == "approval").detail == "approve=True orders deleted after T"
         assert report.validation.passed
+        exposure = next(c for c in report.validation.checks if c.name == "database devonn-postgres: network exposure")
+        assert exposure.observed == "unchanged"  # the copy is exposed as the live primary was
         # the live source lost 1/7 of its orders after T: the copy at T differs from it by more than 5%
         assert [c.name for c in report.checks if c.status.value != "passed"] == ["orders: row count"]
         assert wait_for(lambda: stats(sandbox)["orders"] == orders_at_t, 15, "the app serving the rows at T")

@@ -202,6 +202,8 @@ def test_promote_replica_of_its_own_moves_the_worker_and_takes_its_writes(sandbo
         assert report.outcome == "failed over", report.markdown()
         assert [s.action for s in report.steps] == ["found", "lag guard passed", "approval", "fenced", "promoted",
                                                     "cut over"]
+        exposure = next(c for c in report.validation.checks if c.name == f"database {DB}: network exposure")
+        assert exposure.observed == "unchanged"  # read before the fence; the DR region's group has the same ingress
         with pytest.raises(DrplanError, match="cannot connect"):  # the old primary is cut off
             orders(plan, "primary")
         promoted = instance(plan, identifier, region)

@@ -8,11 +8,18 @@ import logging
 
 from prefect import flow
 
-from drplan.clients import aws_client
+from drplan.clients import aws_client, db_credentials, pg_target
 from drplan.plan import load_plan
 from drplan.results import Status
 from sandbox import stack
-from tasks.health import ServiceValidation, validate_service, validate_service_task
+from tasks.health import (
+    Exposure,
+    ServiceValidation,
+    moved_exposure_check,
+    network_exposure,
+    validate_service,
+    validate_service_task,
+)
 from tests.helpers import logged_text
 
 CHECKS = ["health", "database", "GET /api/me with token", "GET /api/me without token", "GET /api/stats"]
@@ -113,3 +120,28 @@ def test_validations_of_several_services_fail_when_any_check_fails():
     assert both.service == "api, worker" and not both.passed
     assert [c.name for c in both.checks if not c.passed] == ["worker: GET /health"]
     assert ServiceValidation.of_all([api]) is api
+
+
+def test_network_exposure_compared_across_servers_fails_naming_a_new_pg_hba_rule(sandbox):
+    """The replica (another port) is exposed as the primary; a rule added to its pg_hba.conf (read from the file,
+    never loaded) fails the check, naming it. Not measured before: skipped, and validation is not failed by it."""
+    db = sandbox.database("devonn-postgres")
+    credentials = db_credentials(sandbox, db)
+    primary, replica = (pg_target(sandbox, db, role, credentials) for role in ("primary", "replica"))
+    before = Exposure(db.primary, network_exposure(sandbox, db, primary))
+    assert primary.port != replica.port and before.facts["pg_hba"]
+    same = moved_exposure_check(sandbox, db, before, replica)
+    assert (same.status, same.observed) == (Status.passed, "unchanged")
+    hba = stack.sandbox_postgres(sandbox, db).data_dir(db.replica) / "pg_hba.conf"
+    original = hba.read_text()
+    try:
+        hba.write_text(original + "host all all 0.0.0.0/0 scram-sha-256\n")
+        changed = moved_exposure_check(sandbox, db, before, replica)
+    finally:
+        hba.write_text(original)
+    assert changed.status is Status.failed and changed.name == "database devonn-postgres: network exposure"
+    assert changed.observed.startswith("changed: pg_hba ") and "0.0.0.0 0.0.0.0 scram-sha-256" in changed.observed
+    unread = moved_exposure_check(sandbox, db, Exposure(db.primary, None, "connection refused"), replica)
+    assert unread.status is Status.skipped and "not measured" in unread.observed and "connection refused" in (
+        unread.observed)
+    assert ServiceValidation(service="x", checks=[same, unread]).passed
