@@ -7,7 +7,8 @@ it references (names and changed keys only, through the backup's salted fingerpr
 restored: a Secret's value is not in the backup) -> dry run: that diff and nothing else -> approval gate -> the
 ConfigMaps and the pod template as in the backup (a rollout restart when only ConfigMaps change) -> wait for the
 rollout -> recovery validation -> passed: recorded as the newest known-good revision; failed: the configuration
-before the run applied again. A rerun finds nothing to change and only validates.
+before the run applied again. A rerun finds nothing to change and only validates; after a killed run it undoes to
+the revision that run saved (drplan.io/undo) when validation fails.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ validate (plan, service, its Deployment, the revision in its known-good history,
 the changes (image, pod template, ConfigMap keys) and nothing else -> approval gate -> the ConfigMaps and the pod
 template of the revision applied (a rollout restart when only ConfigMaps change) -> wait for the rollout ->
 recovery validation -> passed: the revision recorded as the newest known-good; failed (or the rollout does not
-finish): the previous revision applied again. A rerun finds the service at the revision and only validates.
+finish): the previous revision applied again. A rerun finds the service at the revision and only validates; after
+a killed run it undoes to the revision that run saved (drplan.io/undo) when validation fails.
 """
 
 from __future__ import annotations
