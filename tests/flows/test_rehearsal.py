@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import shutil
 
-import httpx
 import pytest
-from kubernetes.client import CoreV1Api
+from kubernetes.client import AppsV1Api, CoreV1Api
 
 from drplan import processes
 from drplan.clients import aws_client, kube_client
@@ -42,8 +41,13 @@ def nothing_new(now: dict, before: dict) -> bool:
     return all(set(now[kind]) <= set(before[kind]) for kind in now)
 
 
-def pilot_light(plan) -> str:
-    return httpx.get(plan.services[0].dr.health, timeout=5).json()["error"]
+def pilot_light(plan) -> dict[str, tuple]:
+    """The DR cluster's own Deployments as specified (replicas, images, generation): what a rehearsal, in a namespace
+    of its own, must leave alone. Not the DR app's answer, which follows what earlier tests of the session scaled."""
+    cluster = plan.cluster(DR_CLUSTER)
+    deployments = AppsV1Api(kube_client(plan, cluster)).list_namespaced_deployment(cluster.namespace).items
+    return {d.metadata.name: (d.spec.replicas, [c.image for c in d.spec.template.spec.containers],
+                              d.metadata.generation) for d in deployments}
 
 
 @pytest.mark.usefixtures("prefect_server")
