@@ -136,13 +136,19 @@ def fresh_base_backup(sandbox: Plan) -> None:
 
 
 @pytest.fixture
-def fresh_backups(sandbox: Plan) -> None:
-    """A bucket and a configuration backup taken now: other tests of the session change the live bucket and the
-    cluster, so the session's first backups may be older than the objectives by the time an RPO test runs."""
-    from flows.config_backup import export_configuration
+def fresh_bucket_backups(sandbox: Plan) -> None:
+    """A backup of each bucket taken now: other tests of the session change the live buckets, so the session's first
+    backups may trail them by more than the file objective by the time an RPO test runs."""
     from sandbox import aws_seed
 
     aws_seed.back_up_buckets(sandbox)
+
+
+@pytest.fixture
+def fresh_backups(sandbox: Plan, fresh_bucket_backups: None) -> None:
+    """Fresh bucket backups and a configuration backup taken now (other tests change the cluster too)."""
+    from flows.config_backup import export_configuration
+
     export_configuration(sandbox)
 
 

@@ -91,9 +91,11 @@ def test_every_part_passes_and_the_evidence_is_written(sandbox, plan_variant, tm
     assert verified.exit_code == 0 and f"1 records, head {record.sha256}" in verified.stdout
 
 
-@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "fresh_backups",
+@pytest.mark.usefixtures("prefect_server", "fresh_base_backup", "fresh_bucket_backups",
                          "recovery_lock_freed_after_a_failure", "app_secrets_kept")
 def test_a_failing_part_fails_the_test_and_the_others_still_run(sandbox, plan_variant, tmp_path):
+    """The configuration backup is left as old as it is (minutes: the previous test's), so that it breaches an
+    objective of one second; the buckets are backed up now, so that they do not."""
     def configuration_rpo_of_one_second(data: dict) -> None:
         data["objectives"]["rpo"]["configuration"] = "1s"
         with_evidence(tmp_path / "evidence")(data)
