@@ -160,14 +160,18 @@ def live_revision(api_client, namespace: str, deployment: str) -> Revision:
 
 def known_good(api_client, namespace: str, deployment: str) -> list[KnownGood]:
     """The Deployment's known-good revisions, oldest first ([] when none was recorded)."""
-    annotations = read_deployment(api_client, namespace, deployment)["metadata"].get("annotations") or {}
-    return [KnownGood.model_validate(r) for r in json.loads(annotations.get(KNOWN_GOOD, "[]"))]
+    return [KnownGood.model_validate(r) for r in json.loads(_annotations(api_client, namespace, deployment).get(
+        KNOWN_GOOD, "[]"))]
 
 
 def pending_undo(api_client, namespace: str, deployment: str) -> PendingUndo | None:
     """The undo a killed change left on the Deployment (annotation UNDO), or None."""
-    annotations = read_deployment(api_client, namespace, deployment)["metadata"].get("annotations") or {}
+    annotations = _annotations(api_client, namespace, deployment)
     return PendingUndo.model_validate_json(annotations[UNDO]) if UNDO in annotations else None
+
+
+def _annotations(api_client, namespace: str, deployment: str) -> dict[str, str]:
+    return read_deployment(api_client, namespace, deployment)["metadata"].get("annotations") or {}
 
 
 def set_pending_undo(api_client, namespace: str, deployment: str, undo: PendingUndo | None) -> None:

@@ -65,10 +65,9 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
     service at a time (its lock); the undo is kept on the Deployment while the change runs, so the rerun of a
     killed run still undoes to where the service was before it."""
     api = kube_client(plan, cluster)
-    before = live_revision(api, cluster.namespace, service.name)
-    report.changes = before.differences(target)
     where = f"deployment {service.name}"
     if report.dry_run:
+        report.changes = live_revision(api, cluster.namespace, service.name).differences(target)
         for change in report.changes or ["nothing: it runs the target already"]:
             report.record("would change", where, change)
         if report.changes:
@@ -76,7 +75,9 @@ def change_and_validate(plan: Plan, report: ServiceChangeReport, service: Servic
             report.record("would wait and validate", where, "roll back on failure")
         report.outcome = "planned (dry run)"
         return
-    with service_lock(service.name):
+    with service_lock(service.name):  # what runs is read under the lock: another change may just have finished
+        before = live_revision(api, cluster.namespace, service.name)
+        report.changes = before.differences(target)
         undo = pending_undo(api, cluster.namespace, service.name)
         if undo:
             report.record("found", where, f"an unfinished {undo.by} of {undo.started_at:%Y-%m-%d %H:%M:%SZ} (killed?): "
