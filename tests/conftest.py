@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# Each test session has a Prefect home of its own (`make test` runs two, pytest-xdist workers, each with its own
+# sandbox): the CLI's temporary servers keep their database, and the recovery locks in it, under PREFECT_HOME; in
+# ~/.prefect two sessions would take each other's locks and leave paused runs for the next. Set before Prefect loads.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="drplan-test-prefect-home-"))
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 
 import pytest
 import yaml
@@ -33,6 +41,10 @@ TEST_RPO = {"database": "20s", "file_storage": "15m", "configuration": "1h"}
 SLOW_FIXTURES = frozenset({"sandbox", "prefect_server", "platform", "probe_wal", "ui_server"})  # probe_wal: WAL
 SERVER_FIXTURES = SLOW_FIXTURES | {"moto_env", "moto_backup", "moto_s3", "moto_rds", "iam_moto", "pg_cluster",
                                    "postgres_port", "kube_api", "own_processes", "kubelet"}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
