@@ -8,8 +8,10 @@ manifests applied from scratch, each DR service's Deployment exposed through a S
 waited for -> recovery validation of each service through its load balancer against the copy (health, query, auth,
 endpoints) -> the whole-stack RTO (start to validated) against the strictest tier objective of those services ->
 always: the namespace deleted with everything in it, the copies removed (no DNS record is made, so none is
-removed). A Deployment that never becomes available, a failed check or a missed RTO fails the rehearsal naming it;
-a step that could not run, or anything left behind, is an error.
+removed). First, what an earlier rehearsal left (a killed run's namespaces and copies, older than
+drill.sweep_after by the stamp in their names) is removed; a younger one may belong to a rehearsal still running.
+A Deployment that never becomes available, a failed check or a missed RTO fails the rehearsal naming it; a step that
+could not run, or anything left behind, is an error.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from drplan.plan import DEFAULT_PLAN, Cluster, DatabaseKind, Plan, Service, load
 from drplan.results import CheckResult, Status, markdown_table
 from drplan.timeutil import utcnow
 from flows.shared.cutover import database_url
-from tasks.clones import clone_dr_replica, drop_clone
+from tasks.clones import clone_dr_replica, drop_clone, rehearsal_clones
 from tasks.health import validate_service_task
 from tasks.k8s import DATABASE_ENV, DeploymentNotAvailable, wait_deployment_available
 from tasks.manifests import apply_manifest, env_secret_ref, render_manifests, secret_refs
-from tasks.namespaces import copy_secret, create_namespace, delete_namespace, expose
-from tasks.targets import copy_stamp, scratch_name
+from tasks.namespaces import copy_secret, create_namespace, delete_namespace, expose, labelled_namespaces
+from tasks.targets import copy_stamp, scratch_name, stamp_time
 
 NAMESPACE_LABEL = "drplan/rehearsal"
 EXPOSE_TIMEOUT = 60.0
@@ -51,6 +53,8 @@ class RehearsalReport(BaseModel):
     """database -> the copy made from its DR replica."""
     load_balancers: dict[str, str] = Field(default_factory=dict)
     checks: list[CheckResult] = Field(default_factory=list)
+    swept: list[str] = Field(default_factory=list)
+    """What earlier rehearsals had left behind (killed runs) and this one removed."""
     findings: list[str] = Field(default_factory=list)
     """What the rehearsal found wrong with the stack (a deployment never available, a failed check, a missed RTO)."""
     rto: Measured | None = None
@@ -78,7 +82,8 @@ class RehearsalReport(BaseModel):
     def markdown(self) -> str:
         lines = [f"## Cross-region rehearsal in {self.region}: **{self.status.value}**", "",
                  f"Namespace `{self.namespace}`, started {self.started_at:%Y-%m-%d %H:%M:%SZ}; RTO {self.rto or '-'}",
-                 "", *(f"- copy of {db}: `{name}`" for db, name in self.copies.items()),
+                 "", *(f"- removed, left by an earlier rehearsal: {what}" for what in self.swept),
+                 *(f"- copy of {db}: `{name}`" for db, name in self.copies.items()),
                  *(f"- {service} through {url}" for service, url in self.load_balancers.items()),
                  *(f"- **finding**: {finding}" for finding in self.findings),
                  *([f"- **error**: {self.error}"] if self.error else [])]
@@ -122,6 +127,29 @@ def deploy(plan: Plan, cluster: Cluster, namespace: str, urls: dict[str, str], r
     return bases
 
 
+def sweep_earlier(plan: Plan, report: RehearsalReport, clusters: list[Cluster], databases: list[str]) -> None:
+    """Remove the namespaces and copies that rehearsals made more than drill.sweep_after before this one (killed runs
+    leave them); each is named in `report.swept`."""
+    before = report.started_at - plan.drill.sweep_after
+
+    def earlier(name: str) -> bool:
+        made = stamp_time(name)
+        return made is not None and made < before
+
+    for cluster in clusters:
+        api = kube_client(plan, cluster)
+        for namespace in filter(earlier, labelled_namespaces(api, NAMESPACE_LABEL)):
+            delete_namespace(api, namespace, DELETE_TIMEOUT)
+            report.swept.append(f"namespace {namespace} in {cluster.name}")
+    for name in databases:
+        db = plan.database(name)
+        for copy in filter(earlier, rehearsal_clones(plan, db)):
+            if drop_clone(plan, db, copy):
+                report.swept.append(f"copy {copy}")
+    if report.swept:
+        get_run_logger().warning("removed what earlier rehearsals left: %s", ", ".join(report.swept))
+
+
 def tear_down(plan: Plan, report: RehearsalReport, clusters: list[Cluster]) -> None:
     """Delete the namespace in each cluster and every copy; what fails is named, the rest still goes."""
     left = []
@@ -156,9 +184,11 @@ def dr_rehearsal(plan: str = DEFAULT_PLAN, timeout: float = 300.0) -> RehearsalR
     report = RehearsalReport(plan=dr_plan.name, region=dr_plan.aws.dr_region, started_at=started,
                              namespace=f"drplan-rehearsal-{copy_stamp(started)}")
     clusters = list({c.name: c for _, c in placed}.values())
+    databases = list(dict.fromkeys(s.database for s, _ in placed if s.database))
     try:
+        sweep_earlier(dr_plan, report, clusters, databases)
         targets: dict[str, PgTarget] = {}
-        for name in dict.fromkeys(s.database for s, _ in placed if s.database):
+        for name in databases:
             db = dr_plan.database(name)
             report.copies[name] = scratch_name(db, started, "rehearsal")
             targets[name] = clone_dr_replica(dr_plan, db, report.copies[name], db_credentials(dr_plan, db))

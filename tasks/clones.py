@@ -21,7 +21,7 @@ from drplan.logs import run_logger
 from drplan.pgserver import HOST, PostgresError, free_port
 from drplan.plan import Database, DatabaseKind, Plan
 from tasks.rds import describe_instance, find_instance, wait_instance_available
-from tasks.targets import PLAN_TAG, PostgresArchive
+from tasks.targets import PLAN_TAG, PostgresArchive, instance_tag
 
 REHEARSAL_TAG = "drplan:rehearsal"
 RDS_POLL_SECONDS = 2.0
@@ -64,6 +64,20 @@ def clone_dr_replica(plan: Plan, db: Database, name: str, credentials: DbCredent
     run_logger().info("%s: %s replicated from the DR replica %s in %s and promoted", db.name, name,
                       source["DBInstanceIdentifier"], region)
     return PgTarget(f"{db.name}/copy {name}", endpoint["Address"], int(endpoint["Port"]), db.dbname, credentials)
+
+
+@task(cache_policy=NO_CACHE)
+def rehearsal_clones(plan: Plan, db: Database) -> list[str]:
+    """The copies of `db` that rehearsals made and have not removed (a running or a killed rehearsal's), by name."""
+    prefix = f"{db.name}-rehearsal-"
+    role = _dr_role(db)
+    if db.kind is DatabaseKind.postgres:
+        root = PostgresArchive(plan, db).local().root
+        return sorted(p.name for p in root.glob(f"{prefix}*") if p.is_dir()) if root.is_dir() else []
+    rds = aws_client(plan, "rds", plan.member_region(db, role))
+    return sorted(i["DBInstanceIdentifier"] for page in rds.get_paginator("describe_db_instances").paginate()
+                  for i in page["DBInstances"] if i["DBInstanceIdentifier"].startswith(prefix)
+                  and instance_tag(i, REHEARSAL_TAG) == "true" and instance_tag(i, PLAN_TAG) == plan.name)
 
 
 @task(cache_policy=NO_CACHE)

@@ -39,6 +39,12 @@ def create_namespace(api_client, namespace: str, labels: dict[str, str]) -> None
     run_logger().info("namespace %s created", namespace)
 
 
+def labelled_namespaces(api_client, label: str) -> list[str]:
+    """The namespaces carrying `label: "true"`, by name."""
+    return sorted(n.metadata.name for n in k8s.CoreV1Api(api_client).list_namespace().items
+                  if (n.metadata.labels or {}).get(label) == "true")
+
+
 def copy_secret(api_client, source_namespace: str, namespace: str, name: str,
                 override: dict[str, str] | None = None) -> None:
     """Secret `name` of `source_namespace` created in `namespace`, with the keys in `override` replaced. Values

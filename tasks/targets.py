@@ -108,6 +108,14 @@ def copy_stamp(when: datetime) -> str:
     return f"{when:%Y%m%dt%H%M%S}{when.microsecond // 1000:03d}z"
 
 
+def stamp_time(name: str) -> datetime | None:
+    """When something named `<...>-<copy_stamp>` was made; None for a name that does not end in a stamp."""
+    try:
+        return datetime.strptime(name.rsplit("-", 1)[-1], "%Y%m%dt%H%M%S%fz").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def scratch_name(db: Database, when: datetime, purpose: str = "drill") -> str:
     """`<database>-<purpose>-<stamp>`: drills sweep only their own (`-drill-`) copies. An RDS copy's name must be a
     valid instance identifier."""

@@ -1,20 +1,26 @@
 """The cross-region rehearsal on the sandbox: the stack from scratch in a new namespace of the DR cluster against
 copies of the DR replicas, validated through its own load balancer, and nothing left afterwards (namespace, copies,
-app processes); a broken manifest (an image that never becomes ready) fails it naming the deployment, and still
-leaves nothing behind. The pilot-light DR app is untouched throughout."""
+app processes), what a killed rehearsal had left removed first; a broken manifest (an image that never becomes
+ready) fails it naming the deployment, and still leaves nothing behind. The pilot-light DR app is untouched
+throughout."""
 
 from __future__ import annotations
 
 import shutil
+from datetime import datetime, timedelta
 
 import pytest
 from kubernetes.client import AppsV1Api, CoreV1Api
 
 from drplan import processes
-from drplan.clients import aws_client, kube_client
+from drplan.clients import aws_client, db_credentials, kube_client
 from drplan.results import Status
-from flows.rehearsal import dr_rehearsal
+from drplan.timeutil import utcnow
+from flows.rehearsal import NAMESPACE_LABEL, dr_rehearsal
 from sandbox import stack
+from tasks.clones import clone_dr_replica
+from tasks.namespaces import create_namespace, delete_namespace
+from tasks.targets import copy_stamp, scratch_name
 from tests.helpers import REPO, wait_for
 
 DR_CLUSTER = "devonn-eks-dr-sandbox"
@@ -50,11 +56,37 @@ def pilot_light(plan) -> dict[str, tuple]:
                               d.metadata.generation) for d in deployments}
 
 
+def killed_rehearsal(plan, made: datetime) -> list[str]:
+    """What a rehearsal killed at `made` leaves: its namespace in the DR cluster (with a Secret) and its copy of
+    devonn-postgres, running; as the next rehearsal names them when it removes them."""
+    api = kube_client(plan, plan.cluster(DR_CLUSTER))
+    namespace = f"drplan-rehearsal-{copy_stamp(made)}"
+    create_namespace(api, namespace, {NAMESPACE_LABEL: "true"})
+    CoreV1Api(api).create_namespaced_secret(namespace, {"metadata": {"name": "devonn-api-db"}, "data": {}})
+    db = plan.database("devonn-postgres")
+    copy = scratch_name(db, made, "rehearsal")
+    clone_dr_replica.fn(plan, db, copy, db_credentials(plan, db))
+    return [f"namespace {namespace} in {DR_CLUSTER}", f"copy {copy}"]
+
+
 @pytest.mark.usefixtures("prefect_server")
-def test_rehearsal_brings_the_stack_up_in_the_dr_region_and_leaves_nothing(sandbox, sandbox_plan_path, sandbox_dir):
-    before, idle = leftovers(sandbox, sandbox_dir), pilot_light(sandbox)
-    report = dr_rehearsal(plan=str(sandbox_plan_path))
+def test_rehearsal_removes_what_a_killed_one_left_brings_the_stack_up_in_the_dr_region_and_leaves_nothing(
+        sandbox, sandbox_plan_path, sandbox_dir):
+    left = killed_rehearsal(sandbox, utcnow() - sandbox.drill.sweep_after - timedelta(minutes=1))
+    api = kube_client(sandbox, sandbox.cluster(DR_CLUSTER))
+    running = f"drplan-rehearsal-{copy_stamp(utcnow() - timedelta(minutes=1))}"  # a rehearsal still running: kept
+    create_namespace(api, running, {NAMESPACE_LABEL: "true"})
+    try:
+        before, idle = leftovers(sandbox, sandbox_dir), pilot_light(sandbox)
+        report = dr_rehearsal(plan=str(sandbox_plan_path))
+        assert report.swept == left
+        assert running in leftovers(sandbox, sandbox_dir)["namespaces"]
+    finally:
+        delete_namespace(api, running, 60)
     assert report.status is Status.passed, report.markdown()
+    assert f"- removed, left by an earlier rehearsal: {left[1]}" in report.markdown()
+    assert not any(left[1] in name for name in leftovers(sandbox, sandbox_dir)["servers"])
+    assert not (sandbox.resolve_path(sandbox.drill.work_dir) / "postgres" / left[1].split()[-1]).exists()
     assert set(report.copies) == {"devonn-postgres", "devonn-rds"}
     assert all("-rehearsal-" in name for name in report.copies.values())
     names = {c.name for c in report.checks}
