@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import BlockDocument
 from prefect.exceptions import ObjectNotFound
 
 from drplan.errors import DrplanError
+from drplan.notification_blocks import notification_blocks
 from drplan.plan import ALARM_FIRING, AlarmRunbook, Plan, load_plan
 
 RECOVERY_TAG = "drplan-recovery"
@@ -34,9 +35,7 @@ _RUN_BODY = ("{{ flow_run.state.message or '' }}\n"
 
 def find_notification_block(name: str) -> BlockDocument | None:
     """The notification block (any type that can notify) named `name`, or None. Secrets are not read."""
-    with get_client(sync_client=True) as client:
-        found = [d for d in client.read_block_documents(include_secrets=False)
-                 if d.name == name and "notify" in (d.block_schema.capabilities if d.block_schema else [])]
+    found = [d for d in notification_blocks() if d.name == name]
     if len(found) > 1:
         kinds = ", ".join(d.block_type.slug for d in found if d.block_type)
         raise DrplanError(f"{len(found)} notification blocks are named {name!r} ({kinds}); delete all but one")
