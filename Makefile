@@ -41,12 +41,12 @@ run: $(STAMP)
 	$(BIN)/drplan dr-test --plan $(PLAN)
 
 # The suite runs in TEST_WORKERS pytest-xdist workers, each with a sandbox of its own, a test file at a time (its
-# module fixtures stay in one worker): the sandbox tests mostly wait (restores, rollouts, leases), so two workers
-# on two cores take about half the time of one. TEST_WORKERS=0 runs it in one process.
+# module fixtures stay in one worker), in collection order: the longest files first (tests/conftest.py), not
+# xdist's default of the files with the most tests first. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Headless Chromium (Debian package `chromium`) opens the DR test's HTML report in a test: installed here when it
 # is missing and apt-get can (root). Without it that test skips, and fails under CI=true.

@@ -19,7 +19,7 @@ __all__ = ["kube"]  # the fixture, shared with the rollback tests
 CANARY = "canary-value-7f3a"
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("prefect_server", "fresh_configuration_backup")
 def test_bad_config_recovers_with_the_printed_restore(sandbox, sandbox_plan_path, kube):
     api, namespace = kube
     core = k8s.CoreV1Api(api)
