@@ -40,13 +40,13 @@ run: $(STAMP)
 	$(BIN)/drplan sandbox up --plan $(PLAN)
 	$(BIN)/drplan dr-test --plan $(PLAN)
 
-# The suite runs in TEST_WORKERS pytest-xdist workers, each with a sandbox of its own, a test file at a time (its
-# module fixtures stay in one worker), in collection order: the longest files first (tests/conftest.py), not
-# xdist's default of the files with the most tests first. TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=N runs the suite in N pytest-xdist workers, each with a sandbox of its own, a test file at a time (its
+# module fixtures stay in one worker). The default is one process: on 2 cores two workers saved only 4 of 48 minutes
+# (the two sandboxes then compete for the CPU; see docs/architecture.md).
+TEST_WORKERS ?= 0
 test: $(STAMP) browser
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Headless Chromium (Debian package `chromium`) opens the DR test's HTML report in a test: installed here when it
 # is missing and apt-get can (root). Without it that test skips, and fails under CI=true.

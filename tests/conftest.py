@@ -11,9 +11,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Each test session has a Prefect home of its own (`make test` runs two, pytest-xdist workers, each with its own
-# sandbox): the CLI's temporary servers keep their database, and the recovery locks in it, under PREFECT_HOME; in
-# ~/.prefect two sessions would take each other's locks and leave paused runs for the next. Set before Prefect loads.
+# Each test session has a Prefect home of its own (so has each pytest-xdist worker, with its own sandbox): the
+# CLI's temporary servers keep their database, and the recovery locks in it, under PREFECT_HOME; in ~/.prefect two
+# sessions would take each other's locks and leave paused runs for the next. Set before Prefect loads.
 PREFECT_HOME = Path(tempfile.mkdtemp(prefix="drplan-test-prefect-home-"))
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 
@@ -47,16 +47,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
-# The files that take minutes, longest first (measured in `make test`). Its workers take a file at a time in
-# collection order, so these go first and the short files fill the gaps at the end, instead of a long file starting
-# last while the other worker idles.
-LONGEST_FIRST = tuple(f"tests/{path}.py" for path in (
-    "flows/test_game_day", "flows/test_fleet_drill", "flows/test_crash_matrix", "flows/test_dr_test",
-    "cli/test_prefect_api", "flows/test_restore_drill", "flows/test_rds_recovery", "flows/test_fencing",
-    "cli/test_serve", "flows/test_faults", "flows/test_pitr_recovery", "flows/test_region_failover",
-    "flows/test_db_failover", "flows/test_rehearsal"))
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(item.fixturenames)
@@ -64,9 +54,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if used & SERVER_FIXTURES:
             item.add_marker(pytest.mark.sandbox)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
 
 
 def sandbox_plan_data(state_dir: Path) -> dict:
