@@ -9,8 +9,20 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+STAMP = "%Y%m%dt%H%M%S%fz"
+"""A UTC time inside a name: `20261202t125512123456z`, lower case, no dash (copies keep milliseconds only)."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def parse_stamp(text: str) -> datetime | None:
+    """The UTC time `text` spells as a STAMP (to the millisecond or the microsecond); None when it is none."""
+    try:
+        return datetime.strptime(text, STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def parse_duration(value: str | int | float | timedelta) -> timedelta:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 
 import psycopg
@@ -22,10 +22,9 @@ from pydantic import BaseModel
 
 from drplan.clients import PgTarget
 from drplan.errors import DrplanError, first_line
-from drplan.timeutil import format_duration, utcnow
+from drplan.timeutil import STAMP, format_duration, parse_stamp, utcnow
 
 PREFIX = "drplan_write_probe_"
-STAMP = "%Y%m%dt%H%M%S%fz"
 CONNECT_TIMEOUT = 2
 TCP_USER_TIMEOUT_MS = 3000
 """A write to a server that vanished without a reset fails after this, instead of hanging."""
@@ -195,17 +194,12 @@ def _sweep(conn: psycopg.Connection, older_than: timedelta) -> list[str]:
     rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
                         "AND tablename LIKE %s", [PREFIX.replace("_", r"\_") + "%"]).fetchall()
     cutoff = utcnow() - older_than
-    old = [name for (name,) in rows if (stamp := _stamp(name)) is not None and stamp < cutoff]
+    old = [name for (name,) in rows if (stamp := parse_stamp(name.removeprefix(PREFIX))) is not None and stamp < cutoff]
     for name in old:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
     return old
 
 
-def _stamp(table: str) -> datetime | None:
-    try:
-        return datetime.strptime(table.removeprefix(PREFIX), STAMP).replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def _clock(at: datetime) -> str:

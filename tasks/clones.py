@@ -20,7 +20,7 @@ from drplan.errors import DrplanError
 from drplan.logs import run_logger
 from drplan.pgserver import HOST, PostgresError, free_port
 from drplan.plan import Database, DatabaseKind, Plan
-from tasks.rds import describe_instance, find_instance, wait_instance_available
+from tasks.rds import describe_all, describe_instance, find_instance, wait_instance_available
 from tasks.targets import PLAN_TAG, PostgresArchive, instance_tag
 
 REHEARSAL_TAG = "drplan:rehearsal"
@@ -75,8 +75,7 @@ def rehearsal_clones(plan: Plan, db: Database) -> list[str]:
         root = PostgresArchive(plan, db).local().root
         return sorted(p.name for p in root.glob(f"{prefix}*") if p.is_dir()) if root.is_dir() else []
     rds = aws_client(plan, "rds", plan.member_region(db, role))
-    return sorted(i["DBInstanceIdentifier"] for page in rds.get_paginator("describe_db_instances").paginate()
-                  for i in page["DBInstances"] if i["DBInstanceIdentifier"].startswith(prefix)
+    return sorted(name for name, i in describe_all(rds).items() if name.startswith(prefix)
                   and instance_tag(i, REHEARSAL_TAG) == "true" and instance_tag(i, PLAN_TAG) == plan.name)
 
 

@@ -22,7 +22,7 @@ from drplan.errors import DrplanError
 from drplan.pgserver import HOST, LocalPostgres, PostgresError, free_port, spool_dir
 from drplan.plan import Database, DatabaseKind, Plan
 from drplan.progress import ArtifactProgress
-from drplan.timeutil import utcnow
+from drplan.timeutil import parse_stamp, utcnow
 from drplan.topology import Member
 from tasks.barman import find_newest_wal
 from tasks.rds import find_instance, wait_instance_available
@@ -110,10 +110,7 @@ def copy_stamp(when: datetime) -> str:
 
 def stamp_time(name: str) -> datetime | None:
     """When something named `<...>-<copy_stamp>` was made; None for a name that does not end in a stamp."""
-    try:
-        return datetime.strptime(name.rsplit("-", 1)[-1], "%Y%m%dt%H%M%S%fz").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+    return parse_stamp(name.rsplit("-", 1)[-1])
 
 
 def scratch_name(db: Database, when: datetime, purpose: str = "drill") -> str:
